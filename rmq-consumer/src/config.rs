@@ -1,0 +1,1 @@
+//! Configuration. PLACEHOLDER: being written by the config helper (see its brief).

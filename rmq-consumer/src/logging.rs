@@ -1,0 +1,1 @@
+//! Logging. PLACEHOLDER: being written by the config helper.

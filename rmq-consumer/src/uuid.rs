@@ -1,0 +1,1 @@
+//! Task uuids. PLACEHOLDER: being written by the config helper.
