@@ -44,7 +44,10 @@ pub mod output {
     }
 
     /// Not public API: `()` publishes nothing.
-    #[expect(clippy::unnecessary_wraps, reason = "all conversions share one signature")]
+    #[expect(
+        clippy::unnecessary_wraps,
+        reason = "all conversions share one signature"
+    )]
     pub fn unit(_result: ()) -> HandlerOutput {
         Ok(None)
     }
@@ -77,6 +80,8 @@ pub mod output {
     pub fn result_option<R: Serialize, E: Into<HandlerError>>(
         result: Result<Option<R>, E>,
     ) -> HandlerOutput {
-        result.map_err(Into::into).and_then(|r| r.map_or(Ok(None), encode))
+        result
+            .map_err(Into::into)
+            .and_then(|r| r.map_or(Ok(None), encode))
     }
 }

@@ -1,0 +1,131 @@
+//! Small helpers over lapin's types: bounded strings, header reading and writing.
+
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+
+/// The longest AMQP short string.
+pub(crate) const MAX_SHORT: usize = 255;
+
+/// Cuts `text` to at most `max` bytes on a character boundary.
+pub(crate) fn truncate(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// A short string from untrusted text, truncated to 255 bytes (lapin's `From` panics on longer).
+pub(crate) fn short(text: &str) -> ShortString {
+    ShortString::try_new(truncate(text, MAX_SHORT)).unwrap_or_default()
+}
+
+/// A long-string header value.
+pub(crate) fn long(text: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(text.as_bytes().to_vec()))
+}
+
+/// A header as text, when it is a string of any kind.
+pub(crate) fn header_str<'a>(headers: Option<&'a FieldTable>, key: &str) -> Option<&'a str> {
+    match headers?.inner().get(key)? {
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
+        AMQPValue::ShortString(s) => Some(s.as_str()),
+        _ => None,
+    }
+}
+
+/// What an `x-retry-count` header says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RetryCount {
+    /// A usable count (absent means 0).
+    Count(u32),
+    /// Present but unusable (negative, a float, non-digits, beyond `u32`): treated as
+    /// exhausted, so a forged header can never buy extra retries.
+    Malformed,
+}
+
+/// Reads `x-retry-count` tolerantly: any integer width, or a string of ASCII digits.
+pub(crate) fn retry_count(headers: Option<&FieldTable>) -> RetryCount {
+    let Some(value) = headers.and_then(|h| h.inner().get(crate::retry::RETRY_COUNT_HEADER)) else {
+        return RetryCount::Count(0);
+    };
+    let wide: Option<i128> = match value {
+        AMQPValue::ShortShortInt(v) => Some((*v).into()),
+        AMQPValue::ShortShortUInt(v) => Some((*v).into()),
+        AMQPValue::ShortInt(v) => Some((*v).into()),
+        AMQPValue::ShortUInt(v) => Some((*v).into()),
+        AMQPValue::LongInt(v) => Some((*v).into()),
+        AMQPValue::LongUInt(v) => Some((*v).into()),
+        AMQPValue::LongLongInt(v) => Some((*v).into()),
+        AMQPValue::ShortString(s) => digits(s.as_str()),
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok().and_then(digits),
+        _ => None,
+    };
+    wide.and_then(|n| u32::try_from(n).ok())
+        .map_or(RetryCount::Malformed, RetryCount::Count)
+}
+
+fn digits(text: &str) -> Option<i128> {
+    let text = text.trim();
+    if text.is_empty() || text.len() > 12 || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(value: AMQPValue) -> FieldTable {
+        let mut table = FieldTable::default();
+        table.insert("x-retry-count".into(), value);
+        table
+    }
+
+    #[test]
+    fn retry_count_reads_every_integer_width_and_digit_strings() {
+        assert_eq!(retry_count(None), RetryCount::Count(0));
+        assert_eq!(
+            retry_count(Some(&FieldTable::default())),
+            RetryCount::Count(0)
+        );
+        for value in [
+            AMQPValue::ShortShortInt(2),
+            AMQPValue::ShortShortUInt(2),
+            AMQPValue::ShortInt(2),
+            AMQPValue::ShortUInt(2),
+            AMQPValue::LongInt(2),
+            AMQPValue::LongUInt(2),
+            AMQPValue::LongLongInt(2),
+            AMQPValue::ShortString("2".into()),
+            long(" 2 "),
+        ] {
+            assert_eq!(retry_count(Some(&with(value))), RetryCount::Count(2));
+        }
+    }
+
+    #[test]
+    fn malformed_retry_counts_are_exhausted() {
+        for value in [
+            AMQPValue::LongLongInt(-1),
+            AMQPValue::LongLongInt(i64::MAX),
+            AMQPValue::Double(1.0),
+            AMQPValue::Boolean(true),
+            long("-3"),
+            long("two"),
+            long("99999999999999999999"),
+        ] {
+            assert_eq!(retry_count(Some(&with(value))), RetryCount::Malformed);
+        }
+    }
+
+    #[test]
+    fn truncate_respects_char_boundaries() {
+        assert_eq!(truncate("héllo", 2), "h");
+        assert_eq!(truncate("abc", 10), "abc");
+        assert_eq!(short(&"x".repeat(300)).as_str().len(), 255);
+    }
+}

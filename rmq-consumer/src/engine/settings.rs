@@ -1,0 +1,227 @@
+//! A handler's effective settings: its attribute, overridden by the configuration.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use crate::{
+    amqp::MAX_SHORT,
+    config::{Config, QueueType},
+    error::SetupError,
+    registry::{HandlerSpec, PrepareFn},
+};
+
+/// Everything the engine needs to run one handler.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub(crate) name: String,
+    pub(crate) queue: String,
+    pub(crate) reply_key: Option<String>,
+    pub(crate) reply_queue: Option<String>,
+    pub(crate) prefetch: u16,
+    pub(crate) concurrency: usize,
+    pub(crate) timeout: Duration,
+    pub(crate) max_retries: u32,
+    pub(crate) retry_delays: Vec<Duration>,
+    pub(crate) queue_type: QueueType,
+    pub(crate) bind_reply_queue: bool,
+    /// `None` when dead-lettering is off (failed messages are rejected without requeue).
+    pub(crate) dead_letter_queue: Option<String>,
+    pub(crate) location: String,
+    pub(crate) prepare: PrepareFn,
+}
+
+impl Settings {
+    /// The TTL queue a retry after `delay` waits in.
+    pub(crate) fn delay_queue(&self, delay: Duration) -> String {
+        delay_queue_name(&self.queue, delay)
+    }
+}
+
+/// `<queue>.retry.<delay>`: `10s` for whole seconds, `1500ms` otherwise.
+pub(crate) fn delay_queue_name(queue: &str, delay: Duration) -> String {
+    if delay.subsec_millis() == 0 {
+        format!("{queue}.retry.{}s", delay.as_secs())
+    } else {
+        format!("{queue}.retry.{}ms", delay.as_millis())
+    }
+}
+
+/// Resolves every registered handler against the configuration; reports the first problem.
+pub(crate) fn resolve(
+    config: &Config,
+    specs: &[&'static HandlerSpec],
+) -> Result<Vec<Settings>, SetupError> {
+    let known: Vec<&str> = specs.iter().map(|s| s.name).collect();
+    for name in config.consumers.keys() {
+        if !known.contains(&name.as_str()) {
+            return Err(SetupError::UnknownConsumer {
+                name: name.clone(),
+                known: known.join(", "),
+            });
+        }
+    }
+    let mut by_name: BTreeMap<&str, &HandlerSpec> = BTreeMap::new();
+    for spec in specs {
+        if let Some(first) = by_name.insert(spec.name, spec) {
+            return Err(SetupError::DuplicateName {
+                name: spec.name.to_owned(),
+                first_location: first.location(),
+                second_location: spec.location(),
+            });
+        }
+    }
+    let enabled: Vec<&HandlerSpec> = specs
+        .iter()
+        .copied()
+        .filter(|s| config.consumer(s.name).enabled.unwrap_or(true))
+        .collect();
+    if enabled.is_empty() {
+        return Err(SetupError::NoHandlers);
+    }
+    for (key, set) in [
+        ("queue", config.queue.is_some()),
+        ("reply_key", config.reply_key.is_some()),
+        ("reply_queue", config.reply_queue.is_some()),
+    ] {
+        if set && enabled.len() > 1 {
+            return Err(SetupError::AmbiguousOverride {
+                key,
+                count: enabled.len(),
+            });
+        }
+    }
+    let mut all: Vec<Settings> = Vec::with_capacity(enabled.len());
+    for spec in enabled {
+        let settings = resolve_one(config, spec)?;
+        if let Some(first) = all.iter().find(|s| s.queue == settings.queue) {
+            return Err(SetupError::DuplicateQueue {
+                queue: settings.queue.clone(),
+                first: first.name.clone(),
+                first_location: first.location.clone(),
+                second: settings.name.clone(),
+                second_location: settings.location.clone(),
+            });
+        }
+        all.push(settings);
+    }
+    Ok(all)
+}
+
+fn resolve_one(config: &Config, spec: &HandlerSpec) -> Result<Settings, SetupError> {
+    let section = config.consumer(spec.name);
+    let invalid = |problem: String| SetupError::InvalidSetting {
+        handler: spec.name.to_owned(),
+        problem,
+    };
+    let queue = section
+        .queue
+        .clone()
+        .or_else(|| config.queue.clone())
+        .unwrap_or_else(|| spec.queue.to_owned());
+    let reply_key = section
+        .reply_key
+        .clone()
+        .or_else(|| config.reply_key.clone())
+        .or_else(|| spec.reply_key.map(str::to_owned));
+    let reply_queue = section
+        .reply_queue
+        .clone()
+        .or_else(|| config.reply_queue.clone())
+        .or_else(|| spec.reply_queue.map(str::to_owned));
+    let prefetch = section
+        .prefetch
+        .or(spec.prefetch)
+        .unwrap_or(config.prefetch_count);
+    if prefetch == 0 {
+        return Err(invalid("prefetch must be at least 1".to_owned()));
+    }
+    let concurrency = section
+        .concurrency
+        .or(config.concurrency)
+        .unwrap_or(prefetch);
+    if concurrency == 0 {
+        return Err(invalid("concurrency must be at least 1".to_owned()));
+    }
+    let queue_type = match (section.queue_type, spec.queue_type) {
+        (Some(t), _) => t,
+        (None, Some(text)) => text
+            .parse()
+            .map_err(|_| invalid(format!("unknown queue_type `{text}`")))?,
+        (None, None) => config.queue_type,
+    };
+    let dead_letter = section.dead_letter.unwrap_or(config.dead_letter);
+    let dead_letter_queue = dead_letter.then(|| {
+        section
+            .dead_letter_queue
+            .clone()
+            .unwrap_or_else(|| format!("{queue}.dlq"))
+    });
+    let settings = Settings {
+        name: spec.name.to_owned(),
+        reply_key,
+        reply_queue,
+        prefetch,
+        concurrency: usize::from(concurrency),
+        timeout: section
+            .timeout
+            .or(spec.timeout_secs.map(Duration::from_secs))
+            .unwrap_or(config.message_timeout),
+        max_retries: section
+            .max_retries
+            .or(spec.max_retries)
+            .unwrap_or(config.max_retry_count),
+        retry_delays: section
+            .retry_delays
+            .clone()
+            .unwrap_or_else(|| config.retry_delays.clone()),
+        queue_type,
+        bind_reply_queue: section.bind_reply_queue.unwrap_or(config.bind_reply_queue),
+        dead_letter_queue,
+        location: spec.location(),
+        prepare: spec.prepare,
+        queue,
+    };
+    if settings.timeout.is_zero() {
+        return Err(invalid("timeout must be positive".to_owned()));
+    }
+    if settings.retry_delays.iter().any(Duration::is_zero) {
+        return Err(invalid("retry delays must be positive".to_owned()));
+    }
+    let mut names = vec![("queue", settings.queue.clone())];
+    names.extend(settings.reply_key.clone().map(|n| ("reply_key", n)));
+    names.extend(settings.reply_queue.clone().map(|n| ("reply_queue", n)));
+    names.extend(
+        settings
+            .dead_letter_queue
+            .clone()
+            .map(|n| ("dead_letter_queue", n)),
+    );
+    names.extend(
+        settings
+            .retry_delays
+            .iter()
+            .map(|d| ("retry delay queue", settings.delay_queue(*d))),
+    );
+    for (what, name) in names {
+        if name.is_empty() || name.len() > MAX_SHORT {
+            return Err(SetupError::InvalidName { what, name });
+        }
+    }
+    Ok(settings)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delay_queue_names() {
+        assert_eq!(
+            delay_queue_name("q", Duration::from_secs(10)),
+            "q.retry.10s"
+        );
+        assert_eq!(
+            delay_queue_name("q", Duration::from_millis(1500)),
+            "q.retry.1500ms"
+        );
+    }
+}

@@ -1,0 +1,243 @@
+//! The watchdog: every `heartbeat_interval / 2` it checks the connection, probes each queue's
+//! depth (passive declare on its own channel) and looks for a consumer that has stopped making
+//! progress. Healing escalates: re-subscribe the consumer, then force a reconnect, then
+//! report that healing failed (liveness goes down).
+
+use std::{
+    sync::{Arc, atomic::Ordering::Relaxed},
+    time::Duration,
+};
+
+use lapin::{Channel, Connection, options::QueueDeclareOptions, types::FieldTable};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, warn};
+
+use crate::{amqp::short, engine::worker::Worker, health::Health};
+
+/// What one check of one handler saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Observation {
+    /// Ready messages in the queue (`None`: the probe failed).
+    pub(crate) depth: Option<u32>,
+    /// Deliveries in flight.
+    pub(crate) in_flight: usize,
+    /// The handler's concurrency limit.
+    pub(crate) capacity: usize,
+    /// Time since the last settled delivery or (re)subscription.
+    pub(crate) idle: Duration,
+}
+
+/// The watchdog's memory for one handler.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Tracker {
+    /// Consecutive stuck observations.
+    strikes: u32,
+    /// Healing steps taken since the handler last made progress.
+    heals: u32,
+}
+
+/// What to do after an observation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    Healthy,
+    /// Stuck, but not yet for `max_consecutive_failures` checks.
+    Suspect,
+    /// Cancel and re-subscribe the consumer.
+    Resubscribe,
+    /// Drop the connection and reconnect.
+    Reconnect,
+    /// Both failed: report it (liveness fails), keep trying reconnects.
+    Failed,
+}
+
+/// The pure stuck-consumer policy: stuck = messages waiting, capacity free and nothing
+/// settled for `threshold`, `max_failures` checks in a row.
+pub(crate) fn assess(
+    tracker: &mut Tracker,
+    seen: Observation,
+    threshold: Duration,
+    max_failures: u32,
+) -> Verdict {
+    let stuck = seen.depth.is_some_and(|d| d > 0)
+        && seen.in_flight < seen.capacity
+        && seen.idle >= threshold;
+    if !stuck {
+        if seen.idle < threshold {
+            tracker.heals = 0;
+        }
+        tracker.strikes = 0;
+        return Verdict::Healthy;
+    }
+    tracker.strikes += 1;
+    if tracker.strikes < max_failures.max(1) {
+        return Verdict::Suspect;
+    }
+    tracker.strikes = 0;
+    tracker.heals += 1;
+    match tracker.heals {
+        1 => Verdict::Resubscribe,
+        2 => Verdict::Reconnect,
+        _ => Verdict::Failed,
+    }
+}
+
+/// Runs checks until `stop` is cancelled; cancels `lost` when the connection must be recycled.
+pub(crate) async fn run(
+    connection: Arc<Connection>,
+    workers: Vec<Arc<Worker>>,
+    health: Arc<Health>,
+    trackers: Arc<std::sync::Mutex<Vec<Tracker>>>,
+    settings: WatchdogSettings,
+    lost: CancellationToken,
+    stop: CancellationToken,
+) {
+    let mut probe: Option<Channel> = None;
+    let mut ticker = tokio::time::interval(settings.period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        if !connection.status().connected() {
+            warn!("watchdog: the connection is down; reconnecting");
+            lost.cancel();
+            return;
+        }
+        for worker in &workers {
+            let depth = probe_depth(&connection, &mut probe, &worker.settings.queue).await;
+            let stats = &health.handlers[worker.index];
+            if let Some(depth) = depth {
+                stats.queue_depth.store(depth.into(), Relaxed);
+            }
+            let now = health.now_ms();
+            let idle = Duration::from_millis(now.saturating_sub(stats.progress_ms()));
+            let seen = Observation {
+                depth,
+                in_flight: stats.in_flight.load(Relaxed),
+                capacity: worker.settings.concurrency,
+                idle,
+            };
+            let verdict = {
+                let mut trackers = trackers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                match trackers.get_mut(worker.index) {
+                    Some(tracker) => assess(tracker, seen, settings.threshold, settings.max_failures),
+                    None => Verdict::Healthy,
+                }
+            };
+            debug!(handler = %worker.settings.name, ?seen, ?verdict, "watchdog check");
+            stats.stuck.store(!matches!(verdict, Verdict::Healthy), Relaxed);
+            match verdict {
+                Verdict::Healthy => health.healing_failed.store(false, Relaxed),
+                Verdict::Suspect => {}
+                Verdict::Resubscribe => {
+                    warn!(handler = %worker.settings.name, depth = ?depth, idle = ?idle,
+                        "watchdog: consumer stuck (messages waiting, capacity free, no progress); re-subscribing");
+                    worker.resubscribe.notify_one();
+                }
+                Verdict::Reconnect => {
+                    warn!(handler = %worker.settings.name, "watchdog: still stuck after re-subscribing; forcing a reconnect");
+                    lost.cancel();
+                    return;
+                }
+                Verdict::Failed => {
+                    error!(handler = %worker.settings.name, "watchdog: still stuck after a reconnect; healing failed");
+                    health.healing_failed.store(true, Relaxed);
+                    lost.cancel();
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The watchdog's timing.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WatchdogSettings {
+    pub(crate) period: Duration,
+    pub(crate) threshold: Duration,
+    pub(crate) max_failures: u32,
+}
+
+/// Ready messages in `queue`, by a passive declare on the probe channel (reopened when a
+/// failed probe closed it).
+async fn probe_depth(connection: &Connection, probe: &mut Option<Channel>, queue: &str) -> Option<u32> {
+    if !probe.as_ref().is_some_and(|c| c.status().connected()) {
+        *probe = connection.create_channel().await.ok();
+    }
+    let channel = probe.as_ref()?;
+    let declared = channel
+        .queue_declare(
+            short(queue),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    match declared {
+        Ok(queue) => Some(queue.message_count()),
+        Err(error) => {
+            debug!(queue, error = %error, "watchdog: probe failed");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: Duration = Duration::from_secs(90);
+
+    fn seen(depth: u32, in_flight: usize, idle_secs: u64) -> Observation {
+        Observation {
+            depth: Some(depth),
+            in_flight,
+            capacity: 4,
+            idle: Duration::from_secs(idle_secs),
+        }
+    }
+
+    #[test]
+    fn busy_empty_or_recent_is_healthy() {
+        let mut t = Tracker::default();
+        assert_eq!(assess(&mut t, seen(0, 0, 500), T, 3), Verdict::Healthy, "empty queue");
+        assert_eq!(assess(&mut t, seen(9, 4, 500), T, 3), Verdict::Healthy, "all slots busy");
+        assert_eq!(assess(&mut t, seen(9, 0, 10), T, 3), Verdict::Healthy, "recent progress");
+        let unknown = Observation { depth: None, ..seen(9, 0, 500) };
+        assert_eq!(assess(&mut t, unknown, T, 3), Verdict::Healthy, "failed probe is not stuck");
+    }
+
+    #[test]
+    fn escalates_resubscribe_reconnect_failed() {
+        let mut t = Tracker::default();
+        let stuck = seen(9, 0, 500);
+        assert_eq!(assess(&mut t, stuck, T, 3), Verdict::Suspect);
+        assert_eq!(assess(&mut t, stuck, T, 3), Verdict::Suspect);
+        assert_eq!(assess(&mut t, stuck, T, 3), Verdict::Resubscribe);
+        assert_eq!(assess(&mut t, stuck, T, 3), Verdict::Suspect);
+        assert_eq!(assess(&mut t, stuck, T, 3), Verdict::Suspect);
+        assert_eq!(assess(&mut t, stuck, T, 3), Verdict::Reconnect);
+        for _ in 0..2 {
+            assert_eq!(assess(&mut t, stuck, T, 3), Verdict::Suspect);
+        }
+        assert_eq!(assess(&mut t, stuck, T, 3), Verdict::Failed);
+    }
+
+    #[test]
+    fn progress_resets_the_escalation() {
+        let mut t = Tracker::default();
+        let stuck = seen(9, 0, 500);
+        for _ in 0..3 {
+            assess(&mut t, stuck, T, 3);
+        }
+        assert_eq!(assess(&mut t, seen(9, 0, 1), T, 3), Verdict::Healthy);
+        for _ in 0..2 {
+            assert_eq!(assess(&mut t, stuck, T, 3), Verdict::Suspect);
+        }
+        assert_eq!(assess(&mut t, stuck, T, 3), Verdict::Resubscribe, "starts over at step 1");
+    }
+}

@@ -1,0 +1,532 @@
+//! One handler's consumer loop and the per-delivery pipeline: decode, uuid, cache, handler
+//! (timeout, panics), confirmed result, then exactly one settlement (ack, retry copy, DLQ).
+
+use std::{
+    panic::AssertUnwindSafe,
+    sync::{Arc, atomic::Ordering::Relaxed},
+    time::{Duration, SystemTime},
+};
+
+use futures_util::{FutureExt, StreamExt};
+use lapin::{
+    BasicProperties, Channel, Connection,
+    message::Delivery,
+    options::{
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+        BasicQosOptions, BasicRejectOptions,
+    },
+    types::{AMQPValue, FieldTable},
+};
+use serde_json::Value;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{Instrument, debug, error, field, info, info_span, warn};
+
+use crate::{
+    amqp::{self, long, short},
+    cache::{ResultCache, Source},
+    engine::settings::Settings,
+    error::PublishError,
+    handler::{FailureAction, HandlerError, HandlerOutput},
+    health::{HandlerStats, Health},
+    publisher::Publisher,
+    registry::Call,
+    retry::{self, Decision, RETRY_COUNT_HEADER},
+    topology,
+};
+
+/// The longest error text written into a header.
+pub(crate) const MAX_REASON_BYTES: usize = 1024;
+/// Wait before handing a message back to the broker when a retry or DLQ publish failed, so a
+/// broken route cannot turn into a hot loop.
+const REQUEUE_PAUSE: Duration = Duration::from_secs(1);
+/// Wait before re-subscribing a consumer the broker cancelled.
+const RESUBSCRIBE_PAUSE: Duration = Duration::from_secs(1);
+
+/// Everything a delivery task needs, shared by all deliveries of one handler.
+#[derive(Debug)]
+pub(crate) struct Worker {
+    pub(crate) settings: Settings,
+    pub(crate) exchange: String,
+    pub(crate) max_body_size: usize,
+    pub(crate) cache: Option<ResultCache>,
+    pub(crate) health: Arc<Health>,
+    pub(crate) index: usize,
+    pub(crate) semaphore: Arc<Semaphore>,
+    /// Signalled by the watchdog to cancel and re-subscribe a stuck consumer.
+    pub(crate) resubscribe: tokio::sync::Notify,
+}
+
+/// Why a consumer loop returned.
+#[derive(Debug)]
+pub(crate) enum Stop {
+    /// Shutdown was requested; the consumer was cancelled.
+    Shutdown,
+    /// The connection is gone.
+    Lost,
+    /// The broker refused this handler's topology: retrying cannot help.
+    Fatal(crate::Error),
+}
+
+impl Worker {
+    fn stats(&self) -> &HandlerStats {
+        &self.health.handlers[self.index]
+    }
+
+    /// Consumes until shutdown or connection loss; re-subscribes when the broker cancels the
+    /// consumer (queue deleted) while the connection lives.
+    pub(crate) async fn consume(
+        self: Arc<Self>,
+        connection: Arc<Connection>,
+        publisher: Publisher,
+        tracker: TaskTracker,
+        lost: CancellationToken,
+        shutdown: CancellationToken,
+    ) -> Stop {
+        let name = &self.settings.name;
+        loop {
+            let (channel, mut consumer) = match self.subscribe(&connection).await {
+                Ok(pair) => pair,
+                Err(crate::Error::Topology(error)) if error.is_refusal() => {
+                    return Stop::Fatal(error.into());
+                }
+                Err(error) => {
+                    warn!(handler = %name, error = %crate::error::chain(&error), "cannot subscribe; reconnecting");
+                    lost.cancel();
+                    return Stop::Lost;
+                }
+            };
+            self.stats().consuming.store(true, Relaxed);
+            self.stats().subscribed(self.health.now_ms());
+            info!(handler = %name, queue = %self.settings.queue, prefetch = self.settings.prefetch, "consuming");
+            let ended = loop {
+                let permit = tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => break Some(Stop::Shutdown),
+                    () = lost.cancelled() => break Some(Stop::Lost),
+                    permit = Arc::clone(&self.semaphore).acquire_owned() => permit,
+                };
+                let Ok(permit) = permit else {
+                    break Some(Stop::Lost);
+                };
+                let next = tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => break Some(Stop::Shutdown),
+                    () = lost.cancelled() => break Some(Stop::Lost),
+                    () = self.resubscribe.notified() => break None,
+                    next = consumer.next() => next,
+                };
+                match next {
+                    Some(Ok(delivery)) => {
+                        let worker = Arc::clone(&self);
+                        let publisher = publisher.clone();
+                        tracker.spawn(worker.process(publisher, delivery, permit));
+                    }
+                    Some(Err(error)) => {
+                        warn!(handler = %name, error = %error, "consumer error");
+                    }
+                    None => break None,
+                }
+            };
+            self.stats().consuming.store(false, Relaxed);
+            match ended {
+                Some(Stop::Shutdown) => {
+                    let cancel = channel
+                        .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+                        .await;
+                    if let Err(error) = cancel {
+                        debug!(handler = %name, error = %error, "basic.cancel failed");
+                    }
+                    info!(handler = %name, "consumer cancelled; draining in-flight deliveries");
+                    return Stop::Shutdown;
+                }
+                Some(_) => return Stop::Lost,
+                None if shutdown.is_cancelled() => return Stop::Shutdown,
+                None if !connection.status().connected() || lost.is_cancelled() => {
+                    lost.cancel();
+                    return Stop::Lost;
+                }
+                None => {
+                    warn!(handler = %name, queue = %self.settings.queue,
+                        "consumer ended (cancelled by the broker, e.g. queue deleted, or by the watchdog); re-declaring and re-subscribing");
+                    if channel.status().connected() {
+                        let _ = channel
+                            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+                            .await;
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(RESUBSCRIBE_PAUSE) => {}
+                        () = shutdown.cancelled() => return Stop::Shutdown,
+                        () = lost.cancelled() => return Stop::Lost,
+                    }
+                }
+            }
+        }
+    }
+
+    async fn subscribe(
+        &self,
+        connection: &Connection,
+    ) -> Result<(Channel, lapin::Consumer), crate::Error> {
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|source| topology_error("channel", &self.settings.queue, source))?;
+        topology::declare_handler(&channel, &self.exchange, &self.settings).await?;
+        channel
+            .basic_qos(self.settings.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|source| topology_error("qos", &self.settings.queue, source))?;
+        let consumer = channel
+            .basic_consume(
+                short(&self.settings.queue),
+                short(&format!("{}.{}", self.settings.name, std::process::id())),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|source| topology_error("consumer", &self.settings.queue, source))?;
+        Ok((channel, consumer))
+    }
+
+    async fn process(
+        self: Arc<Self>,
+        publisher: Publisher,
+        delivery: Delivery,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let stats = self.stats();
+        stats.received.fetch_add(1, Relaxed);
+        stats.in_flight.fetch_add(1, Relaxed);
+        let span = info_span!(
+            "delivery",
+            queue = %self.settings.queue,
+            handler = %self.settings.name,
+            delivery_tag = delivery.delivery_tag,
+            message_id = field::Empty,
+            task_uuid = field::Empty,
+            attempt = field::Empty,
+        );
+        if let Some(id) = delivery.properties.message_id() {
+            span.record("message_id", id.as_str());
+        }
+        async {
+            let outcome = self.handle(&publisher, &delivery).await;
+            self.settle(&publisher, delivery, outcome).await;
+        }
+        .instrument(span)
+        .await;
+        stats.in_flight.fetch_sub(1, Relaxed);
+        stats.completed(self.health.now_ms());
+        drop(permit);
+    }
+
+    /// Runs everything up to the settlement; `Ok` means the input may be acked.
+    async fn handle(&self, publisher: &Publisher, delivery: &Delivery) -> Result<(), HandlerError> {
+        if delivery.data.len() > self.max_body_size {
+            return Err(HandlerError::with_kind(
+                FailureAction::DeadLetter,
+                "body_too_large",
+                format_args!(
+                    "the body is {} bytes, above max_body_size ({})",
+                    delivery.data.len(),
+                    self.max_body_size
+                ),
+            ));
+        }
+        let text = std::str::from_utf8(&delivery.data).map_err(|error| {
+            HandlerError::with_kind(
+                FailureAction::DeadLetter,
+                "invalid_utf8",
+                format_args!("the body is not UTF-8: {error}"),
+            )
+        })?;
+        let value: Value = serde_json::from_str(text).map_err(|error| {
+            HandlerError::with_kind(
+                FailureAction::DeadLetter,
+                "invalid_json",
+                format_args!("the body is not JSON: {error}"),
+            )
+        })?;
+        let prepare = self.settings.prepare;
+        let prepared = std::panic::catch_unwind(move || prepare(value))
+            .map_err(|panic| panicked("the task uuid function", &*panic))??;
+        let task_uuid = prepared.task_uuid;
+        tracing::Span::current().record("task_uuid", task_uuid.as_str());
+        let stats = self.stats();
+        let timeout = self.settings.timeout;
+        let run = || {
+            stats.handler_runs.fetch_add(1, Relaxed);
+            run_call(prepared.call, timeout)
+        };
+        let output = match &self.cache {
+            Some(cache) => {
+                let (output, source) = cache.get_or_run(&task_uuid, run).await;
+                if source == Source::Cached {
+                    stats.cache_hits.fetch_add(1, Relaxed);
+                    debug!("result answered from the cache");
+                }
+                output
+            }
+            None => run().await,
+        }?;
+        let Some(result) = output else {
+            return Ok(());
+        };
+        let (exchange, routing_key) =
+            match (delivery.properties.reply_to(), &self.settings.reply_key) {
+                (Some(reply_to), _) => ("", reply_to.as_str()),
+                (None, Some(reply_key)) => (self.exchange.as_str(), reply_key.as_str()),
+                (None, None) => {
+                    debug!(
+                        "the handler returned a result but no reply_key is set; nothing published"
+                    );
+                    return Ok(());
+                }
+            };
+        let body = serde_json::to_vec(&result).map_err(|error| {
+            HandlerError::with_kind(FailureAction::DeadLetter, "result_not_serializable", error)
+        })?;
+        let mut properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_message_id(short(&task_uuid))
+            .with_timestamp(unix_now());
+        if let Some(correlation_id) = delivery.properties.correlation_id() {
+            properties = properties.with_correlation_id(correlation_id.clone());
+        }
+        publisher
+            .publish(exchange, routing_key, &body, properties)
+            .await
+            .map_err(|error| {
+                match &error {
+                    PublishError::Unroutable { .. } => stats.results_returned.fetch_add(1, Relaxed),
+                    PublishError::Nacked { .. } => stats.results_nacked.fetch_add(1, Relaxed),
+                    _ => 0,
+                };
+                HandlerError::with_kind(
+                    FailureAction::Retry,
+                    error.kind(),
+                    crate::error::chain(&error),
+                )
+            })
+    }
+
+    /// Settles the delivery exactly once.
+    async fn settle(
+        &self,
+        publisher: &Publisher,
+        delivery: Delivery,
+        outcome: Result<(), HandlerError>,
+    ) {
+        let stats = self.stats();
+        let failure = match outcome {
+            Ok(()) => {
+                if self.ack(&delivery).await {
+                    stats.succeeded.fetch_add(1, Relaxed);
+                    debug!("done");
+                }
+                return;
+            }
+            Err(failure) => failure,
+        };
+        let previous = amqp::retry_count(delivery.properties.headers().as_ref());
+        if let amqp::RetryCount::Count(n) = previous {
+            tracing::Span::current().record("attempt", n + 1);
+        }
+        let decision = retry::decide(
+            failure.action(),
+            previous,
+            self.settings.max_retries,
+            &self.settings.retry_delays,
+        );
+        match decision {
+            Decision::Retry { count, delay } => {
+                let (routing_key, label) = match delay {
+                    Some(delay) => (self.settings.delay_queue(delay), format!("in {delay:?}")),
+                    None => (self.settings.queue.clone(), "now".to_owned()),
+                };
+                let headers = self.failure_headers(&delivery, &failure, count, None);
+                let properties = delivery.properties.clone().with_headers(headers);
+                match publisher
+                    .publish("", &routing_key, &delivery.data, properties)
+                    .await
+                {
+                    Ok(()) => {
+                        warn!(error = %failure, kind = failure.kind(), retry = count,
+                            max_retries = self.settings.max_retries, "processing failed; retrying {label}");
+                        if self.ack(&delivery).await {
+                            stats.retried.fetch_add(1, Relaxed);
+                        }
+                    }
+                    Err(error) => self.hand_back(&delivery, &failure, &error).await,
+                }
+            }
+            Decision::DeadLetter { retries_exhausted } => {
+                let why = if retries_exhausted {
+                    "retries exhausted"
+                } else {
+                    "not retryable"
+                };
+                let Some(dlq) = &self.settings.dead_letter_queue else {
+                    error!(error = %failure, kind = failure.kind(),
+                        "processing failed ({why}); rejecting without requeue (dead-lettering is off)");
+                    let rejected = delivery
+                        .acker
+                        .reject(BasicRejectOptions { requeue: false })
+                        .await;
+                    if self.settled(rejected) {
+                        stats.rejected.fetch_add(1, Relaxed);
+                    }
+                    return;
+                };
+                let count = match previous {
+                    amqp::RetryCount::Count(n) => n,
+                    amqp::RetryCount::Malformed => 0,
+                };
+                let headers = self.failure_headers(&delivery, &failure, count, Some(why));
+                let properties = delivery.properties.clone().with_headers(headers);
+                match publisher.publish("", dlq, &delivery.data, properties).await {
+                    Ok(()) => {
+                        warn!(error = %failure, kind = failure.kind(), dead_letter_queue = %dlq,
+                            "processing failed ({why}); sent to the dead-letter queue");
+                        if self.ack(&delivery).await {
+                            stats.dead_lettered.fetch_add(1, Relaxed);
+                        }
+                    }
+                    Err(error) => self.hand_back(&delivery, &failure, &error).await,
+                }
+            }
+        }
+    }
+
+    /// The retry or DLQ copy could not be published: give the message back to the broker
+    /// (after a pause), so it is redelivered rather than lost.
+    async fn hand_back(&self, delivery: &Delivery, failure: &HandlerError, error: &PublishError) {
+        error!(error = %failure, publish_error = %crate::error::chain(error),
+            "processing failed and the retry/dead-letter copy could not be published; returning the message to the queue");
+        tokio::time::sleep(REQUEUE_PAUSE).await;
+        let nacked = delivery
+            .acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                multiple: false,
+            })
+            .await;
+        self.settled(nacked);
+    }
+
+    async fn ack(&self, delivery: &Delivery) -> bool {
+        let acked = delivery.acker.ack(BasicAckOptions::default()).await;
+        self.settled(acked)
+    }
+
+    /// `false` (and counted) when the settlement could not reach the broker: the delivery's
+    /// channel died, and the broker will redeliver the message.
+    fn settled(&self, result: Result<bool, lapin::Error>) -> bool {
+        match result {
+            Ok(true) => true,
+            Ok(false) | Err(_) => {
+                self.stats().stale_acks.fetch_add(1, Relaxed);
+                warn!("the delivery's channel is gone; the broker will redeliver the message");
+                false
+            }
+        }
+    }
+
+    fn failure_headers(
+        &self,
+        delivery: &Delivery,
+        failure: &HandlerError,
+        count: u32,
+        dead_letter_reason: Option<&str>,
+    ) -> FieldTable {
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        let now = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+        let reason = amqp::truncate(failure.message(), MAX_REASON_BYTES);
+        headers.insert(
+            RETRY_COUNT_HEADER.into(),
+            AMQPValue::LongLongInt(count.into()),
+        );
+        if !headers.contains_key("x-first-failure-at") {
+            headers.insert("x-first-failure-at".into(), long(&now));
+        }
+        headers.insert("x-last-failure-at".into(), long(&now));
+        headers.insert("x-last-error".into(), long(reason));
+        headers.insert("x-error-kind".into(), long(failure.kind()));
+        if let Some(why) = dead_letter_reason {
+            headers.insert("x-death-reason".into(), long(&format!("{why}: {reason}")));
+            headers.insert("x-original-queue".into(), long(&self.settings.queue));
+            headers.insert(
+                "x-original-exchange".into(),
+                long(delivery.exchange.as_str()),
+            );
+            headers.insert(
+                "x-original-routing-key".into(),
+                long(delivery.routing_key.as_str()),
+            );
+            headers.insert("x-handler".into(), long(&self.settings.name));
+        }
+        headers
+    }
+}
+
+/// Runs the handler call under the timeout, turning panics into retryable errors.
+async fn run_call(call: Call, timeout: Duration) -> HandlerOutput {
+    let run = async move {
+        match call {
+            Call::Async(call) => AssertUnwindSafe(async move { call().await })
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|panic| Err(panicked("the handler", &*panic))),
+            Call::Blocking(call) => match tokio::task::spawn_blocking(call).await {
+                Ok(output) => output,
+                Err(error) if error.is_panic() => {
+                    Err(panicked("the handler", &*error.into_panic()))
+                }
+                Err(error) => Err(HandlerError::with_kind(
+                    FailureAction::Retry,
+                    "cancelled",
+                    error,
+                )),
+            },
+        }
+    };
+    tokio::time::timeout(timeout, run)
+        .await
+        .unwrap_or_else(|_| {
+            Err(HandlerError::with_kind(
+                FailureAction::Retry,
+                "timeout",
+                format_args!("the handler did not finish within {timeout:?}"),
+            ))
+        })
+}
+
+fn panicked(what: &str, payload: &(dyn std::any::Any + Send)) -> HandlerError {
+    let message = payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(non-text panic payload)");
+    HandlerError::with_kind(
+        FailureAction::Retry,
+        "handler_panicked",
+        format_args!("{what} panicked: {message}"),
+    )
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn topology_error(what: &'static str, name: &str, source: lapin::Error) -> crate::Error {
+    crate::error::TopologyError {
+        what,
+        name: name.to_owned(),
+        source,
+    }
+    .into()
+}

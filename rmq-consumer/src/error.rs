@@ -1,0 +1,235 @@
+//! Error types. One enum per concern, wrapped by the top-level [`Error`].
+
+use std::time::Duration;
+
+pub use crate::config::ConfigError;
+pub use crate::logging::LoggingError;
+
+/// Everything [`crate::run`] can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Logging could not be set up.
+    #[error(transparent)]
+    Logging(#[from] LoggingError),
+    /// The registered handlers do not fit together or with the configuration.
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    /// The broker refused the topology (a queue exists with other arguments, a permission is
+    /// missing, ...).
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+    /// A signal handler could not be installed.
+    #[error("cannot listen for shutdown signals")]
+    Signal(#[source] std::io::Error),
+}
+
+/// Problems found when matching handlers with the configuration, before connecting.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SetupError {
+    /// No handler is registered (or every one is disabled).
+    #[error(
+        "no #[consumer] handler is registered in this binary (or all are disabled with `enabled = false`)"
+    )]
+    NoHandlers,
+    /// Two handlers consume the same queue.
+    #[error(
+        "handlers `{first}` ({first_location}) and `{second}` ({second_location}) both consume queue `{queue}`"
+    )]
+    DuplicateQueue {
+        /// The queue.
+        queue: String,
+        /// The first handler's name.
+        first: String,
+        /// Where the first handler is declared.
+        first_location: String,
+        /// The second handler's name.
+        second: String,
+        /// Where the second handler is declared.
+        second_location: String,
+    },
+    /// Two handlers share a name.
+    #[error(
+        "two handlers are named `{name}` ({first_location} and {second_location}); give one a `name = \"...\"`"
+    )]
+    DuplicateName {
+        /// The name.
+        name: String,
+        /// Where the first is declared.
+        first_location: String,
+        /// Where the second is declared.
+        second_location: String,
+    },
+    /// A top-level `queue`/`reply_key`/`reply_queue` (the Python template's keys) was set while
+    /// several handlers are registered.
+    #[error(
+        "top-level `{key}` applies to a single handler, but {count} are registered: set it under [consumers.<name>] instead"
+    )]
+    AmbiguousOverride {
+        /// The key.
+        key: &'static str,
+        /// How many handlers are registered.
+        count: usize,
+    },
+    /// A `[consumers.<name>]` section names no registered handler.
+    #[error("config section [consumers.{name}] matches no registered handler (known: {known})")]
+    UnknownConsumer {
+        /// The section name.
+        name: String,
+        /// The registered names.
+        known: String,
+    },
+    /// A name is not usable as an AMQP name (empty or longer than 255 bytes).
+    #[error("{what} `{name}` is not a valid AMQP name: it must be 1 to 255 bytes")]
+    InvalidName {
+        /// What the name is for.
+        what: &'static str,
+        /// The name.
+        name: String,
+    },
+    /// A handler's settings are out of range.
+    #[error("handler `{handler}`: {problem}")]
+    InvalidSetting {
+        /// The handler.
+        handler: String,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+/// The broker refused part of the topology.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot declare {what} `{name}`")]
+pub struct TopologyError {
+    /// What was being declared (exchange, queue, binding).
+    pub what: &'static str,
+    /// Its name.
+    pub name: String,
+    /// The broker's answer.
+    #[source]
+    pub source: lapin::Error,
+}
+
+impl TopologyError {
+    /// `true` when the broker answered with a channel-level refusal (wrong arguments,
+    /// permissions), which retrying cannot fix; `false` for connection trouble.
+    #[must_use]
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self.source.kind(),
+            lapin::ErrorKind::ProtocolError(e)
+                if matches!(e.kind(), lapin::protocol::AMQPErrorKind::Soft(_))
+        )
+    }
+}
+
+/// A publish that the broker did not take responsibility for.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublishError {
+    /// The channel or connection failed.
+    #[error("publishing to exchange `{exchange}` with routing key `{routing_key}` failed")]
+    Channel {
+        /// The exchange.
+        exchange: String,
+        /// The routing key.
+        routing_key: String,
+        /// The failure.
+        #[source]
+        source: lapin::Error,
+    },
+    /// The broker returned the message: no queue is bound for the routing key.
+    #[error(
+        "message to exchange `{exchange}` with routing key `{routing_key}` was returned as unroutable ({reply_code} {reply_text})"
+    )]
+    Unroutable {
+        /// The exchange.
+        exchange: String,
+        /// The routing key.
+        routing_key: String,
+        /// The broker's reply code (312 NO_ROUTE).
+        reply_code: u16,
+        /// The broker's reply text.
+        reply_text: String,
+    },
+    /// The broker nacked the message (e.g. a full queue with `overflow = reject-publish`).
+    #[error(
+        "the broker refused (nacked) the message to exchange `{exchange}` with routing key `{routing_key}`"
+    )]
+    Nacked {
+        /// The exchange.
+        exchange: String,
+        /// The routing key.
+        routing_key: String,
+    },
+    /// No confirm arrived in time.
+    #[error(
+        "no publisher confirm for the message to exchange `{exchange}` with routing key `{routing_key}` within {after:?}"
+    )]
+    ConfirmTimeout {
+        /// The exchange.
+        exchange: String,
+        /// The routing key.
+        routing_key: String,
+        /// The wait.
+        after: Duration,
+    },
+}
+
+impl PublishError {
+    /// A short machine-readable kind, for headers and metrics.
+    #[must_use]
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Channel { .. } => "publish_failed",
+            Self::Unroutable { .. } => "result_unroutable",
+            Self::Nacked { .. } => "result_nacked",
+            Self::ConfirmTimeout { .. } => "confirm_timeout",
+        }
+    }
+}
+
+/// A connection attempt failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// The URL does not parse as an AMQP URI.
+    #[error("invalid broker URL {url}")]
+    InvalidUrl {
+        /// The URL, password masked.
+        url: String,
+    },
+    /// The broker could not be reached or refused the connection.
+    #[error("cannot connect to {url}")]
+    Failed {
+        /// The URL, password masked.
+        url: String,
+        /// The failure.
+        #[source]
+        source: lapin::Error,
+    },
+    /// The attempt did not finish in time.
+    #[error("connecting to {url} timed out after {after:?}")]
+    TimedOut {
+        /// The URL, password masked.
+        url: String,
+        /// The limit.
+        after: std::time::Duration,
+    },
+}
+
+/// `error: cause: cause` on one line, for logs.
+pub(crate) fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,252 @@
+//! Live state and counters of a running engine, readable at any time through
+//! [`HealthHandle::snapshot`].
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+/// Shared state of one engine.
+#[derive(Debug)]
+pub(crate) struct Health {
+    started: Instant,
+    pub(crate) connected: AtomicBool,
+    pub(crate) blocked: AtomicBool,
+    blocked_since_ms: AtomicU64,
+    blocked_total_ms: AtomicU64,
+    pub(crate) draining: AtomicBool,
+    pub(crate) reconnects: AtomicU64,
+    pub(crate) healing_failed: AtomicBool,
+    pub(crate) handlers: Vec<HandlerStats>,
+}
+
+/// Counters and gauges of one handler.
+#[derive(Debug)]
+pub(crate) struct HandlerStats {
+    pub(crate) name: String,
+    pub(crate) queue: String,
+    pub(crate) consuming: AtomicBool,
+    pub(crate) in_flight: AtomicUsize,
+    /// Milliseconds since start of the last completed delivery, plus one (0 = never).
+    last_completed_ms: AtomicU64,
+    /// Milliseconds since start of the last (re)subscription.
+    subscribed_ms: AtomicU64,
+    pub(crate) stuck: AtomicBool,
+    pub(crate) queue_depth: AtomicU64,
+    pub(crate) received: AtomicU64,
+    pub(crate) succeeded: AtomicU64,
+    pub(crate) retried: AtomicU64,
+    pub(crate) dead_lettered: AtomicU64,
+    pub(crate) rejected: AtomicU64,
+    pub(crate) cache_hits: AtomicU64,
+    pub(crate) stale_acks: AtomicU64,
+    pub(crate) results_returned: AtomicU64,
+    pub(crate) results_nacked: AtomicU64,
+    pub(crate) handler_runs: AtomicU64,
+}
+
+impl Health {
+    pub(crate) fn new(handlers: impl IntoIterator<Item = (String, String)>) -> Self {
+        Self {
+            started: Instant::now(),
+            connected: AtomicBool::new(false),
+            blocked: AtomicBool::new(false),
+            blocked_since_ms: AtomicU64::new(0),
+            blocked_total_ms: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
+            reconnects: AtomicU64::new(0),
+            healing_failed: AtomicBool::new(false),
+            handlers: handlers
+                .into_iter()
+                .map(|(name, queue)| HandlerStats::new(name, queue))
+                .collect(),
+        }
+    }
+
+    pub(crate) fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    pub(crate) fn set_blocked(&self, blocked: bool) {
+        let now = self.now_ms();
+        if blocked {
+            if !self.blocked.swap(true, Relaxed) {
+                self.blocked_since_ms.store(now, Relaxed);
+            }
+        } else if self.blocked.swap(false, Relaxed) {
+            let since = self.blocked_since_ms.load(Relaxed);
+            self.blocked_total_ms
+                .fetch_add(now.saturating_sub(since), Relaxed);
+        }
+    }
+
+    pub(crate) fn snapshot(&self) -> HealthSnapshot {
+        let now = self.now_ms();
+        let mut blocked_ms = self.blocked_total_ms.load(Relaxed);
+        if self.blocked.load(Relaxed) {
+            blocked_ms += now.saturating_sub(self.blocked_since_ms.load(Relaxed));
+        }
+        HealthSnapshot {
+            taken_at: SystemTime::now(),
+            uptime: Duration::from_millis(now),
+            connected: self.connected.load(Relaxed),
+            blocked: self.blocked.load(Relaxed),
+            blocked_for: Duration::from_millis(blocked_ms),
+            draining: self.draining.load(Relaxed),
+            reconnects: self.reconnects.load(Relaxed),
+            healing_failed: self.healing_failed.load(Relaxed),
+            handlers: self.handlers.iter().map(|h| h.snapshot(now)).collect(),
+        }
+    }
+}
+
+impl HandlerStats {
+    fn new(name: String, queue: String) -> Self {
+        Self {
+            name,
+            queue,
+            consuming: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            last_completed_ms: AtomicU64::new(0),
+            subscribed_ms: AtomicU64::new(0),
+            stuck: AtomicBool::new(false),
+            queue_depth: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            succeeded: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
+            dead_lettered: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            cache_hits: AtomicU64::new(0),
+            stale_acks: AtomicU64::new(0),
+            results_returned: AtomicU64::new(0),
+            results_nacked: AtomicU64::new(0),
+            handler_runs: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn completed(&self, now_ms: u64) {
+        self.last_completed_ms.store(now_ms + 1, Relaxed);
+    }
+
+    pub(crate) fn subscribed(&self, now_ms: u64) {
+        self.subscribed_ms.store(now_ms, Relaxed);
+    }
+
+    /// The last sign of progress: a settled delivery or a (re)subscription.
+    pub(crate) fn progress_ms(&self) -> u64 {
+        self.last_completed_ms()
+            .unwrap_or(0)
+            .max(self.subscribed_ms.load(Relaxed))
+    }
+
+    /// Milliseconds since start of the last completed delivery.
+    pub(crate) fn last_completed_ms(&self) -> Option<u64> {
+        match self.last_completed_ms.load(Relaxed) {
+            0 => None,
+            n => Some(n - 1),
+        }
+    }
+
+    fn snapshot(&self, now: u64) -> HandlerSnapshot {
+        HandlerSnapshot {
+            name: self.name.clone(),
+            queue: self.queue.clone(),
+            consuming: self.consuming.load(Relaxed),
+            in_flight: self.in_flight.load(Relaxed),
+            since_last_completed: self
+                .last_completed_ms()
+                .map(|at| Duration::from_millis(now.saturating_sub(at))),
+            stuck: self.stuck.load(Relaxed),
+            queue_depth: self.queue_depth.load(Relaxed),
+            received: self.received.load(Relaxed),
+            succeeded: self.succeeded.load(Relaxed),
+            retried: self.retried.load(Relaxed),
+            dead_lettered: self.dead_lettered.load(Relaxed),
+            rejected: self.rejected.load(Relaxed),
+            cache_hits: self.cache_hits.load(Relaxed),
+            stale_acks: self.stale_acks.load(Relaxed),
+            results_returned: self.results_returned.load(Relaxed),
+            results_nacked: self.results_nacked.load(Relaxed),
+            handler_runs: self.handler_runs.load(Relaxed),
+        }
+    }
+}
+
+/// A cheap handle to a running engine's health.
+#[derive(Debug, Clone)]
+pub struct HealthHandle(pub(crate) Arc<Health>);
+
+impl HealthHandle {
+    /// The current state.
+    #[must_use]
+    pub fn snapshot(&self) -> HealthSnapshot {
+        self.0.snapshot()
+    }
+}
+
+/// The engine's state at one moment.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct HealthSnapshot {
+    /// When it was taken.
+    pub taken_at: SystemTime,
+    /// Time since the engine started.
+    pub uptime: Duration,
+    /// Whether a broker connection is up.
+    pub connected: bool,
+    /// Whether the broker has blocked publishing (resource alarm).
+    pub blocked: bool,
+    /// Total time spent blocked.
+    pub blocked_for: Duration,
+    /// Whether the engine is shutting down.
+    pub draining: bool,
+    /// Connections re-established after a loss.
+    pub reconnects: u64,
+    /// Whether the watchdog failed to heal a stuck consumer.
+    pub healing_failed: bool,
+    /// Per handler.
+    pub handlers: Vec<HandlerSnapshot>,
+}
+
+/// One handler's state and counters.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct HandlerSnapshot {
+    /// The handler's name.
+    pub name: String,
+    /// Its queue.
+    pub queue: String,
+    /// Whether its consumer is subscribed.
+    pub consuming: bool,
+    /// Deliveries being processed now.
+    pub in_flight: usize,
+    /// Time since the last delivery was settled (`None`: never).
+    pub since_last_completed: Option<Duration>,
+    /// Whether the watchdog considers it stuck.
+    pub stuck: bool,
+    /// Ready messages in its queue at the last watchdog probe.
+    pub queue_depth: u64,
+    /// Deliveries received.
+    pub received: u64,
+    /// Deliveries processed successfully (result confirmed, input acked).
+    pub succeeded: u64,
+    /// Deliveries sent for another attempt.
+    pub retried: u64,
+    /// Deliveries sent to the dead-letter queue.
+    pub dead_lettered: u64,
+    /// Deliveries rejected without requeue (dead-lettering off) or nacked back to the queue.
+    pub rejected: u64,
+    /// Results answered from the cache.
+    pub cache_hits: u64,
+    /// Acks that could not be sent because their channel had died (the broker redelivers).
+    pub stale_acks: u64,
+    /// Results the broker returned as unroutable.
+    pub results_returned: u64,
+    /// Results the broker nacked.
+    pub results_nacked: u64,
+    /// Times the handler function was called.
+    pub handler_runs: u64,
+}

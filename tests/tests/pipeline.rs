@@ -1,0 +1,373 @@
+//! The main path against a real broker: consume → handle → confirmed result → ack.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    missing_docs,
+    reason = "tests"
+)]
+
+mod common;
+
+use std::{
+    collections::BTreeSet,
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
+
+use common::{Broker, Running, eventually, test_config, unique};
+use rmq_consumer::{HandlerError, config::ConsumerConfig, consumer};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+#[consumer(
+    queue = "tests.pipeline.echo",
+    reply_key = "tests.pipeline.echo.result"
+)]
+async fn echo(data: Value) -> Result<Option<Value>, HandlerError> {
+    Ok(Some(
+        json!({"code": 200, "message": "success", "data": data}),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+struct Sum {
+    id: u64,
+    numbers: Vec<i64>,
+}
+
+#[derive(Debug, Serialize)]
+struct SumResult {
+    id: u64,
+    total: i64,
+}
+
+fn sum_uuid(task: &Sum) -> String {
+    format!("sum-{}", task.id)
+}
+
+#[consumer(
+    queue = "tests.pipeline.sum",
+    reply_key = "tests.pipeline.sum.result",
+    uuid = "sum_uuid"
+)]
+async fn typed_sum(task: Sum) -> SumResult {
+    SumResult {
+        id: task.id,
+        total: task.numbers.iter().sum(),
+    }
+}
+
+#[consumer(
+    queue = "tests.pipeline.upper",
+    reply_key = "tests.pipeline.upper.result"
+)]
+async fn upper(text: String) -> Option<String> {
+    (!text.is_empty()).then(|| text.to_uppercase())
+}
+
+static CACHED_RUNS: AtomicUsize = AtomicUsize::new(0);
+
+#[consumer(
+    queue = "tests.pipeline.cached",
+    reply_key = "tests.pipeline.cached.result"
+)]
+async fn cached(data: Value) -> Value {
+    CACHED_RUNS.fetch_add(1, Ordering::SeqCst);
+    json!({"seen": data})
+}
+
+/// Gives each named handler a unique queue, reply key and reply queue for this run.
+struct Names {
+    queue: String,
+    reply_key: String,
+    reply_queue: String,
+    dlq: String,
+}
+
+fn route(config: &mut rmq_consumer::Config, handler: &str) -> Names {
+    let queue = unique(handler);
+    let names = Names {
+        reply_key: format!("{queue}.result"),
+        reply_queue: format!("{queue}.results"),
+        dlq: format!("{queue}.dlq"),
+        queue,
+    };
+    config.consumers.insert(
+        handler.to_owned(),
+        ConsumerConfig {
+            queue: Some(names.queue.clone()),
+            reply_key: Some(names.reply_key.clone()),
+            reply_queue: Some(names.reply_queue.clone()),
+            ..ConsumerConfig::default()
+        },
+    );
+    names
+}
+
+fn track(broker: &mut Broker, names: &Names) {
+    for q in [&names.queue, &names.reply_queue, &names.dlq] {
+        broker.track_queue(q);
+    }
+}
+
+#[test]
+fn handlers_are_plain_functions() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let out = runtime.block_on(echo(json!({"a": 1}))).unwrap();
+    assert_eq!(
+        out,
+        Some(json!({"code": 200, "message": "success", "data": {"a": 1}}))
+    );
+    let sum = runtime.block_on(typed_sum(Sum {
+        id: 7,
+        numbers: vec![1, 2, 3],
+    }));
+    assert_eq!(sum.total, 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trip_of_1000_tasks_every_result_checked() {
+    let mut broker = Broker::connect().await;
+    let exchange = unique("ex");
+    broker.track_exchange(&exchange);
+    let mut config = test_config(&exchange);
+    config.prefetch_count = 64;
+    let names = route(&mut config, "echo");
+    track(&mut broker, &names);
+    let running = Running::start(config, &["echo"]).await;
+
+    let tasks: Vec<Value> = (0..1000)
+        .map(|i| json!({"task_id": i, "text": format!("t{i}")}))
+        .collect();
+    // Publish through the exchange with the queue's name, as the Python template's publisher does.
+    broker.publish_many(&exchange, &names.queue, &tasks).await;
+    let results = broker
+        .collect(&names.reply_queue, 1000, Duration::from_secs(60))
+        .await;
+    assert_eq!(results.len(), 1000, "results missing");
+    let mut seen = BTreeSet::new();
+    for result in &results {
+        let body = result.json.as_ref().expect("result is JSON");
+        assert_eq!(body["code"], 200);
+        let id = body["data"]["task_id"].as_u64().unwrap();
+        assert_eq!(body["data"]["text"], format!("t{id}"));
+        assert_eq!(result.content_type.as_deref(), Some("application/json"));
+        assert_eq!(result.delivery_mode, Some(2), "results are persistent");
+        let expected_uuid = rmq_consumer::uuid::md5_json(&tasks[usize::try_from(id).unwrap()]);
+        assert_eq!(result.message_id.as_deref(), Some(expected_uuid.as_str()));
+        seen.insert(id);
+    }
+    assert_eq!(seen.len(), 1000, "duplicate or missing task ids");
+    eventually("all acked", Duration::from_secs(10), || {
+        let h = &running.health.snapshot().handlers[0];
+        h.succeeded == 1000 && h.in_flight == 0
+    })
+    .await;
+    assert_eq!(broker.depth(&names.queue).await, Some(0));
+    running.stop().await.unwrap();
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_and_several_handlers_in_one_engine() {
+    let mut broker = Broker::connect().await;
+    let exchange = unique("ex");
+    broker.track_exchange(&exchange);
+    let mut config = test_config(&exchange);
+    let sum = route(&mut config, "typed_sum");
+    let up = route(&mut config, "upper");
+    track(&mut broker, &sum);
+    track(&mut broker, &up);
+    let running = Running::start(config, &["typed_sum", "upper"]).await;
+    assert_eq!(running.health.snapshot().handlers.len(), 2);
+
+    broker
+        .publish_many(
+            &exchange,
+            &sum.queue,
+            &[
+                json!({"id": 1, "numbers": [1, 2, 3]}),
+                json!({"id": 2, "numbers": [10, -4]}),
+            ],
+        )
+        .await;
+    broker
+        .publish_many(&exchange, &up.queue, &[json!("hello"), json!("")])
+        .await;
+
+    let mut sums = broker
+        .collect(&sum.reply_queue, 2, Duration::from_secs(20))
+        .await;
+    sums.sort_by_key(|r| r.json.as_ref().unwrap()["id"].as_u64());
+    assert_eq!(sums.len(), 2);
+    assert_eq!(sums[0].json, Some(json!({"id": 1, "total": 6})));
+    assert_eq!(
+        sums[0].message_id.as_deref(),
+        Some("sum-1"),
+        "custom uuid fn is the message id"
+    );
+    assert_eq!(sums[1].json, Some(json!({"id": 2, "total": 6})));
+
+    let uppers = broker
+        .collect(&up.reply_queue, 2, Duration::from_secs(5))
+        .await;
+    assert_eq!(uppers.len(), 1, "None publishes nothing");
+    assert_eq!(uppers[0].json, Some(json!("HELLO")));
+    eventually("both upper tasks acked", Duration::from_secs(10), || {
+        running
+            .health
+            .snapshot()
+            .handlers
+            .iter()
+            .map(|h| h.succeeded)
+            .sum::<u64>()
+            == 4
+    })
+    .await;
+    running.stop().await.unwrap();
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unparseable_bodies_are_dead_lettered_and_neighbours_unaffected() {
+    let mut broker = Broker::connect().await;
+    let exchange = unique("ex");
+    broker.track_exchange(&exchange);
+    let mut config = test_config(&exchange);
+    let sum = route(&mut config, "typed_sum");
+    track(&mut broker, &sum);
+    let running = Running::start(config, &["typed_sum"]).await;
+
+    let plain = lapin::BasicProperties::default();
+    broker
+        .publish_json(&exchange, &sum.queue, &json!({"id": 1, "numbers": [1]}))
+        .await;
+    broker
+        .publish_raw(&exchange, &sum.queue, b"\xff\xfe not utf-8", plain.clone())
+        .await;
+    broker
+        .publish_raw(&exchange, &sum.queue, b"{not json", plain.clone())
+        .await;
+    broker
+        .publish_raw(&exchange, &sum.queue, b"", plain.clone())
+        .await;
+    broker
+        .publish_json(&exchange, &sum.queue, &json!({"id": "wrong shape"}))
+        .await;
+    broker
+        .publish_json(&exchange, &sum.queue, &json!({"id": 2, "numbers": [2]}))
+        .await;
+
+    let results = broker
+        .collect(&sum.reply_queue, 2, Duration::from_secs(20))
+        .await;
+    let ids: BTreeSet<u64> = results
+        .iter()
+        .map(|r| r.json.as_ref().unwrap()["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, BTreeSet::from([1, 2]), "good neighbours are processed");
+
+    let dead = broker.collect(&sum.dlq, 4, Duration::from_secs(20)).await;
+    assert_eq!(dead.len(), 4, "every bad body is in the DLQ");
+    let kinds: BTreeSet<&str> = dead
+        .iter()
+        .map(|d| d.headers["x-error-kind"].as_str())
+        .collect();
+    assert_eq!(
+        kinds,
+        BTreeSet::from(["invalid_utf8", "invalid_json", "invalid_shape"])
+    );
+    for message in &dead {
+        assert!(
+            message.headers["x-death-reason"].contains("not retryable"),
+            "{message:?}"
+        );
+        assert_eq!(message.headers["x-original-queue"], sum.queue);
+    }
+    assert!(
+        dead.iter().any(|d| d.body == b"\xff\xfe not utf-8"),
+        "body kept byte for byte"
+    );
+    eventually("all settled", Duration::from_secs(10), || {
+        let h = &running.health.snapshot().handlers[0];
+        h.succeeded == 2 && h.dead_lettered == 4
+    })
+    .await;
+    running.stop().await.unwrap();
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unroutable_result_does_not_ack_the_input_as_success() {
+    let mut broker = Broker::connect().await;
+    let exchange = unique("ex");
+    broker.track_exchange(&exchange);
+    let mut config = test_config(&exchange);
+    config.max_retry_count = 2;
+    let names = route(&mut config, "echo");
+    track(&mut broker, &names);
+    // No reply queue: nothing is bound to the reply key, so every result is unroutable.
+    let section = config.consumers.get_mut("echo").unwrap();
+    section.reply_queue = None;
+    let running = Running::start(config, &["echo"]).await;
+
+    broker
+        .publish_json(&exchange, &names.queue, &json!({"task": "x"}))
+        .await;
+    let dead = broker.collect(&names.dlq, 1, Duration::from_secs(30)).await;
+    assert_eq!(
+        dead.len(),
+        1,
+        "the input ends in the DLQ after its retries, never silently acked"
+    );
+    assert_eq!(dead[0].headers["x-error-kind"], "result_unroutable");
+    assert_eq!(dead[0].headers["x-retry-count"], "2");
+    let h = running.health.snapshot().handlers[0].clone();
+    assert_eq!(h.succeeded, 0, "never counted as success");
+    assert_eq!(h.results_returned, 3, "one return per attempt");
+    running.stop().await.unwrap();
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_hit_skips_the_handler() {
+    let mut broker = Broker::connect().await;
+    let exchange = unique("ex");
+    broker.track_exchange(&exchange);
+    let mut config = test_config(&exchange);
+    config.enable_result_cache = true;
+    config.result_cache_size = 16;
+    let names = route(&mut config, "cached");
+    track(&mut broker, &names);
+    let running = Running::start(config, &["cached"]).await;
+
+    let task = json!({"task_id": "same", "n": 1});
+    broker
+        .publish_many(
+            &exchange,
+            &names.queue,
+            &[task.clone(), task.clone(), task, json!({"other": 2})],
+        )
+        .await;
+    let results = broker
+        .collect(&names.reply_queue, 4, Duration::from_secs(20))
+        .await;
+    assert_eq!(
+        results.len(),
+        4,
+        "a cached result is still published for each delivery"
+    );
+    assert_eq!(
+        CACHED_RUNS.load(Ordering::SeqCst),
+        2,
+        "the handler ran once per distinct task uuid"
+    );
+    let h = running.health.snapshot().handlers[0].clone();
+    assert_eq!(h.cache_hits, 2);
+    assert_eq!(h.handler_runs, 2);
+    running.stop().await.unwrap();
+    broker.cleanup().await;
+}
