@@ -1,1 +1,2307 @@
-//! Configuration. PLACEHOLDER: being written by the config helper (see its brief).
+//! Configuration: a TOML file, overridden by `RMQ_CONSUMER_*` environment variables.
+//!
+//! [`Config::load`] reads the file named by `$RMQ_CONSUMER_CONFIG` (or `./rmq-consumer.toml`
+//! when it exists), applies the environment, and validates everything at once: an invalid
+//! configuration is one [`ConfigError::Invalid`] listing every bad, unknown or conflicting
+//! key, so an operator fixes them in one round.
+//!
+//! ```toml
+//! url = ["amqp://app:secret@rabbit-1:5672/%2f", "amqp://app:secret@rabbit-2:5672/%2f"]
+//! exchange = "media"
+//! prefetch_count = 8
+//! message_timeout = "5m"
+//! retry_delays = ["1s", "10s", "60s"]
+//! log_level = "info,my_app=debug"
+//! log_dir = "logs"
+//!
+//! [consumers.resize_image]
+//! queue = "media.resize"
+//! reply_key = "media.resized"
+//! timeout = "30s"
+//! ```
+//!
+//! - Durations are an integer or float number of seconds (`30`, `0.5`) or a
+//!   [humantime](https://docs.rs/humantime) string (`"500ms"`, `"2m"`, `"1h 30m"`).
+//! - Log settings are flat keys (`log_level`, `log_format`, `log_dir`, `log_file_prefix`) or a
+//!   `[log]` table (`level`, `format`, `dir`, `file_prefix`).
+//! - The Python template's key names are accepted as aliases: `conn_iddress` (`url`),
+//!   `exchange_iddress` (`exchange`), `b2m_queue_iddress` (`queue`), `m2b_queue_iddress`
+//!   (`reply_queue`), `m2b_routing_key` (`reply_key`). Giving a key under both names is an
+//!   error.
+//! - Every key can be set from the environment as `RMQ_CONSUMER_<KEY>` (upper case), and a
+//!   handler's section as `RMQ_CONSUMER_CONSUMERS__<HANDLER>__<KEY>`. Values are parsed as the
+//!   key's type; lists (`url`, `retry_delays`) are comma-separated; booleans are
+//!   `true`/`false`/`1`/`0`. `<HANDLER>` is lower-cased to name the section. Unknown
+//!   `RMQ_CONSUMER_*` variables are errors, like unknown keys.
+//!
+//! Connection URLs are held as [`SecretUrl`], whose `Debug` and `Display` mask the password;
+//! no `Debug` or `Display` of this module's types (errors included) prints a password.
+//!
+//! ```
+//! use rmq_consumer::config::Config;
+//!
+//! let config = Config::from_toml_str(
+//!     r#"
+//!     conn_iddress = "amqp://app:s3cret@rabbit:5672/%2f"
+//!     prefetch_count = 8
+//!     "#,
+//! )?;
+//! assert_eq!(config.prefetch_count, 8);
+//! assert_eq!(config.urls[0].to_string(), "amqp://app:****@rabbit:5672/%2f");
+//! # Ok::<(), rmq_consumer::config::ConfigError>(())
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+/// The environment variable naming the configuration file.
+pub const CONFIG_PATH_ENV: &str = "RMQ_CONSUMER_CONFIG";
+/// The configuration file read when [`CONFIG_PATH_ENV`] is not set, if it exists.
+pub const DEFAULT_CONFIG_FILE: &str = "rmq-consumer.toml";
+/// The prefix of environment variables overriding configuration keys.
+pub const ENV_PREFIX: &str = "RMQ_CONSUMER_";
+
+/// Default broker URL (`url`).
+pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// Default exchange (`exchange`).
+pub const DEFAULT_EXCHANGE: &str = "rmq-consumer";
+/// Default `prefetch_count`.
+pub const DEFAULT_PREFETCH_COUNT: u16 = 4;
+/// Default `retry_connect_interval`.
+pub const DEFAULT_RETRY_CONNECT_INTERVAL: Duration = Duration::from_secs(30);
+/// Default `heartbeat_interval`, in seconds.
+pub const DEFAULT_HEARTBEAT_INTERVAL: u16 = 30;
+/// Default `message_timeout`.
+pub const DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default `max_retry_count`.
+pub const DEFAULT_MAX_RETRY_COUNT: u32 = 3;
+/// Default `queue_stuck_threshold`.
+pub const DEFAULT_QUEUE_STUCK_THRESHOLD: Duration = Duration::from_secs(90);
+/// Default `max_consecutive_failures`.
+pub const DEFAULT_MAX_CONSECUTIVE_FAILURES: u32 = 3;
+/// Default `result_cache_size`.
+pub const DEFAULT_RESULT_CACHE_SIZE: usize = 1000;
+/// Default `shutdown_timeout`.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default `confirm_timeout`.
+pub const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default `max_body_size`, in bytes (16 MiB).
+pub const DEFAULT_MAX_BODY_SIZE: usize = 16 * 1024 * 1024;
+/// Default `log_level`.
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+/// Default `log_file_prefix`.
+pub const DEFAULT_LOG_FILE_PREFIX: &str = "rmq-consumer";
+
+/// The whole runtime configuration. See the [module docs](self) for the file format.
+///
+/// `Debug` is safe to log: URLs print with their password masked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Broker URLs (`url`, alias `conn_iddress`): one string or an array, tried in turn.
+    /// Default [`DEFAULT_URL`].
+    pub urls: Vec<SecretUrl>,
+    /// The direct exchange results are published to (`exchange`, alias `exchange_iddress`).
+    /// Default [`DEFAULT_EXCHANGE`].
+    pub exchange: String,
+    /// Messages prefetched per channel, 1 to 65535. Default [`DEFAULT_PREFETCH_COUNT`].
+    pub prefetch_count: u16,
+    /// Handler invocations in flight at once; `None` (the default) means `prefetch_count`.
+    pub concurrency: Option<u16>,
+    /// The first delay between connection attempts. Default
+    /// [`DEFAULT_RETRY_CONNECT_INTERVAL`].
+    pub retry_connect_interval: Duration,
+    /// The cap of the exponential reconnect backoff; defaults to `retry_connect_interval`,
+    /// i.e. a fixed interval as in the Python template. Never below `retry_connect_interval`.
+    pub retry_connect_max: Duration,
+    /// AMQP heartbeat in seconds (0 disables it). Default [`DEFAULT_HEARTBEAT_INTERVAL`].
+    pub heartbeat_interval: u16,
+    /// Time allowed for one handler invocation. Default [`DEFAULT_MESSAGE_TIMEOUT`].
+    pub message_timeout: Duration,
+    /// Retries of a failed message before it is dead-lettered. Default
+    /// [`DEFAULT_MAX_RETRY_COUNT`].
+    pub max_retry_count: u32,
+    /// Delay before each retry (the last one repeats), each at least 1 ms; empty (the
+    /// default) retries at once.
+    pub retry_delays: Vec<Duration>,
+    /// Time with messages waiting but none processed before the queue counts as stuck.
+    /// Default [`DEFAULT_QUEUE_STUCK_THRESHOLD`].
+    pub queue_stuck_threshold: Duration,
+    /// Consecutive stuck-queue checks before the watchdog acts (re-subscribes, then
+    /// reconnects). Default [`DEFAULT_MAX_CONSECUTIVE_FAILURES`].
+    pub max_consecutive_failures: u32,
+    /// Whether results are cached by task uuid. Default `false`.
+    pub enable_result_cache: bool,
+    /// Result cache capacity, at least 1. Default [`DEFAULT_RESULT_CACHE_SIZE`].
+    pub result_cache_size: usize,
+    /// The type of declared queues. Default [`QueueType::Classic`].
+    pub queue_type: QueueType,
+    /// Whether the reply queue is bound to the exchange with the reply key. Default `true`.
+    pub bind_reply_queue: bool,
+    /// Whether exhausted or unrecoverable messages go to a dead-letter queue. Default `true`.
+    pub dead_letter: bool,
+    /// Time allowed for in-flight handlers to finish on shutdown. Default
+    /// [`DEFAULT_SHUTDOWN_TIMEOUT`].
+    pub shutdown_timeout: Duration,
+    /// Time to wait for a publisher confirm. Default [`DEFAULT_CONFIRM_TIMEOUT`].
+    pub confirm_timeout: Duration,
+    /// Largest accepted message body in bytes. Default [`DEFAULT_MAX_BODY_SIZE`].
+    pub max_body_size: usize,
+    /// Logging.
+    pub log: LogConfig,
+    /// Address of the health/metrics HTTP endpoint; `None` (the default) serves none.
+    pub http_addr: Option<SocketAddr>,
+    /// Base URL of the RabbitMQ management API; `None` (the default) lets the CLI derive it.
+    pub management_url: Option<SecretUrl>,
+    /// The queue of the only handler (`queue`, alias `b2m_queue_iddress`).
+    pub queue: Option<String>,
+    /// The reply queue of the only handler (`reply_queue`, alias `m2b_queue_iddress`).
+    pub reply_queue: Option<String>,
+    /// The reply routing key of the only handler (`reply_key`, alias `m2b_routing_key`).
+    pub reply_key: Option<String>,
+    /// Per-handler settings, `[consumers.<handler name>]`.
+    pub consumers: BTreeMap<String, ConsumerConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            urls: vec![SecretUrl::new(DEFAULT_URL)],
+            exchange: DEFAULT_EXCHANGE.to_owned(),
+            prefetch_count: DEFAULT_PREFETCH_COUNT,
+            concurrency: None,
+            retry_connect_interval: DEFAULT_RETRY_CONNECT_INTERVAL,
+            retry_connect_max: DEFAULT_RETRY_CONNECT_INTERVAL,
+            heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
+            message_timeout: DEFAULT_MESSAGE_TIMEOUT,
+            max_retry_count: DEFAULT_MAX_RETRY_COUNT,
+            retry_delays: Vec::new(),
+            queue_stuck_threshold: DEFAULT_QUEUE_STUCK_THRESHOLD,
+            max_consecutive_failures: DEFAULT_MAX_CONSECUTIVE_FAILURES,
+            enable_result_cache: false,
+            result_cache_size: DEFAULT_RESULT_CACHE_SIZE,
+            queue_type: QueueType::Classic,
+            bind_reply_queue: true,
+            dead_letter: true,
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            confirm_timeout: DEFAULT_CONFIRM_TIMEOUT,
+            max_body_size: DEFAULT_MAX_BODY_SIZE,
+            log: LogConfig::default(),
+            http_addr: None,
+            management_url: None,
+            queue: None,
+            reply_queue: None,
+            reply_key: None,
+            consumers: BTreeMap::new(),
+        }
+    }
+}
+
+/// Settings of one handler, `[consumers.<handler name>]`; `None` falls back to the
+/// handler's attribute, then to the top-level setting.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConsumerConfig {
+    /// The queue consumed.
+    pub queue: Option<String>,
+    /// The routing key results are published with.
+    pub reply_key: Option<String>,
+    /// The queue results are routed to.
+    pub reply_queue: Option<String>,
+    /// Prefetch for this handler's channel, 1 to 65535.
+    pub prefetch: Option<u16>,
+    /// Invocations in flight at once, at least 1.
+    pub concurrency: Option<u16>,
+    /// Time allowed for one invocation.
+    pub timeout: Option<Duration>,
+    /// Retries before dead-lettering.
+    pub max_retries: Option<u32>,
+    /// Delays before each retry.
+    pub retry_delays: Option<Vec<Duration>>,
+    /// The type of this handler's queues.
+    pub queue_type: Option<QueueType>,
+    /// Whether the reply queue is bound to the exchange.
+    pub bind_reply_queue: Option<bool>,
+    /// Whether failed messages go to a dead-letter queue.
+    pub dead_letter: Option<bool>,
+    /// The dead-letter queue's name.
+    pub dead_letter_queue: Option<String>,
+    /// Whether the handler runs at all.
+    pub enabled: Option<bool>,
+}
+
+/// The type of declared queues.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum QueueType {
+    /// A classic queue.
+    #[default]
+    Classic,
+    /// A replicated quorum queue.
+    Quorum,
+}
+
+impl QueueType {
+    /// The name used in configuration and as the `x-queue-type` argument.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Classic => "classic",
+            Self::Quorum => "quorum",
+        }
+    }
+}
+
+impl fmt::Display for QueueType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for QueueType {
+    type Err = ParseVariantError;
+
+    /// Accepts `classic` or `quorum`, case-insensitively.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "classic" => Ok(Self::Classic),
+            "quorum" => Ok(Self::Quorum),
+            _ => Err(ParseVariantError::new("`classic` or `quorum`", s)),
+        }
+    }
+}
+
+/// The output format of log lines.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+impl LogFormat {
+    /// The name used in configuration.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Human => "human",
+            Self::Json => "json",
+        }
+    }
+}
+
+impl fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for LogFormat {
+    type Err = ParseVariantError;
+
+    /// Accepts `human` or `json`, case-insensitively.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "human" => Ok(Self::Human),
+            "json" => Ok(Self::Json),
+            _ => Err(ParseVariantError::new("`human` or `json`", s)),
+        }
+    }
+}
+
+/// A string that names none of an enum's variants.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("expected {expected}, got `{got}`")]
+pub struct ParseVariantError {
+    expected: &'static str,
+    got: String,
+}
+
+impl ParseVariantError {
+    fn new(expected: &'static str, got: &str) -> Self {
+        Self {
+            expected,
+            got: shown(got),
+        }
+    }
+}
+
+/// Logging settings: flat `log_*` keys or a `[log]` table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogConfig {
+    /// An `EnvFilter` directive string such as `"info"` or `"info,lapin=warn"`; `RUST_LOG`
+    /// overrides it. Default [`DEFAULT_LOG_LEVEL`].
+    pub level: String,
+    /// Line format, console and files alike. Default [`LogFormat::Human`].
+    pub format: LogFormat,
+    /// Directory of daily-rotated log files; `None` (the default) logs to stderr only.
+    pub dir: Option<PathBuf>,
+    /// File name prefix: `<prefix>.log` and `<prefix>.error.log`. Default
+    /// [`DEFAULT_LOG_FILE_PREFIX`].
+    pub file_prefix: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: DEFAULT_LOG_LEVEL.to_owned(),
+            format: LogFormat::Human,
+            dir: None,
+            file_prefix: DEFAULT_LOG_FILE_PREFIX.to_owned(),
+        }
+    }
+}
+
+/// A URL that may carry a password. `Debug` and `Display` print it masked
+/// (`amqp://guest:****@127.0.0.1:5672/%2f`); [`expose`](Self::expose) gives the real text.
+///
+/// The userinfo is the text between `://` and the *last* `@`, so a password containing
+/// unencoded `@`, `:`, `/`, `#` or `?` is still masked whole; the password is what follows the
+/// first `:` of the userinfo. A URL without `@` has nothing to mask.
+///
+/// ```
+/// use rmq_consumer::config::SecretUrl;
+///
+/// let url = SecretUrl::new("amqps://app:p@ss:w/rd@rabbit:5671/prod");
+/// assert_eq!(url.to_string(), "amqps://app:****@rabbit:5671/prod");
+/// assert_eq!(url.expose(), "amqps://app:p@ss:w/rd@rabbit:5671/prod");
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    /// Wraps a URL.
+    #[must_use]
+    pub fn new(raw: impl Into<String>) -> Self {
+        Self(raw.into())
+    }
+
+    /// The URL as given, password included: only for connecting, never for printing.
+    #[must_use]
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with the password replaced by `****`.
+    #[must_use]
+    pub fn masked(&self) -> String {
+        mask_url(&self.0)
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("SecretUrl").field(&self.masked()).finish()
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.masked())
+    }
+}
+
+impl FromStr for SecretUrl {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self::new(s))
+    }
+}
+
+impl From<String> for SecretUrl {
+    fn from(raw: String) -> Self {
+        Self(raw)
+    }
+}
+
+impl From<&str> for SecretUrl {
+    fn from(raw: &str) -> Self {
+        Self(raw.to_owned())
+    }
+}
+
+fn mask_url(raw: &str) -> String {
+    let start = raw.find("://").map_or(0, |i| i + 3);
+    let Some(at) = raw.rfind('@').filter(|&at| at >= start) else {
+        return raw.to_owned();
+    };
+    let userinfo = &raw[start..at];
+    match userinfo.find(':') {
+        Some(colon) => format!("{}****{}", &raw[..start + colon + 1], &raw[at..]),
+        None => raw.to_owned(),
+    }
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The configuration file could not be read.
+    #[error("cannot read config file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Some keys are bad, unknown or conflicting; every problem is listed.
+    #[error("{}", describe_problems(problems))]
+    Invalid {
+        /// Every problem found, in a stable order.
+        problems: Vec<ConfigProblem>,
+    },
+}
+
+fn describe_problems(problems: &[ConfigProblem]) -> String {
+    let list: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    format!(
+        "invalid configuration ({} problem{}): {}",
+        problems.len(),
+        if problems.len() == 1 { "" } else { "s" },
+        list.join("; ")
+    )
+}
+
+/// One bad, unknown or conflicting configuration key. `Display`: `` `key`: message ``.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// The key as written: `prefetch_count`, `consumers.resize.timeout`, `log.level`, or an
+    /// environment variable such as `RMQ_CONSUMER_PREFETCH_COUNT`.
+    pub key: String,
+    /// What is wrong, in lower case; never contains a password.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "`{}`: {}", self.key, self.message)
+    }
+}
+
+impl Config {
+    /// Loads the configuration the way the runtime does.
+    ///
+    /// Reads the file named by `$RMQ_CONSUMER_CONFIG`, or `./rmq-consumer.toml` if that
+    /// variable is unset and the file exists (no file at all means defaults), applies the
+    /// `RMQ_CONSUMER_*` environment variables over it, then validates.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Read`] if `$RMQ_CONSUMER_CONFIG` names a file that cannot be read (a
+    /// missing file included) or `./rmq-consumer.toml` exists but cannot be read;
+    /// [`ConfigError::Invalid`] listing every problem of the file and the environment.
+    pub fn load() -> Result<Config, ConfigError> {
+        let explicit = std::env::var_os(CONFIG_PATH_ENV).map(PathBuf::from);
+        let path = match explicit {
+            Some(path) => Some(path),
+            None => {
+                let default = PathBuf::from(DEFAULT_CONFIG_FILE);
+                default.exists().then_some(default)
+            }
+        };
+        let text = match &path {
+            Some(path) => {
+                Some(
+                    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                        path: path.clone(),
+                        source,
+                    })?,
+                )
+            }
+            None => None,
+        };
+        let mut env = Vec::new();
+        let mut problems = Vec::new();
+        for (name, value) in std::env::vars_os() {
+            let Some(name) = name.to_str().map(str::to_owned) else {
+                continue;
+            };
+            if !name.starts_with(ENV_PREFIX) {
+                continue;
+            }
+            match value.into_string() {
+                Ok(value) => env.push((name, value)),
+                Err(_) => problems.push(ConfigProblem {
+                    key: name,
+                    message: "value is not valid UTF-8".to_owned(),
+                }),
+            }
+        }
+        let origin = path.as_deref().map(Path::display).map(|p| p.to_string());
+        build(
+            text.as_deref()
+                .map(|text| (text, origin.as_deref().unwrap_or("toml"))),
+            env,
+            problems,
+        )
+    }
+
+    /// Parses a TOML document, without looking at the environment.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Invalid`] listing every problem, TOML syntax errors included.
+    pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
+        build(Some((text, "toml")), Vec::new(), Vec::new())
+    }
+
+    /// Builds a configuration from an optional TOML document and environment variables (full
+    /// names such as `("RMQ_CONSUMER_URL", "amqp://...")`), the variables winning over the
+    /// document. Variables not starting with `RMQ_CONSUMER_`, and `RMQ_CONSUMER_CONFIG`, are
+    /// ignored.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Invalid`] listing every problem of the document and the variables.
+    pub fn from_sources(
+        toml: Option<&str>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        build(toml.map(|text| (text, "toml")), env, Vec::new())
+    }
+
+    /// The `[consumers.<name>]` section of handler `name`, or an empty one.
+    #[must_use]
+    pub fn consumer(&self, name: &str) -> ConsumerConfig {
+        self.consumers.get(name).cloned().unwrap_or_default()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading.
+
+/// Every top-level setting: its name, then its other spellings (aliases, `[log]` keys).
+const URL: &[&str] = &["url", "conn_iddress"];
+const EXCHANGE: &[&str] = &["exchange", "exchange_iddress"];
+const QUEUE: &[&str] = &["queue", "b2m_queue_iddress"];
+const REPLY_QUEUE: &[&str] = &["reply_queue", "m2b_queue_iddress"];
+const REPLY_KEY: &[&str] = &["reply_key", "m2b_routing_key"];
+const LOG_LEVEL: &[&str] = &["log_level", "log.level"];
+const LOG_FORMAT: &[&str] = &["log_format", "log.format"];
+const LOG_DIR: &[&str] = &["log_dir", "log.dir"];
+const LOG_FILE_PREFIX: &[&str] = &["log_file_prefix", "log.file_prefix"];
+
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "url",
+    "conn_iddress",
+    "exchange",
+    "exchange_iddress",
+    "prefetch_count",
+    "concurrency",
+    "retry_connect_interval",
+    "retry_connect_max",
+    "heartbeat_interval",
+    "message_timeout",
+    "max_retry_count",
+    "retry_delays",
+    "queue_stuck_threshold",
+    "max_consecutive_failures",
+    "enable_result_cache",
+    "result_cache_size",
+    "queue_type",
+    "bind_reply_queue",
+    "dead_letter",
+    "shutdown_timeout",
+    "confirm_timeout",
+    "max_body_size",
+    "log_level",
+    "log_format",
+    "log_dir",
+    "log_file_prefix",
+    "http_addr",
+    "management_url",
+    "queue",
+    "b2m_queue_iddress",
+    "reply_queue",
+    "m2b_queue_iddress",
+    "reply_key",
+    "m2b_routing_key",
+    "log",
+    "consumers",
+];
+
+const LOG_TABLE_KEYS: &[&str] = &["level", "format", "dir", "file_prefix"];
+
+const CONSUMER_KEYS: &[&str] = &[
+    "queue",
+    "reply_key",
+    "reply_queue",
+    "prefetch",
+    "concurrency",
+    "timeout",
+    "max_retries",
+    "retry_delays",
+    "queue_type",
+    "bind_reply_queue",
+    "dead_letter",
+    "dead_letter_queue",
+    "enabled",
+];
+
+const CONSUMERS_ENV: &str = "CONSUMERS__";
+
+fn build(
+    toml: Option<(&str, &str)>,
+    env: impl IntoIterator<Item = (String, String)>,
+    mut problems: Vec<ConfigProblem>,
+) -> Result<Config, ConfigError> {
+    let table = match toml {
+        Some((text, origin)) => match text.parse::<toml::Table>() {
+            Ok(table) => table,
+            Err(error) => {
+                problems.push(syntax_problem(text, origin, &error));
+                toml::Table::new()
+            }
+        },
+        None => toml::Table::new(),
+    };
+
+    // Split the environment into top-level keys and per-consumer keys.
+    let mut top_env = BTreeMap::new();
+    let mut consumer_env: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    for (name, value) in env {
+        let Some(suffix) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        if name == CONFIG_PATH_ENV {
+            continue;
+        }
+        if let Some(rest) = suffix.strip_prefix(CONSUMERS_ENV) {
+            match rest.split_once("__") {
+                Some((handler, key)) if !handler.is_empty() && !key.is_empty() => {
+                    consumer_env
+                        .entry(handler.to_ascii_lowercase())
+                        .or_default()
+                        .insert(key.to_ascii_uppercase(), value);
+                }
+                _ => problems.push(ConfigProblem {
+                    key: name.clone(),
+                    message: format!(
+                        "expected {ENV_PREFIX}{CONSUMERS_ENV}<HANDLER>__<KEY>, e.g. \
+                         {ENV_PREFIX}{CONSUMERS_ENV}MY_HANDLER__QUEUE"
+                    ),
+                }),
+            }
+        } else {
+            top_env.insert(suffix.to_owned(), value);
+        }
+    }
+
+    let mut scope = Scope {
+        toml_prefix: String::new(),
+        env_prefix: ENV_PREFIX.to_owned(),
+        table,
+        env: top_env,
+        problems,
+    };
+    let config = scope.config(consumer_env);
+    scope.report_unknown(TOP_LEVEL_KEYS);
+    if scope.problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigError::Invalid {
+            problems: scope.problems,
+        })
+    }
+}
+
+fn syntax_problem(text: &str, origin: &str, error: &toml::de::Error) -> ConfigProblem {
+    let location = error.span().map(|span| {
+        let before = text.get(..span.start).unwrap_or(text);
+        let line = before.matches('\n').count() + 1;
+        let column = before
+            .rsplit('\n')
+            .next()
+            .map_or(0, |line| line.chars().count())
+            + 1;
+        format!(" at line {line}, column {column}")
+    });
+    // Only the parser's message, never the source excerpt `Display` adds: the offending
+    // line may hold a password.
+    let message = error.message().trim().replace('\n', ", ");
+    ConfigProblem {
+        key: origin.to_owned(),
+        message: format!(
+            "TOML syntax error{}: {message}",
+            location.unwrap_or_default()
+        ),
+    }
+}
+
+/// A raw value before conversion to its key's type.
+enum Raw {
+    Toml(toml::Value),
+    Env(String),
+}
+
+/// One table of settings (the top level or a `[consumers.x]` section) and its environment
+/// variables. Keys are removed as they are read, so what remains is unknown.
+struct Scope {
+    /// Prefix of TOML keys in messages: "" or "consumers.<name>.".
+    toml_prefix: String,
+    /// Prefix of environment variable names: "RMQ_CONSUMER_" or
+    /// "RMQ_CONSUMER_CONSUMERS__<NAME>__".
+    env_prefix: String,
+    table: toml::Table,
+    /// Upper-cased key → value.
+    env: BTreeMap<String, String>,
+    problems: Vec<ConfigProblem>,
+}
+
+impl Scope {
+    fn problem(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(ConfigProblem {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn config(&mut self, consumer_env: BTreeMap<String, BTreeMap<String, String>>) -> Config {
+        let defaults = Config::default();
+        let urls = match self.get_keyed::<Vec<SecretUrl>>(URL) {
+            Some((key, urls)) => {
+                if urls.is_empty() {
+                    self.problem(key.clone(), "must list at least one URL");
+                }
+                for url in &urls {
+                    if let Some(message) = amqp_url_problem(url) {
+                        self.problem(key.clone(), message);
+                    }
+                }
+                urls
+            }
+            None => defaults.urls,
+        };
+        let exchange = self.name(EXCHANGE).unwrap_or(defaults.exchange);
+        let prefetch_count = self
+            .int(&["prefetch_count"], 1, u16::MAX)
+            .unwrap_or(defaults.prefetch_count);
+        let concurrency = self.int(&["concurrency"], 1, u16::MAX);
+        let retry_connect_interval = self
+            .positive_duration(&["retry_connect_interval"])
+            .unwrap_or(defaults.retry_connect_interval);
+        let retry_connect_max = match self.get_keyed::<Duration>(&["retry_connect_max"]) {
+            Some((key, max)) if max < retry_connect_interval => {
+                self.problem(
+                    key,
+                    format!(
+                        "must be at least retry_connect_interval ({}), got {}",
+                        humantime::format_duration(retry_connect_interval),
+                        humantime::format_duration(max)
+                    ),
+                );
+                retry_connect_interval
+            }
+            Some((_, max)) => max,
+            None => retry_connect_interval,
+        };
+        let heartbeat_interval = self
+            .int(&["heartbeat_interval"], 0, u16::MAX)
+            .unwrap_or(defaults.heartbeat_interval);
+        let message_timeout = self
+            .positive_duration(&["message_timeout"])
+            .unwrap_or(defaults.message_timeout);
+        let max_retry_count = self
+            .int(&["max_retry_count"], 0, u32::MAX)
+            .unwrap_or(defaults.max_retry_count);
+        let retry_delays = self
+            .retry_delays(&["retry_delays"])
+            .unwrap_or(defaults.retry_delays);
+        let queue_stuck_threshold = self
+            .positive_duration(&["queue_stuck_threshold"])
+            .unwrap_or(defaults.queue_stuck_threshold);
+        let max_consecutive_failures = self
+            .int(&["max_consecutive_failures"], 1, u32::MAX)
+            .unwrap_or(defaults.max_consecutive_failures);
+        let enable_result_cache = self
+            .get(&["enable_result_cache"])
+            .unwrap_or(defaults.enable_result_cache);
+        let result_cache_size = self
+            .size(&["result_cache_size"])
+            .unwrap_or(defaults.result_cache_size);
+        let queue_type = self.get(&["queue_type"]).unwrap_or(defaults.queue_type);
+        let bind_reply_queue = self
+            .get(&["bind_reply_queue"])
+            .unwrap_or(defaults.bind_reply_queue);
+        let dead_letter = self.get(&["dead_letter"]).unwrap_or(defaults.dead_letter);
+        let shutdown_timeout = self
+            .get(&["shutdown_timeout"])
+            .unwrap_or(defaults.shutdown_timeout);
+        let confirm_timeout = self
+            .positive_duration(&["confirm_timeout"])
+            .unwrap_or(defaults.confirm_timeout);
+        let max_body_size = self
+            .size(&["max_body_size"])
+            .unwrap_or(defaults.max_body_size);
+        let log = self.log_config();
+        let http_addr = self.get(&["http_addr"]);
+        let management_url = match self.get_keyed::<SecretUrl>(&["management_url"]) {
+            Some((key, url)) => {
+                if let Some(message) = http_url_problem(&url) {
+                    self.problem(key, message);
+                }
+                Some(url)
+            }
+            None => None,
+        };
+        let queue = self.name(QUEUE);
+        let reply_queue = self.name(REPLY_QUEUE);
+        let reply_key = self.get(REPLY_KEY);
+        let consumers = self.consumers(consumer_env);
+
+        Config {
+            urls,
+            exchange,
+            prefetch_count,
+            concurrency,
+            retry_connect_interval,
+            retry_connect_max,
+            heartbeat_interval,
+            message_timeout,
+            max_retry_count,
+            retry_delays,
+            queue_stuck_threshold,
+            max_consecutive_failures,
+            enable_result_cache,
+            result_cache_size,
+            queue_type,
+            bind_reply_queue,
+            dead_letter,
+            shutdown_timeout,
+            confirm_timeout,
+            max_body_size,
+            log,
+            http_addr,
+            management_url,
+            queue,
+            reply_queue,
+            reply_key,
+            consumers,
+        }
+    }
+
+    fn log_config(&mut self) -> LogConfig {
+        let defaults = LogConfig::default();
+        let level = match self.get_keyed::<String>(LOG_LEVEL) {
+            Some((key, level)) => {
+                if let Err(error) = tracing_subscriber::EnvFilter::try_new(&level) {
+                    self.problem(key, format!("invalid filter `{}` ({error})", shown(&level)));
+                }
+                level
+            }
+            None => defaults.level,
+        };
+        let format = self.get(LOG_FORMAT).unwrap_or(defaults.format);
+        let dir = self.get::<PathBuf>(LOG_DIR);
+        let file_prefix = match self.get_keyed::<String>(LOG_FILE_PREFIX) {
+            Some((key, prefix)) => {
+                if prefix.is_empty() || prefix.contains(['/', '\\']) {
+                    self.problem(key, "must be a non-empty file name without `/` or `\\`");
+                }
+                prefix
+            }
+            None => defaults.file_prefix,
+        };
+        // Whatever is left in `[log]` is unknown.
+        match self.table.remove("log") {
+            Some(toml::Value::Table(rest)) => {
+                for key in rest.keys() {
+                    let message = unknown_message(key, LOG_TABLE_KEYS, "");
+                    self.problem(format!("{}log.{key}", self.toml_prefix), message);
+                }
+            }
+            Some(other) => self.problem(
+                "log",
+                format!("expected a table, got {}", toml_type(&other)),
+            ),
+            None => {}
+        }
+        LogConfig {
+            level,
+            format,
+            dir,
+            file_prefix,
+        }
+    }
+
+    fn consumers(
+        &mut self,
+        mut env: BTreeMap<String, BTreeMap<String, String>>,
+    ) -> BTreeMap<String, ConsumerConfig> {
+        let mut sections = toml::Table::new();
+        match self.table.remove("consumers") {
+            Some(toml::Value::Table(table)) => sections = table,
+            Some(other) => self.problem(
+                "consumers",
+                format!(
+                    "expected a table of [consumers.<handler>] sections, got {}",
+                    toml_type(&other)
+                ),
+            ),
+            None => {}
+        }
+        let mut names: Vec<String> = sections.keys().cloned().collect();
+        names.extend(env.keys().filter(|n| !sections.contains_key(*n)).cloned());
+
+        let mut consumers = BTreeMap::new();
+        for name in names {
+            let table = match sections.remove(&name) {
+                Some(toml::Value::Table(table)) => table,
+                Some(other) => {
+                    self.problem(
+                        format!("consumers.{name}"),
+                        format!("expected a table, got {}", toml_type(&other)),
+                    );
+                    toml::Table::new()
+                }
+                None => toml::Table::new(),
+            };
+            let mut scope = Scope {
+                toml_prefix: format!("consumers.{name}."),
+                env_prefix: format!("{ENV_PREFIX}{CONSUMERS_ENV}{}__", name.to_ascii_uppercase()),
+                table,
+                env: env.remove(&name).unwrap_or_default(),
+                problems: Vec::new(),
+            };
+            let consumer = scope.consumer();
+            scope.report_unknown(CONSUMER_KEYS);
+            self.problems.append(&mut scope.problems);
+            consumers.insert(name, consumer);
+        }
+        consumers
+    }
+
+    fn consumer(&mut self) -> ConsumerConfig {
+        ConsumerConfig {
+            queue: self.name(&["queue"]),
+            reply_key: self.get(&["reply_key"]),
+            reply_queue: self.name(&["reply_queue"]),
+            prefetch: self.int(&["prefetch"], 1, u16::MAX),
+            concurrency: self.int(&["concurrency"], 1, u16::MAX),
+            timeout: self.positive_duration(&["timeout"]),
+            max_retries: self.int(&["max_retries"], 0, u32::MAX),
+            retry_delays: self.retry_delays(&["retry_delays"]),
+            queue_type: self.get(&["queue_type"]),
+            bind_reply_queue: self.get(&["bind_reply_queue"]),
+            dead_letter: self.get(&["dead_letter"]),
+            dead_letter_queue: self.name(&["dead_letter_queue"]),
+            enabled: self.get(&["enabled"]),
+        }
+    }
+
+    fn report_unknown(&mut self, known: &[&str]) {
+        let keys: Vec<String> = self.table.keys().cloned().collect();
+        for key in keys {
+            let message = unknown_message(&key, known, "");
+            self.problem(format!("{}{key}", self.toml_prefix), message);
+        }
+        let known_env: Vec<String> = known
+            .iter()
+            .filter(|k| !matches!(**k, "log" | "consumers"))
+            .map(|k| k.to_ascii_uppercase())
+            .collect();
+        let known_env: Vec<&str> = known_env.iter().map(String::as_str).collect();
+        let vars: Vec<String> = self.env.keys().cloned().collect();
+        for var in vars {
+            let message = unknown_message(&var, &known_env, &self.env_prefix);
+            self.problem(format!("{}{var}", self.env_prefix), message);
+        }
+        self.table.clear();
+        self.env.clear();
+    }
+
+    /// Removes every spelling of one setting and returns the effective one (the environment
+    /// wins over the file), reporting spellings given twice.
+    fn take(&mut self, names: &[&str]) -> Option<(String, Raw)> {
+        let mut from_toml: Option<(String, toml::Value)> = None;
+        for name in names {
+            let value = match name.split_once('.') {
+                Some((table, key)) => match self.table.get_mut(table) {
+                    Some(toml::Value::Table(table)) => table.remove(key),
+                    _ => None,
+                },
+                None => self.table.remove(*name),
+            };
+            if let Some(value) = value {
+                let key = format!("{}{name}", self.toml_prefix);
+                match &from_toml {
+                    Some((first, _)) => {
+                        let message = format!("`{first}` is also set; keep only one of them");
+                        self.problem(key, message);
+                    }
+                    None => from_toml = Some((key, value)),
+                }
+            }
+        }
+        let mut from_env: Option<(String, String)> = None;
+        for name in names.iter().filter(|name| !name.contains('.')) {
+            let upper = name.to_ascii_uppercase();
+            if let Some(value) = self.env.remove(&upper) {
+                let key = format!("{}{upper}", self.env_prefix);
+                match &from_env {
+                    Some((first, _)) => {
+                        let message = format!("`{first}` is also set; keep only one of them");
+                        self.problem(key, message);
+                    }
+                    None => from_env = Some((key, value)),
+                }
+            }
+        }
+        match (from_env, from_toml) {
+            (Some((key, value)), _) => Some((key, Raw::Env(value))),
+            (None, Some((key, value))) => Some((key, Raw::Toml(value))),
+            (None, None) => None,
+        }
+    }
+
+    fn get_keyed<T: FromConfigValue>(&mut self, names: &[&str]) -> Option<(String, T)> {
+        let (key, raw) = self.take(names)?;
+        let parsed = match &raw {
+            Raw::Toml(value) => T::from_toml(value),
+            Raw::Env(text) => T::from_env(text),
+        };
+        match parsed {
+            Ok(value) => Some((key, value)),
+            Err(message) => {
+                self.problem(key, message);
+                None
+            }
+        }
+    }
+
+    fn get<T: FromConfigValue>(&mut self, names: &[&str]) -> Option<T> {
+        self.get_keyed(names).map(|(_, value)| value)
+    }
+
+    /// A queue or exchange name: must not be empty.
+    fn name(&mut self, names: &[&str]) -> Option<String> {
+        let (key, name) = self.get_keyed::<String>(names)?;
+        if name.is_empty() {
+            self.problem(key, "must not be empty");
+            return None;
+        }
+        Some(name)
+    }
+
+    fn positive_duration(&mut self, names: &[&str]) -> Option<Duration> {
+        let (key, duration) = self.get_keyed::<Duration>(names)?;
+        if duration.is_zero() {
+            self.problem(key, "must be greater than zero");
+            return None;
+        }
+        Some(duration)
+    }
+
+    /// Retry delays: each becomes a queue's message TTL in milliseconds, so at least 1 ms.
+    fn retry_delays(&mut self, names: &[&str]) -> Option<Vec<Duration>> {
+        let (key, delays) = self.get_keyed::<Vec<Duration>>(names)?;
+        if delays.iter().any(|delay| delay.as_millis() == 0) {
+            self.problem(key, "every delay must be at least 1ms");
+            return None;
+        }
+        Some(delays)
+    }
+
+    fn int<T>(&mut self, names: &[&str], min: T, max: T) -> Option<T>
+    where
+        T: Copy + fmt::Display + Into<i128> + TryFrom<i128>,
+    {
+        let (key, value) = self.get_keyed::<i128>(names)?;
+        let converted = T::try_from(value)
+            .ok()
+            .filter(|v| (min.into()..=max.into()).contains(&(*v).into()));
+        if converted.is_none() {
+            self.problem(key, range_message(value, min.into(), max.into()));
+        }
+        converted
+    }
+
+    /// A positive `usize`.
+    fn size(&mut self, names: &[&str]) -> Option<usize> {
+        let max = u64::try_from(usize::MAX).unwrap_or(u64::MAX);
+        self.int(names, 1, max)
+            .and_then(|value| usize::try_from(value).ok())
+    }
+}
+
+fn range_message(value: i128, min: i128, max: i128) -> String {
+    if max == i128::from(u32::MAX) || max == i128::from(u64::MAX) {
+        format!("must be at least {min}, got {value}")
+    } else {
+        format!("must be between {min} and {max}, got {value}")
+    }
+}
+
+fn unknown_message(key: &str, known: &[&str], prefix: &str) -> String {
+    let noun = if prefix.is_empty() {
+        "unknown key"
+    } else {
+        "unknown variable"
+    };
+    let suggestion = known
+        .iter()
+        .map(|candidate| {
+            (
+                levenshtein(&key.to_ascii_lowercase(), &candidate.to_ascii_lowercase()),
+                candidate,
+            )
+        })
+        // At most two edits, and not more than half the candidate (`foo` is not `log`).
+        .filter(|(distance, candidate)| *distance <= 2 && 2 * *distance <= candidate.len())
+        .min_by_key(|(distance, _)| *distance);
+    match suggestion {
+        Some((_, candidate)) => format!("{noun} (did you mean `{prefix}{candidate}`?)"),
+        None => noun.to_owned(),
+    }
+}
+
+fn levenshtein(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = diagonal + usize::from(ca != *cb);
+            diagonal = row[j + 1];
+            row[j + 1] = substitution.min(row[j] + 1).min(diagonal + 1);
+        }
+    }
+    row[b.len()]
+}
+
+/// A value for a message: truncated, and masked if it looks like a URL with credentials.
+fn shown(text: &str) -> String {
+    let text = if text.contains('@') || text.contains("://") {
+        mask_url(text)
+    } else {
+        text.to_owned()
+    };
+    if text.chars().count() > 60 {
+        let mut short: String = text.chars().take(57).collect();
+        short.push_str("...");
+        short
+    } else {
+        text
+    }
+}
+
+fn toml_type(value: &toml::Value) -> &'static str {
+    match value {
+        toml::Value::String(_) => "a string",
+        toml::Value::Integer(_) => "an integer",
+        toml::Value::Float(_) => "a float",
+        toml::Value::Boolean(_) => "a boolean",
+        toml::Value::Datetime(_) => "a datetime",
+        toml::Value::Array(_) => "an array",
+        toml::Value::Table(_) => "a table",
+    }
+}
+
+fn amqp_url_problem(url: &SecretUrl) -> Option<String> {
+    let raw = url.expose();
+    let lower = raw.to_ascii_lowercase();
+    if !(lower.starts_with("amqp://") || lower.starts_with("amqps://")) {
+        return Some(format!(
+            "must be an amqp:// or amqps:// URL, got `{}`",
+            url.masked()
+        ));
+    }
+    if let Err(error) = lapin::uri::AMQPUri::from_str(raw) {
+        // The parser's messages may quote the URL; keep only ones that cannot.
+        let reason = if error.contains(raw) || error.contains('@') || error.contains("://") {
+            "cannot be parsed".to_owned()
+        } else {
+            error.to_lowercase()
+        };
+        return Some(format!(
+            "is not a valid AMQP URL ({reason}): `{}`",
+            url.masked()
+        ));
+    }
+    let host_start = raw
+        .rfind('@')
+        .map_or_else(|| raw.find("://").map_or(0, |i| i + 3), |at| at + 1);
+    if raw[host_start..].starts_with('[') {
+        return Some(format!(
+            "IPv6 address hosts are not supported (lapin's URL parser would connect to \
+             localhost); use a host name: `{}`",
+            url.masked()
+        ));
+    }
+    None
+}
+
+fn http_url_problem(url: &SecretUrl) -> Option<String> {
+    let lower = url.expose().to_ascii_lowercase();
+    let rest = lower
+        .strip_prefix("http://")
+        .or_else(|| lower.strip_prefix("https://"));
+    match rest {
+        Some(rest) if !rest.is_empty() && !rest.starts_with('/') => None,
+        _ => Some(format!(
+            "must be an http:// or https:// URL with a host, got `{}`",
+            url.masked()
+        )),
+    }
+}
+
+/// Conversion of a raw value to a key's type; the error is the problem's message.
+trait FromConfigValue: Sized {
+    fn from_toml(value: &toml::Value) -> Result<Self, String>;
+    fn from_env(text: &str) -> Result<Self, String>;
+}
+
+fn expected(what: &str, value: &toml::Value) -> String {
+    format!("expected {what}, got {}", toml_type(value))
+}
+
+impl FromConfigValue for i128 {
+    fn from_toml(value: &toml::Value) -> Result<Self, String> {
+        match value {
+            toml::Value::Integer(n) => Ok(i128::from(*n)),
+            other => Err(expected("an integer", other)),
+        }
+    }
+
+    fn from_env(text: &str) -> Result<Self, String> {
+        text.trim()
+            .parse()
+            .map_err(|_| format!("expected an integer, got `{}`", shown(text)))
+    }
+}
+
+impl FromConfigValue for bool {
+    fn from_toml(value: &toml::Value) -> Result<Self, String> {
+        match value {
+            toml::Value::Boolean(b) => Ok(*b),
+            other => Err(expected("a boolean", other)),
+        }
+    }
+
+    fn from_env(text: &str) -> Result<Self, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" => Ok(true),
+            "false" | "0" => Ok(false),
+            _ => Err(format!(
+                "expected `true`, `false`, `1` or `0`, got `{}`",
+                shown(text)
+            )),
+        }
+    }
+}
+
+impl FromConfigValue for String {
+    fn from_toml(value: &toml::Value) -> Result<Self, String> {
+        match value {
+            toml::Value::String(s) => Ok(s.clone()),
+            other => Err(expected("a string", other)),
+        }
+    }
+
+    fn from_env(text: &str) -> Result<Self, String> {
+        Ok(text.to_owned())
+    }
+}
+
+impl FromConfigValue for PathBuf {
+    fn from_toml(value: &toml::Value) -> Result<Self, String> {
+        String::from_toml(value).and_then(|s| Self::from_env(&s))
+    }
+
+    fn from_env(text: &str) -> Result<Self, String> {
+        if text.is_empty() {
+            Err("must not be empty".to_owned())
+        } else {
+            Ok(PathBuf::from(text))
+        }
+    }
+}
+
+impl FromConfigValue for SecretUrl {
+    fn from_toml(value: &toml::Value) -> Result<Self, String> {
+        String::from_toml(value).map(SecretUrl)
+    }
+
+    fn from_env(text: &str) -> Result<Self, String> {
+        Ok(SecretUrl::new(text.trim()))
+    }
+}
+
+impl FromConfigValue for Vec<SecretUrl> {
+    fn from_toml(value: &toml::Value) -> Result<Self, String> {
+        let what = "a URL string or an array of URL strings";
+        match value {
+            toml::Value::String(s) => Ok(vec![SecretUrl::new(s.clone())]),
+            toml::Value::Array(items) => items
+                .iter()
+                .map(|item| match item {
+                    toml::Value::String(s) => Ok(SecretUrl::new(s.clone())),
+                    other => Err(format!(
+                        "expected {what}, got an array containing {}",
+                        toml_type(other)
+                    )),
+                })
+                .collect(),
+            other => Err(expected(what, other)),
+        }
+    }
+
+    fn from_env(text: &str) -> Result<Self, String> {
+        Ok(text
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(SecretUrl::new)
+            .collect())
+    }
+}
+
+impl FromConfigValue for Duration {
+    fn from_toml(value: &toml::Value) -> Result<Self, String> {
+        match value {
+            toml::Value::Integer(n) => u64::try_from(*n)
+                .map(Duration::from_secs)
+                .map_err(|_| format!("must not be negative, got {n}")),
+            toml::Value::Float(secs) => float_seconds(*secs),
+            toml::Value::String(s) => Self::from_env(s),
+            other => Err(expected(
+                "a duration (seconds, or a string like \"500ms\" or \"2m\")",
+                other,
+            )),
+        }
+    }
+
+    fn from_env(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if let Ok(secs) = text.parse::<u64>() {
+            return Ok(Duration::from_secs(secs));
+        }
+        if let Ok(secs) = text.parse::<f64>() {
+            return float_seconds(secs);
+        }
+        humantime::parse_duration(text).map_err(|error| {
+            format!(
+                "expected a duration like \"30s\", \"500ms\" or \"2m\", got `{}` ({error})",
+                shown(text)
+            )
+        })
+    }
+}
+
+fn float_seconds(secs: f64) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(secs)
+        .map_err(|_| format!("expected a non-negative number of seconds, got {secs}"))
+}
+
+impl FromConfigValue for Vec<Duration> {
+    fn from_toml(value: &toml::Value) -> Result<Self, String> {
+        match value {
+            toml::Value::Array(items) => items.iter().map(Duration::from_toml).collect(),
+            toml::Value::String(s) => Self::from_env(s),
+            other => Err(expected("an array of durations", other)),
+        }
+    }
+
+    fn from_env(text: &str) -> Result<Self, String> {
+        text.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(Duration::from_env)
+            .collect()
+    }
+}
+
+impl FromConfigValue for QueueType {
+    fn from_toml(value: &toml::Value) -> Result<Self, String> {
+        String::from_toml(value).and_then(|s| Self::from_env(&s))
+    }
+
+    fn from_env(text: &str) -> Result<Self, String> {
+        text.parse()
+            .map_err(|error: ParseVariantError| error.to_string())
+    }
+}
+
+impl FromConfigValue for LogFormat {
+    fn from_toml(value: &toml::Value) -> Result<Self, String> {
+        String::from_toml(value).and_then(|s| Self::from_env(&s))
+    }
+
+    fn from_env(text: &str) -> Result<Self, String> {
+        text.parse()
+            .map_err(|error: ParseVariantError| error.to_string())
+    }
+}
+
+impl FromConfigValue for SocketAddr {
+    fn from_toml(value: &toml::Value) -> Result<Self, String> {
+        String::from_toml(value).and_then(|s| Self::from_env(&s))
+    }
+
+    fn from_env(text: &str) -> Result<Self, String> {
+        text.trim().parse().map_err(|_| {
+            format!(
+                "expected an address like `127.0.0.1:9090`, got `{}`",
+                shown(text)
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic, reason = "tests fail loudly")]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn problems(result: Result<Config, ConfigError>) -> Vec<ConfigProblem> {
+        match result {
+            Err(ConfigError::Invalid { problems }) => problems,
+            Err(other) => panic!("unexpected error: {other}"),
+            Ok(config) => panic!("expected problems, got {config:?}"),
+        }
+    }
+
+    fn problem_for<'a>(problems: &'a [ConfigProblem], key: &str) -> &'a ConfigProblem {
+        problems
+            .iter()
+            .find(|p| p.key == key)
+            .unwrap_or_else(|| panic!("no problem for `{key}` in {problems:?}"))
+    }
+
+    #[test]
+    fn defaults() {
+        let config = Config::from_toml_str("").unwrap();
+        assert_eq!(config, Config::default());
+        assert_eq!(Config::from_sources(None, Vec::new()).unwrap(), config);
+        assert_eq!(config.urls, vec![SecretUrl::new(DEFAULT_URL)]);
+        assert_eq!(config.exchange, "rmq-consumer");
+        assert_eq!(config.prefetch_count, 4);
+        assert_eq!(config.concurrency, None);
+        assert_eq!(config.retry_connect_interval, Duration::from_secs(30));
+        assert_eq!(config.retry_connect_max, Duration::from_secs(30));
+        assert_eq!(config.heartbeat_interval, 30);
+        assert_eq!(config.message_timeout, Duration::from_secs(300));
+        assert_eq!(config.max_retry_count, 3);
+        assert!(config.retry_delays.is_empty());
+        assert_eq!(config.queue_stuck_threshold, Duration::from_secs(90));
+        assert_eq!(config.max_consecutive_failures, 3);
+        assert!(!config.enable_result_cache);
+        assert_eq!(config.result_cache_size, 1000);
+        assert_eq!(config.queue_type, QueueType::Classic);
+        assert!(config.bind_reply_queue);
+        assert!(config.dead_letter);
+        assert_eq!(config.shutdown_timeout, Duration::from_secs(30));
+        assert_eq!(config.confirm_timeout, Duration::from_secs(30));
+        assert_eq!(config.max_body_size, 16 * 1024 * 1024);
+        assert_eq!(config.log.level, "info");
+        assert_eq!(config.log.format, LogFormat::Human);
+        assert_eq!(config.log.dir, None);
+        assert_eq!(config.log.file_prefix, "rmq-consumer");
+        assert_eq!(config.http_addr, None);
+        assert_eq!(config.management_url, None);
+        assert_eq!(config.queue, None);
+        assert!(config.consumers.is_empty());
+        assert_eq!(config.consumer("anything"), ConsumerConfig::default());
+    }
+
+    #[test]
+    fn full_toml() {
+        let config = Config::from_toml_str(
+            r#"
+            url = ["amqp://a:pa@rabbit-1:5672/%2f", "amqps://a:pa@rabbit-2:5671/prod"]
+            exchange = "media"
+            prefetch_count = 16
+            concurrency = 8
+            retry_connect_interval = "2s"
+            retry_connect_max = "1m"
+            heartbeat_interval = 0
+            message_timeout = 60
+            max_retry_count = 5
+            retry_delays = ["1s", 10, 60.5]
+            queue_stuck_threshold = "3m"
+            max_consecutive_failures = 2
+            enable_result_cache = true
+            result_cache_size = 50
+            queue_type = "Quorum"
+            bind_reply_queue = false
+            dead_letter = false
+            shutdown_timeout = "0s"
+            confirm_timeout = "5s"
+            max_body_size = 1024
+            log_level = "debug,lapin=info"
+            log_format = "json"
+            log_dir = "/var/log/app"
+            log_file_prefix = "media"
+            http_addr = "0.0.0.0:9090"
+            management_url = "http://a:pa@rabbit-1:15672"
+            queue = "in"
+            reply_queue = "out"
+            reply_key = "out.key"
+
+            [consumers.resize]
+            queue = "media.resize"
+            reply_key = "media.resized"
+            reply_queue = "media.resized"
+            prefetch = 2
+            concurrency = 1
+            timeout = "30s"
+            max_retries = 0
+            retry_delays = []
+            queue_type = "classic"
+            bind_reply_queue = true
+            dead_letter = true
+            dead_letter_queue = "media.resize.dlq"
+            enabled = false
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            config.urls,
+            vec![
+                SecretUrl::new("amqp://a:pa@rabbit-1:5672/%2f"),
+                SecretUrl::new("amqps://a:pa@rabbit-2:5671/prod"),
+            ]
+        );
+        assert_eq!(config.exchange, "media");
+        assert_eq!(config.prefetch_count, 16);
+        assert_eq!(config.concurrency, Some(8));
+        assert_eq!(config.retry_connect_interval, Duration::from_secs(2));
+        assert_eq!(config.retry_connect_max, Duration::from_secs(60));
+        assert_eq!(config.heartbeat_interval, 0);
+        assert_eq!(config.message_timeout, Duration::from_secs(60));
+        assert_eq!(config.max_retry_count, 5);
+        assert_eq!(
+            config.retry_delays,
+            vec![
+                Duration::from_secs(1),
+                Duration::from_secs(10),
+                Duration::from_millis(60_500)
+            ]
+        );
+        assert_eq!(config.queue_stuck_threshold, Duration::from_secs(180));
+        assert_eq!(config.max_consecutive_failures, 2);
+        assert!(config.enable_result_cache);
+        assert_eq!(config.result_cache_size, 50);
+        assert_eq!(config.queue_type, QueueType::Quorum);
+        assert!(!config.bind_reply_queue);
+        assert!(!config.dead_letter);
+        assert_eq!(config.shutdown_timeout, Duration::ZERO);
+        assert_eq!(config.confirm_timeout, Duration::from_secs(5));
+        assert_eq!(config.max_body_size, 1024);
+        assert_eq!(
+            config.log,
+            LogConfig {
+                level: "debug,lapin=info".to_owned(),
+                format: LogFormat::Json,
+                dir: Some(PathBuf::from("/var/log/app")),
+                file_prefix: "media".to_owned(),
+            }
+        );
+        assert_eq!(config.http_addr, Some("0.0.0.0:9090".parse().unwrap()));
+        assert_eq!(
+            config.management_url,
+            Some(SecretUrl::new("http://a:pa@rabbit-1:15672"))
+        );
+        assert_eq!(config.queue.as_deref(), Some("in"));
+        assert_eq!(config.reply_queue.as_deref(), Some("out"));
+        assert_eq!(config.reply_key.as_deref(), Some("out.key"));
+        assert_eq!(
+            config.consumer("resize"),
+            ConsumerConfig {
+                queue: Some("media.resize".to_owned()),
+                reply_key: Some("media.resized".to_owned()),
+                reply_queue: Some("media.resized".to_owned()),
+                prefetch: Some(2),
+                concurrency: Some(1),
+                timeout: Some(Duration::from_secs(30)),
+                max_retries: Some(0),
+                retry_delays: Some(Vec::new()),
+                queue_type: Some(QueueType::Classic),
+                bind_reply_queue: Some(true),
+                dead_letter: Some(true),
+                dead_letter_queue: Some("media.resize.dlq".to_owned()),
+                enabled: Some(false),
+            }
+        );
+    }
+
+    #[test]
+    fn python_template_keys_load() {
+        let config = Config::from_toml_str(
+            r#"
+            conn_iddress = "amqp://username:password@rabbit:5672/vhost"
+            exchange_iddress = "your.exchange.name"
+            b2m_queue_iddress = "your.consumer.queue"
+            m2b_queue_iddress = "your.response.queue"
+            m2b_routing_key = "your.response.routing.key"
+            prefetch_count = 4
+            retry_connect_interval = 30
+            heartbeat_interval = 30
+            message_timeout = 300
+            max_retry_count = 3
+            queue_stuck_threshold = 90
+            max_consecutive_failures = 3
+            enable_result_cache = false
+            result_cache_size = 1000
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            config.urls,
+            vec![SecretUrl::new("amqp://username:password@rabbit:5672/vhost")]
+        );
+        assert_eq!(config.exchange, "your.exchange.name");
+        assert_eq!(config.queue.as_deref(), Some("your.consumer.queue"));
+        assert_eq!(config.reply_queue.as_deref(), Some("your.response.queue"));
+        assert_eq!(
+            config.reply_key.as_deref(),
+            Some("your.response.routing.key")
+        );
+        assert_eq!(config.retry_connect_interval, Duration::from_secs(30));
+        assert_eq!(config.message_timeout, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn aliases_and_names_are_equivalent() {
+        let by_alias = Config::from_toml_str(
+            r#"
+            conn_iddress = "amqp://u:p@h/v"
+            exchange_iddress = "x"
+            b2m_queue_iddress = "q"
+            m2b_queue_iddress = "rq"
+            m2b_routing_key = "rk"
+            "#,
+        )
+        .unwrap();
+        let by_name = Config::from_toml_str(
+            r#"
+            url = "amqp://u:p@h/v"
+            exchange = "x"
+            queue = "q"
+            reply_queue = "rq"
+            reply_key = "rk"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(by_alias, by_name);
+        let by_env = Config::from_sources(
+            None,
+            env(&[
+                ("RMQ_CONSUMER_CONN_IDDRESS", "amqp://u:p@h/v"),
+                ("RMQ_CONSUMER_EXCHANGE_IDDRESS", "x"),
+                ("RMQ_CONSUMER_B2M_QUEUE_IDDRESS", "q"),
+                ("RMQ_CONSUMER_M2B_QUEUE_IDDRESS", "rq"),
+                ("RMQ_CONSUMER_M2B_ROUTING_KEY", "rk"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(by_env, by_name);
+    }
+
+    #[test]
+    fn alias_and_name_together_is_a_problem() {
+        let problems = problems(Config::from_sources(
+            Some(
+                r#"
+                url = "amqp://u:p@h/v"
+                conn_iddress = "amqp://u:p@h/v"
+                log_level = "info"
+                [log]
+                level = "debug"
+                "#,
+            ),
+            env(&[
+                ("RMQ_CONSUMER_QUEUE", "a"),
+                ("RMQ_CONSUMER_B2M_QUEUE_IDDRESS", "b"),
+            ]),
+        ));
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert_eq!(
+            problem_for(&problems, "conn_iddress").message,
+            "`url` is also set; keep only one of them"
+        );
+        assert_eq!(
+            problem_for(&problems, "log.level").message,
+            "`log_level` is also set; keep only one of them"
+        );
+        problem_for(&problems, "RMQ_CONSUMER_B2M_QUEUE_IDDRESS");
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let config = Config::from_sources(
+            Some(
+                r#"
+                conn_iddress = "amqp://file:file@file-host/v"
+                prefetch_count = 2
+                enable_result_cache = true
+                log_format = "json"
+                [log]
+                dir = "/file/logs"
+                [consumers.resize]
+                queue = "file.queue"
+                prefetch = 3
+                "#,
+            ),
+            env(&[
+                ("RMQ_CONSUMER_URL", "amqp://a:b@env-1/v, amqp://a:b@env-2/v"),
+                ("RMQ_CONSUMER_PREFETCH_COUNT", "9"),
+                ("RMQ_CONSUMER_ENABLE_RESULT_CACHE", "0"),
+                ("RMQ_CONSUMER_LOG_FORMAT", "HUMAN"),
+                ("RMQ_CONSUMER_LOG_DIR", "/env/logs"),
+                ("RMQ_CONSUMER_LOG_LEVEL", "warn"),
+                ("RMQ_CONSUMER_HTTP_ADDR", "127.0.0.1:9000"),
+                ("RMQ_CONSUMER_MANAGEMENT_URL", "https://a:b@env-1:15671"),
+                ("RMQ_CONSUMER_RETRY_DELAYS", "1s, 2.5, 3"),
+                ("RMQ_CONSUMER_QUEUE_TYPE", "quorum"),
+                ("RMQ_CONSUMER_CONSUMERS__RESIZE__QUEUE", "env.queue"),
+                ("RMQ_CONSUMER_CONFIG", "/ignored/here.toml"),
+                ("PATH", "/usr/bin"),
+                ("rmq_consumer_prefetch_count", "not ours"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            config.urls,
+            vec![
+                SecretUrl::new("amqp://a:b@env-1/v"),
+                SecretUrl::new("amqp://a:b@env-2/v")
+            ]
+        );
+        assert_eq!(config.prefetch_count, 9);
+        assert!(!config.enable_result_cache);
+        assert_eq!(config.log.format, LogFormat::Human);
+        assert_eq!(config.log.dir, Some(PathBuf::from("/env/logs")));
+        assert_eq!(config.log.level, "warn");
+        assert_eq!(config.http_addr, Some("127.0.0.1:9000".parse().unwrap()));
+        assert_eq!(
+            config.management_url,
+            Some(SecretUrl::new("https://a:b@env-1:15671"))
+        );
+        assert_eq!(
+            config.retry_delays,
+            vec![
+                Duration::from_secs(1),
+                Duration::from_millis(2500),
+                Duration::from_secs(3)
+            ]
+        );
+        assert_eq!(config.queue_type, QueueType::Quorum);
+        let resize = config.consumer("resize");
+        assert_eq!(resize.queue.as_deref(), Some("env.queue"));
+        assert_eq!(resize.prefetch, Some(3));
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let result = Config::from_sources(
+            Some(
+                r#"
+                prefetch_count = 0
+                heartbeat_interval = 70000
+                result_cache_size = 0
+                message_timeout = "soon"
+                queue_type = "lazy"
+                log_format = "xml"
+                http_addr = "localhost"
+                exchange = 5
+                url = "http://u:p@h/"
+                retry_connect_interval = -1
+                retry_delays = ["1s", true]
+                colour = "blue"
+                [consumers.resize]
+                prefetch = 0
+                frobnicate = true
+                "#,
+            ),
+            env(&[
+                ("RMQ_CONSUMER_MAX_RETRY_COUNT", "many"),
+                ("RMQ_CONSUMER_DEAD_LETTER", "yes"),
+                ("RMQ_CONSUMER_BOGUS", "1"),
+            ]),
+        );
+        let error = result.unwrap_err();
+        let text = error.to_string();
+        let ConfigError::Invalid { problems } = error else {
+            panic!("expected Invalid");
+        };
+        let expected: &[(&str, &str)] = &[
+            ("prefetch_count", "must be between 1 and 65535, got 0"),
+            (
+                "heartbeat_interval",
+                "must be between 0 and 65535, got 70000",
+            ),
+            ("result_cache_size", "must be at least 1, got 0"),
+            ("queue_type", "expected `classic` or `quorum`, got `lazy`"),
+            ("log_format", "expected `human` or `json`, got `xml`"),
+            (
+                "http_addr",
+                "expected an address like `127.0.0.1:9090`, got `localhost`",
+            ),
+            ("exchange", "expected a string, got an integer"),
+            (
+                "url",
+                "must be an amqp:// or amqps:// URL, got `http://u:****@h/`",
+            ),
+            ("retry_connect_interval", "must not be negative, got -1"),
+            (
+                "retry_delays",
+                "expected a duration (seconds, or a string like \"500ms\" or \"2m\"), got a boolean",
+            ),
+            ("colour", "unknown key"),
+            (
+                "consumers.resize.prefetch",
+                "must be between 1 and 65535, got 0",
+            ),
+            ("consumers.resize.frobnicate", "unknown key"),
+            (
+                "RMQ_CONSUMER_MAX_RETRY_COUNT",
+                "expected an integer, got `many`",
+            ),
+            (
+                "RMQ_CONSUMER_DEAD_LETTER",
+                "expected `true`, `false`, `1` or `0`, got `yes`",
+            ),
+            ("RMQ_CONSUMER_BOGUS", "unknown variable"),
+        ];
+        for (key, message) in expected {
+            assert_eq!(problem_for(&problems, key).message, *message);
+        }
+        assert!(
+            problem_for(&problems, "message_timeout")
+                .message
+                .starts_with("expected a duration like \"30s\", \"500ms\" or \"2m\", got `soon`")
+        );
+        assert_eq!(problems.len(), expected.len() + 1, "{problems:#?}");
+        assert!(text.starts_with(&format!(
+            "invalid configuration ({} problems): `",
+            problems.len()
+        )));
+        assert!(text.contains("`prefetch_count`: must be between 1 and 65535, got 0; "));
+        assert!(text.contains("`colour`: unknown key"));
+    }
+
+    #[test]
+    fn invalid_display_format() {
+        let error = Config::from_toml_str("prefetch_count = 0").unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "invalid configuration (1 problem): `prefetch_count`: must be between 1 and 65535, got 0"
+        );
+        let error = Config::from_toml_str("prefetch_count = 0\nfoo = 1").unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "invalid configuration (2 problems): `prefetch_count`: must be between 1 and 65535, \
+             got 0; `foo`: unknown key"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_get_suggestions() {
+        let problems = problems(Config::from_sources(
+            Some(
+                r#"
+                prefetch_cont = 3
+                conn_idress = "amqp://u:p@h/v"
+                totally_unrelated = 1
+                [log]
+                levle = "info"
+                [consumers.resize]
+                queu = "q"
+                "#,
+            ),
+            env(&[
+                ("RMQ_CONSUMER_PREFECH_COUNT", "3"),
+                ("RMQ_CONSUMER_CONSUMERS__RESIZE__TIMOUT", "3"),
+                ("RMQ_CONSUMER_CONSUMERS__BROKEN", "3"),
+            ]),
+        ));
+        assert_eq!(
+            problem_for(&problems, "prefetch_cont").message,
+            "unknown key (did you mean `prefetch_count`?)"
+        );
+        assert_eq!(
+            problem_for(&problems, "conn_idress").message,
+            "unknown key (did you mean `conn_iddress`?)"
+        );
+        assert_eq!(
+            problem_for(&problems, "totally_unrelated").message,
+            "unknown key"
+        );
+        assert_eq!(
+            problem_for(&problems, "log.levle").message,
+            "unknown key (did you mean `level`?)"
+        );
+        assert_eq!(
+            problem_for(&problems, "consumers.resize.queu").message,
+            "unknown key (did you mean `queue`?)"
+        );
+        assert_eq!(
+            problem_for(&problems, "RMQ_CONSUMER_PREFECH_COUNT").message,
+            "unknown variable (did you mean `RMQ_CONSUMER_PREFETCH_COUNT`?)"
+        );
+        assert_eq!(
+            problem_for(&problems, "RMQ_CONSUMER_CONSUMERS__RESIZE__TIMOUT").message,
+            "unknown variable (did you mean `RMQ_CONSUMER_CONSUMERS__RESIZE__TIMEOUT`?)"
+        );
+        problem_for(&problems, "RMQ_CONSUMER_CONSUMERS__BROKEN");
+        assert_eq!(problems.len(), 8, "{problems:#?}");
+    }
+
+    #[test]
+    fn consumer_sections_and_env() {
+        let config = Config::from_sources(
+            Some(
+                r#"
+                [consumers.resize]
+                queue = "media.resize"
+                timeout = "45s"
+                [consumers.thumbnail]
+                enabled = false
+                "#,
+            ),
+            env(&[
+                ("RMQ_CONSUMER_CONSUMERS__RESIZE__PREFETCH", "2"),
+                ("RMQ_CONSUMER_CONSUMERS__RESIZE__RETRY_DELAYS", "1s,5s"),
+                ("RMQ_CONSUMER_CONSUMERS__OCR__QUEUE", "ocr.in"),
+                ("RMQ_CONSUMER_CONSUMERS__OCR__ENABLED", "true"),
+                ("RMQ_CONSUMER_CONSUMERS__OCR__QUEUE_TYPE", "QUORUM"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            config.consumers.keys().collect::<Vec<_>>(),
+            ["ocr", "resize", "thumbnail"]
+        );
+        let resize = config.consumer("resize");
+        assert_eq!(resize.queue.as_deref(), Some("media.resize"));
+        assert_eq!(resize.timeout, Some(Duration::from_secs(45)));
+        assert_eq!(resize.prefetch, Some(2));
+        assert_eq!(
+            resize.retry_delays,
+            Some(vec![Duration::from_secs(1), Duration::from_secs(5)])
+        );
+        assert_eq!(config.consumer("thumbnail").enabled, Some(false));
+        let ocr = config.consumer("ocr");
+        assert_eq!(ocr.queue.as_deref(), Some("ocr.in"));
+        assert_eq!(ocr.enabled, Some(true));
+        assert_eq!(ocr.queue_type, Some(QueueType::Quorum));
+        assert_eq!(config.consumer("missing"), ConsumerConfig::default());
+
+        let problems = problems(Config::from_toml_str(
+            "[consumers]\nresize = 3\n[consumers.ocr]\ntimeout = 0",
+        ));
+        assert_eq!(
+            problem_for(&problems, "consumers.resize").message,
+            "expected a table, got an integer"
+        );
+        assert_eq!(
+            problem_for(&problems, "consumers.ocr.timeout").message,
+            "must be greater than zero"
+        );
+    }
+
+    #[test]
+    fn durations_in_all_forms() {
+        let config = Config::from_sources(
+            Some(
+                r#"
+                message_timeout = 45
+                queue_stuck_threshold = 1.5
+                shutdown_timeout = "500ms"
+                confirm_timeout = "2m"
+                retry_connect_interval = "1h 30m"
+                retry_delays = [1, 0.25, "3s", "1m"]
+                "#,
+            ),
+            env(&[("RMQ_CONSUMER_RETRY_CONNECT_MAX", "2h")]),
+        )
+        .unwrap();
+        assert_eq!(config.message_timeout, Duration::from_secs(45));
+        assert_eq!(config.queue_stuck_threshold, Duration::from_millis(1500));
+        assert_eq!(config.shutdown_timeout, Duration::from_millis(500));
+        assert_eq!(config.confirm_timeout, Duration::from_secs(120));
+        assert_eq!(config.retry_connect_interval, Duration::from_secs(5400));
+        assert_eq!(config.retry_connect_max, Duration::from_secs(7200));
+        assert_eq!(
+            config.retry_delays,
+            vec![
+                Duration::from_secs(1),
+                Duration::from_millis(250),
+                Duration::from_secs(3),
+                Duration::from_secs(60)
+            ]
+        );
+
+        let from_env = Config::from_sources(
+            None,
+            env(&[
+                ("RMQ_CONSUMER_MESSAGE_TIMEOUT", "45"),
+                ("RMQ_CONSUMER_QUEUE_STUCK_THRESHOLD", "1.5"),
+                ("RMQ_CONSUMER_SHUTDOWN_TIMEOUT", "500ms"),
+                ("RMQ_CONSUMER_RETRY_DELAYS", ""),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(from_env.message_timeout, Duration::from_secs(45));
+        assert_eq!(from_env.queue_stuck_threshold, Duration::from_millis(1500));
+        assert_eq!(from_env.shutdown_timeout, Duration::from_millis(500));
+        assert!(from_env.retry_delays.is_empty());
+
+        let problems = problems(Config::from_toml_str(
+            r#"
+            message_timeout = 0
+            confirm_timeout = -0.5
+            retry_connect_interval = "10s"
+            retry_connect_max = "5s"
+            queue_stuck_threshold = true
+            retry_delays = ["1s", "0s"]
+            "#,
+        ));
+        assert_eq!(
+            problem_for(&problems, "message_timeout").message,
+            "must be greater than zero"
+        );
+        assert_eq!(
+            problem_for(&problems, "confirm_timeout").message,
+            "expected a non-negative number of seconds, got -0.5"
+        );
+        assert_eq!(
+            problem_for(&problems, "retry_connect_max").message,
+            "must be at least retry_connect_interval (10s), got 5s"
+        );
+        assert_eq!(
+            problem_for(&problems, "queue_stuck_threshold").message,
+            "expected a duration (seconds, or a string like \"500ms\" or \"2m\"), got a boolean"
+        );
+        assert_eq!(
+            problem_for(&problems, "retry_delays").message,
+            "every delay must be at least 1ms"
+        );
+        assert_eq!(problems.len(), 5);
+    }
+
+    #[test]
+    fn enums_parse_case_insensitively() {
+        assert_eq!("Quorum".parse::<QueueType>(), Ok(QueueType::Quorum));
+        assert_eq!("CLASSIC".parse::<QueueType>(), Ok(QueueType::Classic));
+        assert_eq!(QueueType::Quorum.as_str(), "quorum");
+        assert_eq!(
+            "stream".parse::<QueueType>().unwrap_err().to_string(),
+            "expected `classic` or `quorum`, got `stream`"
+        );
+        assert_eq!("JSON".parse::<LogFormat>(), Ok(LogFormat::Json));
+        assert_eq!(LogFormat::Human.to_string(), "human");
+    }
+
+    #[test]
+    fn log_table_and_validation() {
+        let config = Config::from_toml_str(
+            r#"
+            [log]
+            level = "warn,my_app=trace"
+            format = "json"
+            dir = "logs"
+            file_prefix = "worker"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            config.log,
+            LogConfig {
+                level: "warn,my_app=trace".to_owned(),
+                format: LogFormat::Json,
+                dir: Some(PathBuf::from("logs")),
+                file_prefix: "worker".to_owned(),
+            }
+        );
+        let problems = problems(Config::from_toml_str(
+            "log_level = \"info,=[bad\"\nlog_file_prefix = \"a/b\"\nlog = 3",
+        ));
+        assert!(
+            problem_for(&problems, "log_level")
+                .message
+                .starts_with("invalid filter `info,=[bad` (")
+        );
+        problem_for(&problems, "log_file_prefix");
+        assert_eq!(
+            problem_for(&problems, "log").message,
+            "expected a table, got an integer"
+        );
+    }
+
+    #[test]
+    fn syntax_error_reports_line_without_secrets() {
+        let problems = problems(Config::from_toml_str(
+            "prefetch_count = 4\nurl = \"amqp://u:hunter2-secret@h/v\nexchange = \"x\"\n",
+        ));
+        assert_eq!(problems.len(), 1);
+        let problem = &problems[0];
+        assert_eq!(problem.key, "toml");
+        assert!(
+            problem
+                .message
+                .starts_with("TOML syntax error at line 2, column"),
+            "{problem}"
+        );
+        assert!(!problem.to_string().contains("hunter2"), "{problem}");
+    }
+
+    #[test]
+    fn bad_urls_are_reported_masked() {
+        let problems = problems(Config::from_toml_str(
+            r#"
+            url = ["amqp://u:p@h:99999/v", "amqp://u:p@[::1]:5672/v", "amqp:opaque", "amqp://u:p@ok/v"]
+            management_url = "ftp://u:p@h"
+            "#,
+        ));
+        let url_problems: Vec<&str> = problems
+            .iter()
+            .filter(|p| p.key == "url")
+            .map(|p| p.message.as_str())
+            .collect();
+        assert_eq!(
+            url_problems,
+            [
+                "is not a valid AMQP URL (invalid port number): `amqp://u:****@h:99999/v`",
+                "IPv6 address hosts are not supported (lapin's URL parser would connect to \
+                 localhost); use a host name: `amqp://u:****@[::1]:5672/v`",
+                "must be an amqp:// or amqps:// URL, got `amqp:opaque`",
+            ]
+        );
+        assert_eq!(
+            problem_for(&problems, "management_url").message,
+            "must be an http:// or https:// URL with a host, got `ftp://u:****@h`"
+        );
+        let problems = problems_of_empty_url();
+        assert_eq!(problems[0].message, "must list at least one URL");
+    }
+
+    fn problems_of_empty_url() -> Vec<ConfigProblem> {
+        problems(Config::from_toml_str("url = []"))
+    }
+
+    #[test]
+    fn secret_url_masking() {
+        let cases = [
+            (
+                "amqp://guest:guest@127.0.0.1:5672/%2f",
+                "amqp://guest:****@127.0.0.1:5672/%2f",
+            ),
+            ("amqp://u:c@n:a/r#y%?密@h:5672/v", "amqp://u:****@h:5672/v"),
+            ("amqps://user@h/v", "amqps://user@h/v"),
+            ("amqp://h:5672/v", "amqp://h:5672/v"),
+            ("amqp://u:@h/v", "amqp://u:****@h/v"),
+            ("u:secret@h", "u:****@h"),
+            ("", ""),
+        ];
+        for (raw, masked) in cases {
+            let url = SecretUrl::new(raw);
+            assert_eq!(url.masked(), masked);
+            assert_eq!(url.to_string(), masked);
+            assert_eq!(format!("{url:?}"), format!("SecretUrl({masked:?})"));
+            assert_eq!(url.expose(), raw);
+            assert_eq!(raw.parse::<SecretUrl>(), Ok(url));
+        }
+    }
+
+    /// `u` / `c@n:a/r#y%?密`, percent-encoded.
+    const CANARY_URL: &str = "amqp://u:c%40n%3Aa%2Fr%23y%25%3F%E5%AF%86@rabbit:5672/%2f";
+    const CANARY_FRAGMENTS: &[&str] = &[
+        "c@n",
+        "c%40n",
+        "%40n",
+        "%3Aa",
+        "a/r",
+        "%2Fr",
+        "r#y",
+        "%23y",
+        "y%?",
+        "%25%3F",
+        "密",
+        "%E5%AF%86",
+        "%e5%af%86",
+        "canary",
+    ];
+
+    fn assert_no_canary(text: &str) {
+        for fragment in CANARY_FRAGMENTS {
+            assert!(!text.contains(fragment), "`{fragment}` leaked in {text}");
+        }
+    }
+
+    #[test]
+    fn passwords_never_printed() {
+        let config = Config::from_sources(
+            Some(&format!("url = \"{CANARY_URL}\"")),
+            env(&[(
+                "RMQ_CONSUMER_MANAGEMENT_URL",
+                "http://u:c%40n%3Aa@rabbit:15672",
+            )]),
+        )
+        .unwrap();
+        assert_eq!(config.urls[0].expose(), CANARY_URL);
+        assert_no_canary(&format!("{config:?}"));
+        assert_no_canary(&format!("{config:#?}"));
+        assert_no_canary(&format!("{:?} {}", config.urls[0], config.urls[0]));
+        assert!(format!("{config:?}").contains("amqp://u:****@rabbit:5672/%2f"));
+
+        // Bad URLs carrying the canary, through the file and the environment.
+        let bad_port = CANARY_URL.replace(":5672", ":99999");
+        let bad_utf8 = CANARY_URL.replace("%E5%AF%86", "%FF");
+        let bad_scheme = CANARY_URL.replace("amqp://", "http://");
+        let raw_password = "amqp://u:c@n:a/r#y%?密@rabbit:5672/%2f";
+        let errors = [
+            Config::from_toml_str(&format!("url = [\"{bad_port}\", \"{bad_utf8}\"]")).unwrap_err(),
+            Config::from_toml_str(&format!("url = \"{raw_password}\"")).unwrap_err(),
+            Config::from_sources(
+                None,
+                env(&[
+                    ("RMQ_CONSUMER_URL", &format!("{bad_scheme},{bad_port}")),
+                    ("RMQ_CONSUMER_PREFETCH_COUNT", &bad_port),
+                    ("RMQ_CONSUMER_HTTP_ADDR", CANARY_URL),
+                    ("RMQ_CONSUMER_QUEUE_TYPE", CANARY_URL),
+                    (
+                        "RMQ_CONSUMER_MANAGEMENT_URL",
+                        &bad_scheme.replace("http", "ftp"),
+                    ),
+                ]),
+            )
+            .unwrap_err(),
+        ];
+        for error in errors {
+            let ConfigError::Invalid { problems } = &error else {
+                panic!("expected Invalid");
+            };
+            assert!(!problems.is_empty());
+            assert_no_canary(&error.to_string());
+            assert_no_canary(&format!("{error:?}"));
+            for problem in problems {
+                assert_no_canary(&problem.to_string());
+                assert_no_canary(&format!("{problem:?}"));
+            }
+        }
+    }
+
+    #[test]
+    fn levenshtein_distances() {
+        assert_eq!(levenshtein("", ""), 0);
+        assert_eq!(levenshtein("abc", ""), 3);
+        assert_eq!(levenshtein("kitten", "sitting"), 3);
+        assert_eq!(levenshtein("queu", "queue"), 1);
+        assert_eq!(levenshtein("ab", "ba"), 2);
+    }
+}

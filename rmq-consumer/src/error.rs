@@ -22,6 +22,15 @@ pub enum Error {
     /// missing, ...).
     #[error(transparent)]
     Topology(#[from] TopologyError),
+    /// The HTTP listener (`http_addr`) could not be bound.
+    #[error("cannot listen on {addr} for /metrics, /livez and /readyz")]
+    Http {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The failure.
+        #[source]
+        source: std::io::Error,
+    },
     /// A signal handler could not be installed.
     #[error("cannot listen for shutdown signals")]
     Signal(#[source] std::io::Error),

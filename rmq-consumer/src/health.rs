@@ -46,6 +46,8 @@ pub(crate) struct HandlerStats {
     pub(crate) results_returned: AtomicU64,
     pub(crate) results_nacked: AtomicU64,
     pub(crate) handler_runs: AtomicU64,
+    pub(crate) handler_duration: prometheus_client::metrics::histogram::Histogram,
+    pub(crate) end_to_end: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl Health {
@@ -124,6 +126,8 @@ impl HandlerStats {
             results_returned: AtomicU64::new(0),
             results_nacked: AtomicU64::new(0),
             handler_runs: AtomicU64::new(0),
+            handler_duration: crate::metrics::duration_histogram(),
+            end_to_end: crate::metrics::duration_histogram(),
         }
     }
 

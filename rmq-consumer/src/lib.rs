@@ -37,6 +37,8 @@
 
 mod amqp;
 mod cache;
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod config;
 mod connection;
 mod engine;
@@ -44,6 +46,8 @@ pub mod error;
 pub mod handler;
 pub mod health;
 pub mod logging;
+mod metrics;
+mod http;
 pub mod publisher;
 pub mod registry;
 pub mod retry;

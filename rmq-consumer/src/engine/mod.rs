@@ -188,6 +188,15 @@ impl Engine {
     /// Only errors retrying cannot fix: the broker refused the topology (a queue exists with
     /// other arguments, a permission is missing).
     pub async fn run(self) -> Result<(), Error> {
+        let stop_http = CancellationToken::new();
+        if let Some(addr) = self.config.http_addr {
+            let listener = crate::http::bind(addr)
+                .await
+                .map_err(|source| Error::Http { addr, source })?;
+            info!(%addr, "serving /metrics, /livez and /readyz");
+            tokio::spawn(crate::http::serve(listener, Arc::clone(&self.health), stop_http.clone()));
+        }
+        let _stop_http = stop_http.drop_guard();
         let tracker = TaskTracker::new();
         let result = self.supervise(&tracker).await;
         self.health

@@ -25,6 +25,10 @@ pub(crate) struct Settings {
     pub(crate) bind_reply_queue: bool,
     /// `None` when dead-lettering is off (failed messages are rejected without requeue).
     pub(crate) dead_letter_queue: Option<String>,
+    /// Whether the handler runs on the blocking pool (informational: the generated code
+    /// already chose how to run it).
+    #[cfg_attr(not(feature = "cli"), expect(dead_code, reason = "read by the CLI"))]
+    pub(crate) blocking: bool,
     pub(crate) location: String,
     pub(crate) prepare: PrepareFn,
 }
@@ -176,6 +180,7 @@ fn resolve_one(config: &Config, spec: &HandlerSpec) -> Result<Settings, SetupErr
         queue_type,
         bind_reply_queue: section.bind_reply_queue.unwrap_or(config.bind_reply_queue),
         dead_letter_queue,
+        blocking: spec.blocking,
         location: spec.location(),
         prepare: spec.prepare,
         queue,
