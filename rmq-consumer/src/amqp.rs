@@ -28,6 +28,16 @@ pub(crate) fn long(text: &str) -> AMQPValue {
 }
 
 
+#[cfg_attr(not(feature = "cli"), expect(dead_code, reason = "used by the CLI"))]
+/// A header as text, when it is a string of any kind.
+pub(crate) fn header_str<'a>(headers: Option<&'a FieldTable>, key: &str) -> Option<&'a str> {
+    match headers?.inner().get(key)? {
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
+        AMQPValue::ShortString(s) => Some(s.as_str()),
+        _ => None,
+    }
+}
+
 /// What an `x-retry-count` header says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum RetryCount {
