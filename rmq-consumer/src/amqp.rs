@@ -28,7 +28,6 @@ pub(crate) fn long(text: &str) -> AMQPValue {
 }
 
 
-#[cfg_attr(not(feature = "cli"), expect(dead_code, reason = "used by the CLI"))]
 /// A header as text, when it is a string of any kind.
 pub(crate) fn header_str<'a>(headers: Option<&'a FieldTable>, key: &str) -> Option<&'a str> {
     match headers?.inner().get(key)? {

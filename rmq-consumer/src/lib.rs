@@ -53,6 +53,7 @@ pub mod registry;
 pub mod retry;
 mod shutdown;
 mod topology;
+mod trace;
 pub mod uuid;
 
 #[doc(hidden)]

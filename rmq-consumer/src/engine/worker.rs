@@ -33,6 +33,7 @@ use crate::{
     registry::Call,
     retry::{self, Decision, RETRY_COUNT_HEADER},
     topology,
+    trace::{TRACEPARENT, TraceParent},
 };
 
 /// The longest error text written into a header.
@@ -205,8 +206,10 @@ impl Worker {
             delivery_tag = delivery.delivery_tag,
             message_id = field::Empty,
             task_uuid = field::Empty,
+            trace_id = field::Empty,
             attempt = field::Empty,
         );
+        let timestamp = *delivery.properties.timestamp();
         if let Some(id) = delivery.properties.message_id() {
             span.record("message_id", id.as_str());
         }
@@ -216,6 +219,14 @@ impl Worker {
         }
         .instrument(span)
         .await;
+        if let Some(sent) = timestamp {
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            #[expect(clippy::cast_precision_loss, reason = "seconds since 1970 fit an f64 exactly")]
+            let sent = sent as f64;
+            stats.end_to_end.observe((now - sent).max(0.0));
+        }
         stats.in_flight.fetch_sub(1, Relaxed);
         stats.completed(self.health.now_ms());
         drop(permit);
@@ -255,9 +266,12 @@ impl Worker {
         tracing::Span::current().record("task_uuid", task_uuid.as_str());
         let stats = self.stats();
         let timeout = self.settings.timeout;
-        let run = || {
+        let run = || async move {
             stats.handler_runs.fetch_add(1, Relaxed);
-            run_call(prepared.call, timeout)
+            let started = std::time::Instant::now();
+            let output = run_call(prepared.call, timeout).await;
+            stats.handler_duration.observe(started.elapsed().as_secs_f64());
+            output
         };
         let output = match &self.cache {
             Some(cache) => {
@@ -292,6 +306,13 @@ impl Worker {
             .with_delivery_mode(2)
             .with_message_id(short(&task_uuid))
             .with_timestamp(unix_now());
+        let parent = amqp::header_str(delivery.properties.headers().as_ref(), TRACEPARENT)
+            .and_then(TraceParent::parse);
+        let context = TraceParent::child_of(parent.as_ref());
+        tracing::Span::current().record("trace_id", context.trace_id.as_str());
+        let mut headers = FieldTable::default();
+        headers.insert(TRACEPARENT.into(), long(&context.header()));
+        properties = properties.with_headers(headers);
         if let Some(correlation_id) = delivery.properties.correlation_id() {
             properties = properties.with_correlation_id(correlation_id.clone());
         }
