@@ -44,10 +44,6 @@ pub mod output {
     }
 
     /// Not public API: `()` publishes nothing.
-    #[expect(
-        clippy::unnecessary_wraps,
-        reason = "all conversions share one signature"
-    )]
     pub fn unit(_result: ()) -> HandlerOutput {
         Ok(None)
     }

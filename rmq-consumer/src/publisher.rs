@@ -1,15 +1,28 @@
-//! Confirmed, mandatory publishing on a dedicated channel that reopens itself after a
-//! channel-level error (e.g. a missing exchange), so one bad route does not stop other work.
+//! Confirmed, mandatory publishing on a small pool of dedicated confirm channels. A channel
+//! that failed (e.g. a publish to a missing exchange closes it) is replaced, so one bad route
+//! does not stop other work.
+//!
+//! Each channel carries one publish at a time, its confirm included: lapin hands a
+//! `basic.return` to whichever confirm it completes next (a multiple ack completes several,
+//! in no set order), so with concurrent publishes on one channel a returned message could be
+//! reported as delivered and its input acked and lost. Concurrency comes from the pool.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
 
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection,
     options::{BasicPublishOptions, ConfirmSelectOptions},
 };
-use tokio::sync::Mutex;
+use tokio::sync::Semaphore;
 
 use crate::{amqp::short, error::PublishError};
+
+/// Confirm channels per connection: the number of publishes (results, retries, dead letters)
+/// waiting for their confirm at once.
+pub const DEFAULT_PUBLISH_CHANNELS: usize = 32;
 
 /// Publishes with publisher confirms and `mandatory`; a message counts as published only when
 /// the broker acked it and did not return it.
@@ -21,35 +34,36 @@ pub struct Publisher {
 #[derive(Debug)]
 struct Inner {
     connection: Arc<Connection>,
-    channel: Mutex<Channel>,
+    /// Idle channels; at most `permits` exist.
+    idle: Mutex<Vec<Channel>>,
+    permits: Semaphore,
     confirm_timeout: Duration,
 }
 
 impl Publisher {
-    /// Opens the confirm channel on `connection`.
+    /// Opens the first confirm channel on `connection` (more are opened on demand, up to
+    /// `channels`).
     ///
     /// # Errors
     /// The channel cannot be opened or put in confirm mode.
     pub async fn open(
         connection: &Arc<Connection>,
         confirm_timeout: Duration,
+        channels: usize,
     ) -> Result<Self, lapin::Error> {
         let channel = open_confirm_channel(connection).await?;
         Ok(Self {
             inner: Arc::new(Inner {
                 connection: Arc::clone(connection),
-                channel: Mutex::new(channel),
+                idle: Mutex::new(vec![channel]),
+                permits: Semaphore::new(channels.max(1)),
                 confirm_timeout,
             }),
         })
     }
 
-    async fn channel(&self) -> Result<Channel, lapin::Error> {
-        let mut guard = self.inner.channel.lock().await;
-        if !guard.status().connected() && self.inner.connection.status().connected() {
-            *guard = open_confirm_channel(&self.inner.connection).await?;
-        }
-        Ok(guard.clone())
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Channel>> {
+        self.inner.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Publishes `body` and waits for the broker's confirm.
@@ -69,7 +83,14 @@ impl Publisher {
             routing_key: routing_key.to_owned(),
             source,
         };
-        let channel = self.channel().await.map_err(channel_error)?;
+        let _permit = self.inner.permits.acquire().await;
+        let reusable = self.idle().pop().filter(|c| c.status().connected());
+        let channel = match reusable {
+            Some(channel) => channel,
+            None => open_confirm_channel(&self.inner.connection)
+                .await
+                .map_err(channel_error)?,
+        };
         let confirm = channel
             .basic_publish(
                 short(exchange),
@@ -83,6 +104,8 @@ impl Publisher {
             )
             .await
             .map_err(channel_error)?;
+        // A confirm that never came could still bring a late return: that channel is not
+        // reused (dropping the last handle closes it).
         let confirmation = tokio::time::timeout(self.inner.confirm_timeout, confirm)
             .await
             .map_err(|_| PublishError::ConfirmTimeout {
@@ -91,6 +114,9 @@ impl Publisher {
                 after: self.inner.confirm_timeout,
             })?
             .map_err(channel_error)?;
+        if channel.status().connected() {
+            self.idle().push(channel);
+        }
         match confirmation {
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
             Confirmation::Ack(Some(returned)) => Err(PublishError::Unroutable {
@@ -106,11 +132,14 @@ impl Publisher {
         }
     }
 
-    /// Closes the channel.
+    /// Closes the channels.
     pub async fn close(&self) {
-        let channel = self.inner.channel.lock().await;
-        if channel.status().connected() {
-            let _ = channel.close(200, "bye".into()).await;
+        self.inner.permits.close();
+        let channels: Vec<Channel> = std::mem::take(&mut *self.idle());
+        for channel in channels {
+            if channel.status().connected() {
+                let _ = channel.close(200, "bye".into()).await;
+            }
         }
     }
 }

@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 use lapin::{Connection, Event};
 use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     cache::ResultCache,
@@ -194,7 +194,11 @@ impl Engine {
                 .await
                 .map_err(|source| Error::Http { addr, source })?;
             info!(%addr, "serving /metrics, /livez and /readyz");
-            tokio::spawn(crate::http::serve(listener, Arc::clone(&self.health), stop_http.clone()));
+            tokio::spawn(crate::http::serve(
+                listener,
+                Arc::clone(&self.health),
+                stop_http.clone(),
+            ));
         }
         let _stop_http = stop_http.drop_guard();
         let tracker = TaskTracker::new();
@@ -298,6 +302,7 @@ impl Engine {
             .store(true, std::sync::atomic::Ordering::Relaxed);
         let events = tokio::spawn(watch_events(
             connection.events_listener(),
+            connection.status().clone(),
             lost.clone(),
             Arc::clone(&health),
         ));
@@ -344,7 +349,11 @@ impl Engine {
             })?;
             topology::declare_exchange(&channel, &self.config.exchange).await?;
             let _ = channel.close(200, "declared".into()).await;
-            Publisher::open(connection, self.config.confirm_timeout)
+            Publisher::open(
+                connection,
+                self.config.confirm_timeout,
+                crate::publisher::DEFAULT_PUBLISH_CHANNELS,
+            )
                 .await
                 .map_err(|source| crate::error::TopologyError {
                     what: "channel",
@@ -417,6 +426,7 @@ impl Engine {
 
 async fn watch_events(
     events: impl futures_util::Stream<Item = Event> + Send + 'static,
+    status: lapin::ConnectionStatus,
     lost: CancellationToken,
     health: Arc<Health>,
 ) {
@@ -430,6 +440,12 @@ async fn watch_events(
             Event::ConnectionUnblocked => {
                 info!("the broker unblocked this connection");
                 health.set_blocked(false);
+            }
+            // lapin also reports a channel's error here (a 404 on a passive declare or a
+            // publish to a missing exchange) while the connection is fine: the channel's
+            // owner handles those; only a connection that is down is lost.
+            Event::Error(error) if status.connected() => {
+                debug!(error = %error, "channel error");
             }
             Event::Error(error) => {
                 warn!(error = %error, "connection error");

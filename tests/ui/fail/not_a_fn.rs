@@ -1,0 +1,6 @@
+use rmq_consumer::consumer;
+
+#[consumer(queue = "tasks")]
+struct Handler;
+
+fn main() {}

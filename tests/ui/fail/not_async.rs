@@ -1,0 +1,7 @@
+use rmq_consumer::consumer;
+use serde_json::Value;
+
+#[consumer(queue = "tasks")]
+fn handle(_body: Value) {}
+
+fn main() {}

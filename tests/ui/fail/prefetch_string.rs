@@ -1,0 +1,7 @@
+use rmq_consumer::consumer;
+use serde_json::Value;
+
+#[consumer(queue = "tasks", prefetch = "4")]
+async fn handle(_body: Value) {}
+
+fn main() {}

@@ -1,0 +1,6 @@
+use rmq_consumer::consumer;
+
+#[consumer(queue = "tasks")]
+async fn handle() {}
+
+fn main() {}
