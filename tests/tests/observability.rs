@@ -1,6 +1,12 @@
 //! `/metrics`, `/livez` and `/readyz` during a real run, and across a broker outage made by
 //! cutting a TCP proxy between the engine and the broker (other tests are not disturbed).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs, reason = "tests")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    missing_docs,
+    reason = "tests"
+)]
 
 mod common;
 
@@ -16,7 +22,10 @@ use tokio::{
     task::JoinSet,
 };
 
-#[consumer(queue = "tests.observability.work", reply_key = "tests.observability.done")]
+#[consumer(
+    queue = "tests.observability.work",
+    reply_key = "tests.observability.done"
+)]
 async fn work(data: Value) -> Result<Value, rmq_consumer::HandlerError> {
     if data["fail"] == true {
         return Err(rmq_consumer::HandlerError::dead_letter("asked to fail"));
@@ -34,7 +43,10 @@ impl Proxy {
     async fn start() -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let proxy = Self { addr, tasks: Arc::new(Mutex::new(JoinSet::new())) };
+        let proxy = Self {
+            addr,
+            tasks: Arc::new(Mutex::new(JoinSet::new())),
+        };
         proxy.serve(listener).await;
         proxy
     }
@@ -43,10 +55,14 @@ impl Proxy {
         let tasks = Arc::clone(&self.tasks);
         self.tasks.lock().await.spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else { return };
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
                 let tasks_inner = Arc::clone(&tasks);
                 tasks_inner.lock().await.spawn(async move {
-                    let Ok(mut upstream) = TcpStream::connect("127.0.0.1:5672").await else { return };
+                    let Ok(mut upstream) = TcpStream::connect("127.0.0.1:5672").await else {
+                        return;
+                    };
                     let _ = tokio::io::copy_bidirectional(&mut inbound, &mut upstream).await;
                 });
             }
@@ -75,7 +91,10 @@ async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();
     let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -134,28 +153,73 @@ async fn metrics_match_the_ledger_and_probes_follow_an_outage() {
     let (status, text) = get(http, "/metrics").await;
     assert_eq!(status, 200);
     let labels = format!("{{handler=\"work\",queue=\"{queue}\"}}");
-    assert_eq!(metric(&text, &format!("rmq_consumer_deliveries_received_total{labels}")), 55);
-    assert_eq!(metric(&text, &format!("rmq_consumer_deliveries_succeeded_total{labels}")), 50);
-    assert_eq!(metric(&text, &format!("rmq_consumer_deliveries_dead_lettered_total{labels}")), 5);
-    assert_eq!(metric(&text, &format!("rmq_consumer_handler_duration_seconds_count{labels}")), 55);
-    assert_eq!(metric(&text, &format!("rmq_consumer_consumer_up{labels}")), 1);
+    assert_eq!(
+        metric(
+            &text,
+            &format!("rmq_consumer_deliveries_received_total{labels}")
+        ),
+        55
+    );
+    assert_eq!(
+        metric(
+            &text,
+            &format!("rmq_consumer_deliveries_succeeded_total{labels}")
+        ),
+        50
+    );
+    assert_eq!(
+        metric(
+            &text,
+            &format!("rmq_consumer_deliveries_dead_lettered_total{labels}")
+        ),
+        5
+    );
+    assert_eq!(
+        metric(
+            &text,
+            &format!("rmq_consumer_handler_duration_seconds_count{labels}")
+        ),
+        55
+    );
+    assert_eq!(
+        metric(&text, &format!("rmq_consumer_consumer_up{labels}")),
+        1
+    );
     assert_eq!(metric(&text, "rmq_consumer_connected"), 1);
 
     // Outage: not ready, still alive.
     proxy.cut().await;
-    eventually("not connected", Duration::from_secs(20), || !running.health.snapshot().connected).await;
+    eventually("not connected", Duration::from_secs(20), || {
+        !running.health.snapshot().connected
+    })
+    .await;
     let (status, body) = get(http, "/readyz").await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("not connected"), "{body}");
-    assert_eq!(get(http, "/livez").await.0, 200, "a broker outage must not fail liveness");
+    assert_eq!(
+        get(http, "/livez").await.0,
+        200,
+        "a broker outage must not fail liveness"
+    );
 
     // Back: ready again, and work flows again.
     proxy.restore().await;
     running.wait_consuming(Duration::from_secs(30)).await;
-    eventually("ready again", Duration::from_secs(10), || running.health.snapshot().connected).await;
+    eventually("ready again", Duration::from_secs(10), || {
+        running.health.snapshot().connected
+    })
+    .await;
     assert_eq!(get(http, "/readyz").await.0, 200);
-    broker.publish_json(&exchange, &queue, &json!({"i": 999})).await;
-    assert_eq!(broker.collect(&results, 1, Duration::from_secs(20)).await.len(), 1);
+    broker
+        .publish_json(&exchange, &queue, &json!({"i": 999}))
+        .await;
+    assert_eq!(
+        broker
+            .collect(&results, 1, Duration::from_secs(20))
+            .await
+            .len(),
+        1
+    );
     let text = get(http, "/metrics").await.1;
     assert!(metric(&text, "rmq_consumer_reconnects_total") >= 1);
 
@@ -187,17 +251,76 @@ async fn traceparent_is_continued_on_the_result() {
     let running = Running::start(config, &["work"]).await;
     let mut headers = lapin::types::FieldTable::default();
     let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-    headers.insert("traceparent".into(), lapin::types::AMQPValue::LongString(parent.into()));
+    headers.insert(
+        "traceparent".into(),
+        lapin::types::AMQPValue::LongString(parent.into()),
+    );
     let props = lapin::BasicProperties::default()
         .with_headers(headers)
         .with_correlation_id("corr-1".into());
-    broker.publish_raw(&exchange, &queue, br#"{"i": 1}"#, props).await;
+    broker
+        .publish_raw(&exchange, &queue, br#"{"i": 1}"#, props)
+        .await;
     let got = broker.collect(&results, 1, Duration::from_secs(20)).await;
     assert_eq!(got.len(), 1);
     let child = &got[0].headers["traceparent"];
-    assert!(child.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "same trace: {child}");
+    assert!(
+        child.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "same trace: {child}"
+    );
     assert_ne!(child, parent, "a new span id");
-    assert_eq!(got[0].correlation_id.as_deref(), Some("corr-1"), "correlation id honoured");
+    assert_eq!(
+        got[0].correlation_id.as_deref(),
+        Some("corr-1"),
+        "correlation id honoured"
+    );
     running.stop().await.unwrap();
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_broker_urls_are_tried_in_turn() {
+    let mut broker = Broker::connect().await;
+    let first = Proxy::start().await;
+    let second = Proxy::start().await;
+    let exchange = unique("ex");
+    broker.track_exchange(&exchange);
+    let queue = unique("urls");
+    let results = format!("{queue}.results");
+    for q in [&queue, &results, &format!("{queue}.dlq")] {
+        broker.track_queue(q);
+    }
+    let dead = free_port();
+    let mut config = test_config(&exchange);
+    config.urls = vec![
+        SecretUrl::new(format!("amqp://guest:guest@{dead}/%2f")),
+        SecretUrl::new(first.url()),
+        SecretUrl::new(second.url()),
+    ];
+    config.consumers.insert(
+        "work".to_owned(),
+        ConsumerConfig {
+            queue: Some(queue.clone()),
+            reply_key: Some(format!("{queue}.done")),
+            reply_queue: Some(results.clone()),
+            ..ConsumerConfig::default()
+        },
+    );
+    // The first URL refuses connections: the engine moves on to the second.
+    let running = Running::start(config, &["work"]).await;
+    broker.publish_json(&exchange, &queue, &json!({"i": 1})).await;
+    assert_eq!(broker.collect(&results, 1, Duration::from_secs(20)).await.len(), 1);
+
+    // The node behind the second URL goes away: the engine fails over to the third.
+    first.cut().await;
+    eventually("reconnected", Duration::from_secs(30), || {
+        let s = running.health.snapshot();
+        s.reconnects >= 1 && s.connected && s.handlers[0].consuming
+    })
+    .await;
+    broker.publish_json(&exchange, &queue, &json!({"i": 2})).await;
+    assert_eq!(broker.collect(&results, 1, Duration::from_secs(20)).await.len(), 1);
+    running.stop().await.unwrap();
+    second.cut().await;
     broker.cleanup().await;
 }
