@@ -17,11 +17,11 @@ pub enum Error {
     Logging(#[from] LoggingError),
     /// The registered handlers do not fit together or with the configuration.
     #[error(transparent)]
-    Setup(#[from] SetupError),
+    Setup(Box<SetupError>),
     /// The broker refused the topology (a queue exists with other arguments, a permission is
     /// missing, ...).
     #[error(transparent)]
-    Topology(#[from] TopologyError),
+    Topology(Box<TopologyError>),
     /// The HTTP listener (`http_addr`) could not be bound.
     #[error("cannot listen on {addr} for /metrics, /livez and /readyz")]
     Http {
@@ -34,6 +34,18 @@ pub enum Error {
     /// A signal handler could not be installed.
     #[error("cannot listen for shutdown signals")]
     Signal(#[source] std::io::Error),
+}
+
+impl From<SetupError> for Error {
+    fn from(error: SetupError) -> Self {
+        Self::Setup(Box::new(error))
+    }
+}
+
+impl From<TopologyError> for Error {
+    fn from(error: TopologyError) -> Self {
+        Self::Topology(Box::new(error))
+    }
 }
 
 /// Problems found when matching handlers with the configuration, before connecting.

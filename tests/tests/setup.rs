@@ -35,12 +35,15 @@ fn two_handlers_on_one_queue_name_both_locations() {
         .only(["first_on_shared", "second_on_shared"])
         .build()
         .unwrap_err();
-    let Error::Setup(SetupError::DuplicateQueue {
+    let Error::Setup(setup) = &error else {
+        panic!("expected a setup error, got {error:?}");
+    };
+    let SetupError::DuplicateQueue {
         queue,
         first_location,
         second_location,
         ..
-    }) = &error
+    } = &**setup
     else {
         panic!("expected DuplicateQueue, got {error:?}");
     };
@@ -94,10 +97,7 @@ result_cache_size = 1000
         .build()
         .unwrap_err();
     assert!(
-        matches!(
-            error,
-            Error::Setup(SetupError::AmbiguousOverride { key: "queue", .. })
-        ),
+        matches!(&error, Error::Setup(e) if matches!(**e, SetupError::AmbiguousOverride { key: "queue", .. })),
         "{error}"
     );
 }

@@ -89,7 +89,7 @@ impl Worker {
             let (channel, mut consumer) = match self.subscribe(&connection).await {
                 Ok(pair) => pair,
                 Err(crate::Error::Topology(error)) if error.is_refusal() => {
-                    return Stop::Fatal(error.into());
+                    return Stop::Fatal(crate::Error::Topology(error));
                 }
                 Err(error) => {
                     warn!(handler = %name, error = %crate::error::chain(&error), "cannot subscribe; reconnecting");
@@ -121,7 +121,14 @@ impl Worker {
                     Some(Ok(delivery)) => {
                         let worker = Arc::clone(&self);
                         let publisher = publisher.clone();
-                        tracker.spawn(worker.process(publisher, delivery, permit));
+                        // lapin closes a channel when its last handle is dropped, and this
+                        // loop drops its handle on shutdown or re-subscription: each delivery
+                        // keeps the channel open until it is settled on it.
+                        let channel = channel.clone();
+                        tracker.spawn(async move {
+                            worker.process(publisher, delivery, permit).await;
+                            drop(channel);
+                        });
                     }
                     Some(Err(error)) => {
                         warn!(handler = %name, error = %error, "consumer error");
@@ -223,7 +230,10 @@ impl Worker {
             let now = SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64());
-            #[expect(clippy::cast_precision_loss, reason = "seconds since 1970 fit an f64 exactly")]
+            #[expect(
+                clippy::cast_precision_loss,
+                reason = "seconds since 1970 fit an f64 exactly"
+            )]
             let sent = sent as f64;
             stats.end_to_end.observe((now - sent).max(0.0));
         }
@@ -270,7 +280,9 @@ impl Worker {
             stats.handler_runs.fetch_add(1, Relaxed);
             let started = std::time::Instant::now();
             let output = run_call(prepared.call, timeout).await;
-            stats.handler_duration.observe(started.elapsed().as_secs_f64());
+            stats
+                .handler_duration
+                .observe(started.elapsed().as_secs_f64());
             output
         };
         let output = match &self.cache {
