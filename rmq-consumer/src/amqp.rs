@@ -27,7 +27,6 @@ pub(crate) fn long(text: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(text.as_bytes().to_vec()))
 }
 
-
 /// A header as text, when it is a string of any kind.
 pub(crate) fn header_str<'a>(headers: Option<&'a FieldTable>, key: &str) -> Option<&'a str> {
     match headers?.inner().get(key)? {

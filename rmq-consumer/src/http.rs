@@ -2,7 +2,9 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
-use axum::{Router, extract::State, http::StatusCode, http::header, response::IntoResponse, routing::get};
+use axum::{
+    Router, extract::State, http::StatusCode, http::header, response::IntoResponse, routing::get,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -30,7 +32,10 @@ pub(crate) async fn serve(listener: TcpListener, health: Arc<Health>, stop: Canc
 
 async fn metrics(State(health): State<Arc<Health>>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         crate::metrics::render(&health),
     )
 }
@@ -75,7 +80,10 @@ pub(crate) fn readiness(snapshot: &HealthSnapshot) -> Vec<String> {
     }
     for handler in &snapshot.handlers {
         if !handler.consuming {
-            problems.push(format!("handler `{}` is not consuming `{}`", handler.name, handler.queue));
+            problems.push(format!(
+                "handler `{}` is not consuming `{}`",
+                handler.name, handler.queue
+            ));
         }
     }
     problems

@@ -24,37 +24,77 @@ pub(crate) fn duration_histogram() -> Histogram {
 type Read = fn(&HandlerStats) -> u64;
 
 const COUNTERS: &[(&str, &str, Read)] = &[
-    ("rmq_consumer_deliveries_received", "Deliveries received.", |h| h.received.load(Relaxed)),
-    ("rmq_consumer_deliveries_succeeded", "Deliveries processed, result confirmed, input acked.", |h| {
-        h.succeeded.load(Relaxed)
+    (
+        "rmq_consumer_deliveries_received",
+        "Deliveries received.",
+        |h| h.received.load(Relaxed),
+    ),
+    (
+        "rmq_consumer_deliveries_succeeded",
+        "Deliveries processed, result confirmed, input acked.",
+        |h| h.succeeded.load(Relaxed),
+    ),
+    (
+        "rmq_consumer_deliveries_retried",
+        "Deliveries sent for another attempt.",
+        |h| h.retried.load(Relaxed),
+    ),
+    (
+        "rmq_consumer_deliveries_dead_lettered",
+        "Deliveries sent to the dead-letter queue.",
+        |h| h.dead_lettered.load(Relaxed),
+    ),
+    (
+        "rmq_consumer_deliveries_rejected",
+        "Deliveries rejected without requeue (dead-lettering off).",
+        |h| h.rejected.load(Relaxed),
+    ),
+    (
+        "rmq_consumer_cache_hits",
+        "Results answered from the result cache.",
+        |h| h.cache_hits.load(Relaxed),
+    ),
+    (
+        "rmq_consumer_stale_acks",
+        "Settlements not sent because the delivery's channel had died (redelivered).",
+        |h| h.stale_acks.load(Relaxed),
+    ),
+    (
+        "rmq_consumer_results_returned",
+        "Results the broker returned as unroutable.",
+        |h| h.results_returned.load(Relaxed),
+    ),
+    (
+        "rmq_consumer_results_nacked",
+        "Results the broker nacked.",
+        |h| h.results_nacked.load(Relaxed),
+    ),
+    ("rmq_consumer_handler_runs", "Handler invocations.", |h| {
+        h.handler_runs.load(Relaxed)
     }),
-    ("rmq_consumer_deliveries_retried", "Deliveries sent for another attempt.", |h| h.retried.load(Relaxed)),
-    ("rmq_consumer_deliveries_dead_lettered", "Deliveries sent to the dead-letter queue.", |h| {
-        h.dead_lettered.load(Relaxed)
-    }),
-    ("rmq_consumer_deliveries_rejected", "Deliveries rejected without requeue (dead-lettering off).", |h| {
-        h.rejected.load(Relaxed)
-    }),
-    ("rmq_consumer_cache_hits", "Results answered from the result cache.", |h| h.cache_hits.load(Relaxed)),
-    ("rmq_consumer_stale_acks", "Settlements not sent because the delivery's channel had died (redelivered).", |h| {
-        h.stale_acks.load(Relaxed)
-    }),
-    ("rmq_consumer_results_returned", "Results the broker returned as unroutable.", |h| {
-        h.results_returned.load(Relaxed)
-    }),
-    ("rmq_consumer_results_nacked", "Results the broker nacked.", |h| h.results_nacked.load(Relaxed)),
-    ("rmq_consumer_handler_runs", "Handler invocations.", |h| h.handler_runs.load(Relaxed)),
 ];
 
 const GAUGES: &[(&str, &str, Read)] = &[
-    ("rmq_consumer_in_flight", "Deliveries being processed.", |h| {
-        u64::try_from(h.in_flight.load(Relaxed)).unwrap_or(u64::MAX)
-    }),
-    ("rmq_consumer_queue_depth", "Ready messages in the queue at the last watchdog probe.", |h| {
-        h.queue_depth.load(Relaxed)
-    }),
-    ("rmq_consumer_consumer_up", "1 while the handler's consumer is subscribed.", |h| u64::from(h.consuming.load(Relaxed))),
-    ("rmq_consumer_stuck", "1 while the watchdog considers the consumer stuck.", |h| u64::from(h.stuck.load(Relaxed))),
+    (
+        "rmq_consumer_in_flight",
+        "Deliveries being processed.",
+        |h| u64::try_from(h.in_flight.load(Relaxed)).unwrap_or(u64::MAX),
+    ),
+    (
+        "rmq_consumer_queue_depth",
+        "Ready messages in the queue at the last watchdog probe.",
+        |h| h.queue_depth.load(Relaxed),
+    ),
+    (
+        "rmq_consumer_consumer_up",
+        "1 while the handler's consumer is subscribed.",
+        |h| u64::from(h.consuming.load(Relaxed)),
+    ),
+    (
+        "rmq_consumer_stuck",
+        "1 while the watchdog considers the consumer stuck.",
+        |h| u64::from(h.stuck.load(Relaxed)),
+    ),
 ];
 
 #[derive(Debug)]
@@ -71,7 +111,10 @@ impl Collector for EngineCollector {
             for (name, help, read) in table {
                 let mut metric = encoder.encode_descriptor(name, help, None, family)?;
                 for handler in &health.handlers {
-                    let labels = [("handler", handler.name.as_str()), ("queue", handler.queue.as_str())];
+                    let labels = [
+                        ("handler", handler.name.as_str()),
+                        ("queue", handler.queue.as_str()),
+                    ];
                     let value = read(handler);
                     let encoder = metric.encode_family(&labels)?;
                     match family {
@@ -95,18 +138,38 @@ impl Collector for EngineCollector {
         ] {
             let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
             for handler in &health.handlers {
-                let labels = [("handler", handler.name.as_str()), ("queue", handler.queue.as_str())];
+                let labels = [
+                    ("handler", handler.name.as_str()),
+                    ("queue", handler.queue.as_str()),
+                ];
                 pick(handler).encode(metric.encode_family(&labels)?)?;
             }
         }
         let snapshot = health.snapshot();
         let engine_gauges = [
-            ("rmq_consumer_connected", "1 while a broker connection is up.", u64::from(snapshot.connected)),
-            ("rmq_consumer_blocked", "1 while the broker blocks this connection.", u64::from(snapshot.blocked)),
-            ("rmq_consumer_draining", "1 while shutting down.", u64::from(snapshot.draining)),
+            (
+                "rmq_consumer_connected",
+                "1 while a broker connection is up.",
+                u64::from(snapshot.connected),
+            ),
+            (
+                "rmq_consumer_blocked",
+                "1 while the broker blocks this connection.",
+                u64::from(snapshot.blocked),
+            ),
+            (
+                "rmq_consumer_draining",
+                "1 while shutting down.",
+                u64::from(snapshot.draining),
+            ),
         ];
         for (name, help, value) in engine_gauges {
-            gauge(value).encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)?;
+            gauge(value).encode(encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                MetricType::Gauge,
+            )?)?;
         }
         ConstCounter::new(snapshot.reconnects).encode(encoder.encode_descriptor(
             "rmq_consumer_reconnects",
@@ -114,12 +177,14 @@ impl Collector for EngineCollector {
             None,
             MetricType::Counter,
         )?)?;
-        ConstCounter::new(snapshot.blocked_for.as_secs_f64()).encode(encoder.encode_descriptor(
-            "rmq_consumer_blocked_seconds",
-            "Time the broker blocked this connection.",
-            None,
-            MetricType::Counter,
-        )?)?;
+        ConstCounter::new(snapshot.blocked_for.as_secs_f64()).encode(
+            encoder.encode_descriptor(
+                "rmq_consumer_blocked_seconds",
+                "Time the broker blocked this connection.",
+                None,
+                MetricType::Counter,
+            )?,
+        )?;
         Ok(())
     }
 }
@@ -146,11 +211,21 @@ mod tests {
         health.handlers[0].handler_duration.observe(0.02);
         let text = render(&health);
         assert!(
-            text.contains(r#"rmq_consumer_deliveries_received_total{handler="echo",queue="q.echo"} 3"#),
+            text.contains(
+                r#"rmq_consumer_deliveries_received_total{handler="echo",queue="q.echo"} 3"#
+            ),
             "{text}"
         );
-        assert!(text.contains(r#"rmq_consumer_in_flight{handler="echo",queue="q.echo"} 0"#), "{text}");
-        assert!(text.contains("rmq_consumer_handler_duration_seconds_count{handler=\"echo\",queue=\"q.echo\"} 1"), "{text}");
+        assert!(
+            text.contains(r#"rmq_consumer_in_flight{handler="echo",queue="q.echo"} 0"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "rmq_consumer_handler_duration_seconds_count{handler=\"echo\",queue=\"q.echo\"} 1"
+            ),
+            "{text}"
+        );
         assert!(text.contains("rmq_consumer_connected 0"), "{text}");
         assert!(text.contains("rmq_consumer_reconnects_total 0"), "{text}");
     }

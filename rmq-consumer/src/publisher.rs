@@ -63,7 +63,10 @@ impl Publisher {
     }
 
     fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Channel>> {
-        self.inner.idle.lock().unwrap_or_else(PoisonError::into_inner)
+        self.inner
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Publishes `body` and waits for the broker's confirm.

@@ -354,12 +354,12 @@ impl Engine {
                 self.config.confirm_timeout,
                 crate::publisher::DEFAULT_PUBLISH_CHANNELS,
             )
-                .await
-                .map_err(|source| crate::error::TopologyError {
-                    what: "channel",
-                    name: "publisher".to_owned(),
-                    source,
-                })
+            .await
+            .map_err(|source| crate::error::TopologyError {
+                what: "channel",
+                name: "publisher".to_owned(),
+                source,
+            })
         };
         let publisher = match setup.await {
             Ok(publisher) => publisher,

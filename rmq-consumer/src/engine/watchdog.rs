@@ -120,14 +120,20 @@ pub(crate) async fn run(
                 idle,
             };
             let verdict = {
-                let mut trackers = trackers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let mut trackers = trackers
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 match trackers.get_mut(worker.index) {
-                    Some(tracker) => assess(tracker, seen, settings.threshold, settings.max_failures),
+                    Some(tracker) => {
+                        assess(tracker, seen, settings.threshold, settings.max_failures)
+                    }
                     None => Verdict::Healthy,
                 }
             };
             debug!(handler = %worker.settings.name, ?seen, ?verdict, "watchdog check");
-            stats.stuck.store(!matches!(verdict, Verdict::Healthy), Relaxed);
+            stats
+                .stuck
+                .store(!matches!(verdict, Verdict::Healthy), Relaxed);
             match verdict {
                 Verdict::Healthy => health.healing_failed.store(false, Relaxed),
                 Verdict::Suspect => {}
@@ -162,7 +168,11 @@ pub(crate) struct WatchdogSettings {
 
 /// Ready messages in `queue`, by a passive declare on the probe channel (reopened when a
 /// failed probe closed it).
-async fn probe_depth(connection: &Connection, probe: &mut Option<Channel>, queue: &str) -> Option<u32> {
+async fn probe_depth(
+    connection: &Connection,
+    probe: &mut Option<Channel>,
+    queue: &str,
+) -> Option<u32> {
     if !probe.as_ref().is_some_and(|c| c.status().connected()) {
         *probe = connection.create_channel().await.ok();
     }
@@ -204,11 +214,30 @@ mod tests {
     #[test]
     fn busy_empty_or_recent_is_healthy() {
         let mut t = Tracker::default();
-        assert_eq!(assess(&mut t, seen(0, 0, 500), T, 3), Verdict::Healthy, "empty queue");
-        assert_eq!(assess(&mut t, seen(9, 4, 500), T, 3), Verdict::Healthy, "all slots busy");
-        assert_eq!(assess(&mut t, seen(9, 0, 10), T, 3), Verdict::Healthy, "recent progress");
-        let unknown = Observation { depth: None, ..seen(9, 0, 500) };
-        assert_eq!(assess(&mut t, unknown, T, 3), Verdict::Healthy, "failed probe is not stuck");
+        assert_eq!(
+            assess(&mut t, seen(0, 0, 500), T, 3),
+            Verdict::Healthy,
+            "empty queue"
+        );
+        assert_eq!(
+            assess(&mut t, seen(9, 4, 500), T, 3),
+            Verdict::Healthy,
+            "all slots busy"
+        );
+        assert_eq!(
+            assess(&mut t, seen(9, 0, 10), T, 3),
+            Verdict::Healthy,
+            "recent progress"
+        );
+        let unknown = Observation {
+            depth: None,
+            ..seen(9, 0, 500)
+        };
+        assert_eq!(
+            assess(&mut t, unknown, T, 3),
+            Verdict::Healthy,
+            "failed probe is not stuck"
+        );
     }
 
     #[test]
@@ -238,6 +267,10 @@ mod tests {
         for _ in 0..2 {
             assert_eq!(assess(&mut t, stuck, T, 3), Verdict::Suspect);
         }
-        assert_eq!(assess(&mut t, stuck, T, 3), Verdict::Resubscribe, "starts over at step 1");
+        assert_eq!(
+            assess(&mut t, stuck, T, 3),
+            Verdict::Resubscribe,
+            "starts over at step 1"
+        );
     }
 }
