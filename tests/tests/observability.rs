@@ -308,8 +308,16 @@ async fn several_broker_urls_are_tried_in_turn() {
     );
     // The first URL refuses connections: the engine moves on to the second.
     let running = Running::start(config, &["work"]).await;
-    broker.publish_json(&exchange, &queue, &json!({"i": 1})).await;
-    assert_eq!(broker.collect(&results, 1, Duration::from_secs(20)).await.len(), 1);
+    broker
+        .publish_json(&exchange, &queue, &json!({"i": 1}))
+        .await;
+    assert_eq!(
+        broker
+            .collect(&results, 1, Duration::from_secs(20))
+            .await
+            .len(),
+        1
+    );
 
     // The node behind the second URL goes away: the engine fails over to the third.
     first.cut().await;
@@ -318,8 +326,16 @@ async fn several_broker_urls_are_tried_in_turn() {
         s.reconnects >= 1 && s.connected && s.handlers[0].consuming
     })
     .await;
-    broker.publish_json(&exchange, &queue, &json!({"i": 2})).await;
-    assert_eq!(broker.collect(&results, 1, Duration::from_secs(20)).await.len(), 1);
+    broker
+        .publish_json(&exchange, &queue, &json!({"i": 2}))
+        .await;
+    assert_eq!(
+        broker
+            .collect(&results, 1, Duration::from_secs(20))
+            .await
+            .len(),
+        1
+    );
     running.stop().await.unwrap();
     second.cut().await;
     broker.cleanup().await;

@@ -301,14 +301,15 @@ impl From<&lapin::message::Delivery> for Received {
 
 /// A base configuration for tests: the test broker, a unique exchange, fast timeouts.
 pub fn test_config(exchange: &str) -> Config {
-    let mut config = Config::default();
-    config.urls = vec![SecretUrl::new(broker_url())];
-    config.exchange = exchange.to_owned();
-    config.retry_connect_interval = Duration::from_millis(500);
-    config.retry_connect_max = Duration::from_secs(2);
-    config.shutdown_timeout = Duration::from_secs(10);
-    config.confirm_timeout = Duration::from_secs(10);
-    config
+    Config {
+        urls: vec![SecretUrl::new(broker_url())],
+        exchange: exchange.to_owned(),
+        retry_connect_interval: Duration::from_millis(500),
+        retry_connect_max: Duration::from_secs(2),
+        shutdown_timeout: Duration::from_secs(10),
+        confirm_timeout: Duration::from_secs(10),
+        ..Config::default()
+    }
 }
 
 /// A running engine.
@@ -364,5 +365,655 @@ pub async fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -
     while !check() {
         assert!(Instant::now() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fault injection (tests/tests/fault_*.rs): the ledger checker of ../shared/RELIABILITY.md,
+// `rabbitmqctl` with guards that always restore what they changed, and small broker probes.
+
+/// A task body carrying a unique id: `{"id": id}` plus the fields of `extra` (an object).
+pub fn task(id: &str, extra: Value) -> Value {
+    let mut body = serde_json::json!({ "id": id });
+    if let (Some(body), Value::Object(extra)) = (body.as_object_mut(), extra) {
+        body.extend(extra);
+    }
+    body
+}
+
+/// The `id` field of a message body (a task, a result echoing it, or a dead-lettered task).
+pub fn id_of(message: &Received) -> Option<String> {
+    message
+        .json
+        .as_ref()?
+        .get("id")?
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// `<queue>.retry.<N>s` for whole seconds, `<queue>.retry.<N>ms` otherwise (as the engine names
+/// its TTL delay queues).
+pub fn delay_queue(queue: &str, delay: Duration) -> String {
+    if delay.subsec_millis() == 0 {
+        format!("{queue}.retry.{}s", delay.as_secs())
+    } else {
+        format!("{queue}.retry.{}ms", delay.as_millis())
+    }
+}
+
+/// One handler's queues for one test: the work queue, the reply key and the queue bound to
+/// it, the DLQ, and the delay queues of `retry_delays`.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub queue: String,
+    pub reply_key: String,
+    pub reply_queue: String,
+    pub dlq: String,
+    pub delay_queues: Vec<String>,
+}
+
+impl Route {
+    /// Gives `handler` unique names in `config` (its `[consumers.<handler>]` section, keeping
+    /// whatever else the section sets) and tracks every queue for cleanup on `broker`.
+    pub fn new(config: &mut Config, handler: &str, broker: &mut Broker) -> Self {
+        let queue = unique(handler);
+        let section = config.consumers.entry(handler.to_owned()).or_default();
+        let delays = section
+            .retry_delays
+            .clone()
+            .unwrap_or_else(|| config.retry_delays.clone());
+        let route = Self {
+            reply_key: format!("{queue}.result"),
+            reply_queue: format!("{queue}.results"),
+            dlq: format!("{queue}.dlq"),
+            delay_queues: delays.iter().map(|d| delay_queue(&queue, *d)).collect(),
+            queue,
+        };
+        let section = config.consumers.entry(handler.to_owned()).or_default();
+        section.queue = Some(route.queue.clone());
+        section.reply_key = Some(route.reply_key.clone());
+        section.reply_queue = Some(route.reply_queue.clone());
+        for name in route.all_queues() {
+            broker.track_queue(&name);
+        }
+        route
+    }
+
+    /// The work queue and its delay queues: where a task can still wait.
+    pub fn input_queues(&self) -> Vec<String> {
+        let mut queues = vec![self.queue.clone()];
+        queues.extend(self.delay_queues.iter().cloned());
+        queues
+    }
+
+    /// Every queue of the route.
+    pub fn all_queues(&self) -> Vec<String> {
+        let mut queues = self.input_queues();
+        queues.push(self.reply_queue.clone());
+        queues.push(self.dlq.clone());
+        queues
+    }
+}
+
+/// The numbers of a [`Ledger`] after a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LedgerReport {
+    /// Tasks the test tried to publish.
+    pub published: usize,
+    /// Tasks whose publish the broker confirmed.
+    pub confirmed: usize,
+    /// Distinct task ids with at least one result.
+    pub results_unique: usize,
+    /// Results read, duplicates included.
+    pub results_total: usize,
+    /// `results_total - results_unique`.
+    pub duplicates: usize,
+    /// Distinct task ids found in the dead-letter queue.
+    pub dead_lettered: usize,
+    /// Dead-lettered messages read, duplicates included.
+    pub dead_total: usize,
+    /// Messages still waiting in the input queues after the final drain.
+    pub remaining: usize,
+    /// Confirmed ids with neither a result nor a dead-lettered copy.
+    pub lost: usize,
+}
+
+/// The checker of RELIABILITY.md: every task carries a unique id; the ledger keeps the ids
+/// whose publish was confirmed and every result and dead-lettered copy read back, then
+/// `lost = confirmed - (results ∪ dead-lettered)` must be empty. Duplicates are counted, not
+/// hidden.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    pub name: String,
+    pub published: std::collections::BTreeSet<String>,
+    pub confirmed: std::collections::BTreeSet<String>,
+    /// Results per task id.
+    pub results: BTreeMap<String, usize>,
+    /// Dead-lettered copies per task id.
+    pub dead: BTreeMap<String, usize>,
+    /// Every dead-lettered message read, for header checks.
+    pub dead_messages: Vec<Received>,
+    /// Results and dead-lettered messages without an `id`.
+    pub strays: usize,
+    pub remaining: usize,
+}
+
+impl Ledger {
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            ..Self::default()
+        }
+    }
+
+    /// `count` fresh task ids, unique across runs.
+    pub fn ids(&self, count: usize) -> Vec<String> {
+        let prefix = unique(&self.name);
+        (0..count).map(|i| format!("{prefix}#{i}")).collect()
+    }
+
+    /// Publishes tasks (each with an `id`) with pipelined confirms and records which were
+    /// confirmed; returns how many were. A failed publish is recorded, not fatal: a fault
+    /// test may publish while the broker misbehaves.
+    pub async fn publish(
+        &mut self,
+        broker: &Broker,
+        exchange: &str,
+        routing_key: &str,
+        tasks: &[Value],
+    ) -> usize {
+        let mut confirmed = 0;
+        for chunk in tasks.chunks(500) {
+            let mut pending = Vec::with_capacity(chunk.len());
+            for task in chunk {
+                let id = task["id"]
+                    .as_str()
+                    .expect("a task has a string id")
+                    .to_owned();
+                self.published.insert(id.clone());
+                let body = serde_json::to_vec(task).unwrap();
+                let sent = broker
+                    .channel
+                    .basic_publish(
+                        exchange.into(),
+                        routing_key.into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..BasicPublishOptions::default()
+                        },
+                        &body,
+                        BasicProperties::default()
+                            .with_content_type("application/json".into())
+                            .with_delivery_mode(2),
+                    )
+                    .await;
+                pending.push((id, sent));
+            }
+            for (id, sent) in pending {
+                let Ok(confirm) = sent else { continue };
+                if let Ok(lapin::Confirmation::Ack(None)) = confirm.await {
+                    self.confirmed.insert(id);
+                    confirmed += 1;
+                }
+            }
+        }
+        confirmed
+    }
+
+    /// Publishes one task with the given properties (headers, ...); `true` when confirmed.
+    pub async fn publish_with(
+        &mut self,
+        broker: &Broker,
+        exchange: &str,
+        routing_key: &str,
+        task: &Value,
+        properties: BasicProperties,
+    ) -> bool {
+        let id = task["id"]
+            .as_str()
+            .expect("a task has a string id")
+            .to_owned();
+        self.published.insert(id.clone());
+        let body = serde_json::to_vec(task).unwrap();
+        let confirm = broker
+            .channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &body,
+                properties
+                    .with_content_type("application/json".into())
+                    .with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        let ok = matches!(confirm, lapin::Confirmation::Ack(None));
+        if ok {
+            self.confirmed.insert(id);
+        }
+        ok
+    }
+
+    pub fn record_results(&mut self, messages: &[Received]) {
+        for message in messages {
+            match id_of(message) {
+                Some(id) => *self.results.entry(id).or_default() += 1,
+                None => self.strays += 1,
+            }
+        }
+    }
+
+    pub fn record_dead(&mut self, messages: &[Received]) {
+        for message in messages {
+            match id_of(message) {
+                Some(id) => *self.dead.entry(id).or_default() += 1,
+                None => self.strays += 1,
+            }
+        }
+        self.dead_messages.extend(messages.iter().cloned());
+    }
+
+    /// Confirmed ids with neither a result nor a dead-lettered copy.
+    pub fn lost(&self) -> Vec<&String> {
+        self.confirmed
+            .iter()
+            .filter(|id| !self.results.contains_key(*id) && !self.dead.contains_key(*id))
+            .collect()
+    }
+
+    /// Whether every confirmed id is accounted for.
+    pub fn complete(&self) -> bool {
+        self.lost().is_empty()
+    }
+
+    /// The final drain: reads results from `results_queue` and dead-lettered copies from
+    /// `dlq` until every confirmed id is accounted for and nothing more arrived for `quiet`
+    /// (late duplicates), or until `timeout`; then counts what still waits in `inputs`.
+    pub async fn drain(
+        &mut self,
+        broker: &Broker,
+        results_queue: &str,
+        dlq: &str,
+        inputs: &[String],
+        quiet: Duration,
+        timeout: Duration,
+    ) {
+        let channel = broker.connection.create_channel().await.unwrap();
+        let mut results = channel
+            .basic_consume(
+                results_queue.into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let mut dead = channel
+            .basic_consume(
+                dlq.into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let deadline = Instant::now() + timeout;
+        let mut last = Instant::now();
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            let wait = Duration::from_millis(100).min(deadline - now);
+            let next = tokio::time::timeout(wait, async {
+                tokio::select! {
+                    Some(Ok(d)) = results.next() => Some((true, d)),
+                    Some(Ok(d)) = dead.next() => Some((false, d)),
+                    else => None,
+                }
+            })
+            .await;
+            let (is_result, delivery) = match next {
+                Ok(Some(next)) => next,
+                Ok(None) => panic!("[ledger {}] the drain consumers were cancelled", self.name),
+                // Idle: done once every id is accounted for and nothing came for `quiet`.
+                Err(_) if last.elapsed() >= quiet && self.complete() => break,
+                Err(_) => continue,
+            };
+            delivery
+                .acker
+                .ack(BasicAckOptions::default())
+                .await
+                .unwrap();
+            let received = Received::from(&delivery);
+            if is_result {
+                self.record_results(std::slice::from_ref(&received));
+            } else {
+                self.record_dead(std::slice::from_ref(&received));
+            }
+            last = Instant::now();
+        }
+        let _ = channel.close(200, "drained".into()).await;
+        self.remaining = 0;
+        for queue in inputs {
+            self.remaining += broker.depth(queue).await.unwrap_or(0) as usize;
+        }
+    }
+
+    /// The ledger's numbers.
+    pub fn report(&self) -> LedgerReport {
+        let results_total: usize = self.results.values().sum();
+        LedgerReport {
+            published: self.published.len(),
+            confirmed: self.confirmed.len(),
+            results_unique: self.results.len(),
+            results_total,
+            duplicates: results_total - self.results.len(),
+            dead_lettered: self.dead.len(),
+            dead_total: self.dead.values().sum(),
+            remaining: self.remaining,
+            lost: self.lost().len(),
+        }
+    }
+
+    /// Prints the numbers (visible with `--nocapture`) and returns them.
+    pub fn print(&self) -> LedgerReport {
+        let r = self.report();
+        println!(
+            "[ledger {}] published={} confirmed={} results_unique={} results_total={} \
+             duplicates={} dead_lettered={} (dead_total={}) remaining={} lost={} strays={}",
+            self.name,
+            r.published,
+            r.confirmed,
+            r.results_unique,
+            r.results_total,
+            r.duplicates,
+            r.dead_lettered,
+            r.dead_total,
+            r.remaining,
+            r.lost,
+            self.strays,
+        );
+        r
+    }
+
+    /// Prints the numbers and asserts that nothing was lost and nothing is left behind.
+    pub fn assert_nothing_lost(&self) -> LedgerReport {
+        let report = self.print();
+        let lost = self.lost();
+        assert!(
+            lost.is_empty(),
+            "[ledger {}] {} confirmed task(s) lost, e.g. {:?}",
+            self.name,
+            lost.len(),
+            lost.iter().take(10).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            report.confirmed, report.published,
+            "[ledger {}] every publish should have been confirmed",
+            self.name
+        );
+        assert_eq!(
+            report.remaining, 0,
+            "[ledger {}] messages left in the input queues",
+            self.name
+        );
+        report
+    }
+}
+
+/// Runs `rabbitmqctl` (async: the engine under test keeps running meanwhile); panics with
+/// its output when it fails.
+pub async fn rabbitmqctl(args: &[&str]) -> String {
+    let output = tokio::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("these tests need `rabbitmqctl` on PATH: {e}"));
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "rabbitmqctl {args:?} failed: {}\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+/// The same, blocking: for `Drop` guards, which must restore the broker even when a test
+/// panics.
+pub fn rabbitmqctl_blocking(args: &[&str]) -> Result<String, String> {
+    let output = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(format!(
+            "{}: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        ))
+    }
+}
+
+/// A broker policy that is cleared when the guard is dropped, whatever happens to the test.
+#[derive(Debug)]
+pub struct PolicyGuard {
+    name: String,
+    cleared: bool,
+}
+
+impl PolicyGuard {
+    /// `rabbitmqctl set_policy <name> <pattern> <definition> --apply-to queues`.
+    pub async fn set(name: &str, pattern: &str, definition: &str) -> Self {
+        let guard = Self {
+            name: name.to_owned(),
+            cleared: false,
+        };
+        rabbitmqctl(&[
+            "set_policy",
+            name,
+            pattern,
+            definition,
+            "--apply-to",
+            "queues",
+        ])
+        .await;
+        guard
+    }
+
+    pub async fn clear(mut self) {
+        rabbitmqctl(&["clear_policy", &self.name]).await;
+        self.cleared = true;
+    }
+}
+
+impl Drop for PolicyGuard {
+    fn drop(&mut self) {
+        if !self.cleared
+            && let Err(e) = rabbitmqctl_blocking(&["clear_policy", &self.name])
+        {
+            eprintln!("could not clear policy {}: {e}", self.name);
+        }
+    }
+}
+
+/// A stopped broker application (`rabbitmqctl stop_app`) that is started again when the
+/// guard is dropped, whatever happens to the test.
+#[derive(Debug)]
+pub struct StoppedApp {
+    started: bool,
+}
+
+impl StoppedApp {
+    pub async fn stop() -> Self {
+        let guard = Self { started: false };
+        rabbitmqctl(&["stop_app"]).await;
+        guard
+    }
+
+    /// `rabbitmqctl start_app`, then waits until the broker accepts connections.
+    pub async fn start(mut self) {
+        rabbitmqctl(&["start_app"]).await;
+        self.started = true;
+        let _ = Broker::connect_patiently(Duration::from_secs(60)).await;
+    }
+}
+
+impl Drop for StoppedApp {
+    fn drop(&mut self) {
+        if !self.started {
+            eprintln!("restarting the broker application (rabbitmqctl start_app)");
+            if let Err(e) = rabbitmqctl_blocking(&["start_app"]) {
+                eprintln!("rabbitmqctl start_app FAILED, start the broker by hand: {e}");
+            }
+        }
+    }
+}
+
+impl Broker {
+    /// Like [`Broker::connect`], retrying for up to `timeout` (the broker may be restarting
+    /// because a fault test stopped it).
+    pub async fn connect_patiently(timeout: Duration) -> Self {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let attempt = Connection::connect(&broker_url(), ConnectionProperties::default()).await;
+            match attempt {
+                Ok(connection) => {
+                    let channel = connection.create_channel().await.unwrap();
+                    channel
+                        .confirm_select(ConfirmSelectOptions::default())
+                        .await
+                        .unwrap();
+                    return Self {
+                        connection,
+                        channel,
+                        created_queues: Vec::new(),
+                        created_exchanges: Vec::new(),
+                    };
+                }
+                Err(e) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "no RabbitMQ at {} after {timeout:?} (set RMQ_TEST_URL): {e}",
+                        SecretUrl::new(broker_url())
+                    );
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+        }
+    }
+
+    /// Takes over the names `other` tracks, so one cleanup deletes them all.
+    pub fn adopt(&mut self, other: Broker) {
+        self.created_queues
+            .extend(other.created_queues.iter().cloned());
+        self.created_exchanges
+            .extend(other.created_exchanges.iter().cloned());
+    }
+
+    /// Consumers on `queue` (passive declare), `None` when the queue does not exist.
+    pub async fn consumers(&self, queue: &str) -> Option<u32> {
+        let channel = self.connection.create_channel().await.ok()?;
+        let declared = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .ok()?;
+        let _ = channel.close(200, "done".into()).await;
+        Some(declared.consumer_count())
+    }
+}
+
+/// Waits until `check` resolves to `true`, polling an async probe; panics with `what` at the
+/// timeout.
+pub async fn eventually_async<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Deletes the queues and exchanges a test made when the test panics before its
+/// [`Broker::cleanup`], so a failing fault test does not leave its topology on a shared broker.
+/// Declare it after the broker-restoring guards ([`StoppedApp`], [`PolicyGuard`]) are
+/// possible, i.e. early: locals drop in reverse order, so those restore the broker first.
+#[derive(Debug)]
+pub struct CleanupOnPanic {
+    queues: Vec<String>,
+    exchanges: Vec<String>,
+}
+
+impl Broker {
+    /// A [`CleanupOnPanic`] for the names tracked so far.
+    pub fn cleanup_on_panic(&self) -> CleanupOnPanic {
+        CleanupOnPanic {
+            queues: self.created_queues.clone(),
+            exchanges: self.created_exchanges.clone(),
+        }
+    }
+}
+
+impl Drop for CleanupOnPanic {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let queues = std::mem::take(&mut self.queues);
+        let exchanges = std::mem::take(&mut self.exchanges);
+        // A thread of its own: the test's runtime is unwinding around us.
+        let cleanup = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async {
+                let url = broker_url();
+                let connect = Connection::connect(&url, ConnectionProperties::default());
+                let Ok(Ok(connection)) =
+                    tokio::time::timeout(Duration::from_secs(5), connect).await
+                else {
+                    return;
+                };
+                let Ok(channel) = connection.create_channel().await else {
+                    return;
+                };
+                for queue in &queues {
+                    let _ = channel
+                        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                        .await;
+                }
+                for exchange in &exchanges {
+                    let _ = channel
+                        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                        .await;
+                }
+                let _ = connection
+                    .close(200, "cleanup after a failed test".into())
+                    .await;
+            });
+        });
+        let _ = cleanup.join();
     }
 }

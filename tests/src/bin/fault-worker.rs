@@ -1,0 +1,56 @@
+//! A worker process for the process-level fault tests (`tests/tests/fault_process.rs`): one
+//! handler, `work`, configured entirely from `RMQ_CONSUMER_*` environment variables like any
+//! deployed worker, so a test can `kill -9` it or send it SIGTERM.
+//!
+//! - `FAULT_WORKER_SLEEP_MS`: how long the handler works on each task (default 10).
+//! - The handler returns `{"id": <the task's id>, "pid": <this process id>}`; the task id is
+//!   also the task uuid.
+//!
+//! Exit code 0 after a clean drain, 1 when the engine stops with an error.
+
+use std::{process::ExitCode, sync::OnceLock, time::Duration};
+
+use rmq_consumer::{HandlerError, consumer};
+use serde_json::{Value, json};
+
+/// The variable setting the handler's work time in milliseconds.
+const SLEEP_ENV: &str = "FAULT_WORKER_SLEEP_MS";
+
+fn work_time() -> Duration {
+    static TIME: OnceLock<Duration> = OnceLock::new();
+    *TIME.get_or_init(|| {
+        let millis = std::env::var(SLEEP_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(10);
+        Duration::from_millis(millis)
+    })
+}
+
+fn task_uuid(task: &Value) -> String {
+    task["id"]
+        .as_str()
+        .map_or_else(|| task["id"].to_string(), str::to_owned)
+}
+
+/// Works on a task for `FAULT_WORKER_SLEEP_MS` and answers with its id.
+#[consumer(
+    queue = "fault_worker.tasks",
+    reply_key = "fault_worker.results",
+    uuid = "task_uuid"
+)]
+async fn work(task: Value) -> Result<Value, HandlerError> {
+    tokio::time::sleep(work_time()).await;
+    Ok(json!({"id": task["id"], "pid": std::process::id()}))
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match rmq_consumer::run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("fault-worker: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}

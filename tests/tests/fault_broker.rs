@@ -1,0 +1,308 @@
+//! Broker-wide faults: F01 (the broker closes every connection, several times during a run)
+//! and F02 (the broker application is stopped and started mid-run).
+//!
+//! They disturb every client of the broker, so they live in this one test binary and take
+//! [`GLOBAL`] one at a time. Each run checks the ledger of ../shared/RELIABILITY.md: every
+//! confirmed task id ends as a result or in the dead-letter queue; duplicates are printed.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    missing_docs,
+    reason = "tests"
+)]
+
+mod common;
+
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
+use common::{
+    Broker, Ledger, Route, Running, StoppedApp, eventually, rabbitmqctl, task, test_config, unique,
+};
+use rmq_consumer::consumer;
+use serde_json::{Value, json};
+
+/// Held by every test of this binary: a broker-wide fault must not hit a neighbour test.
+static GLOBAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const PREFETCH: u16 = 8;
+
+/// Extra work time per task while a fault command runs (`rabbitmqctl` needs 1-2 s to start):
+/// the workload keeps running but cannot finish before the fault lands, however fast the
+/// machine.
+static SLOW_MS: AtomicU64 = AtomicU64::new(0);
+
+/// Slows the handler down until dropped.
+struct Slowdown;
+
+impl Slowdown {
+    fn new(ms: u64) -> Self {
+        SLOW_MS.store(ms, Ordering::Relaxed);
+        Self
+    }
+}
+
+impl Drop for Slowdown {
+    fn drop(&mut self) {
+        SLOW_MS.store(0, Ordering::Relaxed);
+    }
+}
+
+/// Works `sleep_ms` (or longer during a fault) and answers with the task id.
+#[consumer(
+    queue = "tests.fault_broker.steady",
+    reply_key = "tests.fault_broker.steady.result"
+)]
+async fn steady(task: Value) -> Value {
+    let ms = task["sleep_ms"]
+        .as_u64()
+        .unwrap_or(0)
+        .max(SLOW_MS.load(Ordering::Relaxed));
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    json!({"id": task["id"]})
+}
+
+fn succeeded(running: &Running) -> u64 {
+    running.health.snapshot().handlers[0].succeeded
+}
+
+/// The prefetch of every consumer on `queue`, from `rabbitmqctl list_consumers`.
+async fn consumer_prefetch(queue: &str) -> Vec<String> {
+    let listing = rabbitmqctl(&[
+        "list_consumers",
+        "-q",
+        "--no-table-headers",
+        "queue_name",
+        "prefetch_count",
+    ])
+    .await;
+    listing
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            (fields.next() == Some(queue)).then(|| fields.next().unwrap_or("").to_owned())
+        })
+        .collect()
+}
+
+/// F01: `rabbitmqctl close_all_connections` three times while a few thousand tasks are being
+/// processed. The engine reconnects within the retry interval (+ 1 s), restores its consumer
+/// with its prefetch, and the ledger loses nothing; duplicates stay within prefetch +
+/// in-flight per fault.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f01_connections_closed_repeatedly_during_a_run() {
+    const TASKS: usize = 4000;
+    const FAULTS: usize = 3;
+    let _global = GLOBAL.lock().await;
+    let mut broker = Broker::connect().await;
+    let exchange = unique("ex");
+    broker.track_exchange(&exchange);
+    let mut config = test_config(&exchange);
+    config.prefetch_count = PREFETCH;
+    let retry_interval = config.retry_connect_interval;
+    let route = Route::new(&mut config, "steady", &mut broker);
+    let _cleanup = broker.cleanup_on_panic();
+    let running = Running::start(config, &["steady"]).await;
+
+    let mut ledger = Ledger::new("F01");
+    let tasks: Vec<Value> = ledger
+        .ids(TASKS)
+        .iter()
+        .map(|id| task(id, json!({"sleep_ms": 1})))
+        .collect();
+    let started = Instant::now();
+    let confirmed = ledger
+        .publish(&broker, &exchange, &route.queue, &tasks)
+        .await;
+    assert_eq!(confirmed, TASKS, "preload not confirmed");
+
+    let mut slowest = Duration::ZERO;
+    let mut last_fault_at = 0;
+    for round in 1..=FAULTS {
+        let target = (TASKS * (1 + 2 * round) / 10) as u64; // 30 %, 50 %, 70 %
+        eventually(
+            &format!("{target} tasks done before fault {round}"),
+            Duration::from_secs(60),
+            || succeeded(&running) >= target,
+        )
+        .await;
+        let before = running.health.snapshot().reconnects;
+        let slowdown = Slowdown::new(50);
+        rabbitmqctl(&["close_all_connections", "test"]).await;
+        let done_before = succeeded(&running);
+        last_fault_at = done_before;
+        let closed = Instant::now();
+        eventually(
+            &format!("reconnected and consuming after fault {round}"),
+            Duration::from_secs(20),
+            || {
+                let s = running.health.snapshot();
+                s.reconnects > before && s.connected && s.handlers[0].consuming
+            },
+        )
+        .await;
+        let took = closed.elapsed();
+        drop(slowdown);
+        slowest = slowest.max(took);
+        println!(
+            "[F01] fault {round}: closed at {done_before}/{TASKS} done, consuming again {took:?} after rabbitmqctl returned"
+        );
+    }
+    println!(
+        "[F01] faults done after {:?}; {}/{TASKS} done",
+        started.elapsed(),
+        succeeded(&running)
+    );
+    assert!(
+        last_fault_at < TASKS as u64,
+        "the run ended before the last fault; the faults did not hit a running workload"
+    );
+    assert!(
+        slowest <= retry_interval + Duration::from_secs(1),
+        "reconnect took {slowest:?}, more than the retry interval + 1 s"
+    );
+    assert_eq!(
+        consumer_prefetch(&route.queue).await,
+        vec![PREFETCH.to_string()],
+        "one consumer with the configured prefetch after the reconnects"
+    );
+
+    // The test's own connection was closed too: read back on a fresh one.
+    let mut fresh = Broker::connect_patiently(Duration::from_secs(10)).await;
+    ledger
+        .drain(
+            &fresh,
+            &route.reply_queue,
+            &route.dlq,
+            &route.input_queues(),
+            Duration::from_secs(1),
+            Duration::from_secs(90),
+        )
+        .await;
+    println!("[F01] run and drain took {:?}", started.elapsed());
+    let report = ledger.assert_nothing_lost();
+    let snapshot = running.health.snapshot();
+    println!(
+        "[F01] reconnects={} stale_acks={} handler_runs={} duplicates={}",
+        snapshot.reconnects,
+        snapshot.handlers[0].stale_acks,
+        snapshot.handlers[0].handler_runs,
+        report.duplicates
+    );
+    assert!(snapshot.reconnects >= FAULTS as u64, "{snapshot:?}");
+    assert_eq!(
+        report.dead_lettered, 0,
+        "a connection loss is not a failure"
+    );
+    let bound = FAULTS * 2 * usize::from(PREFETCH);
+    assert!(
+        report.duplicates <= bound,
+        "{} duplicates, more than prefetch + in-flight per fault ({bound})",
+        report.duplicates
+    );
+    running.stop().await.unwrap();
+    fresh.adopt(broker);
+    fresh.cleanup().await;
+}
+
+/// F02: `rabbitmqctl stop_app; sleep 5; rabbitmqctl start_app` mid-run. The engine keeps
+/// retrying without crashing, is not connected while the broker is down, reconnects after
+/// the restart, and the persistent tasks in the durable queue survive: lost 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f02_broker_app_restart_mid_run() {
+    const TASKS: usize = 2500;
+    let _global = GLOBAL.lock().await;
+    let mut broker = Broker::connect().await;
+    let exchange = unique("ex");
+    broker.track_exchange(&exchange);
+    let mut config = test_config(&exchange);
+    config.prefetch_count = PREFETCH;
+    let route = Route::new(&mut config, "steady", &mut broker);
+    let _cleanup = broker.cleanup_on_panic();
+    let running = Running::start(config, &["steady"]).await;
+
+    let mut ledger = Ledger::new("F02");
+    let tasks: Vec<Value> = ledger
+        .ids(TASKS)
+        .iter()
+        .map(|id| task(id, json!({"sleep_ms": 2})))
+        .collect();
+    let confirmed = ledger
+        .publish(&broker, &exchange, &route.queue, &tasks)
+        .await;
+    assert_eq!(confirmed, TASKS, "preload not confirmed");
+    eventually("a tenth of the tasks done", Duration::from_secs(60), || {
+        succeeded(&running) >= (TASKS / 10) as u64
+    })
+    .await;
+
+    // The guard runs `start_app` even if anything below panics.
+    let slowdown = Slowdown::new(50);
+    let stopped = StoppedApp::stop().await;
+    let done_at_stop = succeeded(&running);
+    println!("[F02] broker app stopped at {done_at_stop}/{TASKS} done");
+    eventually(
+        "the engine notices the broker is gone",
+        Duration::from_secs(10),
+        || !running.health.snapshot().connected,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let down = running.health.snapshot();
+    assert!(!down.connected, "connected while the broker is down?");
+    assert!(
+        !running.task.is_finished(),
+        "the engine gave up while the broker was down"
+    );
+    assert!(
+        done_at_stop < TASKS as u64,
+        "the run ended before the fault"
+    );
+    stopped.start().await;
+    let restarted = Instant::now();
+    eventually(
+        "reconnected and consuming after the restart",
+        Duration::from_secs(30),
+        || {
+            let s = running.health.snapshot();
+            s.reconnects >= 1 && s.connected && s.handlers[0].consuming
+        },
+    )
+    .await;
+    println!(
+        "[F02] consuming again {:?} after start_app returned",
+        restarted.elapsed()
+    );
+    drop(slowdown);
+
+    let mut fresh = Broker::connect_patiently(Duration::from_secs(30)).await;
+    ledger
+        .drain(
+            &fresh,
+            &route.reply_queue,
+            &route.dlq,
+            &route.input_queues(),
+            Duration::from_secs(1),
+            Duration::from_secs(90),
+        )
+        .await;
+    let report = ledger.assert_nothing_lost();
+    let snapshot = running.health.snapshot();
+    println!(
+        "[F02] reconnects={} stale_acks={} duplicates={}",
+        snapshot.reconnects, snapshot.handlers[0].stale_acks, report.duplicates
+    );
+    assert_eq!(report.dead_lettered, 0, "a broker restart is not a failure");
+    let bound = 2 * usize::from(PREFETCH);
+    assert!(
+        report.duplicates <= bound,
+        "{} duplicates, more than prefetch + in-flight ({bound})",
+        report.duplicates
+    );
+    running.stop().await.unwrap();
+    fresh.adopt(broker);
+    fresh.cleanup().await;
+}

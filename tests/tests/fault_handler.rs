@@ -1,0 +1,490 @@
+//! Handler faults against a running engine: F19 a poison task (always fails) retried through
+//! the delay queues then dead-lettered, F20 a hanging handler, F09 a blocking handler that
+//! outlives three heartbeats, F25 the same task twice with the result cache on, a panicking
+//! handler, and forged `x-retry-count` headers. Each run checks the ledger of
+//! ../shared/RELIABILITY.md.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    missing_docs,
+    reason = "tests"
+)]
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    sync::{LazyLock, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use common::{Broker, Ledger, Route, Running, eventually, task, test_config, unique};
+use lapin::{
+    BasicProperties,
+    types::{AMQPValue, FieldTable},
+};
+use rmq_consumer::{Config, HandlerError, HandlerSnapshot, consumer};
+use serde_json::{Value, json};
+
+/// Handler runs per task id, across the tests of this binary (ids are unique per test).
+static RUNS: LazyLock<Mutex<BTreeMap<String, u32>>> = LazyLock::new(Mutex::default);
+
+fn count_run(task: &Value) -> String {
+    let id = task["id"].as_str().unwrap_or_default().to_owned();
+    *RUNS.lock().unwrap().entry(id.clone()).or_default() += 1;
+    id
+}
+
+fn runs(id: &str) -> u32 {
+    RUNS.lock().unwrap().get(id).copied().unwrap_or(0)
+}
+
+/// Does what the task's `mode` says: `ok` (the default), `fail`, `panic` or `hang`.
+#[consumer(
+    queue = "tests.fault_handler.scripted",
+    reply_key = "tests.fault_handler.scripted.result"
+)]
+async fn scripted(task: Value) -> Result<Value, HandlerError> {
+    let id = count_run(&task);
+    match task["mode"].as_str() {
+        Some("fail") => Err(HandlerError::retry("poison: this task always fails")),
+        Some("panic") => panic!("poison: this task always panics"),
+        Some("hang") => std::future::pending().await,
+        _ => Ok(json!({"id": id})),
+    }
+}
+
+fn task_id(task: &Value) -> String {
+    task["id"].as_str().unwrap_or_default().to_owned()
+}
+
+/// Answers with the id; the task id is the uuid, so the result cache dedups by it.
+#[consumer(
+    queue = "tests.fault_handler.deduped",
+    reply_key = "tests.fault_handler.deduped.result",
+    uuid = "task_id"
+)]
+async fn deduped(task: Value) -> Value {
+    let id = count_run(&task);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    json!({"id": id})
+}
+
+/// A CPU-bound handler: a plain fn that blocks its thread for `block_ms`.
+#[consumer(
+    queue = "tests.fault_handler.crunch",
+    reply_key = "tests.fault_handler.crunch.result",
+    blocking = true
+)]
+fn crunch(task: Value) -> Value {
+    let id = count_run(&task);
+    std::thread::sleep(Duration::from_millis(
+        task["block_ms"].as_u64().unwrap_or(0),
+    ));
+    json!({"id": id})
+}
+
+fn handler(running: &Running) -> HandlerSnapshot {
+    running.health.snapshot().handlers[0].clone()
+}
+
+/// A broker, a unique exchange, a config and a route for `name`, after `tune` ran on the
+/// config (retry settings must be set before the route names the delay queues).
+fn setup(
+    broker: &mut Broker,
+    name: &str,
+    tune: impl FnOnce(&mut Config),
+) -> (String, Config, Route) {
+    let exchange = unique("ex");
+    broker.track_exchange(&exchange);
+    let mut config = test_config(&exchange);
+    tune(&mut config);
+    let route = Route::new(&mut config, name, broker);
+    (exchange, config, route)
+}
+
+async fn drain(ledger: &mut Ledger, broker: &Broker, route: &Route, timeout: Duration) {
+    ledger
+        .drain(
+            broker,
+            &route.reply_queue,
+            &route.dlq,
+            &route.input_queues(),
+            Duration::from_millis(500),
+            timeout,
+        )
+        .await;
+}
+
+fn dead_message<'a>(ledger: &'a Ledger, id: &str) -> &'a BTreeMap<String, String> {
+    &ledger
+        .dead_messages
+        .iter()
+        .find(|m| common::id_of(m).as_deref() == Some(id))
+        .unwrap_or_else(|| panic!("{id} not dead-lettered"))
+        .headers
+}
+
+fn parse_time(text: &str) -> SystemTime {
+    humantime::parse_rfc3339(text).unwrap_or_else(|e| panic!("bad time {text:?}: {e}"))
+}
+
+/// F19: a poison task (the handler always fails) is retried exactly `max_retry_count` times
+/// through the TTL delay queues (`retry_delays` 200 ms then 400 ms, the last one reused), so
+/// it takes at least the sum of the delays, then lands in the DLQ with the reason headers.
+/// Good tasks around it are answered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f19_poison_task_retried_with_backoff_then_dead_lettered() {
+    const MAX_RETRIES: u32 = 3;
+    let delays = [Duration::from_millis(200), Duration::from_millis(400)];
+    // Retry 1 waits 200 ms, retries 2 and 3 wait 400 ms each.
+    let minimum = Duration::from_millis(200 + 400 + 400);
+    let mut broker = Broker::connect().await;
+    let (exchange, config, route) = setup(&mut broker, "scripted", |c| {
+        c.max_retry_count = MAX_RETRIES;
+        c.retry_delays = delays.to_vec();
+    });
+    assert_eq!(
+        route.delay_queues,
+        [
+            format!("{}.retry.200ms", route.queue),
+            format!("{}.retry.400ms", route.queue)
+        ]
+    );
+    let _cleanup = broker.cleanup_on_panic();
+    let running = Running::start(config, &["scripted"]).await;
+    for queue in &route.delay_queues {
+        assert!(
+            broker.depth(queue).await.is_some(),
+            "delay queue {queue} declared"
+        );
+    }
+
+    let mut ledger = Ledger::new("F19");
+    let ids = ledger.ids(13);
+    let tasks: Vec<Value> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| task(id, json!({"mode": if i < 3 { "fail" } else { "ok" }})))
+        .collect();
+    let started = Instant::now();
+    ledger
+        .publish(&broker, &exchange, &route.queue, &tasks)
+        .await;
+    eventually(
+        "the poison tasks dead-lettered",
+        Duration::from_secs(20),
+        || handler(&running).dead_lettered == 3,
+    )
+    .await;
+    let took = started.elapsed();
+    drain(&mut ledger, &broker, &route, Duration::from_secs(20)).await;
+    let report = ledger.assert_nothing_lost();
+    println!("[F19] poison tasks dead-lettered after {took:?} (delays sum to {minimum:?})");
+    assert_eq!((report.results_unique, report.dead_lettered), (10, 3));
+    assert_eq!((report.duplicates, report.dead_total), (0, 3));
+    assert!(
+        took >= minimum,
+        "retried faster than the delays allow: {took:?}"
+    );
+    for id in &ids[..3] {
+        assert_eq!(
+            runs(id),
+            MAX_RETRIES + 1,
+            "{id}: one run plus {MAX_RETRIES} retries"
+        );
+        let h = dead_message(&ledger, id);
+        assert_eq!(h["x-retry-count"], MAX_RETRIES.to_string(), "{h:?}");
+        assert_eq!(h["x-error-kind"], "handler_error", "{h:?}");
+        assert_eq!(h["x-original-queue"], route.queue, "{h:?}");
+        assert!(
+            h["x-death-reason"].starts_with("retries exhausted"),
+            "{h:?}"
+        );
+        assert!(h["x-last-error"].contains("poison"), "{h:?}");
+        let first = parse_time(&h["x-first-failure-at"]);
+        let last = parse_time(&h["x-last-failure-at"]);
+        let spread = last.duration_since(first).unwrap();
+        assert!(
+            spread >= minimum - Duration::from_millis(50),
+            "first to last failure {spread:?}, delays sum to {minimum:?}"
+        );
+    }
+    for id in &ids[3..] {
+        assert_eq!(runs(id), 1, "{id}");
+    }
+    let h = handler(&running);
+    assert_eq!(h.retried, 3 * u64::from(MAX_RETRIES));
+    running.stop().await.unwrap();
+    broker.cleanup().await;
+}
+
+/// F20: a handler that never returns. `message_timeout` (1 s) fires, the slot is released
+/// (with concurrency 1 the tasks queued behind it still complete), the task is retried and
+/// then dead-lettered with `x-error-kind = timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f20_hanging_handler_times_out_and_releases_its_slot() {
+    let mut broker = Broker::connect().await;
+    let (exchange, config, route) = setup(&mut broker, "scripted", |c| {
+        c.max_retry_count = 1;
+        c.message_timeout = Duration::from_secs(1);
+        c.prefetch_count = 1;
+    });
+    let _cleanup = broker.cleanup_on_panic();
+    let running = Running::start(config, &["scripted"]).await;
+    let mut ledger = Ledger::new("F20");
+    let ids = ledger.ids(6);
+    let tasks: Vec<Value> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| task(id, json!({"mode": if i == 0 { "hang" } else { "ok" }})))
+        .collect();
+    let started = Instant::now();
+    ledger
+        .publish(&broker, &exchange, &route.queue, &tasks)
+        .await;
+    eventually(
+        "the tasks behind the hanging one",
+        Duration::from_secs(10),
+        || handler(&running).succeeded == 5,
+    )
+    .await;
+    let others_done = started.elapsed();
+    drain(&mut ledger, &broker, &route, Duration::from_secs(20)).await;
+    let report = ledger.assert_nothing_lost();
+    println!("[F20] the other tasks done after {others_done:?}");
+    assert_eq!((report.results_unique, report.dead_lettered), (5, 1));
+    assert_eq!(report.duplicates, 0);
+    assert_eq!(runs(&ids[0]), 2, "one run and one retry, each timed out");
+    let h = dead_message(&ledger, &ids[0]);
+    assert_eq!(h["x-error-kind"], "timeout", "{h:?}");
+    assert_eq!(h["x-retry-count"], "1", "{h:?}");
+    assert!(
+        others_done < Duration::from_secs(3),
+        "the slot was released after the timeout"
+    );
+    assert_eq!(handler(&running).in_flight, 0);
+    running.stop().await.unwrap();
+    broker.cleanup().await;
+}
+
+/// F09: a blocking plain-fn handler (`blocking = true`) that blocks its thread for longer
+/// than three heartbeats (heartbeat 2 s), four at a time on a two-thread runtime. It runs on
+/// the blocking pool, so heartbeats keep flowing: the connection is never dropped, every
+/// task is answered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f09_blocking_handler_does_not_starve_heartbeats() {
+    const BLOCK: Duration = Duration::from_millis(6500);
+    let mut broker = Broker::connect().await;
+    let (exchange, config, route) = setup(&mut broker, "crunch", |c| {
+        c.heartbeat_interval = 2;
+        c.prefetch_count = 4;
+    });
+    let _cleanup = broker.cleanup_on_panic();
+    let running = Running::start(config, &["crunch"]).await;
+    let mut ledger = Ledger::new("F09");
+    let tasks: Vec<Value> = ledger
+        .ids(4)
+        .iter()
+        .map(|id| task(id, json!({"block_ms": BLOCK.as_millis()})))
+        .collect();
+    ledger
+        .publish(&broker, &exchange, &route.queue, &tasks)
+        .await;
+    eventually("all four blocking", Duration::from_secs(5), || {
+        handler(&running).in_flight == 4
+    })
+    .await;
+    let deadline = Instant::now() + BLOCK;
+    while Instant::now() < deadline {
+        let s = running.health.snapshot();
+        assert!(
+            s.connected && s.reconnects == 0,
+            "connection dropped: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    drain(&mut ledger, &broker, &route, Duration::from_secs(20)).await;
+    let report = ledger.assert_nothing_lost();
+    let s = running.health.snapshot();
+    println!(
+        "[F09] reconnects={} stale_acks={} duplicates={}",
+        s.reconnects, s.handlers[0].stale_acks, report.duplicates
+    );
+    assert_eq!(s.reconnects, 0, "the heartbeat kept the connection");
+    assert_eq!(report.duplicates, 0);
+    assert_eq!(s.handlers[0].handler_runs, 4);
+    running.stop().await.unwrap();
+    broker.cleanup().await;
+}
+
+/// F25: every task published twice with the result cache on: the handler runs once per task
+/// id, and each delivery still gets its result (the second answered from the cache).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f25_duplicate_task_runs_the_handler_once_with_the_cache() {
+    const TASKS: usize = 20;
+    let mut broker = Broker::connect().await;
+    let (exchange, config, route) = setup(&mut broker, "deduped", |c| {
+        c.enable_result_cache = true;
+        c.result_cache_size = 100;
+        c.prefetch_count = 8;
+    });
+    let _cleanup = broker.cleanup_on_panic();
+    let running = Running::start(config, &["deduped"]).await;
+    let mut ledger = Ledger::new("F25");
+    let ids = ledger.ids(TASKS);
+    let once: Vec<Value> = ids.iter().map(|id| task(id, json!({}))).collect();
+    // Twice, interleaved: some copies are in flight together (single flight), some after.
+    let twice: Vec<Value> = once.iter().flat_map(|t| [t.clone(), t.clone()]).collect();
+    ledger
+        .publish(&broker, &exchange, &route.queue, &twice)
+        .await;
+    drain(&mut ledger, &broker, &route, Duration::from_secs(20)).await;
+    let report = ledger.assert_nothing_lost();
+    let h = handler(&running);
+    println!(
+        "[F25] deliveries={} handler_runs={} cache_hits={} results_total={} duplicates={} (by design: each task sent twice)",
+        h.received, h.handler_runs, h.cache_hits, report.results_total, report.duplicates
+    );
+    assert_eq!(report.results_unique, TASKS);
+    assert_eq!(report.results_total, 2 * TASKS, "both deliveries answered");
+    assert_eq!(
+        h.handler_runs, TASKS as u64,
+        "one handler execution per task id"
+    );
+    assert_eq!(h.cache_hits, TASKS as u64);
+    for id in &ids {
+        assert_eq!(runs(id), 1, "{id}");
+    }
+    running.stop().await.unwrap();
+    broker.cleanup().await;
+}
+
+/// A panicking handler is caught at the task boundary: retried, then dead-lettered with
+/// `x-error-kind = handler_panicked`; the worker keeps running and answers the next tasks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn panicking_handler_is_retried_then_dead_lettered_and_the_worker_lives() {
+    const MAX_RETRIES: u32 = 2;
+    let mut broker = Broker::connect().await;
+    let (exchange, config, route) = setup(&mut broker, "scripted", |c| {
+        c.max_retry_count = MAX_RETRIES;
+    });
+    let _cleanup = broker.cleanup_on_panic();
+    let running = Running::start(config, &["scripted"]).await;
+    let mut ledger = Ledger::new("panic");
+    let ids = ledger.ids(3);
+    let panics: Vec<Value> = ids
+        .iter()
+        .map(|id| task(id, json!({"mode": "panic"})))
+        .collect();
+    ledger
+        .publish(&broker, &exchange, &route.queue, &panics)
+        .await;
+    eventually(
+        "the panicking tasks dead-lettered",
+        Duration::from_secs(20),
+        || handler(&running).dead_lettered == 3,
+    )
+    .await;
+    assert!(
+        !running.task.is_finished(),
+        "the engine survived the panics"
+    );
+    let after: Vec<Value> = ledger
+        .ids(10)
+        .iter()
+        .map(|id| task(id, json!({})))
+        .collect();
+    ledger
+        .publish(&broker, &exchange, &route.queue, &after)
+        .await;
+    drain(&mut ledger, &broker, &route, Duration::from_secs(20)).await;
+    let report = ledger.assert_nothing_lost();
+    assert_eq!((report.results_unique, report.dead_lettered), (10, 3));
+    assert_eq!(report.duplicates, 0);
+    for id in &ids {
+        assert_eq!(runs(id), MAX_RETRIES + 1);
+        let h = dead_message(&ledger, id);
+        assert_eq!(h["x-error-kind"], "handler_panicked", "{h:?}");
+        assert_eq!(h["x-retry-count"], MAX_RETRIES.to_string(), "{h:?}");
+        assert!(h["x-last-error"].contains("always panics"), "{h:?}");
+    }
+    let s = running.health.snapshot();
+    assert!(s.connected && s.handlers[0].consuming, "{s:?}");
+    assert_eq!(s.reconnects, 0);
+    running.stop().await.unwrap();
+    broker.cleanup().await;
+}
+
+/// Forged `x-retry-count` headers, as documented in `amqp.rs`: any integer width and a string
+/// of digits are counted; a negative, float, huge or non-digit value counts as exhausted (the
+/// task is dead-lettered after its first failure, never given extra retries). A task that
+/// succeeds is answered whatever its header says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_retry_count_headers_are_counted_or_exhausted() {
+    const MAX_RETRIES: u32 = 3;
+    let mut broker = Broker::connect().await;
+    let (exchange, config, route) = setup(&mut broker, "scripted", |c| {
+        c.max_retry_count = MAX_RETRIES;
+    });
+    let _cleanup = broker.cleanup_on_panic();
+    let running = Running::start(config, &["scripted"]).await;
+    let mut ledger = Ledger::new("headers");
+    // (header value, mode, expected handler runs, expected x-retry-count in the DLQ or None
+    // when the task succeeds).
+    let cases: Vec<(AMQPValue, &str, u32, Option<&str>)> = vec![
+        (AMQPValue::LongString("2".into()), "fail", 2, Some("3")),
+        (AMQPValue::LongString(" 1 ".into()), "fail", 3, Some("3")),
+        (AMQPValue::LongInt(1), "fail", 3, Some("3")),
+        (AMQPValue::ShortShortUInt(2), "fail", 2, Some("3")),
+        (AMQPValue::LongLongInt(3), "fail", 1, Some("3")),
+        (AMQPValue::LongLongInt(-1), "fail", 1, Some("0")),
+        (AMQPValue::Double(1.0), "fail", 1, Some("0")),
+        (AMQPValue::Float(2.5), "fail", 1, Some("0")),
+        (AMQPValue::LongLongInt(i64::MAX), "fail", 1, Some("0")),
+        (
+            AMQPValue::LongString("99999999999999999999".into()),
+            "fail",
+            1,
+            Some("0"),
+        ),
+        (AMQPValue::LongString("two".into()), "fail", 1, Some("0")),
+        (AMQPValue::LongString("-2".into()), "fail", 1, Some("0")),
+        (AMQPValue::Boolean(true), "fail", 1, Some("0")),
+        (AMQPValue::LongLongInt(-1), "ok", 1, None),
+        (AMQPValue::LongString("garbage".into()), "ok", 1, None),
+    ];
+    let ids = ledger.ids(cases.len());
+    for (id, (value, mode, _, _)) in ids.iter().zip(&cases) {
+        let mut headers = FieldTable::default();
+        headers.insert("x-retry-count".into(), value.clone());
+        let body = task(id, json!({"mode": mode}));
+        let properties = BasicProperties::default().with_headers(headers);
+        assert!(
+            ledger
+                .publish_with(&broker, &exchange, &route.queue, &body, properties)
+                .await
+        );
+    }
+    drain(&mut ledger, &broker, &route, Duration::from_secs(20)).await;
+    let report = ledger.assert_nothing_lost();
+    assert_eq!((report.results_unique, report.dead_lettered), (2, 13));
+    assert_eq!((report.duplicates, report.dead_total), (0, 13));
+    for (id, (value, _, expected_runs, dlq_count)) in ids.iter().zip(&cases) {
+        assert_eq!(runs(id), *expected_runs, "{value:?}: handler runs");
+        match dlq_count {
+            Some(count) => {
+                let h = dead_message(&ledger, id);
+                assert_eq!(h["x-retry-count"], *count, "{value:?}: {h:?}");
+                assert!(
+                    h["x-death-reason"].starts_with("retries exhausted"),
+                    "{h:?}"
+                );
+            }
+            None => assert!(ledger.results.contains_key(id), "{value:?}: answered"),
+        }
+    }
+    running.stop().await.unwrap();
+    broker.cleanup().await;
+}

@@ -1,0 +1,302 @@
+//! Process-level faults on a real worker process (the `fault-worker` binary, configured with
+//! `RMQ_CONSUMER_*` variables like a deployed worker): F04 `kill -9` mid-run and a restart,
+//! F05 SIGTERM under load. Each run checks the ledger of ../shared/RELIABILITY.md.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    missing_docs,
+    reason = "tests"
+)]
+
+mod common;
+
+use std::{
+    os::unix::process::ExitStatusExt,
+    path::PathBuf,
+    process::{ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::{Broker, Ledger, Route, broker_url, eventually_async, task, test_config, unique};
+use serde_json::{Value, json};
+
+/// The shutdown timeout the workers are given.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running `fault-worker` process; killed if the test drops it.
+struct WorkerProcess {
+    child: tokio::process::Child,
+    log: PathBuf,
+}
+
+impl WorkerProcess {
+    /// Starts a worker for `route` whose handler works `sleep_ms` per task.
+    fn spawn(exchange: &str, route: &Route, prefetch: u16, sleep_ms: u64) -> Self {
+        let dir = std::env::temp_dir().join(unique("fault-worker"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("worker.log");
+        let file = std::fs::File::create(&log).unwrap();
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_fault-worker"));
+        for (name, _) in std::env::vars() {
+            if name.starts_with("RMQ_CONSUMER_") {
+                command.env_remove(name);
+            }
+        }
+        command
+            // No stray `rmq-consumer.toml` is picked up from an empty working directory.
+            .current_dir(&dir)
+            .env("RMQ_CONSUMER_URL", broker_url())
+            .env("RMQ_CONSUMER_EXCHANGE", exchange)
+            .env("RMQ_CONSUMER_PREFETCH_COUNT", prefetch.to_string())
+            .env("RMQ_CONSUMER_RETRY_CONNECT_INTERVAL", "500ms")
+            .env(
+                "RMQ_CONSUMER_SHUTDOWN_TIMEOUT",
+                format!("{}s", SHUTDOWN_TIMEOUT.as_secs()),
+            )
+            .env("RMQ_CONSUMER_LOG_LEVEL", "info")
+            .env("RMQ_CONSUMER_LOG_FORMAT", "human")
+            .env("RMQ_CONSUMER_CONSUMERS__WORK__QUEUE", &route.queue)
+            .env("RMQ_CONSUMER_CONSUMERS__WORK__REPLY_KEY", &route.reply_key)
+            .env(
+                "RMQ_CONSUMER_CONSUMERS__WORK__REPLY_QUEUE",
+                &route.reply_queue,
+            )
+            .env("FAULT_WORKER_SLEEP_MS", sleep_ms.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(file.try_clone().unwrap()))
+            .stderr(Stdio::from(file))
+            .kill_on_drop(true);
+        let child = command
+            .spawn()
+            .expect("cannot start the fault-worker binary");
+        Self { child, log }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id().expect("the worker is running")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the exit, at most `within`.
+    async fn terminate(&mut self, within: Duration) -> (ExitStatus, Duration) {
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -TERM failed");
+        let start = Instant::now();
+        let status = tokio::time::timeout(within, self.child.wait())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the worker did not exit within {within:?} of SIGTERM; its log:\n{}",
+                    self.log()
+                )
+            })
+            .unwrap();
+        (status, start.elapsed())
+    }
+
+    /// Sends SIGKILL and reaps the process (a `kill -9`).
+    async fn kill9(&mut self) -> ExitStatus {
+        self.child.start_kill().unwrap();
+        self.child.wait().await.unwrap()
+    }
+}
+
+impl Drop for WorkerProcess {
+    /// The process is killed by `kill_on_drop`; its log is kept only when the test failed.
+    fn drop(&mut self) {
+        if !std::thread::panicking()
+            && let Some(dir) = self.log.parent()
+        {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Waits until `queue` has `count` consumers.
+async fn wait_consumers(broker: &Broker, queue: &str, count: u32, worker: &WorkerProcess) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while broker.consumers(queue).await != Some(count) {
+        assert!(
+            Instant::now() < deadline,
+            "{queue} never had {count} consumer(s); worker log:\n{}",
+            worker.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Sets up a route for the `work` handler, declares its queue and preloads `count` tasks.
+async fn preload(broker: &mut Broker, ledger: &mut Ledger, count: usize) -> (String, Route) {
+    let exchange = unique("ex");
+    broker.track_exchange(&exchange);
+    let mut config = test_config(&exchange);
+    let route = Route::new(&mut config, "work", broker);
+    // Same arguments as the worker declares it with (durable classic, no arguments).
+    broker.declare_queue(&route.queue).await;
+    let tasks: Vec<Value> = ledger
+        .ids(count)
+        .iter()
+        .map(|id| task(id, json!({})))
+        .collect();
+    let confirmed = ledger.publish(broker, "", &route.queue, &tasks).await;
+    assert_eq!(confirmed, count, "preload not confirmed");
+    (exchange, route)
+}
+
+/// F04: the worker is killed with SIGKILL mid-run. Its unacked deliveries go back to the
+/// queue; a restarted worker finishes the run. Nothing is lost; the duplicates (results
+/// published but not acked at the kill) stay within prefetch + in-flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f04_worker_killed_and_restarted() {
+    const TASKS: usize = 1500;
+    const PREFETCH: u16 = 16;
+    let mut broker = Broker::connect().await;
+    let mut ledger = Ledger::new("F04");
+    let (exchange, route) = preload(&mut broker, &mut ledger, TASKS).await;
+    let _cleanup = broker.cleanup_on_panic();
+
+    let mut first = WorkerProcess::spawn(&exchange, &route, PREFETCH, 5);
+    wait_consumers(&broker, &route.queue, 1, &first).await;
+    eventually_async(
+        "a fifth of the results",
+        Duration::from_secs(60),
+        || async { broker.depth(&route.reply_queue).await.unwrap_or(0) >= (TASKS / 5) as u32 },
+    )
+    .await;
+    let status = first.kill9().await;
+    assert_eq!(status.signal(), Some(9), "killed by SIGKILL: {status:?}");
+    let results_at_kill = broker.depth(&route.reply_queue).await.unwrap_or(0);
+    println!("[F04] worker {status} with {results_at_kill}/{TASKS} results published");
+    assert!(
+        (results_at_kill as usize) < TASKS,
+        "the run ended before the kill"
+    );
+    eventually_async(
+        "the broker notices the dead worker",
+        Duration::from_secs(10),
+        || async { broker.consumers(&route.queue).await == Some(0) },
+    )
+    .await;
+
+    let mut second = WorkerProcess::spawn(&exchange, &route, PREFETCH, 5);
+    wait_consumers(&broker, &route.queue, 1, &second).await;
+    ledger
+        .drain(
+            &broker,
+            &route.reply_queue,
+            &route.dlq,
+            &route.input_queues(),
+            Duration::from_secs(1),
+            Duration::from_secs(60),
+        )
+        .await;
+    let (status, _) = second.terminate(SHUTDOWN_TIMEOUT * 2).await;
+    assert_eq!(status.code(), Some(0), "log:\n{}", second.log());
+    let report = ledger.assert_nothing_lost();
+    println!(
+        "[F04] duplicates={} (bound {})",
+        report.duplicates,
+        2 * PREFETCH
+    );
+    assert_eq!(report.dead_lettered, 0, "a killed worker is not a failure");
+    assert!(
+        report.duplicates <= usize::from(2 * PREFETCH),
+        "{} duplicates, more than prefetch + in-flight",
+        report.duplicates
+    );
+    broker.cleanup().await;
+}
+
+/// F05: SIGTERM under load. The worker cancels its consumer, finishes and acks what is in
+/// flight, exits 0 within `shutdown_timeout`; every other task is still in the queue (no
+/// result twice, none lost), and a second worker finishes them: duplicates 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f05_sigterm_under_load_drains_in_flight_and_exits_0() {
+    const TASKS: usize = 400;
+    const PREFETCH: u16 = 10;
+    let mut broker = Broker::connect().await;
+    let mut ledger = Ledger::new("F05");
+    let (exchange, route) = preload(&mut broker, &mut ledger, TASKS).await;
+    let _cleanup = broker.cleanup_on_panic();
+
+    // 200 ms per task, 10 at a time: 50 tasks/s, so SIGTERM lands with 10 in flight.
+    let mut first = WorkerProcess::spawn(&exchange, &route, PREFETCH, 200);
+    wait_consumers(&broker, &route.queue, 1, &first).await;
+    eventually_async("50 results", Duration::from_secs(30), || async {
+        broker.depth(&route.reply_queue).await.unwrap_or(0) >= 50
+    })
+    .await;
+    let (status, took) = first
+        .terminate(SHUTDOWN_TIMEOUT + Duration::from_secs(5))
+        .await;
+    let log = first.log();
+    println!("[F05] first worker {status} {took:?} after SIGTERM");
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit 0 after a clean drain; log:\n{log}"
+    );
+    assert!(took <= SHUTDOWN_TIMEOUT, "exit took {took:?}");
+    assert!(
+        log.contains("consumer cancelled") && log.contains("in-flight deliveries drained"),
+        "stop consuming first, then drain; log:\n{log}"
+    );
+    assert!(!log.contains("shutdown timeout reached"), "log:\n{log}");
+
+    // Every task is either answered exactly once or still waiting in the queue.
+    let answered = broker.drain(&route.reply_queue).await;
+    ledger.record_results(&answered);
+    let first_report = ledger.report();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let waiting = broker.depth(&route.queue).await.unwrap_or(0) as usize;
+        if first_report.results_total + waiting == TASKS {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} results + {waiting} waiting != {TASKS} tasks; worker log:\n{log}",
+            first_report.results_total
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let waiting = broker.depth(&route.queue).await.unwrap_or(0);
+    println!(
+        "[F05] after the first worker: results={} duplicates={} waiting={waiting}",
+        first_report.results_total, first_report.duplicates
+    );
+    assert_eq!(first_report.duplicates, 0, "no result twice");
+    assert!(waiting > 0, "the shutdown came after the run");
+
+    let mut second = WorkerProcess::spawn(&exchange, &route, PREFETCH * 4, 1);
+    wait_consumers(&broker, &route.queue, 1, &second).await;
+    ledger
+        .drain(
+            &broker,
+            &route.reply_queue,
+            &route.dlq,
+            &route.input_queues(),
+            Duration::from_secs(1),
+            Duration::from_secs(60),
+        )
+        .await;
+    let (status, _) = second
+        .terminate(SHUTDOWN_TIMEOUT + Duration::from_secs(5))
+        .await;
+    assert_eq!(status.code(), Some(0), "log:\n{}", second.log());
+    let report = ledger.assert_nothing_lost();
+    println!("[F05] duplicates={}", report.duplicates);
+    assert_eq!(
+        report.duplicates, 0,
+        "a graceful shutdown duplicates nothing"
+    );
+    assert_eq!(report.dead_lettered, 0);
+    broker.cleanup().await;
+}

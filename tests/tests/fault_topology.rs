@@ -1,0 +1,549 @@
+//! Topology faults against a running engine: F13 the work queue deleted under the consumer,
+//! F14 the result exchange deleted, F15 the result queue unbound (mandatory return), F16 the
+//! broker nacking results (a `max-length 0, reject-publish` policy). Each run checks the
+//! ledger of ../shared/RELIABILITY.md and restores whatever it changed on the broker.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    missing_docs,
+    reason = "tests"
+)]
+
+mod common;
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use common::{
+    Broker, Ledger, PolicyGuard, Route, Running, eventually, eventually_async, task, test_config,
+    unique,
+};
+use lapin::{
+    BasicProperties, ExchangeKind,
+    options::{
+        BasicGetOptions, BasicPublishOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
+        QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    },
+    types::{AMQPValue, FieldTable},
+};
+use rmq_consumer::{HandlerSnapshot, consumer, error::PublishError, publisher::Publisher};
+use serde_json::{Value, json};
+
+/// Answers with the task id (after `sleep_ms`, if given).
+#[consumer(
+    queue = "tests.fault_topology.relay",
+    reply_key = "tests.fault_topology.relay.result"
+)]
+async fn relay(task: Value) -> Value {
+    if let Some(ms) = task["sleep_ms"].as_u64() {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    json!({"id": task["id"]})
+}
+
+/// The same, for a second handler in the same engine.
+#[consumer(
+    queue = "tests.fault_topology.side",
+    reply_key = "tests.fault_topology.side.result"
+)]
+async fn side(task: Value) -> Value {
+    json!({"id": task["id"], "side": true})
+}
+
+fn handler(running: &Running, name: &str) -> HandlerSnapshot {
+    running
+        .health
+        .snapshot()
+        .handlers
+        .into_iter()
+        .find(|h| h.name == name)
+        .unwrap()
+}
+
+fn tasks(ledger: &Ledger, count: usize) -> Vec<Value> {
+    ledger
+        .ids(count)
+        .iter()
+        .map(|id| task(id, json!({})))
+        .collect()
+}
+
+async fn drain(ledger: &mut Ledger, broker: &Broker, route: &Route) {
+    ledger
+        .drain(
+            broker,
+            &route.reply_queue,
+            &route.dlq,
+            &route.input_queues(),
+            Duration::from_millis(500),
+            Duration::from_secs(30),
+        )
+        .await;
+}
+
+async fn declare_exchange(broker: &Broker, exchange: &str) {
+    broker
+        .channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+}
+
+async fn bind(broker: &Broker, queue: &str, exchange: &str, key: &str) {
+    broker
+        .channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+}
+
+/// Every dead-lettered message of the ledger has this error kind and retry count.
+fn assert_dead_letters(ledger: &Ledger, kind: &str, retries: u32, queue: &str) {
+    for message in &ledger.dead_messages {
+        let h = &message.headers;
+        assert_eq!(h["x-error-kind"], kind, "{h:?}");
+        assert_eq!(h["x-retry-count"], retries.to_string(), "{h:?}");
+        assert_eq!(h["x-original-queue"], queue, "{h:?}");
+        assert!(
+            h["x-death-reason"].starts_with("retries exhausted"),
+            "{h:?}"
+        );
+    }
+}
+
+/// F13: the work queue is deleted under the consumer, twice. The broker cancels the consumer;
+/// the engine notices, re-declares the queue (and its binding) and consumes again on the
+/// same connection; tasks published afterwards are processed. Nothing confirmed is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f13_queue_deleted_under_the_consumer() {
+    let mut broker = Broker::connect().await;
+    let exchange = unique("ex");
+    broker.track_exchange(&exchange);
+    let mut config = test_config(&exchange);
+    let route = Route::new(&mut config, "relay", &mut broker);
+    let _cleanup = broker.cleanup_on_panic();
+    let running = Running::start(config, &["relay"]).await;
+    let mut ledger = Ledger::new("F13");
+
+    let mut done = 0;
+    for round in 1..=2 {
+        let batch = tasks(&ledger, 20);
+        ledger
+            .publish(&broker, &exchange, &route.queue, &batch)
+            .await;
+        done += batch.len() as u64;
+        eventually("the batch is processed", Duration::from_secs(20), || {
+            handler(&running, "relay").succeeded == done
+        })
+        .await;
+
+        broker
+            .channel
+            .queue_delete(route.queue.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+        let deleted = Instant::now();
+        eventually_async(
+            "the queue re-declared with one consumer",
+            Duration::from_secs(15),
+            || async { broker.consumers(&route.queue).await == Some(1) },
+        )
+        .await;
+        println!(
+            "[F13] round {round}: queue back with its consumer {:?} after the delete",
+            deleted.elapsed()
+        );
+        assert!(handler(&running, "relay").consuming);
+    }
+    // Published through the exchange: the binding was restored too.
+    let batch = tasks(&ledger, 20);
+    ledger
+        .publish(&broker, &exchange, &route.queue, &batch)
+        .await;
+    drain(&mut ledger, &broker, &route).await;
+    let report = ledger.assert_nothing_lost();
+    assert_eq!(report.results_unique, 60);
+    assert_eq!(report.duplicates, 0);
+    let snapshot = running.health.snapshot();
+    assert_eq!(
+        snapshot.reconnects, 0,
+        "re-subscribed on the same connection"
+    );
+    running.stop().await.unwrap();
+    broker.cleanup().await;
+}
+
+/// F14: the exchange results are published to is deleted while the engine runs. The input is
+/// not acked as a success; it is retried through its delay queue at the configured pace (no
+/// hot loop); another handler whose results go elsewhere keeps working; once the exchange is
+/// back every task completes (or is dead-lettered): nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f14_result_exchange_missing() {
+    const STUCK: usize = 10;
+    const WINDOW: Duration = Duration::from_secs(3);
+    let delay = Duration::from_millis(500);
+    let mut broker = Broker::connect().await;
+    let exchange = unique("ex");
+    broker.track_exchange(&exchange);
+    let mut config = test_config(&exchange);
+    let section = config.consumers.entry("relay".to_owned()).or_default();
+    section.max_retries = Some(30);
+    section.retry_delays = Some(vec![delay]);
+    let relay_route = Route::new(&mut config, "relay", &mut broker);
+    let side_route = Route::new(&mut config, "side", &mut broker);
+    let _cleanup = broker.cleanup_on_panic();
+    let running = Running::start(config, &["relay", "side"]).await;
+    let mut relay_ledger = Ledger::new("F14.relay");
+    let mut side_ledger = Ledger::new("F14.side");
+
+    let before = tasks(&relay_ledger, 5);
+    relay_ledger
+        .publish(&broker, &exchange, &relay_route.queue, &before)
+        .await;
+    eventually("the first tasks complete", Duration::from_secs(20), || {
+        handler(&running, "relay").succeeded == 5
+    })
+    .await;
+
+    broker
+        .channel
+        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+        .await
+        .unwrap();
+    // The exchange is gone (and the bindings with it): publish the inputs directly.
+    let stuck = tasks(&relay_ledger, STUCK);
+    relay_ledger
+        .publish(&broker, "", &relay_route.queue, &stuck)
+        .await;
+    eventually(
+        "every stuck task tried once",
+        Duration::from_secs(10),
+        || handler(&running, "relay").handler_runs >= 5 + STUCK as u64,
+    )
+    .await;
+    let runs_before = handler(&running, "relay").handler_runs;
+    // Meanwhile another handler, answering through `reply_to`, is unaffected.
+    for side_task in tasks(&side_ledger, 30) {
+        let properties =
+            BasicProperties::default().with_reply_to(side_route.reply_queue.as_str().into());
+        side_ledger
+            .publish_with(&broker, "", &side_route.queue, &side_task, properties)
+            .await;
+    }
+    tokio::time::sleep(WINDOW).await;
+    let during = handler(&running, "relay");
+    let runs = during.handler_runs - runs_before;
+    let bound = STUCK as u64 * (WINDOW.as_millis() / delay.as_millis() + 2) as u64;
+    println!(
+        "[F14] {runs} handler runs for {STUCK} stuck tasks in {WINDOW:?} (bound {bound}); retried={} dead_lettered={}",
+        during.retried, during.dead_lettered
+    );
+    assert_eq!(during.succeeded, 5, "no input acked as a success");
+    assert_eq!(
+        running.health.snapshot().reconnects,
+        0,
+        "a channel error (404 on the publish channel) is not a connection loss"
+    );
+    assert!(runs <= bound, "hot loop: {runs} runs in {WINDOW:?}");
+    assert!(
+        runs >= STUCK as u64,
+        "the stuck tasks are retried, not parked"
+    );
+    side_ledger
+        .drain(
+            &broker,
+            &side_route.reply_queue,
+            &side_route.dlq,
+            &side_route.input_queues(),
+            Duration::from_millis(500),
+            Duration::from_secs(20),
+        )
+        .await;
+    let side_report = side_ledger.assert_nothing_lost();
+    assert_eq!(
+        side_report.dead_lettered, 0,
+        "the other handler completes its tasks during the outage"
+    );
+
+    // The exchange comes back (an operator, or the next reconnect, re-declares it).
+    declare_exchange(&broker, &exchange).await;
+    bind(
+        &broker,
+        &relay_route.reply_queue,
+        &exchange,
+        &relay_route.reply_key,
+    )
+    .await;
+    drain(&mut relay_ledger, &broker, &relay_route).await;
+    let report = relay_ledger.assert_nothing_lost();
+    println!(
+        "[F14] relay duplicates={} side duplicates={}",
+        report.duplicates, side_report.duplicates
+    );
+    assert_eq!(
+        report.results_unique,
+        5 + STUCK,
+        "all complete after the restore"
+    );
+    running.stop().await.unwrap();
+    broker.cleanup().await;
+}
+
+/// F15: the result queue is unbound while the engine runs. Every result is returned
+/// (mandatory): the input is not acked as a success but retried, and after `max_retries`
+/// dead-lettered with `x-error-kind = result_unroutable`. After re-binding, results flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f15_unroutable_result_is_a_failure() {
+    const MAX_RETRIES: u32 = 2;
+    let mut broker = Broker::connect().await;
+    let exchange = unique("ex");
+    broker.track_exchange(&exchange);
+    let mut config = test_config(&exchange);
+    config.max_retry_count = MAX_RETRIES;
+    let route = Route::new(&mut config, "relay", &mut broker);
+    let _cleanup = broker.cleanup_on_panic();
+    let running = Running::start(config, &["relay"]).await;
+    let mut ledger = Ledger::new("F15");
+
+    ledger
+        .publish(&broker, &exchange, &route.queue, &tasks(&ledger, 10))
+        .await;
+    eventually("routable results", Duration::from_secs(20), || {
+        handler(&running, "relay").succeeded == 10
+    })
+    .await;
+
+    broker
+        .channel
+        .queue_unbind(
+            route.reply_queue.as_str().into(),
+            exchange.as_str().into(),
+            route.reply_key.as_str().into(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    ledger
+        .publish(&broker, &exchange, &route.queue, &tasks(&ledger, 10))
+        .await;
+    eventually(
+        "unroutable ones dead-lettered",
+        Duration::from_secs(20),
+        || handler(&running, "relay").dead_lettered == 10,
+    )
+    .await;
+
+    bind(&broker, &route.reply_queue, &exchange, &route.reply_key).await;
+    ledger
+        .publish(&broker, &exchange, &route.queue, &tasks(&ledger, 10))
+        .await;
+    drain(&mut ledger, &broker, &route).await;
+    let report = ledger.assert_nothing_lost();
+    assert_eq!((report.results_unique, report.dead_lettered), (20, 10));
+    assert_eq!(report.duplicates, 0);
+    assert_dead_letters(&ledger, "result_unroutable", MAX_RETRIES, &route.queue);
+    let h = handler(&running, "relay");
+    assert_eq!(h.succeeded, 20, "an unroutable result is never a success");
+    assert_eq!(
+        h.results_returned,
+        10 * u64::from(MAX_RETRIES + 1),
+        "one return per attempt"
+    );
+    running.stop().await.unwrap();
+    broker.cleanup().await;
+}
+
+/// F16: the broker nacks every result (policy `max-length 0, overflow reject-publish` on the
+/// result queue). The input is not acked as a success, it is retried, then dead-lettered with
+/// `x-error-kind = result_nacked`. The policy is cleared (always, by a guard) and results
+/// flow again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f16_nacked_result_is_a_failure() {
+    const MAX_RETRIES: u32 = 2;
+    let mut broker = Broker::connect().await;
+    let exchange = unique("ex");
+    broker.track_exchange(&exchange);
+    let mut config = test_config(&exchange);
+    config.max_retry_count = MAX_RETRIES;
+    let route = Route::new(&mut config, "relay", &mut broker);
+    let _cleanup = broker.cleanup_on_panic();
+    let running = Running::start(config, &["relay"]).await;
+    let mut ledger = Ledger::new("F16");
+
+    ledger
+        .publish(&broker, &exchange, &route.queue, &tasks(&ledger, 10))
+        .await;
+    // Read these results now: the policy would drop them from the queue.
+    let first = broker
+        .collect(&route.reply_queue, 10, Duration::from_secs(20))
+        .await;
+    ledger.record_results(&first);
+
+    let pattern = format!("^{}$", route.reply_queue.replace('.', "\\."));
+    let policy = PolicyGuard::set(
+        &unique("f16-policy"),
+        &pattern,
+        r#"{"max-length":0,"overflow":"reject-publish"}"#,
+    )
+    .await;
+    eventually_async(
+        "the policy nacks publishes",
+        Duration::from_secs(10),
+        || probe_nacked(&broker, &route.reply_queue),
+    )
+    .await;
+    ledger
+        .publish(&broker, &exchange, &route.queue, &tasks(&ledger, 10))
+        .await;
+    eventually("nacked ones dead-lettered", Duration::from_secs(20), || {
+        handler(&running, "relay").dead_lettered == 10
+    })
+    .await;
+    policy.clear().await;
+
+    ledger
+        .publish(&broker, &exchange, &route.queue, &tasks(&ledger, 10))
+        .await;
+    drain(&mut ledger, &broker, &route).await;
+    let report = ledger.assert_nothing_lost();
+    assert_eq!((report.results_unique, report.dead_lettered), (20, 10));
+    assert_eq!(report.duplicates, 0);
+    assert_dead_letters(&ledger, "result_nacked", MAX_RETRIES, &route.queue);
+    let h = handler(&running, "relay");
+    assert_eq!(h.succeeded, 20, "a nacked result is never a success");
+    assert_eq!(h.results_nacked, 10 * u64::from(MAX_RETRIES + 1));
+    running.stop().await.unwrap();
+    broker.cleanup().await;
+}
+
+/// Publishes a probe straight to `queue`; `true` when the broker nacked it. A probe that got
+/// through is removed again.
+async fn probe_nacked(broker: &Broker, queue: &str) -> bool {
+    let confirm = broker
+        .channel
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            b"{\"probe\": true}",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    if matches!(confirm, lapin::Confirmation::Nack(_)) {
+        return true;
+    }
+    let _ = broker
+        .channel
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await;
+    false
+}
+
+/// The confirm behind F15/F16: many concurrent publishes on the engine's [`Publisher`] to an
+/// accepting queue, a queue that nacks (`x-max-length 0`, `reject-publish`) and an unroutable
+/// key. Each must get its own outcome; a nacked or returned publish reported as delivered
+/// would let the engine ack an input whose result was dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publisher_confirms_are_attributed_under_concurrency() {
+    const TASKS: usize = 12;
+    const EACH: usize = 120;
+    let mut broker = Broker::connect().await;
+    let accepting = unique("confirms.ok");
+    let nacking = unique("confirms.nack");
+    broker.declare_queue(&accepting).await;
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    broker
+        .channel
+        .queue_declare(
+            nacking.as_str().into(),
+            QueueDeclareOptions::durable(),
+            args,
+        )
+        .await
+        .unwrap();
+    broker.track_queue(&nacking);
+    let _cleanup = broker.cleanup_on_panic();
+    let connection = Arc::new(
+        lapin::Connection::connect(
+            &common::broker_url(),
+            lapin::ConnectionProperties::default(),
+        )
+        .await
+        .unwrap(),
+    );
+    let publisher = Publisher::open(&connection, Duration::from_secs(10), 4)
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let (publisher, accepting, nacking) =
+            (publisher.clone(), accepting.clone(), nacking.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut wrong = [0_usize; 3];
+            for i in 0..EACH {
+                let kind = (i + t) % 3;
+                let key = match kind {
+                    0 => accepting.as_str(),
+                    1 => nacking.as_str(),
+                    _ => "tests.no-such-queue",
+                };
+                let outcome = publisher
+                    .publish("", key, b"{}", BasicProperties::default())
+                    .await;
+                let right = match kind {
+                    0 => outcome.is_ok(),
+                    1 => matches!(outcome, Err(PublishError::Nacked { .. })),
+                    _ => matches!(outcome, Err(PublishError::Unroutable { .. })),
+                };
+                wrong[kind] += usize::from(!right);
+            }
+            wrong
+        }));
+    }
+    let mut wrong = [0_usize; 3];
+    for task in tasks {
+        for (total, n) in wrong.iter_mut().zip(task.await.unwrap()) {
+            *total += n;
+        }
+    }
+    println!(
+        "[confirms] misattributed of {} each: accepted {} / nacked {} / returned {}",
+        TASKS * EACH / 3,
+        wrong[0],
+        wrong[1],
+        wrong[2]
+    );
+    assert_eq!(wrong, [0, 0, 0], "confirms attributed to the wrong publish");
+    assert_eq!(
+        broker.depth(&accepting).await,
+        Some(u32::try_from(TASKS * EACH / 3).unwrap())
+    );
+    publisher.close().await;
+    let _ = connection.close(200, "bye".into()).await;
+    broker.cleanup().await;
+}
