@@ -101,6 +101,14 @@ impl WorkerProcess {
         (status, start.elapsed())
     }
 
+    fn signal(&self, name: &str) {
+        let sent = std::process::Command::new("kill")
+            .args([name, &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill {name} failed");
+    }
+
     /// Sends SIGKILL and reaps the process (a `kill -9`).
     async fn kill9(&mut self) -> ExitStatus {
         self.child.start_kill().unwrap();
@@ -298,5 +306,59 @@ async fn f05_sigterm_under_load_drains_in_flight_and_exits_0() {
         "a graceful shutdown duplicates nothing"
     );
     assert_eq!(report.dead_lettered, 0);
+    broker.cleanup().await;
+}
+
+/// A second signal cuts the drain short: the worker exits at once with 130, and the deliveries
+/// it was still working on go back to the queue (nothing lost, nothing answered twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_signal_exits_at_once_and_loses_nothing() {
+    const TASKS: usize = 6;
+    let mut broker = Broker::connect().await;
+    let mut ledger = Ledger::new("second-signal");
+    let (exchange, route) = preload(&mut broker, &mut ledger, TASKS).await;
+    let _cleanup = broker.cleanup_on_panic();
+
+    // Each task takes 60 s: the drain after the first SIGTERM would outlast the test.
+    let mut worker = WorkerProcess::spawn(&exchange, &route, 2, 60_000);
+    wait_consumers(&broker, &route.queue, 1, &worker).await;
+    eventually_async("two tasks in flight", Duration::from_secs(20), || async {
+        broker.depth(&route.queue).await == Some(TASKS as u32 - 2)
+    })
+    .await;
+    worker.signal("-TERM");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let start = Instant::now();
+    worker.signal("-TERM");
+    let status = tokio::time::timeout(Duration::from_secs(5), worker.child.wait())
+        .await
+        .expect("the second signal must end the process at once")
+        .unwrap();
+    println!(
+        "[second-signal] {status} {:?} after the second SIGTERM",
+        start.elapsed()
+    );
+    assert_eq!(
+        status.code(),
+        Some(rmq_consumer::FORCED_EXIT_CODE),
+        "log:\n{}",
+        worker.log()
+    );
+    assert!(
+        worker.log().contains("second signal"),
+        "log:\n{}",
+        worker.log()
+    );
+    eventually_async(
+        "in-flight tasks requeued",
+        Duration::from_secs(10),
+        || async { broker.depth(&route.queue).await == Some(TASKS as u32) },
+    )
+    .await;
+    assert_eq!(
+        broker.depth(&route.reply_queue).await,
+        Some(0),
+        "nothing answered"
+    );
     broker.cleanup().await;
 }
