@@ -306,3 +306,100 @@ async fn f02_broker_app_restart_mid_run() {
     fresh.adopt(broker);
     fresh.cleanup().await;
 }
+
+/// Restores the memory watermark even when the test fails.
+struct MemoryAlarm;
+
+impl MemoryAlarm {
+    async fn raise() -> Self {
+        rabbitmqctl(&["set_vm_memory_high_watermark", "0"]).await;
+        Self
+    }
+}
+
+impl Drop for MemoryAlarm {
+    fn drop(&mut self) {
+        if let Err(e) = common::rabbitmqctl_blocking(&["set_vm_memory_high_watermark", "0.4"]) {
+            eprintln!(
+                "could not restore the memory watermark, run `rabbitmqctl set_vm_memory_high_watermark 0.4`: {e}"
+            );
+        }
+    }
+}
+
+/// F11: a memory alarm (`set_vm_memory_high_watermark 0`) blocks publishing. The engine
+/// reports itself blocked, does not storm retries while results cannot be published, and
+/// once the alarm clears every task completes: lost 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f11_memory_alarm_blocks_then_work_resumes() {
+    const TASKS: usize = 200;
+    let _global = GLOBAL.lock().await;
+    let mut broker = Broker::connect().await;
+    let exchange = unique("ex");
+    broker.track_exchange(&exchange);
+    let mut config = test_config(&exchange);
+    config.prefetch_count = 4;
+    config.confirm_timeout = Duration::from_secs(2);
+    let route = Route::new(&mut config, "steady", &mut broker);
+    let _cleanup = broker.cleanup_on_panic();
+    let running = Running::start(config, &["steady"]).await;
+
+    let mut ledger = Ledger::new("F11");
+    let tasks: Vec<Value> = ledger
+        .ids(TASKS)
+        .iter()
+        .map(|id| task(id, json!({"sleep_ms": 50})))
+        .collect();
+    assert_eq!(
+        ledger
+            .publish(&broker, &exchange, &route.queue, &tasks)
+            .await,
+        TASKS
+    );
+    eventually("some work done", Duration::from_secs(20), || {
+        succeeded(&running) >= 4
+    })
+    .await;
+
+    let alarm = MemoryAlarm::raise().await;
+    eventually("blocked reported", Duration::from_secs(20), || {
+        running.health.snapshot().blocked
+    })
+    .await;
+    let runs_at_block = running.health.snapshot().handlers[0].handler_runs;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let snapshot = running.health.snapshot();
+    let runs_while_blocked = snapshot.handlers[0].handler_runs - runs_at_block;
+    println!(
+        "[F11] blocked; handler runs in 4 s: {runs_while_blocked}, succeeded so far {}",
+        snapshot.handlers[0].succeeded
+    );
+    assert!(
+        runs_while_blocked <= 4 * 4,
+        "no retry storm while blocked: {runs_while_blocked} runs in 4 s"
+    );
+    drop(alarm);
+    eventually("unblocked", Duration::from_secs(30), || {
+        !running.health.snapshot().blocked
+    })
+    .await;
+    ledger
+        .drain(
+            &broker,
+            &route.reply_queue,
+            &route.dlq,
+            &route.input_queues(),
+            Duration::from_secs(2),
+            Duration::from_secs(90),
+        )
+        .await;
+    let report = ledger.assert_nothing_lost();
+    println!(
+        "[F11] duplicates={} dead_lettered={} blocked_for={:?}",
+        report.duplicates,
+        report.dead_lettered,
+        running.health.snapshot().blocked_for
+    );
+    running.stop().await.unwrap();
+    broker.cleanup().await;
+}
