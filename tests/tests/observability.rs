@@ -340,3 +340,65 @@ async fn several_broker_urls_are_tried_in_turn() {
     second.cut().await;
     broker.cleanup().await;
 }
+
+/// F03: the broker is unreachable when the worker starts. The engine keeps retrying at the
+/// interval without failing, is alive but not ready, and starts consuming once the broker is
+/// back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_down_at_start_retries_until_it_is_back() {
+    let mut broker = Broker::connect().await;
+    let proxy = Proxy::start().await;
+    proxy.cut().await;
+    let exchange = unique("ex");
+    broker.track_exchange(&exchange);
+    let queue = unique("down");
+    for q in [&queue, &format!("{queue}.results"), &format!("{queue}.dlq")] {
+        broker.track_queue(q);
+    }
+    let http = free_port();
+    let mut config = test_config(&exchange);
+    config.urls = vec![SecretUrl::new(proxy.url())];
+    config.http_addr = Some(http);
+    config.retry_connect_interval = Duration::from_millis(300);
+    config.retry_connect_max = Duration::from_millis(300);
+    config.consumers.insert(
+        "work".to_owned(),
+        ConsumerConfig {
+            queue: Some(queue.clone()),
+            reply_key: Some(format!("{queue}.done")),
+            reply_queue: Some(format!("{queue}.results")),
+            ..ConsumerConfig::default()
+        },
+    );
+    let engine = rmq_consumer::Engine::builder(config)
+        .only(["work"])
+        .build()
+        .unwrap();
+    let stop = engine.shutdown_token();
+    let health = engine.health();
+    let task = tokio::spawn(engine.run());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !task.is_finished(),
+        "the engine must not give up while the broker is down"
+    );
+    assert!(!health.snapshot().connected);
+    assert_eq!(get(http, "/readyz").await.0, 503);
+    assert_eq!(get(http, "/livez").await.0, 200);
+
+    proxy.restore().await;
+    eventually(
+        "consuming once the broker is back",
+        Duration::from_secs(20),
+        || {
+            let s = health.snapshot();
+            s.connected && s.handlers[0].consuming
+        },
+    )
+    .await;
+    assert_eq!(get(http, "/readyz").await.0, 200);
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    proxy.cut().await;
+    broker.cleanup().await;
+}
