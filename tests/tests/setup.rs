@@ -187,3 +187,56 @@ async fn a_canary_password_never_appears_in_logs_errors_or_debug() {
         );
     }
 }
+
+/// F21: the queue already exists with other arguments: the engine stops with an error that
+/// names the queue and the argument, instead of retrying forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topology_drift_is_a_clear_startup_error() {
+    let mut broker = common::Broker::connect().await;
+    let exchange = unique("ex");
+    broker.track_exchange(&exchange);
+    let queue = unique("drift");
+    let mut args = lapin::types::FieldTable::default();
+    args.insert(
+        "x-max-length".into(),
+        lapin::types::AMQPValue::LongLongInt(10),
+    );
+    broker
+        .channel
+        .queue_declare(
+            queue.as_str().into(),
+            lapin::options::QueueDeclareOptions::durable(),
+            args,
+        )
+        .await
+        .unwrap();
+    broker.track_queue(&queue);
+    let mut config = test_config(&exchange);
+    config.consumers.insert(
+        "alone".to_owned(),
+        rmq_consumer::config::ConsumerConfig {
+            queue: Some(queue.clone()),
+            reply_queue: None,
+            ..Default::default()
+        },
+    );
+    broker.track_queue(&format!("{queue}.dlq"));
+    let engine = Engine::builder(config).only(["alone"]).build().unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(20), engine.run())
+        .await
+        .expect("a refused topology must stop the engine, not loop");
+    let error = result.unwrap_err();
+    let chain = {
+        let mut all = error.to_string();
+        let mut source = std::error::Error::source(&error);
+        while let Some(cause) = source {
+            all.push_str(": ");
+            all.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        all
+    };
+    assert!(chain.contains(&queue), "{chain}");
+    assert!(chain.contains("x-max-length"), "{chain}");
+    broker.cleanup().await;
+}
