@@ -10,7 +10,14 @@
 
 mod common;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use common::{Broker, Running, eventually, test_config, unique};
 use rmq_consumer::{config::ConsumerConfig, config::SecretUrl, consumer};
@@ -37,6 +44,34 @@ async fn work(data: Value) -> Result<Value, rmq_consumer::HandlerError> {
 struct Proxy {
     addr: SocketAddr,
     tasks: Arc<Mutex<JoinSet<()>>>,
+    /// While set, the proxy holds its connections open but forwards nothing (a silent
+    /// network loss).
+    frozen: Arc<AtomicBool>,
+}
+
+/// Copies `from` to `to` until EOF, pausing (without reading) while `frozen` is set.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: Arc<AtomicBool>,
+) {
+    let mut buf = vec![0_u8; 16 * 1024];
+    loop {
+        while frozen.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let read = tokio::select! {
+            read = from.read(&mut buf) => read,
+            () = tokio::time::sleep(Duration::from_millis(50)) => continue,
+        };
+        let Ok(n @ 1..) = read else { return };
+        while frozen.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl Proxy {
@@ -46,6 +81,7 @@ impl Proxy {
         let proxy = Self {
             addr,
             tasks: Arc::new(Mutex::new(JoinSet::new())),
+            frozen: Arc::new(AtomicBool::new(false)),
         };
         proxy.serve(listener).await;
         proxy
@@ -53,17 +89,24 @@ impl Proxy {
 
     async fn serve(&self, listener: TcpListener) {
         let tasks = Arc::clone(&self.tasks);
+        let frozen = Arc::clone(&self.frozen);
         self.tasks.lock().await.spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
+                let Ok((inbound, _)) = listener.accept().await else {
                     return;
                 };
                 let tasks_inner = Arc::clone(&tasks);
+                let frozen = Arc::clone(&frozen);
                 tasks_inner.lock().await.spawn(async move {
-                    let Ok(mut upstream) = TcpStream::connect("127.0.0.1:5672").await else {
+                    let Ok(upstream) = TcpStream::connect("127.0.0.1:5672").await else {
                         return;
                     };
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut upstream).await;
+                    let (in_read, in_write) = inbound.into_split();
+                    let (up_read, up_write) = upstream.into_split();
+                    tokio::join!(
+                        pump(in_read, up_write, Arc::clone(&frozen)),
+                        pump(up_read, in_write, frozen),
+                    );
                 });
             }
         });
@@ -72,6 +115,10 @@ impl Proxy {
     /// Drops every proxied connection and stops listening: the broker is unreachable.
     async fn cut(&self) {
         self.tasks.lock().await.abort_all();
+    }
+
+    fn freeze(&self, frozen: bool) {
+        self.frozen.store(frozen, Ordering::SeqCst);
     }
 
     async fn restore(&self) {
@@ -399,6 +446,60 @@ async fn broker_down_at_start_retries_until_it_is_back() {
     assert_eq!(get(http, "/readyz").await.0, 200);
     stop.cancel();
     task.await.unwrap().unwrap();
+    proxy.cut().await;
+    broker.cleanup().await;
+}
+
+/// F06: the network goes silent (the proxy holds the connection but forwards nothing). The
+/// missing heartbeats are noticed within a few heartbeat intervals, the engine reconnects once
+/// the network is back, and work flows again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_network_loss_is_detected_by_heartbeats() {
+    let mut broker = Broker::connect().await;
+    let proxy = Proxy::start().await;
+    let exchange = unique("ex");
+    broker.track_exchange(&exchange);
+    let queue = unique("silent");
+    let results = format!("{queue}.results");
+    for q in [&queue, &results, &format!("{queue}.dlq")] {
+        broker.track_queue(q);
+    }
+    let mut config = test_config(&exchange);
+    config.urls = vec![SecretUrl::new(proxy.url())];
+    config.heartbeat_interval = 1;
+    config.consumers.insert(
+        "work".to_owned(),
+        ConsumerConfig {
+            queue: Some(queue.clone()),
+            reply_key: Some(format!("{queue}.done")),
+            reply_queue: Some(results.clone()),
+            ..ConsumerConfig::default()
+        },
+    );
+    let running = Running::start(config, &["work"]).await;
+    proxy.freeze(true);
+    let frozen_at = Instant::now();
+    eventually("silence detected", Duration::from_secs(15), || {
+        !running.health.snapshot().connected
+    })
+    .await;
+    let detected = frozen_at.elapsed();
+    println!("[F06] silent loss detected after {detected:?} (heartbeat 1 s)");
+    assert!(detected <= Duration::from_secs(6), "took {detected:?}");
+    proxy.freeze(false);
+    running.wait_consuming(Duration::from_secs(30)).await;
+    broker
+        .publish_json(&exchange, &queue, &json!({"i": 1}))
+        .await;
+    assert_eq!(
+        broker
+            .collect(&results, 1, Duration::from_secs(20))
+            .await
+            .len(),
+        1
+    );
+    assert!(running.health.snapshot().reconnects >= 1);
+    running.stop().await.unwrap();
     proxy.cut().await;
     broker.cleanup().await;
 }
