@@ -19,8 +19,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Broker, Running, eventually, test_config, unique};
-use rmq_consumer::{config::ConsumerConfig, config::SecretUrl, consumer};
+use common::{Broker, Route, Running, eventually, test_config, unique};
+use rmq_consumer::{config::SecretUrl, consumer};
 use serde_json::{Value, json};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -164,24 +164,12 @@ async fn metrics_match_the_ledger_and_probes_follow_an_outage() {
     let proxy = Proxy::start().await;
     let exchange = unique("ex");
     broker.track_exchange(&exchange);
-    let queue = unique("obs");
-    let results = format!("{queue}.results");
-    for q in [&queue, &results, &format!("{queue}.dlq")] {
-        broker.track_queue(q);
-    }
     let http = free_port();
     let mut config = test_config(&exchange);
     config.urls = vec![SecretUrl::new(proxy.url())];
     config.http_addr = Some(http);
-    config.consumers.insert(
-        "work".to_owned(),
-        ConsumerConfig {
-            queue: Some(queue.clone()),
-            reply_key: Some(format!("{queue}.done")),
-            reply_queue: Some(results.clone()),
-            ..ConsumerConfig::default()
-        },
-    );
+    let route = Route::new(&mut config, "work", &mut broker);
+    let (queue, results) = (route.queue.clone(), route.reply_queue.clone());
     let running = Running::start(config, &["work"]).await;
     assert_eq!(get(http, "/readyz").await.0, 200);
     assert_eq!(get(http, "/livez").await.0, 200);
@@ -280,21 +268,9 @@ async fn traceparent_is_continued_on_the_result() {
     let mut broker = Broker::connect().await;
     let exchange = unique("ex");
     broker.track_exchange(&exchange);
-    let queue = unique("trace");
-    let results = format!("{queue}.results");
-    for q in [&queue, &results, &format!("{queue}.dlq")] {
-        broker.track_queue(q);
-    }
     let mut config = test_config(&exchange);
-    config.consumers.insert(
-        "work".to_owned(),
-        ConsumerConfig {
-            queue: Some(queue.clone()),
-            reply_key: Some(format!("{queue}.done")),
-            reply_queue: Some(results.clone()),
-            ..ConsumerConfig::default()
-        },
-    );
+    let route = Route::new(&mut config, "work", &mut broker);
+    let (queue, results) = (route.queue.clone(), route.reply_queue.clone());
     let running = Running::start(config, &["work"]).await;
     let mut headers = lapin::types::FieldTable::default();
     let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
@@ -332,11 +308,6 @@ async fn several_broker_urls_are_tried_in_turn() {
     let second = Proxy::start().await;
     let exchange = unique("ex");
     broker.track_exchange(&exchange);
-    let queue = unique("urls");
-    let results = format!("{queue}.results");
-    for q in [&queue, &results, &format!("{queue}.dlq")] {
-        broker.track_queue(q);
-    }
     let dead = free_port();
     let mut config = test_config(&exchange);
     config.urls = vec![
@@ -344,15 +315,8 @@ async fn several_broker_urls_are_tried_in_turn() {
         SecretUrl::new(first.url()),
         SecretUrl::new(second.url()),
     ];
-    config.consumers.insert(
-        "work".to_owned(),
-        ConsumerConfig {
-            queue: Some(queue.clone()),
-            reply_key: Some(format!("{queue}.done")),
-            reply_queue: Some(results.clone()),
-            ..ConsumerConfig::default()
-        },
-    );
+    let route = Route::new(&mut config, "work", &mut broker);
+    let (queue, results) = (route.queue.clone(), route.reply_queue.clone());
     // The first URL refuses connections: the engine moves on to the second.
     let running = Running::start(config, &["work"]).await;
     broker
@@ -398,25 +362,13 @@ async fn broker_down_at_start_retries_until_it_is_back() {
     proxy.cut().await;
     let exchange = unique("ex");
     broker.track_exchange(&exchange);
-    let queue = unique("down");
-    for q in [&queue, &format!("{queue}.results"), &format!("{queue}.dlq")] {
-        broker.track_queue(q);
-    }
     let http = free_port();
     let mut config = test_config(&exchange);
     config.urls = vec![SecretUrl::new(proxy.url())];
     config.http_addr = Some(http);
     config.retry_connect_interval = Duration::from_millis(300);
     config.retry_connect_max = Duration::from_millis(300);
-    config.consumers.insert(
-        "work".to_owned(),
-        ConsumerConfig {
-            queue: Some(queue.clone()),
-            reply_key: Some(format!("{queue}.done")),
-            reply_queue: Some(format!("{queue}.results")),
-            ..ConsumerConfig::default()
-        },
-    );
+    Route::new(&mut config, "work", &mut broker);
     let engine = rmq_consumer::Engine::builder(config)
         .only(["work"])
         .build()
@@ -459,23 +411,11 @@ async fn silent_network_loss_is_detected_by_heartbeats() {
     let proxy = Proxy::start().await;
     let exchange = unique("ex");
     broker.track_exchange(&exchange);
-    let queue = unique("silent");
-    let results = format!("{queue}.results");
-    for q in [&queue, &results, &format!("{queue}.dlq")] {
-        broker.track_queue(q);
-    }
     let mut config = test_config(&exchange);
     config.urls = vec![SecretUrl::new(proxy.url())];
     config.heartbeat_interval = 1;
-    config.consumers.insert(
-        "work".to_owned(),
-        ConsumerConfig {
-            queue: Some(queue.clone()),
-            reply_key: Some(format!("{queue}.done")),
-            reply_queue: Some(results.clone()),
-            ..ConsumerConfig::default()
-        },
-    );
+    let route = Route::new(&mut config, "work", &mut broker);
+    let (queue, results) = (route.queue.clone(), route.reply_queue.clone());
     let running = Running::start(config, &["work"]).await;
     proxy.freeze(true);
     let frozen_at = Instant::now();

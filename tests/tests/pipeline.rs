@@ -15,8 +15,8 @@ use std::{
     time::Duration,
 };
 
-use common::{Broker, Running, eventually, test_config, unique};
-use rmq_consumer::{HandlerError, config::ConsumerConfig, consumer};
+use common::{Broker, Route, Running, eventually, test_config, unique};
+use rmq_consumer::{HandlerError, consumer};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -77,40 +77,6 @@ async fn cached(data: Value) -> Value {
     json!({"seen": data})
 }
 
-/// Gives each named handler a unique queue, reply key and reply queue for this run.
-struct Names {
-    queue: String,
-    reply_key: String,
-    reply_queue: String,
-    dlq: String,
-}
-
-fn route(config: &mut rmq_consumer::Config, handler: &str) -> Names {
-    let queue = unique(handler);
-    let names = Names {
-        reply_key: format!("{queue}.result"),
-        reply_queue: format!("{queue}.results"),
-        dlq: format!("{queue}.dlq"),
-        queue,
-    };
-    config.consumers.insert(
-        handler.to_owned(),
-        ConsumerConfig {
-            queue: Some(names.queue.clone()),
-            reply_key: Some(names.reply_key.clone()),
-            reply_queue: Some(names.reply_queue.clone()),
-            ..ConsumerConfig::default()
-        },
-    );
-    names
-}
-
-fn track(broker: &mut Broker, names: &Names) {
-    for q in [&names.queue, &names.reply_queue, &names.dlq] {
-        broker.track_queue(q);
-    }
-}
-
 #[test]
 fn handlers_are_plain_functions() {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -135,8 +101,7 @@ async fn round_trip_of_1000_tasks_every_result_checked() {
     broker.track_exchange(&exchange);
     let mut config = test_config(&exchange);
     config.prefetch_count = 64;
-    let names = route(&mut config, "echo");
-    track(&mut broker, &names);
+    let names = Route::new(&mut config, "echo", &mut broker);
     let running = Running::start(config, &["echo"]).await;
 
     let tasks: Vec<Value> = (0..1000)
@@ -177,10 +142,8 @@ async fn typed_and_several_handlers_in_one_engine() {
     let exchange = unique("ex");
     broker.track_exchange(&exchange);
     let mut config = test_config(&exchange);
-    let sum = route(&mut config, "typed_sum");
-    let up = route(&mut config, "upper");
-    track(&mut broker, &sum);
-    track(&mut broker, &up);
+    let sum = Route::new(&mut config, "typed_sum", &mut broker);
+    let up = Route::new(&mut config, "upper", &mut broker);
     let running = Running::start(config, &["typed_sum", "upper"]).await;
     assert_eq!(running.health.snapshot().handlers.len(), 2);
 
@@ -237,8 +200,7 @@ async fn unparseable_bodies_are_dead_lettered_and_neighbours_unaffected() {
     let exchange = unique("ex");
     broker.track_exchange(&exchange);
     let mut config = test_config(&exchange);
-    let sum = route(&mut config, "typed_sum");
-    track(&mut broker, &sum);
+    let sum = Route::new(&mut config, "typed_sum", &mut broker);
     let running = Running::start(config, &["typed_sum"]).await;
 
     let plain = lapin::BasicProperties::default();
@@ -307,8 +269,7 @@ async fn unroutable_result_does_not_ack_the_input_as_success() {
     broker.track_exchange(&exchange);
     let mut config = test_config(&exchange);
     config.max_retry_count = 2;
-    let names = route(&mut config, "echo");
-    track(&mut broker, &names);
+    let names = Route::new(&mut config, "echo", &mut broker);
     // No reply queue: nothing is bound to the reply key, so every result is unroutable.
     let section = config.consumers.get_mut("echo").unwrap();
     section.reply_queue = None;
@@ -340,8 +301,7 @@ async fn cache_hit_skips_the_handler() {
     let mut config = test_config(&exchange);
     config.enable_result_cache = true;
     config.result_cache_size = 16;
-    let names = route(&mut config, "cached");
-    track(&mut broker, &names);
+    let names = Route::new(&mut config, "cached", &mut broker);
     let running = Running::start(config, &["cached"]).await;
 
     let task = json!({"task_id": "same", "n": 1});
