@@ -1,0 +1,318 @@
+//! A read-only client for the RabbitMQ management HTTP API: GET requests only, run on tokio's
+//! blocking pool (ureq is a small blocking client; the CLI makes a handful of requests).
+//!
+//! Address and credentials: the configured `management_url` (its userinfo, when present, is
+//! the login), else `http://<broker host>:15672`; the login defaults to the broker URL's user
+//! and password, percent-decoded. The password only ever goes into the `Authorization` header,
+//! never into a URL that could be printed.
+
+use std::{str::FromStr, time::Duration};
+
+use base64::Engine as _;
+use lapin::uri::AMQPUri;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
+use serde_json::Value;
+
+use crate::config::{Config, SecretUrl};
+
+/// The management API's default port.
+pub(crate) const DEFAULT_MANAGEMENT_PORT: u16 = 15672;
+/// How long one management request may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Characters escaped in one path segment: everything but RFC 3986's unreserved set.
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// Why the management API could not answer.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ManagementError {
+    /// The configured management URL does not parse.
+    #[error("invalid management URL {url}")]
+    InvalidUrl { url: String },
+    /// The broker URL does not parse, so no management address can be derived from it.
+    #[error("cannot derive the management URL from broker URL {url}")]
+    NoBrokerUrl { url: String },
+    /// The request failed (connection refused, timeout, TLS).
+    #[error("management API at {base} is unreachable")]
+    Unreachable {
+        base: String,
+        #[source]
+        source: ureq::Error,
+    },
+    /// The API refused the login.
+    #[error("management API at {base} refused the login of user `{user}` (HTTP {status})")]
+    Unauthorized {
+        base: String,
+        user: String,
+        status: u16,
+    },
+    /// Any other unexpected HTTP status.
+    #[error("management API at {base} answered HTTP {status} for {path}")]
+    Status {
+        base: String,
+        path: String,
+        status: u16,
+    },
+    /// The answer was not the expected JSON.
+    #[error("management API at {base} sent an unreadable answer for {path}")]
+    Decode {
+        base: String,
+        path: String,
+        #[source]
+        source: ureq::Error,
+    },
+    /// The blocking request task died.
+    #[error("management request task failed")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+/// A read-only management API client for one vhost.
+#[derive(Clone)]
+pub(crate) struct Management {
+    agent: ureq::Agent,
+    /// Base URL without userinfo and without a trailing slash; safe to print.
+    base: String,
+    user: String,
+    authorization: String,
+    vhost: String,
+}
+
+impl std::fmt::Debug for Management {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Management")
+            .field("base", &self.base)
+            .field("user", &self.user)
+            .field("vhost", &self.vhost)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Management {
+    /// The client for `config`'s management API, for the vhost of `broker`.
+    pub(crate) fn new(config: &Config, broker: &SecretUrl) -> Result<Self, ManagementError> {
+        let amqp = AMQPUri::from_str(broker.expose()).ok();
+        let (mut base, mut user, mut password) = match &config.management_url {
+            Some(url) => from_management_url(url)?,
+            None => {
+                let uri = amqp.as_ref().ok_or_else(|| ManagementError::NoBrokerUrl {
+                    url: broker.masked(),
+                })?;
+                let host = if uri.authority.host.contains(':') {
+                    format!("[{}]", uri.authority.host)
+                } else {
+                    uri.authority.host.clone()
+                };
+                (
+                    format!("http://{host}:{DEFAULT_MANAGEMENT_PORT}"),
+                    None,
+                    None,
+                )
+            }
+        };
+        if user.is_none()
+            && let Some(uri) = &amqp
+        {
+            user = Some(uri.authority.userinfo.username.clone());
+            password = Some(uri.authority.userinfo.password.clone());
+        }
+        while base.ends_with('/') {
+            base.pop();
+        }
+        let user = user.unwrap_or_else(|| "guest".to_owned());
+        let password = password.unwrap_or_default();
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        let agent = ureq::Agent::new_with_config(
+            ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_global(Some(REQUEST_TIMEOUT))
+                .max_redirects(0)
+                .build(),
+        );
+        Ok(Self {
+            agent,
+            base,
+            user,
+            authorization: format!("Basic {token}"),
+            vhost: amqp.map_or_else(|| "/".to_owned(), |uri| uri.vhost),
+        })
+    }
+
+    /// The base URL, safe to print.
+    pub(crate) fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// `GET /api/overview`: checks the API answers and the login works.
+    pub(crate) async fn overview(&self) -> Result<Value, ManagementError> {
+        let path = "/api/overview".to_owned();
+        self.get(path.clone())
+            .await?
+            .ok_or(ManagementError::Status {
+                base: self.base.clone(),
+                path,
+                status: 404,
+            })
+    }
+
+    /// `GET /api/queues/<vhost>/<name>`; `None` when the queue does not exist.
+    pub(crate) async fn queue(&self, name: &str) -> Result<Option<Value>, ManagementError> {
+        self.get(format!(
+            "/api/queues/{}/{}",
+            segment(&self.vhost),
+            segment(name)
+        ))
+        .await
+    }
+
+    /// `GET /api/queues/<vhost>/<name>/bindings`; `None` when the queue does not exist.
+    pub(crate) async fn queue_bindings(
+        &self,
+        name: &str,
+    ) -> Result<Option<Value>, ManagementError> {
+        self.get(format!(
+            "/api/queues/{}/{}/bindings",
+            segment(&self.vhost),
+            segment(name)
+        ))
+        .await
+    }
+
+    /// `GET /api/exchanges/<vhost>/<name>`; `None` when the exchange does not exist.
+    pub(crate) async fn exchange(&self, name: &str) -> Result<Option<Value>, ManagementError> {
+        let name = if name.is_empty() { "amq.default" } else { name };
+        self.get(format!(
+            "/api/exchanges/{}/{}",
+            segment(&self.vhost),
+            segment(name)
+        ))
+        .await
+    }
+
+    /// One GET; `Ok(None)` on 404.
+    async fn get(&self, path: String) -> Result<Option<Value>, ManagementError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.get_blocking(&path))
+            .await
+            .map_err(ManagementError::Task)?
+    }
+
+    fn get_blocking(&self, path: &str) -> Result<Option<Value>, ManagementError> {
+        let url = format!("{}{path}", self.base);
+        let mut response = self
+            .agent
+            .get(&url)
+            .header("Authorization", &self.authorization)
+            .header("Accept", "application/json")
+            .call()
+            .map_err(|source| ManagementError::Unreachable {
+                base: self.base.clone(),
+                source,
+            })?;
+        let status = response.status().as_u16();
+        match status {
+            200 => response
+                .body_mut()
+                .read_json::<Value>()
+                .map(Some)
+                .map_err(|source| ManagementError::Decode {
+                    base: self.base.clone(),
+                    path: path.to_owned(),
+                    source,
+                }),
+            404 => Ok(None),
+            401 | 403 => Err(ManagementError::Unauthorized {
+                base: self.base.clone(),
+                user: self.user.clone(),
+                status,
+            }),
+            _ => Err(ManagementError::Status {
+                base: self.base.clone(),
+                path: path.to_owned(),
+                status,
+            }),
+        }
+    }
+}
+
+/// Splits a configured management URL into a printable base and its optional login.
+fn from_management_url(
+    url: &SecretUrl,
+) -> Result<(String, Option<String>, Option<String>), ManagementError> {
+    let invalid = || ManagementError::InvalidUrl { url: url.masked() };
+    let mut parsed = url::Url::parse(url.expose()).map_err(|_| invalid())?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+        return Err(invalid());
+    }
+    let decode = |text: &str| percent_decode_str(text).decode_utf8_lossy().into_owned();
+    let user = (!parsed.username().is_empty()).then(|| decode(parsed.username()));
+    let password = parsed.password().map(decode);
+    parsed.set_username("").map_err(|()| invalid())?;
+    parsed.set_password(None).map_err(|()| invalid())?;
+    parsed.set_query(None);
+    parsed.set_fragment(None);
+    let password = password.or_else(|| user.as_ref().map(|_| String::new()));
+    Ok((parsed.to_string(), user, password))
+}
+
+/// One URL path segment, percent-encoded (`/` → `%2F`).
+fn segment(text: &str) -> String {
+    utf8_percent_encode(text, SEGMENT).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(management: Option<&str>) -> Config {
+        Config {
+            management_url: management.map(SecretUrl::new),
+            ..Config::default()
+        }
+    }
+
+    #[test]
+    fn derives_the_address_and_login_from_the_broker_url() {
+        let broker = SecretUrl::new("amqp://app:p%40ss@rabbit.local:5672/prod");
+        let m = Management::new(&config(None), &broker).unwrap();
+        assert_eq!(m.base(), "http://rabbit.local:15672");
+        assert_eq!(m.user, "app");
+        assert_eq!(m.vhost, "prod");
+        let expected = base64::engine::general_purpose::STANDARD.encode("app:p@ss");
+        assert_eq!(m.authorization, format!("Basic {expected}"));
+        assert!(!format!("{m:?}").contains("p@ss"));
+    }
+
+    #[test]
+    fn a_configured_management_url_wins_and_is_stripped_of_its_login() {
+        let broker = SecretUrl::new("amqp://app:secret@rabbit:5672/%2f");
+        let m =
+            Management::new(&config(Some("https://ops:t%3Ak@mgmt:443/rabbit/")), &broker).unwrap();
+        assert_eq!(m.base(), "https://mgmt/rabbit");
+        assert_eq!(m.user, "ops");
+        let expected = base64::engine::general_purpose::STANDARD.encode("ops:t:k");
+        assert_eq!(m.authorization, format!("Basic {expected}"));
+        assert_eq!(m.vhost, "/");
+
+        let m = Management::new(&config(Some("http://mgmt:15672")), &broker).unwrap();
+        assert_eq!(m.base(), "http://mgmt:15672");
+        assert_eq!(m.user, "app");
+    }
+
+    #[test]
+    fn invalid_management_urls_are_masked() {
+        let broker = SecretUrl::new("amqp://app:secret@rabbit:5672/%2f");
+        let error = Management::new(&config(Some("ftp://u:hunter2@x")), &broker).unwrap_err();
+        assert!(!error.to_string().contains("hunter2"), "{error}");
+    }
+
+    #[test]
+    fn segments_escape_slashes() {
+        assert_eq!(segment("/"), "%2F");
+        assert_eq!(segment("a.b-c_d~e"), "a.b-c_d~e");
+        assert_eq!(segment("a b/c"), "a%20b%2Fc");
+    }
+}
