@@ -992,20 +992,10 @@ fn check_config_validates_and_masks() {
 
 // --- the real binary ---------------------------------------------------------------------
 
-/// The `rmq-consumer` binary, built on demand next to this test binary.
+/// A real CLI process: the `embedded-cli` binary of this package calls the same
+/// `rmq_consumer::cli::main()` as the `rmq-consumer` binary.
 fn binary() -> std::path::PathBuf {
-    let status = std::process::Command::new(env!("CARGO"))
-        .args(["build", "-q", "-p", "rmq-consumer", "--bin", "rmq-consumer"])
-        .status()
-        .unwrap();
-    assert!(status.success(), "cannot build the rmq-consumer binary");
-    // target/debug/deps/cli-<hash> → target/debug/rmq-consumer
-    let mut path = std::env::current_exe().unwrap();
-    path.pop();
-    path.pop();
-    path.push(format!("rmq-consumer{}", std::env::consts::EXE_SUFFIX));
-    assert!(path.exists(), "{} was not built", path.display());
-    path
+    std::path::PathBuf::from(env!("CARGO_BIN_EXE_embedded-cli"))
 }
 
 #[test]
