@@ -40,27 +40,41 @@ impl TraceParent {
         })
     }
 
-    /// The context for a result: the same trace, a new span id; a new sampled trace when the
-    /// request carried none.
-    pub(crate) fn child_of(parent: Option<&Self>) -> Self {
-        match parent {
-            Some(parent) => Self {
-                trace_id: parent.trace_id.clone(),
-                parent_id: format!("{:016x}", nonzero_random()),
-                flags: parent.flags.clone(),
-            },
-            None => Self {
-                trace_id: format!("{:016x}{:016x}", nonzero_random(), random()),
-                parent_id: format!("{:016x}", nonzero_random()),
-                flags: "01".to_owned(),
-            },
+    /// The context for a result: the same trace and flags, a new span id.
+    pub(crate) fn child(&self) -> Self {
+        Self {
+            trace_id: self.trace_id.clone(),
+            parent_id: hex_id(random().max(1)),
+            flags: self.flags.clone(),
         }
     }
 
     /// The header value.
     pub(crate) fn header(&self) -> String {
-        format!("00-{}-{}-{}", self.trace_id, self.parent_id, self.flags)
+        let mut header = String::with_capacity(
+            6 + self.trace_id.len() + self.parent_id.len() + self.flags.len(),
+        );
+        for part in [
+            "00-",
+            &self.trace_id,
+            "-",
+            &self.parent_id,
+            "-",
+            &self.flags,
+        ] {
+            header.push_str(part);
+        }
+        header
     }
+}
+
+/// `word` as 16 zero-padded lowercase hex digits (what `{:016x}` writes, without `fmt`).
+fn hex_id(word: u64) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    (0..16)
+        .rev()
+        .map(|shift| char::from(HEX[usize::try_from((word >> (shift * 4)) & 0xf).unwrap_or(0)]))
+        .collect()
 }
 
 fn random() -> u64 {
@@ -68,10 +82,6 @@ fn random() -> u64 {
     let mut hasher = RandomState::new().build_hasher();
     hasher.write_u64(COUNTER.fetch_add(1, Relaxed));
     hasher.finish()
-}
-
-fn nonzero_random() -> u64 {
-    random().max(1)
 }
 
 #[cfg(test)]
@@ -101,12 +111,17 @@ mod tests {
     #[test]
     fn child_keeps_the_trace_and_makes_a_new_span() {
         let parent = TraceParent::parse(VALID).unwrap();
-        let child = TraceParent::child_of(Some(&parent));
+        let child = parent.child();
         assert_eq!(child.trace_id, parent.trace_id);
         assert_ne!(child.parent_id, parent.parent_id);
+        assert_ne!(child.parent_id, parent.child().parent_id);
         assert!(TraceParent::parse(&child.header()).is_some());
-        let root = TraceParent::child_of(None);
-        assert!(TraceParent::parse(&root.header()).is_some());
-        assert_ne!(root.trace_id, TraceParent::child_of(None).trace_id);
+    }
+
+    #[test]
+    fn hex_ids_match_fmt() {
+        for word in [0, 1, 0xdead_beef, u64::MAX] {
+            assert_eq!(hex_id(word), format!("{word:016x}"));
+        }
     }
 }

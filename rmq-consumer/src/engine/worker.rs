@@ -125,10 +125,12 @@ impl Worker {
                         // loop drops its handle on shutdown or re-subscription: each delivery
                         // keeps the channel open until it is settled on it.
                         let channel = channel.clone();
-                        tracker.spawn(async move {
+                        // Boxed: the pipeline's future is several KiB, and tokio copies an
+                        // unboxed future into its task cell and again when it completes.
+                        tracker.spawn(Box::pin(async move {
                             worker.process(publisher, delivery, permit).await;
                             drop(channel);
-                        });
+                        }));
                     }
                     Some(Err(error)) => {
                         warn!(handler = %name, error = %error, "consumer error");
@@ -320,11 +322,15 @@ impl Worker {
             .with_timestamp(unix_now());
         let parent = amqp::header_str(delivery.properties.headers().as_ref(), TRACEPARENT)
             .and_then(TraceParent::parse);
-        let context = TraceParent::child_of(parent.as_ref());
-        tracing::Span::current().record("trace_id", context.trace_id.as_str());
-        let mut headers = FieldTable::default();
-        headers.insert(TRACEPARENT.into(), long(&context.header()));
-        properties = properties.with_headers(headers);
+        // Continue a trace the request carries; do not start one (a headers table on every
+        // result costs the broker more than the rest of the result).
+        if let Some(parent) = parent {
+            let context = parent.child();
+            tracing::Span::current().record("trace_id", context.trace_id.as_str());
+            let mut headers = FieldTable::default();
+            headers.insert(TRACEPARENT.into(), long(&context.header()));
+            properties = properties.with_headers(headers);
+        }
         if let Some(correlation_id) = delivery.properties.correlation_id() {
             properties = properties.with_correlation_id(correlation_id.clone());
         }
