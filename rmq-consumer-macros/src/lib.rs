@@ -10,7 +10,7 @@ use proc_macro::TokenStream;
 
 /// Registers an `async fn` as the handler of a RabbitMQ queue.
 ///
-/// ```ignore
+/// ```text
 /// use rmq_consumer::{consumer, HandlerError};
 /// use serde::{Deserialize, Serialize};
 ///
@@ -92,7 +92,7 @@ use proc_macro::TokenStream;
 /// `blocking = true` the handler runs on tokio's blocking thread pool, and may be a plain
 /// `fn`:
 ///
-/// ```ignore
+/// ```text
 /// #[consumer(queue = "images", reply_key = "thumbnails", blocking = true)]
 /// fn thumbnail(image: Image) -> Result<Thumbnail, HandlerError> {
 ///     resize(&image)
