@@ -331,3 +331,35 @@ async fn cache_hit_skips_the_handler() {
     running.stop().await.unwrap();
     broker.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_queues_are_declared_when_asked() {
+    let mut broker = Broker::connect().await;
+    let exchange = unique("ex");
+    broker.track_exchange(&exchange);
+    let mut config = test_config(&exchange);
+    config.queue_type = rmq_consumer::config::QueueType::Quorum;
+    let names = Route::new(&mut config, "echo", &mut broker);
+    let running = Running::start(config, &["echo"]).await;
+    broker
+        .publish_json(&exchange, &names.queue, &json!({"q": 1}))
+        .await;
+    let results = broker
+        .collect(&names.reply_queue, 1, Duration::from_secs(20))
+        .await;
+    assert_eq!(results.len(), 1);
+    let listing = std::process::Command::new("rabbitmqctl")
+        .args(["list_queues", "-q", "--no-table-headers", "name", "type"])
+        .output()
+        .expect("these tests need rabbitmqctl on PATH");
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    for queue in [&names.queue, &names.reply_queue, &names.dlq] {
+        let line = listing
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(queue.as_str()))
+            .unwrap_or_else(|| panic!("{queue} not listed:\n{listing}"));
+        assert!(line.ends_with("quorum"), "{line}");
+    }
+    running.stop().await.unwrap();
+    broker.cleanup().await;
+}
