@@ -243,13 +243,17 @@ pub enum ConnectError {
     },
 }
 
-/// `error: cause: cause` on one line, for logs.
+/// `error: cause: cause` on one line, for logs; a cause whose text the line already holds is
+/// skipped (lapin repeats its source's text in its own message).
 pub(crate) fn chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
         source = cause.source();
     }
     text

@@ -419,21 +419,7 @@ pub(crate) fn is_not_found(error: &lapin::Error) -> bool {
     )
 }
 
-/// `error: cause: cause` on one line, skipping a cause whose text the line already shows
-/// (lapin's errors repeat their source's message).
-pub(crate) fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
+pub(crate) use crate::error::chain;
 
 /// `1234567` → `1,234,567`.
 pub(crate) fn thousands(n: u64) -> String {
