@@ -199,6 +199,16 @@ pub enum PublishError {
         /// The wait.
         after: Duration,
     },
+    /// The publisher was closed (the session is ending) before the message was sent.
+    #[error(
+        "the message to exchange `{exchange}` with routing key `{routing_key}` was not sent: the publisher is closed"
+    )]
+    Closed {
+        /// The exchange.
+        exchange: String,
+        /// The routing key.
+        routing_key: String,
+    },
 }
 
 impl PublishError {
@@ -210,6 +220,7 @@ impl PublishError {
             Self::Unroutable { .. } => "result_unroutable",
             Self::Nacked { .. } => "result_nacked",
             Self::ConfirmTimeout { .. } => "confirm_timeout",
+            Self::Closed { .. } => "publisher_closed",
         }
     }
 }

@@ -465,8 +465,8 @@ async fn probe_nacked(broker: &Broker, queue: &str) -> bool {
 /// would let the engine ack an input whose result was dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publisher_confirms_are_attributed_under_concurrency() {
-    const TASKS: usize = 12;
-    const EACH: usize = 120;
+    const TASKS: usize = 16;
+    const EACH: usize = 300;
     let mut broker = Broker::connect().await;
     let accepting = unique("confirms.ok");
     let nacking = unique("confirms.nack");
@@ -513,7 +513,7 @@ async fn publisher_confirms_are_attributed_under_concurrency() {
                     _ => "tests.no-such-queue",
                 };
                 let outcome = publisher
-                    .publish("", key, b"{}", BasicProperties::default())
+                    .publish("", key, b"{}".to_vec(), BasicProperties::default())
                     .await;
                 let right = match kind {
                     0 => outcome.is_ok(),

@@ -335,7 +335,7 @@ impl Worker {
             properties = properties.with_correlation_id(correlation_id.clone());
         }
         publisher
-            .publish(exchange, routing_key, &body, properties)
+            .publish(exchange, routing_key, body, properties)
             .await
             .map_err(|error| {
                 match &error {
@@ -388,7 +388,7 @@ impl Worker {
                 let headers = self.failure_headers(&delivery, &failure, count, None);
                 let properties = delivery.properties.clone().with_headers(headers);
                 match publisher
-                    .publish("", &routing_key, &delivery.data, properties)
+                    .publish("", &routing_key, delivery.data.clone(), properties)
                     .await
                 {
                     Ok(()) => {
@@ -425,7 +425,10 @@ impl Worker {
                 };
                 let headers = self.failure_headers(&delivery, &failure, count, Some(why));
                 let properties = delivery.properties.clone().with_headers(headers);
-                match publisher.publish("", dlq, &delivery.data, properties).await {
+                match publisher
+                    .publish("", dlq, delivery.data.clone(), properties)
+                    .await
+                {
                     Ok(()) => {
                         warn!(error = %failure, kind = failure.kind(), dead_letter_queue = %dlq,
                             "processing failed ({why}); sent to the dead-letter queue");
