@@ -111,6 +111,11 @@ pub struct Config {
     pub prefetch_count: u16,
     /// Handler invocations in flight at once; `None` (the default) means `prefetch_count`.
     pub concurrency: Option<u16>,
+    /// Deliveries the broker may send beyond `prefetch_count`, so a handler slot that frees
+    /// up finds its next message already here (the channel's `basic.qos` is
+    /// `prefetch_count + read_ahead`). `None` (the default) means `prefetch_count / 4`: none
+    /// below 4, so a one-task-at-a-time worker keeps strict fair dispatch.
+    pub read_ahead: Option<u16>,
     /// The first delay between connection attempts. Default
     /// [`DEFAULT_RETRY_CONNECT_INTERVAL`].
     pub retry_connect_interval: Duration,
@@ -173,6 +178,7 @@ impl Default for Config {
             exchange: DEFAULT_EXCHANGE.to_owned(),
             prefetch_count: DEFAULT_PREFETCH_COUNT,
             concurrency: None,
+            read_ahead: None,
             retry_connect_interval: DEFAULT_RETRY_CONNECT_INTERVAL,
             retry_connect_max: DEFAULT_RETRY_CONNECT_INTERVAL,
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
@@ -214,6 +220,8 @@ pub struct ConsumerConfig {
     pub prefetch: Option<u16>,
     /// Invocations in flight at once, at least 1.
     pub concurrency: Option<u16>,
+    /// Deliveries read ahead beyond `prefetch` (see [`Config::read_ahead`]).
+    pub read_ahead: Option<u16>,
     /// Time allowed for one invocation.
     pub timeout: Option<Duration>,
     /// Retries before dead-lettering.
@@ -593,6 +601,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "exchange_iddress",
     "prefetch_count",
     "concurrency",
+    "read_ahead",
     "retry_connect_interval",
     "retry_connect_max",
     "heartbeat_interval",
@@ -633,6 +642,7 @@ const CONSUMER_KEYS: &[&str] = &[
     "reply_queue",
     "prefetch",
     "concurrency",
+    "read_ahead",
     "timeout",
     "max_retries",
     "retry_delays",
@@ -782,6 +792,7 @@ impl Scope {
             .int(&["prefetch_count"], 1, u16::MAX)
             .unwrap_or(defaults.prefetch_count);
         let concurrency = self.int(&["concurrency"], 1, u16::MAX);
+        let read_ahead = self.int(&["read_ahead"], 0, u16::MAX);
         let retry_connect_interval = self
             .positive_duration(&["retry_connect_interval"])
             .unwrap_or(defaults.retry_connect_interval);
@@ -859,6 +870,7 @@ impl Scope {
             exchange,
             prefetch_count,
             concurrency,
+            read_ahead,
             retry_connect_interval,
             retry_connect_max,
             heartbeat_interval,
@@ -983,6 +995,7 @@ impl Scope {
             reply_queue: self.name(&["reply_queue"]),
             prefetch: self.int(&["prefetch"], 1, u16::MAX),
             concurrency: self.int(&["concurrency"], 1, u16::MAX),
+            read_ahead: self.int(&["read_ahead"], 0, u16::MAX),
             timeout: self.positive_duration(&["timeout"]),
             max_retries: self.int(&["max_retries"], 0, u32::MAX),
             retry_delays: self.retry_delays(&["retry_delays"]),
@@ -1490,6 +1503,7 @@ mod tests {
         assert_eq!(config.exchange, "rmq-consumer");
         assert_eq!(config.prefetch_count, 4);
         assert_eq!(config.concurrency, None);
+        assert_eq!(config.read_ahead, None);
         assert_eq!(config.retry_connect_interval, Duration::from_secs(30));
         assert_eq!(config.retry_connect_max, Duration::from_secs(30));
         assert_eq!(config.heartbeat_interval, 30);
@@ -1525,6 +1539,7 @@ mod tests {
             exchange = "media"
             prefetch_count = 16
             concurrency = 8
+            read_ahead = 0
             retry_connect_interval = "2s"
             retry_connect_max = "1m"
             heartbeat_interval = 0
@@ -1557,6 +1572,7 @@ mod tests {
             reply_queue = "media.resized"
             prefetch = 2
             concurrency = 1
+            read_ahead = 3
             timeout = "30s"
             max_retries = 0
             retry_delays = []
@@ -1578,6 +1594,7 @@ mod tests {
         assert_eq!(config.exchange, "media");
         assert_eq!(config.prefetch_count, 16);
         assert_eq!(config.concurrency, Some(8));
+        assert_eq!(config.read_ahead, Some(0));
         assert_eq!(config.retry_connect_interval, Duration::from_secs(2));
         assert_eq!(config.retry_connect_max, Duration::from_secs(60));
         assert_eq!(config.heartbeat_interval, 0);
@@ -1626,6 +1643,7 @@ mod tests {
                 reply_queue: Some("media.resized".to_owned()),
                 prefetch: Some(2),
                 concurrency: Some(1),
+                read_ahead: Some(3),
                 timeout: Some(Duration::from_secs(30)),
                 max_retries: Some(0),
                 retry_delays: Some(Vec::new()),

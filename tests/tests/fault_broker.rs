@@ -29,6 +29,8 @@ use serde_json::{Value, json};
 static GLOBAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const PREFETCH: u16 = 8;
+/// The consumer channel's `basic.qos`: the prefetch plus the default read-ahead (prefetch / 4).
+const QOS: u16 = PREFETCH + PREFETCH / 4;
 
 /// Extra work time per task while a fault command runs (`rabbitmqctl` needs 1-2 s to start):
 /// the workload keeps running but cannot finish before the fault lands, however fast the
@@ -166,8 +168,8 @@ async fn f01_connections_closed_repeatedly_during_a_run() {
     );
     assert_eq!(
         consumer_prefetch(&route.queue).await,
-        vec![PREFETCH.to_string()],
-        "one consumer with the configured prefetch after the reconnects"
+        vec![QOS.to_string()],
+        "one consumer with the configured prefetch and read-ahead after the reconnects"
     );
 
     // The test's own connection was closed too: read back on a fresh one.
@@ -197,7 +199,7 @@ async fn f01_connections_closed_repeatedly_during_a_run() {
         report.dead_lettered, 0,
         "a connection loss is not a failure"
     );
-    let bound = FAULTS * 2 * usize::from(PREFETCH);
+    let bound = FAULTS * 2 * usize::from(QOS);
     assert!(
         report.duplicates <= bound,
         "{} duplicates, more than prefetch + in-flight per fault ({bound})",
@@ -296,7 +298,7 @@ async fn f02_broker_app_restart_mid_run() {
         snapshot.reconnects, snapshot.handlers[0].stale_acks, report.duplicates
     );
     assert_eq!(report.dead_lettered, 0, "a broker restart is not a failure");
-    let bound = 2 * usize::from(PREFETCH);
+    let bound = 2 * usize::from(QOS);
     assert!(
         report.duplicates <= bound,
         "{} duplicates, more than prefetch + in-flight ({bound})",

@@ -61,6 +61,7 @@ pub(crate) fn run(global: &Global, args: &Args, io: &mut Io<'_>) -> Result<i32, 
                 ),
             );
             h.put("prefetch", json!(s.prefetch));
+            h.put("basic_qos", json!(s.qos));
             h.put("concurrency", json!(s.concurrency));
             h.put("timeout", json!(duration(s.timeout)));
             h.put("max_retries", json!(s.max_retries));
@@ -239,6 +240,7 @@ fn view(config: &Config) -> Table {
     );
     t.put("prefetch_count", json!(config.prefetch_count));
     t.put("concurrency", json!(config.concurrency));
+    t.put("read_ahead", json!(config.read_ahead));
     t.put("message_timeout", json!(duration(config.message_timeout)));
     t.put("max_retry_count", json!(config.max_retry_count));
     t.put(
@@ -301,6 +303,7 @@ fn consumer_view(c: &ConsumerConfig) -> Table {
     t.put_set("reply_queue", json!(c.reply_queue));
     t.put_set("prefetch", json!(c.prefetch));
     t.put_set("concurrency", json!(c.concurrency));
+    t.put_set("read_ahead", json!(c.read_ahead));
     t.put_set("timeout", json!(c.timeout.map(duration)));
     t.put_set("max_retries", json!(c.max_retries));
     t.put_set(

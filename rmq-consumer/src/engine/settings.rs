@@ -17,6 +17,8 @@ pub(crate) struct Settings {
     pub(crate) reply_key: Option<String>,
     pub(crate) reply_queue: Option<String>,
     pub(crate) prefetch: u16,
+    /// The channel's `basic.qos`: `prefetch` plus the read-ahead.
+    pub(crate) qos: u16,
     pub(crate) concurrency: usize,
     pub(crate) timeout: Duration,
     pub(crate) max_retries: u32,
@@ -145,6 +147,7 @@ fn resolve_one(config: &Config, spec: &HandlerSpec) -> Result<Settings, SetupErr
     if concurrency == 0 {
         return Err(invalid("concurrency must be at least 1".to_owned()));
     }
+    let qos = basic_qos(prefetch, section.read_ahead.or(config.read_ahead));
     let queue_type = match (section.queue_type, spec.queue_type) {
         (Some(t), _) => t,
         (None, Some(text)) => text
@@ -164,6 +167,7 @@ fn resolve_one(config: &Config, spec: &HandlerSpec) -> Result<Settings, SetupErr
         reply_key,
         reply_queue,
         prefetch,
+        qos,
         concurrency: usize::from(concurrency),
         timeout: section
             .timeout
@@ -214,9 +218,28 @@ fn resolve_one(config: &Config, spec: &HandlerSpec) -> Result<Settings, SetupErr
     Ok(settings)
 }
 
+/// The consumer channel's `basic.qos`: `prefetch` plus the read-ahead, by default
+/// `prefetch / 4`. A handler slot that frees up then finds its next message already here
+/// instead of idling for an ack-to-delivery round trip; below a prefetch of 4 there is none,
+/// so a one-task-at-a-time worker keeps strict fair dispatch.
+fn basic_qos(prefetch: u16, read_ahead: Option<u16>) -> u16 {
+    prefetch.saturating_add(read_ahead.unwrap_or(prefetch / 4))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn basic_qos_adds_the_read_ahead() {
+        assert_eq!(basic_qos(1, None), 1);
+        assert_eq!(basic_qos(3, None), 3);
+        assert_eq!(basic_qos(4, None), 5);
+        assert_eq!(basic_qos(64, None), 80);
+        assert_eq!(basic_qos(64, Some(0)), 64);
+        assert_eq!(basic_qos(2, Some(3)), 5);
+        assert_eq!(basic_qos(u16::MAX, None), u16::MAX);
+    }
 
     #[test]
     fn delay_queue_names() {

@@ -99,7 +99,8 @@ impl Worker {
             };
             self.stats().consuming.store(true, Relaxed);
             self.stats().subscribed(self.health.now_ms());
-            info!(handler = %name, queue = %self.settings.queue, prefetch = self.settings.prefetch, "consuming");
+            info!(handler = %name, queue = %self.settings.queue, prefetch = self.settings.prefetch,
+                basic_qos = self.settings.qos, concurrency = self.settings.concurrency, "consuming");
             let ended = loop {
                 let permit = tokio::select! {
                     biased;
@@ -184,7 +185,7 @@ impl Worker {
             .map_err(|source| topology_error("channel", &self.settings.queue, source))?;
         topology::declare_handler(&channel, &self.exchange, &self.settings).await?;
         channel
-            .basic_qos(self.settings.prefetch, BasicQosOptions::default())
+            .basic_qos(self.settings.qos, BasicQosOptions::default())
             .await
             .map_err(|source| topology_error("qos", &self.settings.queue, source))?;
         let consumer = channel
