@@ -386,9 +386,9 @@ async fn child_framework(spec: &Spec, url: String) -> Res<Report> {
 }
 
 /// The consumer channel's `basic.qos` for a prefetch: the framework's default read-ahead
-/// (`prefetch / 4`) on top, given to the raw consumer too.
+/// (`prefetch / 2`) on top, given to the raw consumer too.
 fn qos(prefetch: u16) -> u16 {
-    prefetch.saturating_add(prefetch / 4)
+    prefetch.saturating_add(prefetch / 2)
 }
 
 /// A hand-written lapin consumer, as one would write it without the framework: the same

@@ -107,14 +107,15 @@ pub struct Config {
     /// The direct exchange results are published to (`exchange`, alias `exchange_iddress`).
     /// Default [`DEFAULT_EXCHANGE`].
     pub exchange: String,
-    /// Messages prefetched per channel, 1 to 65535. Default [`DEFAULT_PREFETCH_COUNT`].
+    /// Deliveries per handler worked on at once, 1 to 65535 (the channel's `basic.qos` adds
+    /// [`read_ahead`](Self::read_ahead)). Default [`DEFAULT_PREFETCH_COUNT`].
     pub prefetch_count: u16,
     /// Handler invocations in flight at once; `None` (the default) means `prefetch_count`.
     pub concurrency: Option<u16>,
     /// Deliveries the broker may send beyond `prefetch_count`, so a handler slot that frees
     /// up finds its next message already here (the channel's `basic.qos` is
-    /// `prefetch_count + read_ahead`). `None` (the default) means `prefetch_count / 4`: none
-    /// below 4, so a one-task-at-a-time worker keeps strict fair dispatch.
+    /// `prefetch_count + read_ahead`). `None` (the default) means `prefetch_count / 2`: none
+    /// at a prefetch of 1, so a one-task-at-a-time worker keeps strict fair dispatch.
     pub read_ahead: Option<u16>,
     /// The first delay between connection attempts. Default
     /// [`DEFAULT_RETRY_CONNECT_INTERVAL`].
@@ -216,7 +217,7 @@ pub struct ConsumerConfig {
     pub reply_key: Option<String>,
     /// The queue results are routed to.
     pub reply_queue: Option<String>,
-    /// Prefetch for this handler's channel, 1 to 65535.
+    /// Deliveries this handler works on at once, 1 to 65535 (see [`Config::prefetch_count`]).
     pub prefetch: Option<u16>,
     /// Invocations in flight at once, at least 1.
     pub concurrency: Option<u16>,

@@ -29,8 +29,8 @@ use serde_json::{Value, json};
 static GLOBAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const PREFETCH: u16 = 8;
-/// The consumer channel's `basic.qos`: the prefetch plus the default read-ahead (prefetch / 4).
-const QOS: u16 = PREFETCH + PREFETCH / 4;
+/// The consumer channel's `basic.qos`: the prefetch plus the default read-ahead (prefetch / 2).
+const QOS: u16 = PREFETCH + PREFETCH / 2;
 
 /// Extra work time per task while a fault command runs (`rabbitmqctl` needs 1-2 s to start):
 /// the workload keeps running but cannot finish before the fault lands, however fast the

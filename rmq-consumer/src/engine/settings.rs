@@ -219,11 +219,11 @@ fn resolve_one(config: &Config, spec: &HandlerSpec) -> Result<Settings, SetupErr
 }
 
 /// The consumer channel's `basic.qos`: `prefetch` plus the read-ahead, by default
-/// `prefetch / 4`. A handler slot that frees up then finds its next message already here
-/// instead of idling for an ack-to-delivery round trip; below a prefetch of 4 there is none,
-/// so a one-task-at-a-time worker keeps strict fair dispatch.
+/// `prefetch / 2`. A handler slot that frees up then finds its next message already here
+/// instead of idling for an ack-to-delivery round trip; at a prefetch of 1 there is none, so
+/// a one-task-at-a-time worker keeps strict fair dispatch.
 fn basic_qos(prefetch: u16, read_ahead: Option<u16>) -> u16 {
-    prefetch.saturating_add(read_ahead.unwrap_or(prefetch / 4))
+    prefetch.saturating_add(read_ahead.unwrap_or(prefetch / 2))
 }
 
 #[cfg(test)]
@@ -233,9 +233,9 @@ mod tests {
     #[test]
     fn basic_qos_adds_the_read_ahead() {
         assert_eq!(basic_qos(1, None), 1);
-        assert_eq!(basic_qos(3, None), 3);
-        assert_eq!(basic_qos(4, None), 5);
-        assert_eq!(basic_qos(64, None), 80);
+        assert_eq!(basic_qos(2, None), 3);
+        assert_eq!(basic_qos(4, None), 6);
+        assert_eq!(basic_qos(64, None), 96);
         assert_eq!(basic_qos(64, Some(0)), 64);
         assert_eq!(basic_qos(2, Some(3)), 5);
         assert_eq!(basic_qos(u16::MAX, None), u16::MAX);
