@@ -1,36 +1,39 @@
-//! Confirmed, mandatory publishing over a few pipelined confirm channels ("lanes").
+//! Confirmed, mandatory publishing over a few confirm channels ("lanes"), in batches.
 //!
-//! Each lane is a task that owns one confirm channel and keeps many publishes in flight on it,
-//! so the broker can confirm them in batches (`multiple` acks). Two lapin 4 behaviours shape
-//! the lane:
+//! Each lane is a task that owns one confirm channel. It takes every publish request waiting
+//! for it (up to [`LANE_BATCH`]), publishes them back to back (lapin writes them together),
+//! waits for all their confirms (the broker answers a batch with few `multiple` acks), then
+//! reports every outcome; requests that arrive meanwhile form the next batch. Three lapin 4
+//! behaviours shape this:
 //!
 //! - lapin numbers a publish and queues its frames in one step, but two tasks publishing on
-//!   one channel from two threads can interleave those steps, so the broker's numbering (wire
-//!   order) and lapin's can differ and an ack or nack lands on the wrong publish. A lane is
-//!   the only publisher on its channel and publishes one message at a time.
+//!   one channel from two threads can interleave those steps, so the broker's numbering and
+//!   lapin's differ and an ack or nack lands on the wrong publish. A lane is the only
+//!   publisher on its channel.
 //! - lapin hands each `basic.return` to whichever confirm it completes next (a `multiple` ack
 //!   completes several, in no set order), so a returned message can ride on another publish's
-//!   confirm. A lane does not trust that pairing: whenever its oldest confirm completes, it
-//!   looks at every confirm that has completed so far, matches each returned message to its own
-//!   publish by content (exchange, routing key, properties, body; the oldest match first), and
-//!   only then reports outcomes, oldest first. The broker sends a message's return before its
-//!   ack, so by the time a publish and every older one are confirmed, its return (if any) has
-//!   been seen.
+//!   confirm. The broker sends a message's return before its ack, so once every confirm of a
+//!   batch is in, every return of the batch has been seen; the lane matches each one to its
+//!   own publish by content (exchange, routing key, properties, body; oldest first).
+//! - lapin answers a broker's `channel.close` (e.g. after a publish to a deleted exchange)
+//!   with `close-ok` ahead of publish frames still queued for that channel; those then reach
+//!   the broker on a closed channel and it closes the whole connection. While a lane waits for
+//!   confirms nothing of its is queued, so such an error fails that lane's batch (its callers
+//!   retry) and nothing else. (Pipelining publishes without batches measured ~25 % less
+//!   consumer CPU in S2, but reset every consumer's connection in one F14 run out of two.)
 
 use std::{
-    collections::VecDeque,
     future::Future,
-    pin::Pin,
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicUsize, Ordering},
     },
-    task::{Context, Poll, Waker},
+    task::Poll,
     time::Duration,
 };
 
 use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, PublisherConfirm,
+    BasicProperties, Channel, Confirmation, Connection,
     message::BasicReturnMessage,
     options::{BasicPublishOptions, ConfirmSelectOptions},
     types::ShortString,
@@ -45,14 +48,15 @@ use tracing::error;
 
 use crate::{amqp::short, error::PublishError};
 
-/// Confirm channels (lanes) per connection.
-pub const DEFAULT_PUBLISH_CHANNELS: usize = 4;
+/// Confirm channels (lanes) per connection. Two: with one, the broker's per-message cost was
+/// the same as a hand-written consumer's; with four, about 20 % higher (fewer `multiple` acks).
+pub const DEFAULT_PUBLISH_CHANNELS: usize = 2;
 
-/// Publishes awaiting their confirm on one lane; more wait in the lane's queue.
-const LANE_WINDOW: usize = 256;
+/// The most publishes a lane sends before waiting for their confirms.
+pub const LANE_BATCH: usize = 256;
 
 /// Publish requests queued for one lane.
-const LANE_QUEUE: usize = 256;
+const LANE_QUEUE: usize = 1024;
 
 /// Publishes with publisher confirms and `mandatory`; a message counts as published only when
 /// the broker acked it and did not return it.
@@ -90,7 +94,6 @@ impl Publisher {
             let lane = Lane {
                 connection: Arc::clone(connection),
                 channel: Some(channel),
-                pending: VecDeque::new(),
                 confirm_timeout,
             };
             tasks.push(tokio::spawn(lane.run(receiver, closing.clone())));
@@ -216,58 +219,49 @@ enum Outcome {
     Closed,
 }
 
-/// A publish sent on the lane's channel and not yet reported.
-struct Pending {
-    confirm: Confirm,
-    /// The broker returned this message (attributed by content).
-    returned: Option<(u16, String)>,
-    deadline: Instant,
-    request: Request,
-}
-
-enum Confirm {
-    Waiting(PublisherConfirm),
-    Done(Done),
-}
-
 /// How the broker answered a publish (its return, if any, is attributed separately).
 enum Done {
     Acked,
     Nacked,
     Failed(lapin::Error),
+    TimedOut,
 }
 
-/// One confirm channel and the publishes in flight on it, oldest first.
+/// One confirm channel, published to in batches.
 struct Lane {
     connection: Arc<Connection>,
     channel: Option<Channel>,
-    pending: VecDeque<Pending>,
     confirm_timeout: Duration,
 }
 
 impl Lane {
     async fn run(mut self, mut requests: mpsc::Receiver<Request>, closing: CancellationToken) {
-        let mut open = true;
         let mut stopping = false;
-        while open || !self.pending.is_empty() {
-            let deadline = self.pending.front().map(|pending| pending.deadline);
-            let room = open && self.pending.len() < LANE_WINDOW;
-            tokio::select! {
+        let mut batch = Vec::with_capacity(LANE_BATCH);
+        loop {
+            let first = tokio::select! {
                 biased;
-                result = oldest_confirm(&mut self.pending), if deadline.is_some() => {
-                    self.on_oldest_confirmed(result);
-                }
-                () = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)),
-                    if deadline.is_some() => self.time_out(),
                 () = closing.cancelled(), if !stopping => {
-                    // Publishes already queued are still sent; `recv` then ends.
+                    // Requests already queued are still sent; `recv` then ends.
                     stopping = true;
                     requests.close();
+                    continue;
                 }
-                request = requests.recv(), if room => match request {
-                    Some(request) => self.publish(request).await,
-                    None => open = false,
-                },
+                request = requests.recv() => request,
+            };
+            let Some(first) = first else {
+                break;
+            };
+            batch.push(first);
+            while batch.len() < LANE_BATCH {
+                match requests.try_recv() {
+                    Ok(request) => batch.push(request),
+                    Err(_) => break,
+                }
+            }
+            let outcomes = self.send(&batch).await;
+            for (request, outcome) in batch.drain(..).zip(outcomes) {
+                let _ = request.reply.send(outcome);
             }
         }
         if let Some(channel) = self.channel.take()
@@ -277,74 +271,73 @@ impl Lane {
         }
     }
 
-    async fn publish(&mut self, request: Request) {
+    /// Publishes a batch, waits for every confirm, and returns the outcomes in order.
+    async fn send(&mut self, batch: &[Request]) -> Vec<Outcome> {
         let channel = match self.channel.take() {
             Some(channel) if channel.status().connected() => channel,
-            // Publishes still pending on a failed channel are failed by lapin.
             _ => match open_confirm_channel(&self.connection).await {
                 Ok(channel) => channel,
                 Err(error) => {
-                    let _ = request.reply.send(Outcome::Failed(error));
-                    return;
+                    return batch
+                        .iter()
+                        .map(|_| Outcome::Failed(error.clone()))
+                        .collect();
                 }
             },
         };
-        let published = channel
-            .basic_publish(
+        let options = BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        };
+        // The first poll of each publish numbers it and queues its frames, so the batch is
+        // queued whole (in order) before lapin writes any of it.
+        let mut writes = Vec::with_capacity(batch.len());
+        for request in batch {
+            let mut write = Box::pin(channel.basic_publish(
                 request.exchange.clone(),
                 request.routing_key.clone(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
+                options,
                 &request.body,
                 request.properties.clone(),
-            )
-            .await;
-        self.channel = Some(channel);
-        match published {
-            Ok(confirm) => self.pending.push_back(Pending {
-                confirm: Confirm::Waiting(confirm),
-                returned: None,
-                deadline: Instant::now() + self.confirm_timeout,
-                request,
-            }),
-            Err(error) => {
-                let _ = request.reply.send(Outcome::Failed(error));
-            }
+            ));
+            let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
+            writes.push((write, first));
         }
-    }
-
-    /// The oldest publish is confirmed: collect every confirm that has completed by now,
-    /// attribute the returned messages they carry, and report the confirmed prefix.
-    fn on_oldest_confirmed(&mut self, result: lapin::Result<Confirmation>) {
+        let mut confirms = Vec::with_capacity(batch.len());
+        for (write, first) in writes {
+            confirms.push(match first {
+                Poll::Ready(written) => written,
+                Poll::Pending => write.await,
+            });
+        }
+        let deadline = Instant::now() + self.confirm_timeout;
+        let mut answers = Vec::with_capacity(batch.len());
         let mut returned = Vec::new();
-        if let Some(oldest) = self.pending.front_mut() {
-            oldest.confirm = Confirm::Done(settle(result, &mut returned));
+        for confirm in confirms {
+            answers.push(match confirm {
+                Ok(confirm) => match tokio::time::timeout_at(deadline, confirm).await {
+                    Ok(answer) => settle(answer, &mut returned),
+                    Err(_) => Done::TimedOut,
+                },
+                Err(error) => Done::Failed(error),
+            });
         }
-        let mut context = Context::from_waker(Waker::noop());
-        for pending in self.pending.iter_mut().skip(1) {
-            if let Confirm::Waiting(confirm) = &mut pending.confirm
-                && let Poll::Ready(result) = Pin::new(confirm).poll(&mut context)
-            {
-                pending.confirm = Confirm::Done(settle(result, &mut returned));
-            }
+        // A confirm that never came could still bring a late return: such a channel is not
+        // reused (dropping the last handle closes it).
+        if !answers
+            .iter()
+            .any(|answer| matches!(answer, Done::TimedOut))
+        {
+            self.channel = Some(channel);
         }
+        let mut marks: Vec<Option<(u16, String)>> = vec![None; batch.len()];
         for message in returned {
-            self.attribute(message);
+            attribute(batch, &mut marks, &message);
         }
-        while let Some(pending) = self.pending.pop_front() {
-            let done = match pending.confirm {
-                Confirm::Done(done) => done,
-                Confirm::Waiting(confirm) => {
-                    self.pending.push_front(Pending {
-                        confirm: Confirm::Waiting(confirm),
-                        ..pending
-                    });
-                    break;
-                }
-            };
-            let outcome = match (pending.returned, done) {
+        answers
+            .into_iter()
+            .zip(marks)
+            .map(|(answer, mark)| match (mark, answer) {
                 (Some((reply_code, reply_text)), _) => Outcome::Returned {
                     reply_code,
                     reply_text,
@@ -352,57 +345,41 @@ impl Lane {
                 (None, Done::Acked) => Outcome::Confirmed,
                 (None, Done::Nacked) => Outcome::Nacked,
                 (None, Done::Failed(error)) => Outcome::Failed(error),
-            };
-            let _ = pending.request.reply.send(outcome);
-        }
-    }
-
-    /// Marks the oldest pending publish this returned message is a copy of.
-    fn attribute(&mut self, message: BasicReturnMessage) {
-        let returned = &message.delivery;
-        let same_route = |pending: &Pending| {
-            pending.returned.is_none()
-                && pending.request.exchange == returned.exchange
-                && pending.request.routing_key == returned.routing_key
-                && pending.request.body == returned.data
-        };
-        // The broker may rewrite properties; the oldest copy with the same route and body is
-        // then the best match (marking the wrong one of two such copies costs a retry, never
-        // a loss: both were routed alike).
-        let position = self
-            .pending
-            .iter()
-            .position(|pending| {
-                same_route(pending) && pending.request.properties == returned.properties
+                (None, Done::TimedOut) => Outcome::TimedOut,
             })
-            .or_else(|| self.pending.iter().position(same_route));
-        match position.and_then(|position| self.pending.get_mut(position)) {
-            Some(target) => {
-                target.returned = Some((message.reply_code, message.reply_text.to_string()));
-            }
-            None => error!(
-                exchange = %returned.exchange,
-                routing_key = %returned.routing_key,
-                "the broker returned a message that matches no publish in flight"
-            ),
-        }
-    }
-
-    /// The oldest confirm is overdue: the channel is treated as broken. Everything in flight
-    /// on it fails (and is retried by its caller); a late confirm or return could still come,
-    /// so the channel is not reused.
-    fn time_out(&mut self) {
-        self.channel = None;
-        for pending in self.pending.drain(..) {
-            let _ = pending.request.reply.send(Outcome::TimedOut);
-        }
+            .collect()
     }
 }
 
-async fn oldest_confirm(pending: &mut VecDeque<Pending>) -> lapin::Result<Confirmation> {
-    match pending.front_mut().map(|pending| &mut pending.confirm) {
-        Some(Confirm::Waiting(confirm)) => confirm.await,
-        _ => std::future::pending().await,
+/// Marks the oldest publish of the batch this returned message is a copy of.
+fn attribute(batch: &[Request], marks: &mut [Option<(u16, String)>], message: &BasicReturnMessage) {
+    let returned = &message.delivery;
+    let same_route = |(request, mark): &(&Request, &mut Option<(u16, String)>)| {
+        mark.is_none()
+            && request.exchange == returned.exchange
+            && request.routing_key == returned.routing_key
+            && request.body == returned.data
+    };
+    // The broker may rewrite properties; the oldest copy with the same route and body is
+    // then the best match (marking the wrong one of two such copies costs a retry, never a
+    // loss: both were routed alike).
+    let exact = batch
+        .iter()
+        .zip(marks.iter_mut())
+        .position(|pair| same_route(&pair) && pair.0.properties == returned.properties);
+    let position = exact.or_else(|| {
+        batch
+            .iter()
+            .zip(marks.iter_mut())
+            .position(|pair| same_route(&pair))
+    });
+    match position.and_then(|position| marks.get_mut(position)) {
+        Some(mark) => *mark = Some((message.reply_code, message.reply_text.to_string())),
+        None => error!(
+            exchange = %returned.exchange,
+            routing_key = %returned.routing_key,
+            "the broker returned a message that matches no publish of its batch"
+        ),
     }
 }
 

@@ -252,8 +252,10 @@ async fn f14_result_exchange_missing() {
     let runs = during.handler_runs - runs_before;
     let bound = STUCK as u64 * (WINDOW.as_millis() / delay.as_millis() + 2) as u64;
     println!(
-        "[F14] {runs} handler runs for {STUCK} stuck tasks in {WINDOW:?} (bound {bound}); retried={} dead_lettered={}",
-        during.retried, during.dead_lettered
+        "[F14] {runs} handler runs for {STUCK} stuck tasks in {WINDOW:?} (bound {bound}); retried={} dead_lettered={} reconnects={}",
+        during.retried,
+        during.dead_lettered,
+        running.health.snapshot().reconnects
     );
     assert_eq!(during.succeeded, 5, "no input acked as a success");
     assert_eq!(
@@ -462,7 +464,8 @@ async fn probe_nacked(broker: &Broker, queue: &str) -> bool {
 /// The confirm behind F15/F16: many concurrent publishes on the engine's [`Publisher`] to an
 /// accepting queue, a queue that nacks (`x-max-length 0`, `reject-publish`) and an unroutable
 /// key. Each must get its own outcome; a nacked or returned publish reported as delivered
-/// would let the engine ack an input whose result was dropped.
+/// would let the engine ack an input whose result was dropped. (Fails when the publisher
+/// trusts lapin's pairing of returns with confirms.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publisher_confirms_are_attributed_under_concurrency() {
     const TASKS: usize = 16;
@@ -512,8 +515,16 @@ async fn publisher_confirms_are_attributed_under_concurrency() {
                     1 => nacking.as_str(),
                     _ => "tests.no-such-queue",
                 };
+                // Persistent messages to a durable queue are confirmed after a disk write,
+                // returns and nacks at once: the broker's acks then arrive out of order and
+                // in `multiple` batches, mixed with returns.
                 let outcome = publisher
-                    .publish("", key, b"{}".to_vec(), BasicProperties::default())
+                    .publish(
+                        "",
+                        key,
+                        b"{}".to_vec(),
+                        BasicProperties::default().with_delivery_mode(2),
+                    )
                     .await;
                 let right = match kind {
                     0 => outcome.is_ok(),
