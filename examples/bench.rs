@@ -493,10 +493,11 @@ impl Settled {
 
 /// Decode, publish the result (mandatory, confirmed), then ack the input.
 ///
-/// The usual hand-written shape: every task publishes on one shared confirm channel. It has a
-/// flaw the framework's publisher avoids (one confirm in flight per channel): lapin hands a
+/// The usual hand-written shape: every task publishes on one shared confirm channel. It has
+/// flaws the framework's publisher avoids (see `rmq_consumer::publisher`): tasks publishing
+/// from two threads at once can be numbered out of wire order, and lapin hands a
 /// `basic.return` to whichever confirm completes next, so an unroutable result could be taken
-/// as delivered. No result is ever returned here, so it does not show in the numbers.
+/// as delivered. No result is ever returned or nacked here, so it does not show in the numbers.
 async fn raw_request(
     publisher: &Channel,
     exchange: &str,
