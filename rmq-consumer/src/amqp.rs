@@ -1,6 +1,9 @@
 //! Small helpers over lapin's types: bounded strings, header reading and writing.
 
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{
+    BasicProperties,
+    types::{AMQPValue, FieldTable, LongString, ShortString},
+};
 
 /// The longest AMQP short string.
 pub(crate) const MAX_SHORT: usize = 255;
@@ -75,9 +78,99 @@ fn digits(text: &str) -> Option<i128> {
     text.parse().ok()
 }
 
+/// The properties of a copy of a delivery that the engine publishes itself (a retry or a dead
+/// letter), with `headers` in place of the original's.
+///
+/// `user_id` is dropped: the broker checks it against the publishing connection's user, so
+/// the copy of another user's message would be refused with a channel error, every time (the
+/// message would cycle between the queue and the engine, never reaching the dead-letter
+/// queue). A dead letter also drops `expiration` (kept as the `x-original-expiration`
+/// header): a dead letter that expires is lost.
+pub(crate) fn copy_properties(
+    original: &BasicProperties,
+    mut headers: FieldTable,
+    dead_letter: bool,
+) -> BasicProperties {
+    let mut copy = BasicProperties::default();
+    let text = |value: &Option<ShortString>| value.clone();
+    if let Some(v) = text(original.content_type()) {
+        copy = copy.with_content_type(v);
+    }
+    if let Some(v) = text(original.content_encoding()) {
+        copy = copy.with_content_encoding(v);
+    }
+    if let Some(v) = *original.delivery_mode() {
+        copy = copy.with_delivery_mode(v);
+    }
+    if let Some(v) = *original.priority() {
+        copy = copy.with_priority(v);
+    }
+    if let Some(v) = text(original.correlation_id()) {
+        copy = copy.with_correlation_id(v);
+    }
+    if let Some(v) = text(original.reply_to()) {
+        copy = copy.with_reply_to(v);
+    }
+    if let Some(v) = text(original.expiration()) {
+        if dead_letter {
+            headers.insert("x-original-expiration".into(), long(v.as_str()));
+        } else {
+            copy = copy.with_expiration(v);
+        }
+    }
+    if let Some(v) = text(original.message_id()) {
+        copy = copy.with_message_id(v);
+    }
+    if let Some(v) = *original.timestamp() {
+        copy = copy.with_timestamp(v);
+    }
+    if let Some(v) = text(original.kind()) {
+        copy = copy.with_type(v);
+    }
+    if let Some(v) = text(original.app_id()) {
+        copy = copy.with_app_id(v);
+    }
+    if let Some(v) = text(original.cluster_id()) {
+        copy = copy.with_cluster_id(v);
+    }
+    copy.with_headers(headers)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copies_drop_user_id_and_dead_letters_drop_expiration() {
+        let original = BasicProperties::default()
+            .with_user_id("alice".into())
+            .with_expiration("60000".into())
+            .with_message_id("m-1".into())
+            .with_correlation_id("c-1".into())
+            .with_priority(3)
+            .with_delivery_mode(2)
+            .with_headers(with(AMQPValue::LongLongInt(1)));
+        let retry = copy_properties(&original, FieldTable::default(), false);
+        assert_eq!(retry.user_id(), &None);
+        assert_eq!(retry.expiration(), &Some("60000".into()));
+        assert_eq!(retry.message_id(), &Some("m-1".into()));
+        assert_eq!(retry.correlation_id(), &Some("c-1".into()));
+        assert_eq!(retry.priority(), &Some(3));
+        assert_eq!(retry.delivery_mode(), &Some(2));
+        assert_eq!(retry.headers(), &Some(FieldTable::default()));
+        let dead = copy_properties(&original, FieldTable::default(), true);
+        assert_eq!(dead.user_id(), &None);
+        assert_eq!(dead.expiration(), &None);
+        assert_eq!(
+            header_str(dead.headers().as_ref(), "x-original-expiration"),
+            Some("60000")
+        );
+        let plain = BasicProperties::default().with_content_type("application/json".into());
+        assert_eq!(
+            copy_properties(&plain, FieldTable::default(), true),
+            plain.with_headers(FieldTable::default())
+        );
+    }
 
     fn with(value: AMQPValue) -> FieldTable {
         let mut table = FieldTable::default();

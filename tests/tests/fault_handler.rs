@@ -1,8 +1,8 @@
 //! Handler faults against a running engine: F19 a poison task (always fails) retried through
 //! the delay queues then dead-lettered, F20 a hanging handler, F09 a blocking handler that
 //! outlives three heartbeats, F25 the same task twice with the result cache on, a panicking
-//! handler, and forged `x-retry-count` headers. Each run checks the ledger of
-//! ../shared/RELIABILITY.md.
+//! handler, forged `x-retry-count` headers, and another user's message with a TTL. Each run
+//! checks the ledger of ../shared/RELIABILITY.md.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -15,6 +15,7 @@ mod common;
 
 use std::{
     collections::BTreeMap,
+    str::FromStr,
     sync::{LazyLock, Mutex},
     time::{Duration, Instant, SystemTime},
 };
@@ -486,5 +487,131 @@ async fn malformed_retry_count_headers_are_counted_or_exhausted() {
         }
     }
     running.stop().await.unwrap();
+    broker.cleanup().await;
+}
+
+/// A broker user made for one test, deleted when it drops (even on a panic).
+struct TestUser {
+    name: String,
+}
+
+impl TestUser {
+    async fn create(password: &str) -> Self {
+        let name = unique("user");
+        common::rabbitmqctl(&["add_user", &name, password]).await;
+        let user = Self { name };
+        let vhost = lapin::uri::AMQPUri::from_str(&common::broker_url())
+            .unwrap()
+            .vhost;
+        common::rabbitmqctl(&[
+            "set_permissions",
+            "-p",
+            &vhost,
+            &user.name,
+            ".*",
+            ".*",
+            ".*",
+        ])
+        .await;
+        user
+    }
+
+    /// The test broker's URL with this user's credentials.
+    fn url(&self, password: &str) -> String {
+        let mut uri = lapin::uri::AMQPUri::from_str(&common::broker_url()).unwrap();
+        uri.authority.userinfo.username = self.name.clone();
+        uri.authority.userinfo.password = password.to_owned();
+        let vhost: String = uri
+            .vhost
+            .bytes()
+            .map(|b| match b {
+                b'/' => "%2f".to_owned(),
+                _ => char::from(b).to_string(),
+            })
+            .collect();
+        format!(
+            "amqp://{}:{}@{}:{}/{vhost}",
+            uri.authority.userinfo.username,
+            uri.authority.userinfo.password,
+            uri.authority.host,
+            uri.authority.port
+        )
+    }
+}
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        let _ = common::rabbitmqctl_blocking(&["delete_user", &self.name]);
+    }
+}
+
+/// A failing task published by another user, carrying its `user_id` (which the broker checks
+/// against the publishing connection) and a per-message TTL, still ends in the dead-letter
+/// queue and stays there: the engine's retry and dead-letter copies drop `user_id` (a copy
+/// keeping it is refused with a channel error every time, and the message cycles between the
+/// queue and the engine forever), and the dead letter drops `expiration` (kept as a header).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_users_message_with_a_ttl_is_dead_lettered_and_kept() {
+    const PASSWORD: &str = "test-user-password";
+    let mut broker = Broker::connect().await;
+    let (_exchange, config, route) = setup(&mut broker, "scripted", |c| {
+        c.max_retry_count = 1;
+    });
+    let _cleanup = broker.cleanup_on_panic();
+    let user = TestUser::create(PASSWORD).await;
+    let running = Running::start(config, &["scripted"]).await;
+
+    let id = unique("task");
+    let publisher = lapin::Connection::connect(&user.url(PASSWORD), Default::default())
+        .await
+        .unwrap();
+    let channel = publisher.create_channel().await.unwrap();
+    channel.confirm_select(Default::default()).await.unwrap();
+    let body = serde_json::to_vec(&task(&id, json!({"mode": "fail"}))).unwrap();
+    let confirm = channel
+        .basic_publish(
+            "".into(),
+            route.queue.as_str().into(),
+            Default::default(),
+            &body,
+            BasicProperties::default()
+                .with_user_id(user.name.as_str().into())
+                .with_expiration("600000".into())
+                .with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack(), "{confirm:?}");
+    let _ = publisher.close(200, "bye".into()).await;
+
+    eventually("the task dead-lettered", Duration::from_secs(20), || {
+        handler(&running).dead_lettered == 1
+    })
+    .await;
+    let dead = broker
+        .channel
+        .basic_get(route.dlq.as_str().into(), Default::default())
+        .await
+        .unwrap()
+        .expect("the dead letter is in the dead-letter queue");
+    assert_eq!(dead.delivery.data, body);
+    let properties = &dead.delivery.properties;
+    assert_eq!(properties.user_id(), &None, "user_id dropped");
+    assert_eq!(properties.expiration(), &None, "expiration dropped");
+    let headers = properties.headers().clone().unwrap_or_default();
+    assert_eq!(
+        headers.inner().get("x-original-expiration"),
+        Some(&AMQPValue::LongString("600000".into()))
+    );
+    assert_eq!(
+        properties.delivery_mode(),
+        &Some(2),
+        "other properties kept"
+    );
+    assert_eq!(runs(&id), 2, "one run and one retry");
+    running.stop().await.unwrap();
+    drop(user);
     broker.cleanup().await;
 }

@@ -387,7 +387,7 @@ impl Worker {
                     None => (self.settings.queue.clone(), "now".to_owned()),
                 };
                 let headers = self.failure_headers(&delivery, &failure, count, None);
-                let properties = delivery.properties.clone().with_headers(headers);
+                let properties = amqp::copy_properties(&delivery.properties, headers, false);
                 match publisher
                     .publish("", &routing_key, delivery.data.clone(), properties)
                     .await
@@ -425,7 +425,7 @@ impl Worker {
                     amqp::RetryCount::Malformed => 0,
                 };
                 let headers = self.failure_headers(&delivery, &failure, count, Some(why));
-                let properties = delivery.properties.clone().with_headers(headers);
+                let properties = amqp::copy_properties(&delivery.properties, headers, true);
                 match publisher
                     .publish("", dlq, delivery.data.clone(), properties)
                     .await
