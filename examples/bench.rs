@@ -1,7 +1,7 @@
 //! Throughput, latency and memory of the framework next to a hand-written lapin consumer,
 //! measured in one run against the local broker.
 //!
-//! Run it with `cargo run --release -p examples --example bench` (every scenario, about six
+//! Run it with `cargo run --release -p examples --example bench` (every scenario, about seven
 //! minutes), or pick scenarios and sizes: `-- S1 S2 --quick --runs 1`. Scenarios: `S1`
 //! drain-ack, `S2` request-result, `S3` io-bound, `L` latency, `M` memory. The broker is
 //! `$RMQ_CONSUMER_URL` or `amqp://guest:guest@127.0.0.1:5672/%2f`.
@@ -9,7 +9,7 @@
 //! Each measurement drains a fresh, prefilled, durable queue in a child process (this binary
 //! re-executed), so CPU time (`/proc/self/stat`) and peak RSS (`VmHWM`) belong to that consumer
 //! alone. The framework and the raw consumer alternate on identical queues; each cell is the
-//! median of `--runs` runs (default 3 at prefetch 64 and 256, 1 for the slow prefetch-4 drains;
+//! median of `--runs` runs (default 5 at prefetch 64 and 256, 1 for the slow prefetch-4 drains;
 //! an explicit `--runs N` applies to every cell). Throughput is counted from the first delivery
 //! to the last ack.
 //!
@@ -630,7 +630,7 @@ fn parse_args(args: &[String]) -> Res<Args> {
     Ok(Args {
         scenarios,
         sizes: if quick { QUICK } else { FULL },
-        runs: runs.unwrap_or(if quick { 1 } else { 3 }),
+        runs: runs.unwrap_or(if quick { 1 } else { 5 }),
         // An explicit `--runs` applies to every cell; by default the long prefetch-4 drains
         // run once, to keep the full run near six minutes.
         runs_low: runs.unwrap_or(1),
