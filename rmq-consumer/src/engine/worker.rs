@@ -97,6 +97,9 @@ impl Worker {
                     return Stop::Lost;
                 }
             };
+            // Each delivery holds the channel until it is settled (see below); one `Arc` clone
+            // per delivery is cheaper than cloning lapin's `Channel`.
+            let channel = Arc::new(channel);
             self.stats().consuming.store(true, Relaxed);
             self.stats().subscribed(self.health.now_ms());
             info!(handler = %name, queue = %self.settings.queue, prefetch = self.settings.prefetch,
@@ -125,7 +128,7 @@ impl Worker {
                         // lapin closes a channel when its last handle is dropped, and this
                         // loop drops its handle on shutdown or re-subscription: each delivery
                         // keeps the channel open until it is settled on it.
-                        let channel = channel.clone();
+                        let channel = Arc::clone(&channel);
                         // Boxed: the pipeline's future is several KiB, and tokio copies an
                         // unboxed future into its task cell and again when it completes.
                         tracker.spawn(Box::pin(async move {
