@@ -298,8 +298,28 @@ fn finish(processed: u64, max_in_flight: u64) -> Res<Report> {
     })
 }
 
-/// The local RabbitMQ node's process (`beam.smp` running `rabbit`), if this machine runs it.
-fn broker_pid() -> Option<String> {
+/// The local RabbitMQ node's process: the one listening on the URL's port (other nodes, such
+/// as a local test cluster, may run beside it), if this machine runs it.
+fn broker_pid(url: &str) -> Option<String> {
+    let port = url_port(url)?;
+    let inodes: Vec<String> = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|table| std::fs::read_to_string(table).ok())
+        .flat_map(|table| {
+            table
+                .lines()
+                .skip(1)
+                .filter_map(|line| {
+                    // sl local_address rem_address st ... inode
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    let local_port = fields.get(1)?.rsplit_once(':')?.1;
+                    let listening = fields.get(3) == Some(&"0A");
+                    (listening && u16::from_str_radix(local_port, 16).ok()? == port)
+                        .then(|| fields.get(9).map(|inode| format!("socket:[{inode}]")))?
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
     std::fs::read_dir("/proc")
         .ok()?
         .flatten()
@@ -307,10 +327,32 @@ fn broker_pid() -> Option<String> {
             let pid = entry.file_name().into_string().ok()?;
             pid.bytes().all(|b| b.is_ascii_digit()).then_some(())?;
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-            let cmdline = String::from_utf8_lossy(&cmdline);
-            (comm.trim() == "beam.smp" && cmdline.contains("rabbit\0boot")).then_some(pid)
+            (comm.trim() == "beam.smp").then_some(())?;
+            std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .ok()?
+                .flatten()
+                .any(|fd| {
+                    std::fs::read_link(fd.path()).is_ok_and(|target| {
+                        inodes
+                            .iter()
+                            .any(|inode| target.as_os_str() == inode.as_str())
+                    })
+                })
+                .then_some(pid)
         })
+}
+
+/// The port of an AMQP URL (5672, or 5671 for `amqps`, when none is given).
+fn url_port(url: &str) -> Option<u16> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority = rest.split('/').next()?;
+    let host_port = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    match host_port.rsplit_once(':') {
+        Some((_, port)) if !port.ends_with(']') => port.parse().ok(),
+        _ => Some(if scheme == "amqps" { 5671 } else { 5672 }),
+    }
 }
 
 fn warn_logs() -> LogConfig {
@@ -440,11 +482,6 @@ async fn child_raw(spec: &Spec, url: &str) -> Res<Report> {
             count: spec.count,
         };
         match spec.work {
-            Work::Drain => {
-                delivery.acker.ack(BasicAckOptions::default()).await?;
-                settled.one();
-                drop(slot);
-            }
             Work::Request => {
                 let publisher = publisher.clone();
                 let route = Arc::clone(&route);
@@ -456,9 +493,14 @@ async fn child_raw(spec: &Spec, url: &str) -> Res<Report> {
                     drop(slot);
                 });
             }
-            Work::Sleep => {
+            Work::Drain | Work::Sleep => {
+                let sleep = spec.work == Work::Sleep;
+                // Acked from its own task, as the framework does: awaiting each ack in the
+                // receive loop measured half the rate at twice the CPU per message here.
                 tokio::spawn(async move {
-                    io_wait().await;
+                    if sleep {
+                        io_wait().await;
+                    }
                     match delivery.acker.ack(BasicAckOptions::default()).await {
                         Ok(_) => settled.one(),
                         Err(error) => eprintln!("raw ack failed: {error}"),
@@ -683,6 +725,7 @@ impl Bench {
                 FieldTable::default(),
             )
             .await?;
+        let broker = broker_pid(&url);
         Ok(Self {
             url,
             connection,
@@ -692,7 +735,7 @@ impl Bench {
             seq: 0,
             queues: Vec::new(),
             started: Instant::now(),
-            broker: broker_pid(),
+            broker,
         })
     }
 
@@ -1211,7 +1254,45 @@ struct Row {
     framework: Cell,
     /// `None` for framework-only variants.
     raw: Option<Cell>,
+    /// Framework / raw throughput: the median of the pairs' ratios.
+    ratio: f64,
+    /// The lowest and highest pair ratio.
+    spread: String,
     note: String,
+}
+
+/// The two cells of a comparison, and the framework/raw throughput ratio of each run's pair
+/// (the two measured back to back, so a drift of the machine's speed hits both alike).
+struct Comparison {
+    framework: Cell,
+    raw: Cell,
+    pair_ratios: Vec<f64>,
+}
+
+impl Comparison {
+    /// The median of the pairs' ratios (the ratio of the medians without pairs).
+    fn ratio(&self) -> f64 {
+        if self.pair_ratios.is_empty() {
+            self.framework.rate / self.raw.rate
+        } else {
+            median(self.pair_ratios.clone())
+        }
+    }
+
+    /// `min-max` of the pairs' ratios, when there are several.
+    fn spread(&self) -> String {
+        let lowest = self
+            .pair_ratios
+            .iter()
+            .copied()
+            .fold(f64::INFINITY, f64::min);
+        let highest = self.pair_ratios.iter().copied().fold(0.0, f64::max);
+        if self.pair_ratios.len() > 1 {
+            format!("{lowest:.2}-{highest:.2}")
+        } else {
+            "-".to_owned()
+        }
+    }
 }
 
 /// Runs the framework and the raw consumer alternately, `runs` times each.
@@ -1222,7 +1303,7 @@ async fn compare(
     work: Work,
     prefetch: u16,
     count: u64,
-) -> Res<(Cell, Cell)> {
+) -> Res<Comparison> {
     let runs = args.runs_for(prefetch);
     let mut framework = Vec::with_capacity(runs);
     let mut raw = Vec::with_capacity(runs);
@@ -1243,7 +1324,16 @@ async fn compare(
             }
         }
     }
-    Ok((cell(&framework), cell(&raw)))
+    let pair_ratios = framework
+        .iter()
+        .zip(&raw)
+        .map(|(framework, raw)| framework.rate() / raw.rate())
+        .collect();
+    Ok(Comparison {
+        framework: cell(&framework),
+        raw: cell(&raw),
+        pair_ratios,
+    })
 }
 
 struct Outcome {
@@ -1300,8 +1390,9 @@ async fn run_all(bench: &mut Bench, args: &Args) -> Res<Outcome> {
             }
             let tag = name.to_lowercase();
             let runs = args.runs_for(prefetch);
-            let (framework, raw) = compare(bench, args, &tag, work, prefetch, count).await?;
-            let ratio = framework.rate / raw.rate;
+            let comparison = compare(bench, args, &tag, work, prefetch, count).await?;
+            let (framework, raw) = (comparison.framework, comparison.raw);
+            let ratio = comparison.ratio();
             let note = match work {
                 Work::Sleep => {
                     let ideal = f64::from(prefetch) / SLEEP.as_secs_f64();
@@ -1320,7 +1411,10 @@ async fn run_all(bench: &mut Bench, args: &Args) -> Res<Outcome> {
                 }
                 _ if prefetch == 256 => {
                     out.verdicts.push(format!(
-                        "{name} prefetch {prefetch}: framework {ratio:.2}x raw (target >= 0.90): {}",
+                        "{name} prefetch {prefetch}: framework {ratio:.2}x raw (median of {} \
+                         pairs, {}; target >= 0.90): {}",
+                        comparison.pair_ratios.len(),
+                        comparison.spread(),
                         verdict(ratio >= 0.9)
                     ));
                     String::new()
@@ -1333,6 +1427,8 @@ async fn run_all(bench: &mut Bench, args: &Args) -> Res<Outcome> {
                 runs,
                 framework,
                 raw: Some(raw),
+                ratio,
+                spread: comparison.spread(),
                 note,
             });
         }
@@ -1452,26 +1548,29 @@ fn print_outcome(out: &Outcome, args: &Args, elapsed: Duration) {
     }
     println!();
     println!(
-        "Throughput: medians of `runs` alternating runs; CPU time and peak RSS of the consumer \
-         process"
+        "Throughput: medians of `runs` alternating runs; ratio: the median of the per-run \
+         framework/raw ratios (each pair measured back to back), with their range; CPU time and \
+         peak RSS of the consumer process"
     );
     println!();
     println!(
-        "| scenario | prefetch | runs | framework msg/s | raw lapin msg/s | ratio | CPU s/10k \
-         framework / raw | broker CPU s/10k framework / raw | peak RSS framework / raw | note |"
+        "| scenario | prefetch | runs | framework msg/s | raw lapin msg/s | ratio | ratio range \
+         | CPU s/10k framework / raw | broker CPU s/10k framework / raw | peak RSS framework / raw \
+         | note |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     for row in &out.rows {
         let (fw, raw) = (&row.framework, row.raw.as_ref());
         let or_dash = |f: &dyn Fn(&Cell) -> String| raw.map_or("-".to_owned(), f);
         println!(
-            "| {} | {} | {} | {} | {} | {} | {:.3} / {} | {} / {} | {:.1} / {} MiB | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.3} / {} | {} / {} | {:.1} / {} MiB | {} |",
             row.scenario,
             row.prefetch,
             row.runs,
             thousands(fw.rate),
             or_dash(&|c| thousands(c.rate)),
-            or_dash(&|c| format!("{:.2}", fw.rate / c.rate)),
+            or_dash(&|_| format!("{:.2}", row.ratio)),
+            or_dash(&|_| row.spread.clone()),
             fw.cpu_per_10k,
             or_dash(&|c| format!("{:.3}", c.cpu_per_10k)),
             decimals(fw.broker_cpu_per_10k, 3),
