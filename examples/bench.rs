@@ -3,7 +3,8 @@
 //!
 //! Run it with `cargo run --release -p examples --example bench` (every scenario, about seven
 //! minutes), or pick scenarios and sizes: `-- S1 S2 --quick --runs 1`. Scenarios: `S1`
-//! drain-ack, `S2` request-result, `S3` io-bound, `L` latency, `M` memory. The broker is
+//! drain-ack, `S2` request-result, `S3` io-bound (a timerfd wait, plus a row with
+//! `tokio::time::sleep` for comparison), `L` latency, `M` memory. The broker is
 //! `$RMQ_CONSUMER_URL` or `amqp://guest:guest@127.0.0.1:5672/%2f`.
 //!
 //! Each measurement drains a fresh, prefilled, durable queue in a child process (this binary
@@ -122,6 +123,13 @@ async fn bench_sleep(_task: Value) {
     io_wait().await;
 }
 
+/// S3 with `tokio::time::sleep` instead of a timerfd: shown beside S3, for comparison.
+#[consumer(queue = "bench.tokio_sleep")]
+async fn bench_tokio_sleep(_task: Value) {
+    mark_first();
+    tokio::time::sleep(SLEEP).await;
+}
+
 /// The S3 handlers' 10 ms wait, standing in for an I/O call (a model server, an HTTP API).
 ///
 /// It completes through the reactor the way a socket read does: a `timerfd` fires on time
@@ -160,6 +168,8 @@ enum Work {
     Request,
     /// Sleep 10 ms, then ack (S3).
     Sleep,
+    /// The same with `tokio::time::sleep` (S3, for comparison).
+    TokioSleep,
 }
 
 impl Work {
@@ -168,6 +178,7 @@ impl Work {
             Self::Drain => "bench_drain",
             Self::Request => "bench_request",
             Self::Sleep => "bench_sleep",
+            Self::TokioSleep => "bench_tokio_sleep",
         }
     }
 }
@@ -493,13 +504,14 @@ async fn child_raw(spec: &Spec, url: &str) -> Res<Report> {
                     drop(slot);
                 });
             }
-            Work::Drain | Work::Sleep => {
-                let sleep = spec.work == Work::Sleep;
+            work @ (Work::Drain | Work::Sleep | Work::TokioSleep) => {
                 // Acked from its own task, as the framework does: awaiting each ack in the
                 // receive loop measured half the rate at twice the CPU per message here.
                 tokio::spawn(async move {
-                    if sleep {
-                        io_wait().await;
+                    match work {
+                        Work::Sleep => io_wait().await,
+                        Work::TokioSleep => tokio::time::sleep(SLEEP).await,
+                        Work::Drain | Work::Request => {}
                     }
                     match delivery.acker.ack(BasicAckOptions::default()).await {
                         Ok(_) => settled.one(),
@@ -1355,22 +1367,30 @@ async fn run_all(bench: &mut Bench, args: &Args) -> Res<Outcome> {
         timer: None,
     };
     let wants = |name: &str| args.scenarios.iter().any(|s| s == name);
-    let plan: [(&str, &str, Work, u64, [u16; 2]); 3] = [
-        ("S1", "drain-ack", Work::Drain, sizes.s1, [4, 256]),
-        ("S2", "request-result", Work::Request, sizes.s2, [4, 256]),
-        ("S3", "io-bound 10 ms", Work::Sleep, sizes.s3, [4, 64]),
+    let plan: [(&str, &str, Work, u64, &[u16]); 4] = [
+        ("S1", "drain-ack", Work::Drain, sizes.s1, &[4, 256]),
+        ("S2", "request-result", Work::Request, sizes.s2, &[4, 256]),
+        ("S3", "io-bound 10 ms", Work::Sleep, sizes.s3, &[4, 64]),
+        (
+            "S3",
+            "io-bound, tokio::time::sleep",
+            Work::TokioSleep,
+            sizes.s3,
+            &[64],
+        ),
     ];
     for (name, label, work, count, prefetches) in plan {
         if !wants(name) {
             continue;
         }
+        let cells: Vec<String> = prefetches
+            .iter()
+            .map(|&prefetch| format!("{} at prefetch {prefetch}", args.runs_for(prefetch)))
+            .collect();
         eprintln!(
-            "{name} {label}: {} tasks, {} run(s) per cell at prefetch {}, {} at prefetch {}",
+            "{name} {label}: {} tasks, run(s) per cell: {}",
             thousands(count as f64),
-            args.runs_for(prefetches[1]),
-            prefetches[1],
-            args.runs_for(prefetches[0]),
-            prefetches[0],
+            cells.join(", ")
         );
         if work == Work::Sleep {
             let timers = Timers {
@@ -1384,7 +1404,7 @@ async fn run_all(bench: &mut Bench, args: &Args) -> Res<Outcome> {
             );
             out.timer = Some(timers);
         }
-        for prefetch in prefetches {
+        for &prefetch in prefetches {
             if args.prefetch.is_some_and(|p| p != prefetch) {
                 continue;
             }
@@ -1393,20 +1413,27 @@ async fn run_all(bench: &mut Bench, args: &Args) -> Res<Outcome> {
             let comparison = compare(bench, args, &tag, work, prefetch, count).await?;
             let (framework, raw) = (comparison.framework, comparison.raw);
             let ratio = comparison.ratio();
+            let ideal = f64::from(prefetch) / SLEEP.as_secs_f64();
+            let of_ideal = |rate: f64| format!("{:.2}x", rate / ideal);
             let note = match work {
+                Work::TokioSleep => format!(
+                    "ideal {}/s: framework {}, raw {} (tokio's 1 ms timer wheel)",
+                    thousands(ideal),
+                    of_ideal(framework.rate),
+                    of_ideal(raw.rate)
+                ),
                 Work::Sleep => {
-                    let ideal = f64::from(prefetch) / SLEEP.as_secs_f64();
-                    let of_ideal = framework.rate / ideal;
+                    let share = framework.rate / ideal;
                     out.verdicts.push(format!(
-                        "{name} prefetch {prefetch}: framework {of_ideal:.2}x of ideal ({} msg/s) \
+                        "{name} prefetch {prefetch}: framework {share:.2}x of ideal ({} msg/s) \
                          (target >= 0.90): {}",
                         thousands(ideal),
-                        verdict(of_ideal >= 0.9)
+                        verdict(share >= 0.9)
                     ));
                     format!(
-                        "ideal {}/s: framework {of_ideal:.2}x, raw {:.2}x",
+                        "ideal {}/s: framework {share:.2}x, raw {}",
                         thousands(ideal),
-                        raw.rate / ideal
+                        of_ideal(raw.rate)
                     )
                 }
                 _ if prefetch == 256 => {
