@@ -89,6 +89,8 @@ pub const DEFAULT_RESULT_CACHE_SIZE: usize = 1000;
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default `confirm_timeout`.
 pub const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default `result_publish_retry`.
+pub const DEFAULT_RESULT_PUBLISH_RETRY: Duration = Duration::from_secs(10);
 /// Default `max_body_size`, in bytes (16 MiB).
 pub const DEFAULT_MAX_BODY_SIZE: usize = 16 * 1024 * 1024;
 /// Default `log_level`.
@@ -154,6 +156,11 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Time to wait for a publisher confirm. Default [`DEFAULT_CONFIRM_TIMEOUT`].
     pub confirm_timeout: Duration,
+    /// How long a result the broker nacked (e.g. while a quorum queue elects a new leader) is
+    /// published again, with backoff, before the attempt counts as failed and the message is
+    /// retried; the handler does not run again meanwhile. `0` retries no publish. Default
+    /// [`DEFAULT_RESULT_PUBLISH_RETRY`].
+    pub result_publish_retry: Duration,
     /// Largest accepted message body in bytes. Default [`DEFAULT_MAX_BODY_SIZE`].
     pub max_body_size: usize,
     /// Logging.
@@ -195,6 +202,7 @@ impl Default for Config {
             dead_letter: true,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             confirm_timeout: DEFAULT_CONFIRM_TIMEOUT,
+            result_publish_retry: DEFAULT_RESULT_PUBLISH_RETRY,
             max_body_size: DEFAULT_MAX_BODY_SIZE,
             log: LogConfig::default(),
             http_addr: None,
@@ -618,6 +626,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "dead_letter",
     "shutdown_timeout",
     "confirm_timeout",
+    "result_publish_retry",
     "max_body_size",
     "log_level",
     "log_format",
@@ -847,6 +856,9 @@ impl Scope {
         let confirm_timeout = self
             .positive_duration(&["confirm_timeout"])
             .unwrap_or(defaults.confirm_timeout);
+        let result_publish_retry = self
+            .get(&["result_publish_retry"])
+            .unwrap_or(defaults.result_publish_retry);
         let max_body_size = self
             .size(&["max_body_size"])
             .unwrap_or(defaults.max_body_size);
@@ -887,6 +899,7 @@ impl Scope {
             dead_letter,
             shutdown_timeout,
             confirm_timeout,
+            result_publish_retry,
             max_body_size,
             log,
             http_addr,
@@ -1556,6 +1569,7 @@ mod tests {
             dead_letter = false
             shutdown_timeout = "0s"
             confirm_timeout = "5s"
+            result_publish_retry = "0s"
             max_body_size = 1024
             log_level = "debug,lapin=info"
             log_format = "json"
@@ -1618,6 +1632,7 @@ mod tests {
         assert!(!config.dead_letter);
         assert_eq!(config.shutdown_timeout, Duration::ZERO);
         assert_eq!(config.confirm_timeout, Duration::from_secs(5));
+        assert_eq!(config.result_publish_retry, Duration::ZERO);
         assert_eq!(config.max_body_size, 1024);
         assert_eq!(
             config.log,

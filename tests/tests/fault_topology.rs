@@ -1,6 +1,7 @@
 //! Topology faults against a running engine: F13 the work queue deleted under the consumer,
 //! F14 the result exchange deleted, F15 the result queue unbound (mandatory return), F16 the
-//! broker nacking results (a `max-length 0, reject-publish` policy). Each run checks the
+//! broker nacking results (a `max-length 0, reject-publish` policy) for good, and for a
+//! moment shorter than `result_publish_retry`. Each run checks the
 //! ledger of ../shared/RELIABILITY.md and restores whatever it changed on the broker.
 #![allow(
     clippy::unwrap_used,
@@ -375,7 +376,7 @@ async fn f15_unroutable_result_is_a_failure() {
 /// F16: the broker nacks every result (policy `max-length 0, overflow reject-publish` on the
 /// result queue). The input is not acked as a success, it is retried, then dead-lettered with
 /// `x-error-kind = result_nacked`. The policy is cleared (always, by a guard) and results
-/// flow again.
+/// flow again. (`result_publish_retry = 0`: each nack fails its attempt at once.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f16_nacked_result_is_a_failure() {
     const MAX_RETRIES: u32 = 2;
@@ -384,6 +385,7 @@ async fn f16_nacked_result_is_a_failure() {
     broker.track_exchange(&exchange);
     let mut config = test_config(&exchange);
     config.max_retry_count = MAX_RETRIES;
+    config.result_publish_retry = Duration::ZERO;
     let route = Route::new(&mut config, "relay", &mut broker);
     let _cleanup = broker.cleanup_on_panic();
     let running = Running::start(config, &["relay"]).await;
@@ -431,6 +433,65 @@ async fn f16_nacked_result_is_a_failure() {
     let h = handler(&running, "relay");
     assert_eq!(h.succeeded, 20, "a nacked result is never a success");
     assert_eq!(h.results_nacked, 10 * u64::from(MAX_RETRIES + 1));
+    running.stop().await.unwrap();
+    broker.cleanup().await;
+}
+
+/// F16 for a moment (as while a quorum queue elects a new leader after a node loss): the
+/// broker nacks results for a few seconds, less than `result_publish_retry`. The results are
+/// published again until they are taken: every task ends as one result, none is retried or
+/// dead-lettered, and no handler runs twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f16_briefly_nacked_results_are_published_again() {
+    const TASKS: usize = 10;
+    let mut broker = Broker::connect().await;
+    let exchange = unique("ex");
+    broker.track_exchange(&exchange);
+    let mut config = test_config(&exchange);
+    config.max_retry_count = 1;
+    config.result_publish_retry = Duration::from_secs(20);
+    let route = Route::new(&mut config, "relay", &mut broker);
+    let _cleanup = broker.cleanup_on_panic();
+    let running = Running::start(config, &["relay"]).await;
+    let mut ledger = Ledger::new("F16b");
+
+    let pattern = format!("^{}$", route.reply_queue.replace('.', "\\."));
+    let policy = PolicyGuard::set(
+        &unique("f16b-policy"),
+        &pattern,
+        r#"{"max-length":0,"overflow":"reject-publish"}"#,
+    )
+    .await;
+    eventually_async(
+        "the policy nacks publishes",
+        Duration::from_secs(10),
+        || probe_nacked(&broker, &route.reply_queue),
+    )
+    .await;
+    ledger
+        .publish(&broker, &exchange, &route.queue, &tasks(&ledger, TASKS))
+        .await;
+    // Several nacks per task (the backoff starts at 50 ms), then the window closes.
+    eventually(
+        "results nacked and published again",
+        Duration::from_secs(20),
+        || handler(&running, "relay").results_nacked >= 2 * TASKS as u64,
+    )
+    .await;
+    policy.clear().await;
+
+    drain(&mut ledger, &broker, &route).await;
+    let report = ledger.assert_nothing_lost();
+    assert_eq!((report.results_unique, report.dead_lettered), (TASKS, 0));
+    assert_eq!(report.duplicates, 0);
+    let h = handler(&running, "relay");
+    assert_eq!(h.succeeded, TASKS as u64);
+    assert_eq!(
+        (h.retried, h.dead_lettered),
+        (0, 0),
+        "a brief nack costs no attempt"
+    );
+    assert_eq!(h.handler_runs, TASKS as u64, "no handler ran twice");
     running.stop().await.unwrap();
     broker.cleanup().await;
 }

@@ -277,6 +277,10 @@ fn view(config: &Config) -> Table {
     t.put("result_cache_size", json!(config.result_cache_size));
     t.put("shutdown_timeout", json!(duration(config.shutdown_timeout)));
     t.put("confirm_timeout", json!(duration(config.confirm_timeout)));
+    t.put(
+        "result_publish_retry",
+        json!(duration(config.result_publish_retry)),
+    );
     t.put("max_body_size", json!(config.max_body_size));
     t.put("http_addr", json!(config.http_addr.map(|a| a.to_string())));
     let mut log = Table::default();

@@ -119,6 +119,7 @@ impl EngineBuilder {
                     settings,
                     exchange: config.exchange.clone(),
                     max_body_size: config.max_body_size,
+                    result_publish_retry: config.result_publish_retry,
                     cache: config
                         .enable_result_cache
                         .then(|| ResultCache::new(cache_size)),

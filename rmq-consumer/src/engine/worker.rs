@@ -41,6 +41,10 @@ pub(crate) const MAX_REASON_BYTES: usize = 1024;
 /// Wait before handing a message back to the broker when a retry or DLQ publish failed, so a
 /// broken route cannot turn into a hot loop.
 const REQUEUE_PAUSE: Duration = Duration::from_secs(1);
+/// The first wait before publishing a nacked result again; it doubles up to
+/// [`RESULT_REPUBLISH_MAX_PAUSE`].
+const RESULT_REPUBLISH_FIRST_PAUSE: Duration = Duration::from_millis(50);
+const RESULT_REPUBLISH_MAX_PAUSE: Duration = Duration::from_secs(2);
 /// Wait before re-subscribing a consumer the broker cancelled.
 const RESUBSCRIBE_PAUSE: Duration = Duration::from_secs(1);
 
@@ -50,6 +54,8 @@ pub(crate) struct Worker {
     pub(crate) settings: Settings,
     pub(crate) exchange: String,
     pub(crate) max_body_size: usize,
+    /// How long a nacked result is published again (`result_publish_retry`).
+    pub(crate) result_publish_retry: Duration,
     pub(crate) cache: Option<ResultCache>,
     pub(crate) health: Arc<Health>,
     pub(crate) index: usize,
@@ -338,21 +344,54 @@ impl Worker {
         if let Some(correlation_id) = delivery.properties.correlation_id() {
             properties = properties.with_correlation_id(correlation_id.clone());
         }
-        publisher
-            .publish(exchange, routing_key, body, properties)
+        self.publish_result(publisher, exchange, routing_key, body, properties)
             .await
             .map_err(|error| {
-                match &error {
-                    PublishError::Unroutable { .. } => stats.results_returned.fetch_add(1, Relaxed),
-                    PublishError::Nacked { .. } => stats.results_nacked.fetch_add(1, Relaxed),
-                    _ => 0,
-                };
                 HandlerError::with_kind(
                     FailureAction::Retry,
                     error.kind(),
                     crate::error::chain(&error),
                 )
             })
+    }
+
+    /// Publishes a result; one the broker nacks is published again, with backoff, for up to
+    /// `result_publish_retry`. A nack is the broker saying "not now" (a quorum queue between
+    /// leaders, a full queue with `reject-publish`): the handler's work is kept instead of
+    /// counting an attempt and running it again. Other failures return at once.
+    async fn publish_result(
+        &self,
+        publisher: &Publisher,
+        exchange: &str,
+        routing_key: &str,
+        body: Vec<u8>,
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
+        let stats = self.stats();
+        let deadline = std::time::Instant::now() + self.result_publish_retry;
+        let mut pause = RESULT_REPUBLISH_FIRST_PAUSE;
+        loop {
+            let outcome = publisher
+                .publish(exchange, routing_key, body.clone(), properties.clone())
+                .await;
+            match &outcome {
+                Err(PublishError::Nacked { .. }) => {
+                    stats.results_nacked.fetch_add(1, Relaxed);
+                    let now = std::time::Instant::now();
+                    if now + pause > deadline {
+                        return outcome;
+                    }
+                    debug!(pause = ?pause, "the broker nacked the result; publishing it again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(RESULT_REPUBLISH_MAX_PAUSE);
+                }
+                Err(PublishError::Unroutable { .. }) => {
+                    stats.results_returned.fetch_add(1, Relaxed);
+                    return outcome;
+                }
+                _ => return outcome,
+            }
+        }
     }
 
     /// Settles the delivery exactly once.
