@@ -140,10 +140,7 @@ async fn f01_connections_closed_repeatedly_during_a_run() {
         eventually(
             &format!("reconnected and consuming after fault {round}"),
             Duration::from_secs(20),
-            || {
-                let s = running.health.snapshot();
-                s.reconnects > before && s.connected && s.handlers[0].consuming
-            },
+            || running.reconnected_since(before),
         )
         .await;
         let took = closed.elapsed();
@@ -175,11 +172,9 @@ async fn f01_connections_closed_repeatedly_during_a_run() {
     // The test's own connection was closed too: read back on a fresh one.
     let mut fresh = Broker::connect_patiently(Duration::from_secs(10)).await;
     ledger
-        .drain(
+        .drain_route(
             &fresh,
-            &route.reply_queue,
-            &route.dlq,
-            &route.input_queues(),
+            &route,
             Duration::from_secs(1),
             Duration::from_secs(90),
         )
@@ -227,15 +222,15 @@ async fn f02_broker_app_restart_mid_run() {
     let running = Running::start(config, &["steady"]).await;
 
     let mut ledger = Ledger::new("F02");
-    let tasks: Vec<Value> = ledger
-        .ids(TASKS)
-        .iter()
-        .map(|id| task(id, json!({"sleep_ms": 2})))
-        .collect();
-    let confirmed = ledger
-        .publish(&broker, &exchange, &route.queue, &tasks)
+    ledger
+        .preload(
+            &broker,
+            &exchange,
+            &route.queue,
+            TASKS,
+            &json!({"sleep_ms": 2}),
+        )
         .await;
-    assert_eq!(confirmed, TASKS, "preload not confirmed");
     eventually("a tenth of the tasks done", Duration::from_secs(60), || {
         succeeded(&running) >= (TASKS / 10) as u64
     })
@@ -268,10 +263,7 @@ async fn f02_broker_app_restart_mid_run() {
     eventually(
         "reconnected and consuming after the restart",
         Duration::from_secs(30),
-        || {
-            let s = running.health.snapshot();
-            s.reconnects >= 1 && s.connected && s.handlers[0].consuming
-        },
+        || running.reconnected_since(0),
     )
     .await;
     println!(
@@ -282,11 +274,9 @@ async fn f02_broker_app_restart_mid_run() {
 
     let mut fresh = Broker::connect_patiently(Duration::from_secs(30)).await;
     ledger
-        .drain(
+        .drain_route(
             &fresh,
-            &route.reply_queue,
-            &route.dlq,
-            &route.input_queues(),
+            &route,
             Duration::from_secs(1),
             Duration::from_secs(90),
         )
@@ -386,11 +376,9 @@ async fn f11_memory_alarm_blocks_then_work_resumes() {
     })
     .await;
     ledger
-        .drain(
+        .drain_route(
             &broker,
-            &route.reply_queue,
-            &route.dlq,
-            &route.input_queues(),
+            &route,
             Duration::from_secs(2),
             Duration::from_secs(90),
         )

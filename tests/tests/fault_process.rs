@@ -18,8 +18,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Broker, Ledger, Route, broker_url, eventually_async, task, test_config, unique};
-use serde_json::{Value, json};
+use common::{Broker, Ledger, Route, broker_url, eventually_async, test_config, unique};
+use serde_json::json;
 
 /// The shutdown timeout the workers are given.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -148,13 +148,9 @@ async fn preload(broker: &mut Broker, ledger: &mut Ledger, count: usize) -> (Str
     let route = Route::new(&mut config, "work", broker);
     // Same arguments as the worker declares it with (durable classic, no arguments).
     broker.declare_queue(&route.queue).await;
-    let tasks: Vec<Value> = ledger
-        .ids(count)
-        .iter()
-        .map(|id| task(id, json!({})))
-        .collect();
-    let confirmed = ledger.publish(broker, "", &route.queue, &tasks).await;
-    assert_eq!(confirmed, count, "preload not confirmed");
+    ledger
+        .preload(broker, "", &route.queue, count, &json!({}))
+        .await;
     (exchange, route)
 }
 
@@ -196,11 +192,9 @@ async fn f04_worker_killed_and_restarted() {
     let mut second = WorkerProcess::spawn(&exchange, &route, PREFETCH, 5);
     wait_consumers(&broker, &route.queue, 1, &second).await;
     ledger
-        .drain(
+        .drain_route(
             &broker,
-            &route.reply_queue,
-            &route.dlq,
-            &route.input_queues(),
+            &route,
             Duration::from_secs(1),
             Duration::from_secs(60),
         )
@@ -287,11 +281,9 @@ async fn f05_sigterm_under_load_drains_in_flight_and_exits_0() {
     let mut second = WorkerProcess::spawn(&exchange, &route, PREFETCH * 4, 1);
     wait_consumers(&broker, &route.queue, 1, &second).await;
     ledger
-        .drain(
+        .drain_route(
             &broker,
-            &route.reply_queue,
-            &route.dlq,
-            &route.input_queues(),
+            &route,
             Duration::from_secs(1),
             Duration::from_secs(60),
         )

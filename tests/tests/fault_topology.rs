@@ -400,19 +400,7 @@ async fn f16_nacked_result_is_a_failure() {
         .await;
     ledger.record_results(&first);
 
-    let pattern = format!("^{}$", route.reply_queue.replace('.', "\\."));
-    let policy = PolicyGuard::set(
-        &unique("f16-policy"),
-        &pattern,
-        r#"{"max-length":0,"overflow":"reject-publish"}"#,
-    )
-    .await;
-    eventually_async(
-        "the policy nacks publishes",
-        Duration::from_secs(10),
-        || probe_nacked(&broker, &route.reply_queue),
-    )
-    .await;
+    let policy = nack_results(&broker, &route).await;
     ledger
         .publish(&broker, &exchange, &route.queue, &tasks(&ledger, 10))
         .await;
@@ -455,19 +443,7 @@ async fn f16_briefly_nacked_results_are_published_again() {
     let running = Running::start(config, &["relay"]).await;
     let mut ledger = Ledger::new("F16b");
 
-    let pattern = format!("^{}$", route.reply_queue.replace('.', "\\."));
-    let policy = PolicyGuard::set(
-        &unique("f16b-policy"),
-        &pattern,
-        r#"{"max-length":0,"overflow":"reject-publish"}"#,
-    )
-    .await;
-    eventually_async(
-        "the policy nacks publishes",
-        Duration::from_secs(10),
-        || probe_nacked(&broker, &route.reply_queue),
-    )
-    .await;
+    let policy = nack_results(&broker, &route).await;
     ledger
         .publish(&broker, &exchange, &route.queue, &tasks(&ledger, TASKS))
         .await;
@@ -494,6 +470,25 @@ async fn f16_briefly_nacked_results_are_published_again() {
     assert_eq!(h.handler_runs, TASKS as u64, "no handler ran twice");
     running.stop().await.unwrap();
     broker.cleanup().await;
+}
+
+/// Makes the broker nack every publish to the route's result queue (policy `max-length 0,
+/// overflow reject-publish`) until the returned guard is cleared.
+async fn nack_results(broker: &Broker, route: &Route) -> PolicyGuard {
+    let pattern = format!("^{}$", route.reply_queue.replace('.', "\\."));
+    let policy = PolicyGuard::set(
+        &unique("f16-policy"),
+        &pattern,
+        r#"{"max-length":0,"overflow":"reject-publish"}"#,
+    )
+    .await;
+    eventually_async(
+        "the policy nacks publishes",
+        Duration::from_secs(10),
+        || probe_nacked(broker, &route.reply_queue),
+    )
+    .await;
+    policy
 }
 
 /// Publishes a probe straight to `queue`; `true` when the broker nacked it. A probe that got

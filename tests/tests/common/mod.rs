@@ -65,6 +65,20 @@ impl Broker {
                     SecretUrl::new(url.clone())
                 )
             });
+        Self::on(connection).await
+    }
+
+    /// Like [`Broker::connect`], to the broker at `url` instead of the test broker (e.g. one
+    /// node of the local cluster of `tests/scripts/cluster.sh`). Fails loudly.
+    pub async fn connect_to(url: &str) -> Self {
+        let connection = Connection::connect(url, ConnectionProperties::default())
+            .await
+            .unwrap_or_else(|e| panic!("no RabbitMQ at {}: {e}", SecretUrl::new(url)));
+        Self::on(connection).await
+    }
+
+    /// The test's confirming channel on `connection`, nothing tracked yet.
+    async fn on(connection: Connection) -> Self {
         let channel = connection.create_channel().await.unwrap();
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -349,6 +363,13 @@ impl Running {
         }
     }
 
+    /// Whether the engine has reconnected more than `before` times (a count read from an
+    /// earlier snapshot) and is connected with its first handler consuming again.
+    pub fn reconnected_since(&self, before: u64) -> bool {
+        let s = self.health.snapshot();
+        s.reconnects > before && s.connected && s.handlers[0].consuming
+    }
+
     /// Shuts down gracefully and returns the engine's result.
     pub async fn stop(self) -> Result<(), rmq_consumer::Error> {
         self.stop.cancel();
@@ -560,6 +581,25 @@ impl Ledger {
         confirmed
     }
 
+    /// Publishes `count` fresh tasks (`task(id, extra)` for each of [`Ledger::ids`]) with
+    /// [`Ledger::publish`] and asserts that the broker confirmed every one.
+    pub async fn preload(
+        &mut self,
+        broker: &Broker,
+        exchange: &str,
+        routing_key: &str,
+        count: usize,
+        extra: &Value,
+    ) {
+        let tasks: Vec<Value> = self
+            .ids(count)
+            .iter()
+            .map(|id| task(id, extra.clone()))
+            .collect();
+        let confirmed = self.publish(broker, exchange, routing_key, &tasks).await;
+        assert_eq!(confirmed, count, "preload not confirmed");
+    }
+
     /// Publishes one task with the given properties (headers, ...); `true` when confirmed.
     pub async fn publish_with(
         &mut self,
@@ -704,6 +744,25 @@ impl Ledger {
         for queue in inputs {
             self.remaining += broker.depth(queue).await.unwrap_or(0) as usize;
         }
+    }
+
+    /// [`Ledger::drain`] of `route`: its results queue, its DLQ and its input queues.
+    pub async fn drain_route(
+        &mut self,
+        broker: &Broker,
+        route: &Route,
+        quiet: Duration,
+        timeout: Duration,
+    ) {
+        self.drain(
+            broker,
+            &route.reply_queue,
+            &route.dlq,
+            &route.input_queues(),
+            quiet,
+            timeout,
+        )
+        .await;
     }
 
     /// The ledger's numbers.
@@ -887,19 +946,7 @@ impl Broker {
         loop {
             let attempt = Connection::connect(&broker_url(), ConnectionProperties::default()).await;
             match attempt {
-                Ok(connection) => {
-                    let channel = connection.create_channel().await.unwrap();
-                    channel
-                        .confirm_select(ConfirmSelectOptions::default())
-                        .await
-                        .unwrap();
-                    return Self {
-                        connection,
-                        channel,
-                        created_queues: Vec::new(),
-                        created_exchanges: Vec::new(),
-                    };
-                }
+                Ok(connection) => return Self::on(connection).await,
                 Err(e) => {
                     assert!(
                         Instant::now() < deadline,
