@@ -1,4 +1,4 @@
-//! F20: the loss of a RabbitMQ cluster node under quorum queues.
+//! C1: the loss of a RabbitMQ cluster node under quorum queues.
 //!
 //! `tests/scripts/cluster.sh` starts a local 3-node cluster (c1..c3 on 127.0.0.1:5781..5783)
 //! beside the regular test broker, which this test never touches. The engine gets all three
@@ -94,7 +94,7 @@ impl Cluster {
         let stdout = Self::run(&["start"]).await;
         cluster.urls = stdout.lines().map(str::to_owned).collect();
         assert_eq!(cluster.urls.len(), 3, "cluster.sh start printed:\n{stdout}");
-        println!("[F20] cluster of 3 nodes up in {:?}", started.elapsed());
+        println!("[C1] cluster of 3 nodes up in {:?}", started.elapsed());
         cluster
     }
 
@@ -218,13 +218,13 @@ fn succeeded(running: &Running) -> u64 {
     running.health.snapshot().handlers[0].succeeded
 }
 
-/// F20: `kill -9` of the cluster node the engine is connected to, which also leads every
+/// C1: `kill -9` of the cluster node the engine is connected to, which also leads every
 /// quorum queue of the handler, while a few thousand tasks are processed. The engine fails
 /// over to another node within seconds and resumes consuming; every confirmed task ends as a
 /// result (lost 0); duplicates stay within prefetch + in-flight; the engine stops cleanly;
 /// the revived node rejoins the cluster.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn f20_node_loss_with_quorum_queues() {
+async fn c1_node_loss_with_quorum_queues() {
     const TASKS: usize = 3000;
     let _logs = tracing_subscriber::fmt()
         .with_env_filter("rmq_consumer=info")
@@ -258,7 +258,7 @@ async fn f20_node_loss_with_quorum_queues() {
     ];
     let before = cluster.leaders(SURVIVOR, &queues).await;
     for (queue, leader, online) in &before {
-        println!("[F20] before: {queue} leader {leader}, online {online}");
+        println!("[C1] before: {queue} leader {leader}, online {online}");
     }
     assert_eq!(
         before[0].1,
@@ -266,7 +266,7 @@ async fn f20_node_loss_with_quorum_queues() {
         "the work queue should be led by the node the engine declared it on"
     );
 
-    let mut ledger = Ledger::new("F20");
+    let mut ledger = Ledger::new("C1");
     ledger
         .preload(
             &broker,
@@ -288,7 +288,7 @@ async fn f20_node_loss_with_quorum_queues() {
     cluster.kill(VICTIM).await;
     let killed = Instant::now();
     let done_at_kill = succeeded(&running);
-    println!("[F20] c{VICTIM} killed at {done_at_kill}/{TASKS} done");
+    println!("[C1] c{VICTIM} killed at {done_at_kill}/{TASKS} done");
     assert!(
         done_at_kill < TASKS as u64,
         "the run ended before the fault; the fault did not hit a running workload"
@@ -310,7 +310,7 @@ async fn f20_node_loss_with_quorum_queues() {
     .await;
     let failover = killed.elapsed();
     let done_at_failover = succeeded(&running);
-    println!("[F20] consuming again {failover:?} after the kill, at {done_at_failover}/{TASKS}");
+    println!("[C1] consuming again {failover:?} after the kill, at {done_at_failover}/{TASKS}");
     eventually(
         "work resumes after the failover",
         Duration::from_secs(30),
@@ -318,14 +318,14 @@ async fn f20_node_loss_with_quorum_queues() {
     )
     .await;
     let on = cluster.engine_nodes(SURVIVOR).await;
-    println!("[F20] the engine is now connected to c{on:?}");
+    println!("[C1] the engine is now connected to c{on:?}");
     assert!(
         on.len() == 1 && on[0] != VICTIM,
         "the engine should be connected to one surviving node: {on:?}"
     );
     let after = cluster.leaders(SURVIVOR, &queues).await;
     for (queue, leader, online) in &after {
-        println!("[F20] after: {queue} leader {leader}, online {online}");
+        println!("[C1] after: {queue} leader {leader}, online {online}");
         assert_ne!(
             *leader,
             format!("c{VICTIM}@localhost"),
@@ -342,7 +342,7 @@ async fn f20_node_loss_with_quorum_queues() {
         )
         .await;
     println!(
-        "[F20] run and drain done {:?} after the start",
+        "[C1] run and drain done {:?} after the start",
         started.elapsed()
     );
     let report = ledger.assert_nothing_lost();
@@ -354,7 +354,7 @@ async fn f20_node_loss_with_quorum_queues() {
         .map(|(id, _)| id)
         .collect();
     println!(
-        "[F20] reconnects={} stale_acks={} handler_runs={} duplicates={} e.g. {:?}",
+        "[C1] reconnects={} stale_acks={} handler_runs={} duplicates={} e.g. {:?}",
         snapshot.reconnects,
         snapshot.handlers[0].stale_acks,
         snapshot.handlers[0].handler_runs,
@@ -371,7 +371,7 @@ async fn f20_node_loss_with_quorum_queues() {
     // loss dead-letters nothing.
     let nacked = snapshot.handlers[0].results_nacked;
     if nacked > 0 {
-        println!("[F20] the broker nacked {nacked} result publishes during the failover");
+        println!("[C1] the broker nacked {nacked} result publishes during the failover");
     }
     assert_eq!(
         report.dead_lettered, 0,
@@ -412,6 +412,6 @@ async fn f20_node_loss_with_quorum_queues() {
         "every quorum queue has its three members online again"
     );
     broker.cleanup().await;
-    println!("[F20] done in {:?}", started.elapsed());
+    println!("[C1] done in {:?}", started.elapsed());
     drop(cluster);
 }
