@@ -300,17 +300,24 @@ impl Lane {
     }
 
     /// Publishes a batch, waits for every confirm, and returns the outcomes in order.
+    ///
+    /// Every wait on the broker (opening the channel, writing, confirming) ends by the confirm
+    /// timeout, so a lane never hangs on a connection that died under it.
     async fn send(&mut self, batch: &[Request]) -> Vec<Outcome> {
+        let deadline = Instant::now() + self.confirm_timeout;
         let channel = match self.channel.take() {
             Some(channel) if channel.status().connected() => channel,
-            _ => match open_confirm_channel(&self.connection).await {
-                Ok(channel) => channel,
-                Err(error) => {
+            _ => match tokio::time::timeout_at(deadline, open_confirm_channel(&self.connection))
+                .await
+            {
+                Ok(Ok(channel)) => channel,
+                Ok(Err(error)) => {
                     return batch
                         .iter()
                         .map(|_| Outcome::Failed(error.clone()))
                         .collect();
                 }
+                Err(_) => return batch.iter().map(|_| Outcome::TimedOut).collect(),
             },
         };
         let options = BasicPublishOptions {
@@ -334,27 +341,30 @@ impl Lane {
         let mut confirms = Vec::with_capacity(batch.len());
         for (write, first) in writes {
             confirms.push(match first {
-                Poll::Ready(written) => written,
-                Poll::Pending => write.await,
+                Poll::Ready(written) => Some(written),
+                Poll::Pending => tokio::time::timeout_at(deadline, write).await.ok(),
             });
         }
-        let deadline = Instant::now() + self.confirm_timeout;
         let mut answers = Vec::with_capacity(batch.len());
         let mut returned = Vec::new();
         for confirm in confirms {
             answers.push(match confirm {
-                Ok(confirm) => match tokio::time::timeout_at(deadline, confirm).await {
+                Some(Ok(confirm)) => match tokio::time::timeout_at(deadline, confirm).await {
                     Ok(answer) => settle(answer, &mut returned),
                     Err(_) => Done::TimedOut,
                 },
-                Err(error) => Done::Failed(error),
+                Some(Err(error)) => Done::Failed(error),
+                None => Done::TimedOut,
             });
         }
-        // A confirm that never came could still bring a late return: such a channel is not
-        // reused (dropping the last handle closes it).
+        // A confirm that never came could still bring a late return, and a nack may come from
+        // the channel's stale view of a quorum queue whose leader died (RabbitMQ 3.10 keeps
+        // nacking such a channel's publishes long after a new leader took over; a new channel
+        // finds the new leader): such a channel is not reused (dropping the last handle closes
+        // it).
         if !answers
             .iter()
-            .any(|answer| matches!(answer, Done::TimedOut))
+            .any(|answer| matches!(answer, Done::TimedOut | Done::Nacked))
         {
             self.channel = Some(channel);
         }

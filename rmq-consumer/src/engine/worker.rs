@@ -135,10 +135,11 @@ impl Worker {
                         // loop drops its handle on shutdown or re-subscription: each delivery
                         // keeps the channel open until it is settled on it.
                         let channel = Arc::clone(&channel);
+                        let lost = lost.clone();
                         // Boxed: the pipeline's future is several KiB, and tokio copies an
                         // unboxed future into its task cell and again when it completes.
                         tracker.spawn(Box::pin(async move {
-                            worker.process(publisher, delivery, permit).await;
+                            worker.process(publisher, delivery, permit, lost).await;
                             drop(channel);
                         }));
                     }
@@ -209,11 +210,17 @@ impl Worker {
         Ok((channel, consumer))
     }
 
+    /// Runs one delivery to its settlement. Once the connection it came on is `lost`, its
+    /// result and settlement are abandoned: nothing sent on that connection can be confirmed
+    /// any more, the broker requeues the delivery, and waiting for a dead connection's
+    /// answers would hold the slot (and shutdown) for the confirm timeout or longer. The
+    /// handler itself runs to its end (its result may be cached for the redelivery).
     async fn process(
         self: Arc<Self>,
         publisher: Publisher,
         delivery: Delivery,
         permit: OwnedSemaphorePermit,
+        lost: CancellationToken,
     ) {
         let stats = self.stats();
         stats.received.fetch_add(1, Relaxed);
@@ -233,8 +240,15 @@ impl Worker {
             span.record("message_id", id.as_str());
         }
         async {
-            let outcome = self.handle(&publisher, &delivery).await;
-            self.settle(&publisher, delivery, outcome).await;
+            let outcome = self.handle(&publisher, &delivery, &lost).await;
+            tokio::select! {
+                biased;
+                () = lost.cancelled() => {
+                    stats.stale_acks.fetch_add(1, Relaxed);
+                    debug!("the connection was lost before this delivery was settled; the broker redelivers it");
+                }
+                () = self.settle(&publisher, delivery, outcome) => {}
+            }
         }
         .instrument(span)
         .await;
@@ -255,7 +269,12 @@ impl Worker {
     }
 
     /// Runs everything up to the settlement; `Ok` means the input may be acked.
-    async fn handle(&self, publisher: &Publisher, delivery: &Delivery) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        publisher: &Publisher,
+        delivery: &Delivery,
+        lost: &CancellationToken,
+    ) -> Result<(), HandlerError> {
         if delivery.data.len() > self.max_body_size {
             return Err(HandlerError::with_kind(
                 FailureAction::DeadLetter,
@@ -344,15 +363,21 @@ impl Worker {
         if let Some(correlation_id) = delivery.properties.correlation_id() {
             properties = properties.with_correlation_id(correlation_id.clone());
         }
-        self.publish_result(publisher, exchange, routing_key, body, properties)
-            .await
-            .map_err(|error| {
-                HandlerError::with_kind(
-                    FailureAction::Retry,
-                    error.kind(),
-                    crate::error::chain(&error),
-                )
-            })
+        let published = tokio::select! {
+            biased;
+            () = lost.cancelled() => Err(PublishError::Closed {
+                exchange: exchange.to_owned(),
+                routing_key: routing_key.to_owned(),
+            }),
+            published = self.publish_result(publisher, exchange, routing_key, body, properties) => published,
+        };
+        published.map_err(|error| {
+            HandlerError::with_kind(
+                FailureAction::Retry,
+                error.kind(),
+                crate::error::chain(&error),
+            )
+        })
     }
 
     /// Publishes a result; one the broker nacks is published again, with backoff, for up to
