@@ -12,21 +12,15 @@ mod common;
 
 use std::{
     net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
     time::{Duration, Instant},
 };
 
-use common::{Broker, Route, Running, eventually, test_config, unique};
+use common::{Broker, Proxy, Route, Running, eventually, test_config, unique};
 use rmq_consumer::{config::SecretUrl, consumer};
 use serde_json::{Value, json};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-    sync::Mutex,
-    task::JoinSet,
+    net::TcpStream,
 };
 
 #[consumer(
@@ -38,97 +32,6 @@ async fn work(data: Value) -> Result<Value, rmq_consumer::HandlerError> {
         return Err(rmq_consumer::HandlerError::dead_letter("asked to fail"));
     }
     Ok(json!({"ok": data}))
-}
-
-/// A TCP proxy to the broker that the test can cut and restore.
-struct Proxy {
-    addr: SocketAddr,
-    tasks: Arc<Mutex<JoinSet<()>>>,
-    /// While set, the proxy holds its connections open but forwards nothing (a silent
-    /// network loss).
-    frozen: Arc<AtomicBool>,
-}
-
-/// Copies `from` to `to` until EOF, pausing (without reading) while `frozen` is set.
-async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    frozen: Arc<AtomicBool>,
-) {
-    let mut buf = vec![0_u8; 16 * 1024];
-    loop {
-        while frozen.load(Ordering::SeqCst) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let read = tokio::select! {
-            read = from.read(&mut buf) => read,
-            () = tokio::time::sleep(Duration::from_millis(50)) => continue,
-        };
-        let Ok(n @ 1..) = read else { return };
-        while frozen.load(Ordering::SeqCst) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        if to.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
-    }
-}
-
-impl Proxy {
-    async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let proxy = Self {
-            addr,
-            tasks: Arc::new(Mutex::new(JoinSet::new())),
-            frozen: Arc::new(AtomicBool::new(false)),
-        };
-        proxy.serve(listener).await;
-        proxy
-    }
-
-    async fn serve(&self, listener: TcpListener) {
-        let tasks = Arc::clone(&self.tasks);
-        let frozen = Arc::clone(&self.frozen);
-        self.tasks.lock().await.spawn(async move {
-            loop {
-                let Ok((inbound, _)) = listener.accept().await else {
-                    return;
-                };
-                let tasks_inner = Arc::clone(&tasks);
-                let frozen = Arc::clone(&frozen);
-                tasks_inner.lock().await.spawn(async move {
-                    let Ok(upstream) = TcpStream::connect("127.0.0.1:5672").await else {
-                        return;
-                    };
-                    let (in_read, in_write) = inbound.into_split();
-                    let (up_read, up_write) = upstream.into_split();
-                    tokio::join!(
-                        pump(in_read, up_write, Arc::clone(&frozen)),
-                        pump(up_read, in_write, frozen),
-                    );
-                });
-            }
-        });
-    }
-
-    /// Drops every proxied connection and stops listening: the broker is unreachable.
-    async fn cut(&self) {
-        self.tasks.lock().await.abort_all();
-    }
-
-    fn freeze(&self, frozen: bool) {
-        self.frozen.store(frozen, Ordering::SeqCst);
-    }
-
-    async fn restore(&self) {
-        let listener = TcpListener::bind(self.addr).await.unwrap();
-        self.serve(listener).await;
-    }
-
-    fn url(&self) -> String {
-        format!("amqp://guest:guest@{}/%2f", self.addr)
-    }
 }
 
 async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
