@@ -106,6 +106,8 @@ impl Worker {
             // Each delivery holds the channel until it is settled (see below); one `Arc` clone
             // per delivery is cheaper than cloning lapin's `Channel`.
             let channel = Arc::new(channel);
+            // Shared by the deliveries the same way (a token's own clone takes a lock).
+            let delivery_lost = Arc::new(lost.clone());
             self.stats().consuming.store(true, Relaxed);
             self.stats().subscribed(self.health.now_ms());
             info!(handler = %name, queue = %self.settings.queue, prefetch = self.settings.prefetch,
@@ -135,7 +137,7 @@ impl Worker {
                         // loop drops its handle on shutdown or re-subscription: each delivery
                         // keeps the channel open until it is settled on it.
                         let channel = Arc::clone(&channel);
-                        let lost = lost.clone();
+                        let lost = Arc::clone(&delivery_lost);
                         // Boxed: the pipeline's future is several KiB, and tokio copies an
                         // unboxed future into its task cell and again when it completes.
                         tracker.spawn(Box::pin(async move {
@@ -220,7 +222,7 @@ impl Worker {
         publisher: Publisher,
         delivery: Delivery,
         permit: OwnedSemaphorePermit,
-        lost: CancellationToken,
+        lost: Arc<CancellationToken>,
     ) {
         let stats = self.stats();
         stats.received.fetch_add(1, Relaxed);
@@ -240,14 +242,22 @@ impl Worker {
             span.record("message_id", id.as_str());
         }
         async {
-            let outcome = self.handle(&publisher, &delivery, &lost).await;
+            let handled = self.handle(&delivery).await;
+            let finish = async {
+                let outcome = match handled {
+                    Ok(Some(reply)) => self.publish_reply(&publisher, &delivery, reply).await,
+                    Ok(None) => Ok(()),
+                    Err(failure) => Err(failure),
+                };
+                self.settle(&publisher, delivery, outcome).await;
+            };
             tokio::select! {
                 biased;
                 () = lost.cancelled() => {
                     stats.stale_acks.fetch_add(1, Relaxed);
                     debug!("the connection was lost before this delivery was settled; the broker redelivers it");
                 }
-                () = self.settle(&publisher, delivery, outcome) => {}
+                () = finish => {}
             }
         }
         .instrument(span)
@@ -268,13 +278,9 @@ impl Worker {
         drop(permit);
     }
 
-    /// Runs everything up to the settlement; `Ok` means the input may be acked.
-    async fn handle(
-        &self,
-        publisher: &Publisher,
-        delivery: &Delivery,
-        lost: &CancellationToken,
-    ) -> Result<(), HandlerError> {
+    /// Decodes and runs the handler; `Ok(Some)` is a result to publish before the ack,
+    /// `Ok(None)` means the input may be acked as it is.
+    async fn handle(&self, delivery: &Delivery) -> Result<Option<Reply>, HandlerError> {
         if delivery.data.len() > self.max_body_size {
             return Err(HandlerError::with_kind(
                 FailureAction::DeadLetter,
@@ -328,19 +334,12 @@ impl Worker {
             None => run().await,
         }?;
         let Some(result) = output else {
-            return Ok(());
+            return Ok(None);
         };
-        let (exchange, routing_key) =
-            match (delivery.properties.reply_to(), &self.settings.reply_key) {
-                (Some(reply_to), _) => ("", reply_to.as_str()),
-                (None, Some(reply_key)) => (self.exchange.as_str(), reply_key.as_str()),
-                (None, None) => {
-                    debug!(
-                        "the handler returned a result but no reply_key is set; nothing published"
-                    );
-                    return Ok(());
-                }
-            };
+        if self.reply_route(delivery).is_none() {
+            debug!("the handler returned a result but no reply_key is set; nothing published");
+            return Ok(None);
+        }
         let body = serde_json::to_vec(&result).map_err(|error| {
             HandlerError::with_kind(FailureAction::DeadLetter, "result_not_serializable", error)
         })?;
@@ -363,15 +362,38 @@ impl Worker {
         if let Some(correlation_id) = delivery.properties.correlation_id() {
             properties = properties.with_correlation_id(correlation_id.clone());
         }
-        let published = tokio::select! {
-            biased;
-            () = lost.cancelled() => Err(PublishError::Closed {
-                exchange: exchange.to_owned(),
-                routing_key: routing_key.to_owned(),
-            }),
-            published = self.publish_result(publisher, exchange, routing_key, body, properties) => published,
+        Ok(Some(Reply { body, properties }))
+    }
+
+    /// Where a result goes: the request's `reply_to` (default exchange), else the exchange with
+    /// the handler's reply key; `None` when neither is set.
+    fn reply_route<'a>(&'a self, delivery: &'a Delivery) -> Option<(&'a str, &'a str)> {
+        match (delivery.properties.reply_to(), &self.settings.reply_key) {
+            (Some(reply_to), _) => Some(("", reply_to.as_str())),
+            (None, Some(reply_key)) => Some((self.exchange.as_str(), reply_key.as_str())),
+            (None, None) => None,
+        }
+    }
+
+    /// Publishes the handler's result (confirmed, mandatory) to its route.
+    async fn publish_reply(
+        &self,
+        publisher: &Publisher,
+        delivery: &Delivery,
+        reply: Reply,
+    ) -> Result<(), HandlerError> {
+        let Some((exchange, routing_key)) = self.reply_route(delivery) else {
+            return Ok(());
         };
-        published.map_err(|error| {
+        self.publish_result(
+            publisher,
+            exchange,
+            routing_key,
+            reply.body,
+            reply.properties,
+        )
+        .await
+        .map_err(|error| {
             HandlerError::with_kind(
                 FailureAction::Retry,
                 error.kind(),
@@ -579,6 +601,12 @@ impl Worker {
         }
         headers
     }
+}
+
+/// A handler's result, serialized, with the properties it is published with.
+struct Reply {
+    body: Vec<u8>,
+    properties: BasicProperties,
 }
 
 /// Runs the handler call under the timeout, turning panics into retryable errors.
