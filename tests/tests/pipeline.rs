@@ -363,3 +363,123 @@ async fn quorum_queues_are_declared_when_asked() {
     running.stop().await.unwrap();
     broker.cleanup().await;
 }
+
+static SCRAMBLED_RUNS: AtomicUsize = AtomicUsize::new(0);
+
+/// Finishes tasks out of delivery order (0-15 ms, by number); every 7th task fails for good.
+async fn scramble(task: &Value) -> Result<Value, HandlerError> {
+    SCRAMBLED_RUNS.fetch_add(1, Ordering::SeqCst);
+    let n = task["n"].as_u64().unwrap_or(0);
+    tokio::time::sleep(Duration::from_millis(n.wrapping_mul(7919) % 16)).await;
+    if n % 7 == 0 {
+        return Err(HandlerError::dead_letter("every 7th task fails"));
+    }
+    Ok(json!({ "n": n }))
+}
+
+#[consumer(
+    queue = "tests.pipeline.scrambled",
+    reply_key = "tests.pipeline.scrambled.result"
+)]
+async fn scrambled(task: Value) -> Result<Value, HandlerError> {
+    scramble(&task).await
+}
+
+/// The same, with dead-lettering off: its failures are rejected.
+#[consumer(
+    queue = "tests.pipeline.scrambled_rejecting",
+    reply_key = "tests.pipeline.scrambled_rejecting.result"
+)]
+async fn scrambled_rejecting(task: Value) -> Result<Value, HandlerError> {
+    scramble(&task).await
+}
+
+/// The engine acks runs of finished deliveries with one `multiple` ack. Deliveries that finish
+/// out of order, interleaved with dead-letter copies (then acked) or rejects, must each be
+/// settled exactly once: an ack reaching past a delivery still at work would settle it early
+/// (or, with a reject, settle it the wrong way), and one naming a tag already acked makes the
+/// broker close the channel (redeliveries, a re-subscription).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_order_settlements_each_settle_exactly_once() {
+    const TASKS: u64 = 2_000;
+    const FAILURES: u64 = TASKS / 7;
+    let count = |n: u64| usize::try_from(n).unwrap();
+    let mut broker = Broker::connect().await;
+    let exchange = unique("ex");
+    broker.track_exchange(&exchange);
+    let mut config = test_config(&exchange);
+    config.prefetch_count = 64;
+    let dead_lettering = Route::new(&mut config, "scrambled", &mut broker);
+    let rejecting = Route::new(&mut config, "scrambled_rejecting", &mut broker);
+    config
+        .consumers
+        .entry("scrambled_rejecting".to_owned())
+        .or_default()
+        .dead_letter = Some(false);
+    let running = Running::start(config, &["scrambled", "scrambled_rejecting"]).await;
+
+    let tasks: Vec<Value> = (1..=TASKS).map(|n| json!({ "n": n })).collect();
+    for route in [&dead_lettering, &rejecting] {
+        broker.publish_many(&exchange, &route.queue, &tasks).await;
+    }
+    for route in [&dead_lettering, &rejecting] {
+        let results = broker
+            .collect(
+                &route.reply_queue,
+                count(TASKS - FAILURES),
+                Duration::from_secs(60),
+            )
+            .await;
+        let numbers: BTreeSet<u64> = results
+            .iter()
+            .map(|r| r.json.as_ref().unwrap()["n"].as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            numbers.len(),
+            count(TASKS - FAILURES),
+            "a result missing or twice"
+        );
+        assert!(numbers.iter().all(|n| n % 7 != 0));
+    }
+    let dead = broker
+        .collect(
+            &dead_lettering.dlq,
+            count(FAILURES),
+            Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(dead.len(), count(FAILURES));
+    eventually("every delivery settled", Duration::from_secs(10), || {
+        let s = running.health.snapshot();
+        s.handlers
+            .iter()
+            .all(|h| h.succeeded + h.dead_lettered + h.rejected == TASKS && h.in_flight == 0)
+    })
+    .await;
+    let snapshot = running.health.snapshot();
+    assert_eq!(snapshot.reconnects, 0, "the connection was lost");
+    for handler in &snapshot.handlers {
+        assert_eq!(
+            handler.received, TASKS,
+            "a delivery came twice: {handler:?}"
+        );
+        assert_eq!(handler.succeeded, TASKS - FAILURES, "{handler:?}");
+        assert_eq!(handler.stale_acks, 0, "{handler:?}");
+        let failed = if handler.name == "scrambled" {
+            handler.dead_lettered
+        } else {
+            handler.rejected
+        };
+        assert_eq!(failed, FAILURES, "{handler:?}");
+    }
+    assert_eq!(
+        SCRAMBLED_RUNS.load(Ordering::SeqCst),
+        count(2 * TASKS),
+        "a task ran twice"
+    );
+    for route in [&dead_lettering, &rejecting] {
+        assert_eq!(broker.depth(&route.queue).await, Some(0));
+    }
+    running.stop().await.unwrap();
+    broker.cleanup().await;
+}

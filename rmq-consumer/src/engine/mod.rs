@@ -1,6 +1,7 @@
 //! The engine: connection supervisor, one consumer per handler, bounded concurrency, drain on
 //! shutdown. Only the engine settles deliveries.
 
+mod acks;
 pub(crate) mod settings;
 mod watchdog;
 mod worker;

@@ -11,10 +11,7 @@ use futures_util::{FutureExt, StreamExt};
 use lapin::{
     BasicProperties, Channel, Connection,
     message::Delivery,
-    options::{
-        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
-        BasicQosOptions, BasicRejectOptions,
-    },
+    options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
     types::{AMQPValue, FieldTable},
 };
 use serde_json::Value;
@@ -25,6 +22,7 @@ use tracing::{Instrument, debug, error, field, info, info_span, warn};
 use crate::{
     amqp::{self, long, short},
     cache::{ResultCache, Source},
+    engine::acks::{How, Settler},
     engine::settings::Settings,
     error::PublishError,
     handler::{FailureAction, HandlerError, HandlerOutput},
@@ -103,11 +101,13 @@ impl Worker {
                     return Stop::Lost;
                 }
             };
-            // Each delivery holds the channel until it is settled (see below); one `Arc` clone
-            // per delivery is cheaper than cloning lapin's `Channel`.
             let channel = Arc::new(channel);
-            // Shared by the deliveries the same way (a token's own clone takes a lock).
+            // Shared by the deliveries through an `Arc` (a token's own clone takes a lock).
             let delivery_lost = Arc::new(lost.clone());
+            // Deliveries settle through it, and it keeps the channel open until the last of
+            // them is settled: lapin closes a channel when its last handle is dropped, and this
+            // loop drops its handle on shutdown or re-subscription.
+            let settler = Settler::spawn(Arc::clone(&channel), Arc::clone(&delivery_lost));
             self.stats().consuming.store(true, Relaxed);
             self.stats().subscribed(self.health.now_ms());
             info!(handler = %name, queue = %self.settings.queue, prefetch = self.settings.prefetch,
@@ -133,17 +133,13 @@ impl Worker {
                     Some(Ok(delivery)) => {
                         let worker = Arc::clone(&self);
                         let publisher = publisher.clone();
-                        // lapin closes a channel when its last handle is dropped, and this
-                        // loop drops its handle on shutdown or re-subscription: each delivery
-                        // keeps the channel open until it is settled on it.
-                        let channel = Arc::clone(&channel);
+                        let settler = settler.clone();
                         let lost = Arc::clone(&delivery_lost);
                         // Boxed: the pipeline's future is several KiB, and tokio copies an
                         // unboxed future into its task cell and again when it completes.
-                        tracker.spawn(Box::pin(async move {
-                            worker.process(publisher, delivery, permit, lost).await;
-                            drop(channel);
-                        }));
+                        tracker.spawn(Box::pin(
+                            worker.process(publisher, settler, delivery, permit, lost),
+                        ));
                     }
                     Some(Err(error)) => {
                         warn!(handler = %name, error = %error, "consumer error");
@@ -220,6 +216,7 @@ impl Worker {
     async fn process(
         self: Arc<Self>,
         publisher: Publisher,
+        settler: Settler,
         delivery: Delivery,
         permit: OwnedSemaphorePermit,
         lost: Arc<CancellationToken>,
@@ -249,7 +246,7 @@ impl Worker {
                     Ok(None) => Ok(()),
                     Err(failure) => Err(failure),
                 };
-                self.settle(&publisher, delivery, outcome).await;
+                self.settle(&publisher, &settler, delivery, outcome).await;
             };
             tokio::select! {
                 biased;
@@ -445,13 +442,14 @@ impl Worker {
     async fn settle(
         &self,
         publisher: &Publisher,
+        settler: &Settler,
         delivery: Delivery,
         outcome: Result<(), HandlerError>,
     ) {
         let stats = self.stats();
         let failure = match outcome {
             Ok(()) => {
-                if self.ack(&delivery).await {
+                if self.ack(settler, &delivery).await {
                     stats.succeeded.fetch_add(1, Relaxed);
                     debug!("done");
                 }
@@ -484,11 +482,11 @@ impl Worker {
                     Ok(()) => {
                         warn!(error = %failure, kind = failure.kind(), retry = count,
                             max_retries = self.settings.max_retries, "processing failed; retrying {label}");
-                        if self.ack(&delivery).await {
+                        if self.ack(settler, &delivery).await {
                             stats.retried.fetch_add(1, Relaxed);
                         }
                     }
-                    Err(error) => self.hand_back(&delivery, &failure, &error).await,
+                    Err(error) => self.hand_back(settler, &delivery, &failure, &error).await,
                 }
             }
             Decision::DeadLetter { retries_exhausted } => {
@@ -500,10 +498,7 @@ impl Worker {
                 let Some(dlq) = &self.settings.dead_letter_queue else {
                     error!(error = %failure, kind = failure.kind(),
                         "processing failed ({why}); rejecting without requeue (dead-lettering is off)");
-                    let rejected = delivery
-                        .acker
-                        .reject(BasicRejectOptions { requeue: false })
-                        .await;
+                    let rejected = settler.settle(delivery.delivery_tag, How::Reject).await;
                     if self.settled(rejected) {
                         stats.rejected.fetch_add(1, Relaxed);
                     }
@@ -522,11 +517,11 @@ impl Worker {
                     Ok(()) => {
                         warn!(error = %failure, kind = failure.kind(), dead_letter_queue = %dlq,
                             "processing failed ({why}); sent to the dead-letter queue");
-                        if self.ack(&delivery).await {
+                        if self.ack(settler, &delivery).await {
                             stats.dead_lettered.fetch_add(1, Relaxed);
                         }
                     }
-                    Err(error) => self.hand_back(&delivery, &failure, &error).await,
+                    Err(error) => self.hand_back(settler, &delivery, &failure, &error).await,
                 }
             }
         }
@@ -534,36 +529,33 @@ impl Worker {
 
     /// The retry or DLQ copy could not be published: give the message back to the broker
     /// (after a pause), so it is redelivered rather than lost.
-    async fn hand_back(&self, delivery: &Delivery, failure: &HandlerError, error: &PublishError) {
+    async fn hand_back(
+        &self,
+        settler: &Settler,
+        delivery: &Delivery,
+        failure: &HandlerError,
+        error: &PublishError,
+    ) {
         error!(error = %failure, publish_error = %crate::error::chain(error),
             "processing failed and the retry/dead-letter copy could not be published; returning the message to the queue");
         tokio::time::sleep(REQUEUE_PAUSE).await;
-        let nacked = delivery
-            .acker
-            .nack(BasicNackOptions {
-                requeue: true,
-                multiple: false,
-            })
-            .await;
+        let nacked = settler.settle(delivery.delivery_tag, How::Requeue).await;
         self.settled(nacked);
     }
 
-    async fn ack(&self, delivery: &Delivery) -> bool {
-        let acked = delivery.acker.ack(BasicAckOptions::default()).await;
+    async fn ack(&self, settler: &Settler, delivery: &Delivery) -> bool {
+        let acked = settler.settle(delivery.delivery_tag, How::Ack).await;
         self.settled(acked)
     }
 
     /// `false` (and counted) when the settlement could not reach the broker: the delivery's
     /// channel died, and the broker will redeliver the message.
-    fn settled(&self, result: Result<bool, lapin::Error>) -> bool {
-        match result {
-            Ok(true) => true,
-            Ok(false) | Err(_) => {
-                self.stats().stale_acks.fetch_add(1, Relaxed);
-                warn!("the delivery's channel is gone; the broker will redeliver the message");
-                false
-            }
+    fn settled(&self, sent: bool) -> bool {
+        if !sent {
+            self.stats().stale_acks.fetch_add(1, Relaxed);
+            warn!("the delivery's channel is gone; the broker will redeliver the message");
         }
+        sent
     }
 
     fn failure_headers(
