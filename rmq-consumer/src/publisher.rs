@@ -1,10 +1,14 @@
 //! Confirmed, mandatory publishing over a few confirm channels ("lanes"), in batches.
 //!
-//! Each lane is a task that owns one confirm channel. It takes every publish request waiting
-//! for it (up to [`LANE_BATCH`]), publishes them back to back (lapin writes them together),
-//! waits for all their confirms (the broker answers a batch with few `multiple` acks), then
-//! reports every outcome; requests that arrive meanwhile form the next batch. Three lapin 4
-//! behaviours shape this:
+//! Each lane is a task that owns one confirm channel. Publish requests wait in one queue; an
+//! idle lane takes every request waiting (up to [`LANE_BATCH`]), publishes them back to back
+//! (lapin writes them together), waits for all their confirms (the broker answers a batch with
+//! few `multiple` acks), then reports every outcome; requests that arrive meanwhile go to the
+//! next idle lane. A publish thus never waits for another's confirms while a lane is idle, and
+//! under load each batch holds consecutive requests, so the confirms, and the input acks that
+//! follow them, come back close to delivery order (which lets the consumer side ack in
+//! `multiple` runs; one queue per lane, filled in turn, scattered them: 40 % more broker work
+//! per result). Three lapin 4 behaviours shape this:
 //!
 //! - lapin numbers a publish and queues its frames in one step, but two tasks publishing on
 //!   one channel from two threads can interleave those steps, so the broker's numbering and
@@ -24,10 +28,7 @@
 
 use std::{
     future::Future,
-    sync::{
-        Arc, Mutex, PoisonError,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
-    },
+    sync::{Arc, Mutex, PoisonError},
     task::Poll,
     time::Duration,
 };
@@ -48,15 +49,15 @@ use tracing::error;
 
 use crate::{amqp::short, error::PublishError};
 
-/// Confirm channels (lanes) per connection. A publish goes to the first idle lane, so at low
+/// Confirm channels (lanes) per connection. A publish goes to an idle lane, so at low
 /// concurrency it waits for no one else's confirms.
 pub const DEFAULT_PUBLISH_CHANNELS: usize = 4;
 
 /// The most publishes a lane sends before waiting for their confirms.
 pub const LANE_BATCH: usize = 256;
 
-/// Publish requests queued for one lane.
-const LANE_QUEUE: usize = 1024;
+/// Publish requests waiting for a lane.
+const QUEUE: usize = 1024;
 
 /// Publishes with publisher confirms and `mandatory`; a message counts as published only when
 /// the broker acked it and did not return it.
@@ -67,8 +68,7 @@ pub struct Publisher {
 
 #[derive(Debug)]
 struct Inner {
-    lanes: Vec<LaneHandle>,
-    next: AtomicUsize,
+    requests: mpsc::Sender<Request>,
     closing: CancellationToken,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     confirm_timeout: Duration,
@@ -86,28 +86,23 @@ impl Publisher {
         channels: usize,
     ) -> Result<Self, lapin::Error> {
         let closing = CancellationToken::new();
-        let mut lanes = Vec::new();
+        let (requests, receiver) = mpsc::channel(QUEUE);
+        let queue = Arc::new(Queue {
+            receiver: tokio::sync::Mutex::new(receiver),
+        });
         let mut tasks = Vec::new();
         for _ in 0..channels.max(1) {
             let channel = open_confirm_channel(connection).await?;
-            let (sender, receiver) = mpsc::channel(LANE_QUEUE);
             let lane = Lane {
                 connection: Arc::clone(connection),
                 channel: Some(channel),
                 confirm_timeout,
             };
-            let busy = Arc::new(AtomicBool::new(false));
-            tasks.push(tokio::spawn(lane.run(
-                receiver,
-                Arc::clone(&busy),
-                closing.clone(),
-            )));
-            lanes.push(LaneHandle { sender, busy });
+            tasks.push(tokio::spawn(lane.run(Arc::clone(&queue), closing.clone())));
         }
         Ok(Self {
             inner: Arc::new(Inner {
-                lanes,
-                next: AtomicUsize::new(0),
+                requests,
                 closing,
                 tasks: Mutex::new(tasks),
                 confirm_timeout,
@@ -128,15 +123,6 @@ impl Publisher {
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
         let inner = &self.inner;
-        // An idle lane sends at once; when all are busy, requests join the lanes' next
-        // batches in turn.
-        let lane = inner
-            .lanes
-            .iter()
-            .position(|lane| !lane.busy.load(Ordering::Relaxed))
-            .unwrap_or_else(|| {
-                inner.next.fetch_add(1, Ordering::Relaxed) % inner.lanes.len().max(1)
-            });
         let (reply, outcome) = oneshot::channel();
         let request = Request {
             exchange: short(exchange),
@@ -145,11 +131,7 @@ impl Publisher {
             properties,
             reply,
         };
-        let sent = match inner.lanes.get(lane) {
-            Some(lane) => lane.sender.send(request).await.is_ok(),
-            None => false,
-        };
-        let outcome = if sent {
+        let outcome = if inner.requests.send(request).await.is_ok() {
             outcome.await.unwrap_or(Outcome::Closed)
         } else {
             Outcome::Closed
@@ -212,12 +194,10 @@ async fn open_confirm_channel(connection: &Connection) -> Result<Channel, lapin:
     Ok(channel)
 }
 
-/// The publishing side of a lane.
-#[derive(Debug)]
-struct LaneHandle {
-    sender: mpsc::Sender<Request>,
-    /// Set while the lane sends a batch and waits for its confirms.
-    busy: Arc<AtomicBool>,
+/// The requests waiting for a lane. The idle lane that holds the lock waits for the next
+/// request and takes it with all that queued behind it; the other idle lanes wait for the lock.
+struct Queue {
+    receiver: tokio::sync::Mutex<mpsc::Receiver<Request>>,
 }
 
 /// A message to publish and where to report its outcome.
@@ -256,38 +236,34 @@ struct Lane {
 }
 
 impl Lane {
-    async fn run(
-        mut self,
-        mut requests: mpsc::Receiver<Request>,
-        busy: Arc<AtomicBool>,
-        closing: CancellationToken,
-    ) {
+    async fn run(mut self, queue: Arc<Queue>, closing: CancellationToken) {
         let mut stopping = false;
         let mut batch = Vec::with_capacity(LANE_BATCH);
         loop {
-            let first = tokio::select! {
-                biased;
-                () = closing.cancelled(), if !stopping => {
-                    // Requests already queued are still sent; `recv` then ends.
-                    stopping = true;
-                    requests.close();
-                    continue;
-                }
-                request = requests.recv() => request,
-            };
-            let Some(first) = first else {
-                break;
-            };
-            batch.push(first);
-            while batch.len() < LANE_BATCH {
-                match requests.try_recv() {
-                    Ok(request) => batch.push(request),
-                    Err(_) => break,
+            {
+                let mut requests = queue.receiver.lock().await;
+                let first = tokio::select! {
+                    biased;
+                    () = closing.cancelled(), if !stopping => {
+                        // Requests already queued are still sent; `recv` then ends.
+                        stopping = true;
+                        requests.close();
+                        continue;
+                    }
+                    request = requests.recv() => request,
+                };
+                let Some(first) = first else {
+                    break;
+                };
+                batch.push(first);
+                while batch.len() < LANE_BATCH {
+                    match requests.try_recv() {
+                        Ok(request) => batch.push(request),
+                        Err(_) => break,
+                    }
                 }
             }
-            busy.store(true, Ordering::Relaxed);
             let outcomes = self.send(&batch).await;
-            busy.store(false, Ordering::Relaxed);
             for (request, outcome) in batch.drain(..).zip(outcomes) {
                 let _ = request.reply.send(outcome);
             }
