@@ -62,6 +62,11 @@ const BODY_SIZE: usize = 200;
 const SLEEP: Duration = Duration::from_millis(10);
 /// Publishes in flight while prefilling.
 const PREFILL_WINDOW: usize = 2_000;
+
+/// The broker counts as idle when it used at most this share of one core over a window.
+const SETTLE_IDLE_SHARE: f64 = 0.05;
+const SETTLE_WINDOW: Duration = Duration::from_millis(250);
+const SETTLE_MAX: Duration = Duration::from_secs(10);
 const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 // ---------------------------------------------------------------------------------------------
@@ -825,6 +830,27 @@ impl Bench {
             .and_then(|pid| cpu_seconds_of(pid).ok())
     }
 
+    /// Waits until the broker is idle: deleting a queue of persistent messages, or taking a
+    /// prefill, leaves it writing and compacting for a while, and that work would otherwise land
+    /// in the next measurement (either implementation's, at random). At most [`SETTLE_MAX`].
+    async fn settle(&self) -> Duration {
+        let started = Instant::now();
+        let Some(mut before) = self.broker_cpu() else {
+            return Duration::ZERO;
+        };
+        while started.elapsed() < SETTLE_MAX {
+            tokio::time::sleep(SETTLE_WINDOW).await;
+            let Some(now) = self.broker_cpu() else {
+                break;
+            };
+            if now - before <= SETTLE_WINDOW.as_secs_f64() * SETTLE_IDLE_SHARE {
+                break;
+            }
+            before = now;
+        }
+        started.elapsed()
+    }
+
     fn now_us(&self) -> u64 {
         u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX)
     }
@@ -887,6 +913,7 @@ impl Bench {
         self.prefill(&names.0, count).await?;
         let prefill = prefill_started.elapsed();
         let spec = self.spec(imp, work, &names, prefetch, count);
+        let settle = self.settle().await;
         let broker_before = self.broker_cpu();
         let mut child = Child::spawn(&spec, &self.url)?;
         let pid = child.process.id().unwrap_or(0);
@@ -906,7 +933,7 @@ impl Bench {
         eprintln!(
             "  {tag:<3} prefetch {prefetch:>3} {:<9}: {:>7} msg/s, {:.3} CPU s/10k \
              (broker {:.3}), peak RSS {:.1} MiB, max in flight {} (prefill {:.1?}, drain {:.1?}, \
-             pid {pid})",
+             settle {settle:.1?}, pid {pid})",
             imp.label(),
             thousands(report.rate()),
             report.cpu_per_10k(),
