@@ -371,7 +371,7 @@ async fn scramble(task: &Value) -> Result<Value, HandlerError> {
     SCRAMBLED_RUNS.fetch_add(1, Ordering::SeqCst);
     let n = task["n"].as_u64().unwrap_or(0);
     tokio::time::sleep(Duration::from_millis(n.wrapping_mul(7919) % 16)).await;
-    if n % 7 == 0 {
+    if n.is_multiple_of(7) {
         return Err(HandlerError::dead_letter("every 7th task fails"));
     }
     Ok(json!({ "n": n }))
@@ -439,7 +439,7 @@ async fn out_of_order_settlements_each_settle_exactly_once() {
             count(TASKS - FAILURES),
             "a result missing or twice"
         );
-        assert!(numbers.iter().all(|n| n % 7 != 0));
+        assert!(numbers.iter().all(|n| !n.is_multiple_of(7)));
     }
     let dead = broker
         .collect(
