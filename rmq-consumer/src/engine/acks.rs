@@ -28,7 +28,7 @@ use lapin::{
     options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions},
 };
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::debug;
 
 /// Tags settled out of order that the settler remembers; past this (a delivery stuck for a
@@ -54,8 +54,9 @@ struct Request {
     reply: oneshot::Sender<bool>,
 }
 
-/// The handle deliveries settle through; the task ends when the last handle is dropped or the
-/// connection is lost, and it holds the channel open until then.
+/// The handle deliveries settle through. The task ends when the last handle is dropped (it then
+/// closes the channel) or the connection is lost; it runs on the engine's task tracker, so a
+/// shutdown waits for the channel's close before it closes the connection.
 #[derive(Debug, Clone)]
 pub(crate) struct Settler {
     requests: mpsc::UnboundedSender<Request>,
@@ -63,11 +64,15 @@ pub(crate) struct Settler {
 
 impl Settler {
     /// Starts the settling task for a fresh consumer channel (its first delivery is tag 1).
-    pub(crate) fn spawn(channel: Arc<Channel>, lost: Arc<CancellationToken>) -> Self {
+    pub(crate) fn spawn(
+        channel: Arc<Channel>,
+        lost: Arc<CancellationToken>,
+        tracker: &TaskTracker,
+    ) -> Self {
         // Unbounded, but each delivery sends one request and waits for its answer: at most
         // the handler's concurrency is ever queued.
         let (requests, receiver) = mpsc::unbounded_channel();
-        tokio::spawn(run(channel, receiver, lost));
+        tracker.spawn(run(channel, receiver, lost));
         Self { requests }
     }
 
@@ -161,7 +166,15 @@ async fn run(
             }
         }
     }
-    drop(channel);
+    // Closed here, not by dropping the last handle: lapin closes a dropped channel in the
+    // background, and a connection closed meanwhile gets the channel's `close-ok` for a channel
+    // it no longer knows (a connection error at every shutdown).
+    if !lost.is_cancelled() && channel.status().connected() {
+        tokio::select! {
+            () = lost.cancelled() => {}
+            _ = channel.close(200, "consumer done".into()) => {}
+        }
+    }
 }
 
 /// Which acks of a round go out how.

@@ -105,9 +105,9 @@ impl Worker {
             // Shared by the deliveries through an `Arc` (a token's own clone takes a lock).
             let delivery_lost = Arc::new(lost.clone());
             // Deliveries settle through it, and it keeps the channel open until the last of
-            // them is settled: lapin closes a channel when its last handle is dropped, and this
-            // loop drops its handle on shutdown or re-subscription.
-            let settler = Settler::spawn(Arc::clone(&channel), Arc::clone(&delivery_lost));
+            // them is settled (this loop drops its handles on shutdown or re-subscription).
+            let settler =
+                Settler::spawn(Arc::clone(&channel), Arc::clone(&delivery_lost), &tracker);
             self.stats().consuming.store(true, Relaxed);
             self.stats().subscribed(self.health.now_ms());
             info!(handler = %name, queue = %self.settings.queue, prefetch = self.settings.prefetch,
