@@ -110,13 +110,13 @@ async fn run(
         }
         let mut acks = BTreeMap::new();
         for request in batch.drain(..) {
-            if request.how == How::Ack {
-                acks.insert(request.tag, request.reply);
-                continue;
-            }
-            // Sent (and marked settled) before any ack of this round: a `multiple` ack may
-            // then reach past this tag, which the broker no longer holds.
+            // Nacks and rejects are sent (and marked settled) before any ack of this round: a
+            // `multiple` ack may then reach past their tags, which the broker no longer holds.
             let sent = match request.how {
+                How::Ack => {
+                    acks.insert(request.tag, request.reply);
+                    continue;
+                }
                 How::Requeue => {
                     let options = BasicNackOptions {
                         requeue: true,
@@ -124,7 +124,7 @@ async fn run(
                     };
                     channel.basic_nack(request.tag, options).await
                 }
-                How::Reject | How::Ack => {
+                How::Reject => {
                     let options = BasicRejectOptions { requeue: false };
                     channel.basic_reject(request.tag, options).await
                 }
@@ -133,35 +133,31 @@ async fn run(
             let _ = request.reply.send(sent.is_ok());
         }
         let plan = window.plan(acks.keys().copied());
+        let frames = plan
+            .multiple
+            .map(|tag| (tag, true))
+            .into_iter()
+            .chain(plan.single.iter().map(|&tag| (tag, false)));
         let channel = &*channel;
-        let multiple = plan.multiple.map(|tag| async move {
-            let options = BasicAckOptions { multiple: true };
-            (tag, channel.basic_ack(tag, options).await.is_ok())
-        });
-        let singles = plan.single.iter().map(|&tag| async move {
-            let options = BasicAckOptions { multiple: false };
-            (tag, channel.basic_ack(tag, options).await.is_ok())
-        });
         // Polled in order, so the frames are queued in order; all complete together.
-        let (multiple, singles) = tokio::join!(
-            async {
-                match multiple {
-                    Some(ack) => Some(ack.await),
-                    None => None,
-                }
-            },
-            join_all(singles)
-        );
-        if let Some((upto, sent)) = multiple {
-            let covered: Vec<u64> = acks.range(..=upto).map(|(&tag, _)| tag).collect();
-            for tag in covered {
-                if let Some(reply) = acks.remove(&tag) {
-                    let _ = reply.send(sent);
-                }
-            }
-        }
-        for (tag, sent) in singles {
-            if let Some(reply) = acks.remove(&tag) {
+        let sent = join_all(frames.map(|(tag, multiple)| async move {
+            let options = BasicAckOptions { multiple };
+            (tag, multiple, channel.basic_ack(tag, options).await.is_ok())
+        }))
+        .await;
+        for (tag, multiple, sent) in sent {
+            // A `multiple` ack answers every ready tag up to its own (the run comes before
+            // any single ack of the round).
+            let answered = if multiple {
+                let rest = acks.split_off(&tag.saturating_add(1));
+                std::mem::replace(&mut acks, rest)
+            } else {
+                acks.remove(&tag)
+                    .into_iter()
+                    .map(|reply| (tag, reply))
+                    .collect()
+            };
+            for reply in answered.into_values() {
                 let _ = reply.send(sent);
             }
         }
