@@ -483,3 +483,57 @@ async fn out_of_order_settlements_each_settle_exactly_once() {
     running.stop().await.unwrap();
     broker.cleanup().await;
 }
+
+static GATED_NOW: AtomicUsize = AtomicUsize::new(0);
+static GATED_MAX: AtomicUsize = AtomicUsize::new(0);
+
+/// Holds each task 30 ms and records how many run at once.
+#[consumer(
+    queue = "tests.pipeline.gated",
+    reply_key = "tests.pipeline.gated.result"
+)]
+async fn gated(task: Value) -> Value {
+    let now = GATED_NOW.fetch_add(1, Ordering::SeqCst) + 1;
+    GATED_MAX.fetch_max(now, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    GATED_NOW.fetch_sub(1, Ordering::SeqCst);
+    task
+}
+
+/// `concurrency` bounds the handler invocations at once, below `prefetch` (and the read-ahead
+/// on top of it): the deliveries the broker sends ahead wait for a free delivery task, and
+/// every one of them is still processed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_bounds_the_handlers_at_work() {
+    const TASKS: usize = 60;
+    let mut broker = Broker::connect().await;
+    let exchange = unique("ex");
+    broker.track_exchange(&exchange);
+    let mut config = test_config(&exchange);
+    config.prefetch_count = 8;
+    config.concurrency = Some(3);
+    let route = Route::new(&mut config, "gated", &mut broker);
+    let running = Running::start(config, &["gated"]).await;
+    let tasks: Vec<Value> = (0..TASKS).map(|n| json!({ "n": n })).collect();
+    broker.publish_many(&exchange, &route.queue, &tasks).await;
+    let results = broker
+        .collect(&route.reply_queue, TASKS, Duration::from_secs(30))
+        .await;
+    let numbers: BTreeSet<u64> = results
+        .iter()
+        .map(|r| r.json.as_ref().unwrap()["n"].as_u64().unwrap())
+        .collect();
+    assert_eq!(numbers.len(), TASKS, "a result missing or twice");
+    assert_eq!(
+        GATED_MAX.load(Ordering::SeqCst),
+        3,
+        "handlers at work at once (concurrency 3, prefetch 8)"
+    );
+    eventually("every delivery acked", Duration::from_secs(10), || {
+        running.health.snapshot().handlers[0].succeeded == TASKS as u64
+    })
+    .await;
+    assert_eq!(broker.depth(&route.queue).await, Some(0));
+    running.stop().await.unwrap();
+    broker.cleanup().await;
+}

@@ -51,15 +51,35 @@ pub(crate) enum How {
 struct Request {
     tag: u64,
     how: How,
-    reply: oneshot::Sender<bool>,
+    reply: Reply,
 }
+
+/// Where the settler says whether a settlement reached a live channel.
+#[derive(Debug)]
+enum Reply {
+    /// A task waiting for the answer ([`Settler::settle`]).
+    To(oneshot::Sender<bool>),
+    /// Nobody waits: the settler's `on_ack` hears it ([`Settler::ack`]).
+    OnAck,
+}
+
+/// Called with each [`Settler::ack`]'s outcome: `true` once the frame went out on a live
+/// channel.
+pub(crate) type OnAck = Box<dyn Fn(bool) + Send + Sync>;
 
 /// The handle deliveries settle through. The task ends when the last handle is dropped (it then
 /// closes the channel) or the connection is lost; it runs on the engine's task tracker, so a
 /// shutdown waits for the channel's close before it closes the connection.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct Settler {
     requests: mpsc::UnboundedSender<Request>,
+    on_ack: Arc<OnAck>,
+}
+
+impl std::fmt::Debug for Settler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settler").finish_non_exhaustive()
+    }
 }
 
 impl Settler {
@@ -68,22 +88,49 @@ impl Settler {
         channel: Arc<Channel>,
         lost: Arc<CancellationToken>,
         tracker: &TaskTracker,
+        on_ack: OnAck,
     ) -> Self {
-        // Unbounded, but each delivery sends one request and waits for its answer: at most
-        // the handler's concurrency is ever queued.
+        // Unbounded, but each delivery sends one request: at most the channel's `basic.qos`
+        // (its unsettled deliveries) is ever queued.
         let (requests, receiver) = mpsc::unbounded_channel();
-        tracker.spawn(run(channel, receiver, lost));
-        Self { requests }
+        let on_ack: Arc<OnAck> = Arc::new(on_ack);
+        tracker.spawn(run(channel, receiver, lost, Arc::clone(&on_ack)));
+        Self { requests, on_ack }
     }
 
     /// Settles delivery `tag`; `true` once the frame went out on a live channel, `false` when
     /// the channel (or the connection) is gone and the broker will redeliver the message.
     pub(crate) async fn settle(&self, tag: u64, how: How) -> bool {
         let (reply, answer) = oneshot::channel();
+        let reply = Reply::To(reply);
         if self.requests.send(Request { tag, how, reply }).is_err() {
             return false;
         }
         answer.await.unwrap_or(false)
+    }
+
+    /// Acks delivery `tag` without waiting: the caller goes on to its next delivery at once,
+    /// and the settler's `on_ack` hears whether the ack reached a live channel.
+    pub(crate) fn ack(&self, tag: u64) {
+        let request = Request {
+            tag,
+            how: How::Ack,
+            reply: Reply::OnAck,
+        };
+        if self.requests.send(request).is_err() {
+            (self.on_ack)(false);
+        }
+    }
+}
+
+impl Reply {
+    fn send(self, on_ack: &OnAck, sent: bool) {
+        match self {
+            Self::To(reply) => {
+                let _ = reply.send(sent);
+            }
+            Self::OnAck => on_ack(sent),
+        }
     }
 }
 
@@ -91,13 +138,14 @@ async fn run(
     channel: Arc<Channel>,
     mut requests: mpsc::UnboundedReceiver<Request>,
     lost: Arc<CancellationToken>,
+    on_ack: Arc<OnAck>,
 ) {
     let mut window = Window::default();
     let mut batch = Vec::new();
     loop {
         let first = tokio::select! {
             biased;
-            // The answers still owed are dropped: their deliveries count as not settled.
+            // The settlements still queued are answered `false` below: not settled.
             () = lost.cancelled() => break,
             request = requests.recv() => request,
         };
@@ -130,7 +178,7 @@ async fn run(
                 }
             };
             window.settled(request.tag);
-            let _ = request.reply.send(sent.is_ok());
+            request.reply.send(&on_ack, sent.is_ok());
         }
         let plan = window.plan(acks.keys().copied());
         let frames = plan
@@ -158,9 +206,13 @@ async fn run(
                     .collect()
             };
             for reply in answered.into_values() {
-                let _ = reply.send(sent);
+                reply.send(&on_ack, sent);
             }
         }
+    }
+    requests.close();
+    while let Ok(request) = requests.try_recv() {
+        request.reply.send(&on_ack, false);
     }
     // Closed here, not by dropping the last handle: lapin closes a dropped channel in the
     // background, and a connection closed meanwhile gets the channel's `close-ok` for a channel

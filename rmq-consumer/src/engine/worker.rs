@@ -15,7 +15,7 @@ use lapin::{
     types::{AMQPValue, FieldTable},
 };
 use serde_json::Value;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, debug, error, field, info, info_span, warn};
 
@@ -105,23 +105,35 @@ impl Worker {
             // Shared by the deliveries through an `Arc` (a token's own clone takes a lock).
             let delivery_lost = Arc::new(lost.clone());
             // Deliveries settle through it, and it keeps the channel open until the last of
-            // them is settled (this loop drops its handles on shutdown or re-subscription).
-            let settler =
-                Settler::spawn(Arc::clone(&channel), Arc::clone(&delivery_lost), &tracker);
+            // them is settled (the delivery tasks drop their handles when this subscription
+            // ends).
+            let acked = Arc::clone(&self);
+            let settler = Settler::spawn(
+                Arc::clone(&channel),
+                Arc::clone(&delivery_lost),
+                &tracker,
+                Box::new(move |sent| acked.acked(sent)),
+            );
+            // `concurrency` tasks take the deliveries from one queue, each running one to its
+            // end and then taking the next, already there (the `basic.qos` read-ahead): no
+            // task hop between a delivery's end and the next one's start.
+            let (queue, deliveries) = async_channel::bounded(usize::from(self.settings.qos).max(1));
+            let stop = CancellationToken::new();
+            for _ in 0..self.settings.concurrency {
+                tracker.spawn(Arc::clone(&self).serve(
+                    deliveries.clone(),
+                    publisher.clone(),
+                    settler.clone(),
+                    Arc::clone(&delivery_lost),
+                    stop.clone(),
+                ));
+            }
+            drop((deliveries, settler));
             self.stats().consuming.store(true, Relaxed);
             self.stats().subscribed(self.health.now_ms());
             info!(handler = %name, queue = %self.settings.queue, prefetch = self.settings.prefetch,
                 basic_qos = self.settings.qos, concurrency = self.settings.concurrency, "consuming");
             let ended = loop {
-                let permit = tokio::select! {
-                    biased;
-                    () = shutdown.cancelled() => break Some(Stop::Shutdown),
-                    () = lost.cancelled() => break Some(Stop::Lost),
-                    permit = Arc::clone(&self.semaphore).acquire_owned() => permit,
-                };
-                let Ok(permit) = permit else {
-                    break Some(Stop::Lost);
-                };
                 let next = tokio::select! {
                     biased;
                     () = shutdown.cancelled() => break Some(Stop::Shutdown),
@@ -130,16 +142,11 @@ impl Worker {
                     next = consumer.next() => next,
                 };
                 match next {
+                    // Never full: the broker sends at most `basic.qos` unsettled deliveries.
                     Some(Ok(delivery)) => {
-                        let worker = Arc::clone(&self);
-                        let publisher = publisher.clone();
-                        let settler = settler.clone();
-                        let lost = Arc::clone(&delivery_lost);
-                        // Boxed: the pipeline's future is several KiB, and tokio copies an
-                        // unboxed future into its task cell and again when it completes.
-                        tracker.spawn(Box::pin(
-                            worker.process(publisher, settler, delivery, permit, lost),
-                        ));
+                        if queue.send(delivery).await.is_err() {
+                            break Some(Stop::Lost);
+                        }
                     }
                     Some(Err(error)) => {
                         warn!(handler = %name, error = %error, "consumer error");
@@ -147,6 +154,11 @@ impl Worker {
                     None => break None,
                 }
             };
+            // The delivery tasks finish the deliveries they hold and take no more; the ones
+            // still queued are dropped unsettled, and the broker requeues them when the
+            // channel closes.
+            stop.cancel();
+            drop(queue);
             self.stats().consuming.store(false, Relaxed);
             match ended {
                 Some(Stop::Shutdown) => {
@@ -208,18 +220,59 @@ impl Worker {
         Ok((channel, consumer))
     }
 
+    /// One of the handler's `concurrency` delivery tasks for one subscription: takes the next
+    /// delivery from the queue and runs it to its settlement, until the subscription `stop`s
+    /// (or the queue closes). It holds one of the handler's permits while it lives, so a new
+    /// subscription's tasks never run more deliveries at once than `concurrency` beside the
+    /// old one's last ones.
+    async fn serve(
+        self: Arc<Self>,
+        deliveries: async_channel::Receiver<Delivery>,
+        publisher: Publisher,
+        settler: Settler,
+        lost: Arc<CancellationToken>,
+        stop: CancellationToken,
+    ) {
+        let permit = tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            permit = Arc::clone(&self.semaphore).acquire_owned() => permit,
+        };
+        let Ok(_permit) = permit else {
+            return;
+        };
+        loop {
+            if stop.is_cancelled() {
+                return;
+            }
+            // The next delivery is usually queued already: no wait, no wakeup.
+            let delivery = match deliveries.try_recv() {
+                Ok(delivery) => delivery,
+                Err(async_channel::TryRecvError::Closed) => return,
+                Err(async_channel::TryRecvError::Empty) => tokio::select! {
+                    biased;
+                    () = stop.cancelled() => return,
+                    delivery = deliveries.recv() => match delivery {
+                        Ok(delivery) => delivery,
+                        Err(_) => return,
+                    },
+                },
+            };
+            self.process(&publisher, &settler, delivery, &lost).await;
+        }
+    }
+
     /// Runs one delivery to its settlement. Once the connection it came on is `lost`, its
     /// result and settlement are abandoned: nothing sent on that connection can be confirmed
     /// any more, the broker requeues the delivery, and waiting for a dead connection's
     /// answers would hold the slot (and shutdown) for the confirm timeout or longer. The
     /// handler itself runs to its end (its result may be cached for the redelivery).
     async fn process(
-        self: Arc<Self>,
-        publisher: Publisher,
-        settler: Settler,
+        &self,
+        publisher: &Publisher,
+        settler: &Settler,
         delivery: Delivery,
-        permit: OwnedSemaphorePermit,
-        lost: Arc<CancellationToken>,
+        lost: &CancellationToken,
     ) {
         let stats = self.stats();
         stats.received.fetch_add(1, Relaxed);
@@ -242,11 +295,11 @@ impl Worker {
             let handled = self.handle(&delivery).await;
             let finish = async {
                 let outcome = match handled {
-                    Ok(Some(reply)) => self.publish_reply(&publisher, &delivery, reply).await,
+                    Ok(Some(reply)) => self.publish_reply(publisher, &delivery, reply).await,
                     Ok(None) => Ok(()),
                     Err(failure) => Err(failure),
                 };
-                self.settle(&publisher, &settler, delivery, outcome).await;
+                self.settle(publisher, settler, delivery, outcome).await;
             };
             tokio::select! {
                 biased;
@@ -272,7 +325,6 @@ impl Worker {
         }
         stats.in_flight.fetch_sub(1, Relaxed);
         stats.completed(self.health.now_ms());
-        drop(permit);
     }
 
     /// Decodes and runs the handler; `Ok(Some)` is a result to publish before the ack,
@@ -449,10 +501,9 @@ impl Worker {
         let stats = self.stats();
         let failure = match outcome {
             Ok(()) => {
-                if self.ack(settler, &delivery).await {
-                    stats.succeeded.fetch_add(1, Relaxed);
-                    debug!("done");
-                }
+                // Counted as succeeded by `acked` once the ack is out.
+                settler.ack(delivery.delivery_tag);
+                debug!("done");
                 return;
             }
             Err(failure) => failure,
@@ -546,6 +597,17 @@ impl Worker {
     async fn ack(&self, settler: &Settler, delivery: &Delivery) -> bool {
         let acked = settler.settle(delivery.delivery_tag, How::Ack).await;
         self.settled(acked)
+    }
+
+    /// Hears whether a successful delivery's ack ([`Settler::ack`]) reached a live channel.
+    fn acked(&self, sent: bool) {
+        if sent {
+            self.stats().succeeded.fetch_add(1, Relaxed);
+        } else {
+            // The connection or channel loss is logged where it is noticed.
+            self.stats().stale_acks.fetch_add(1, Relaxed);
+            debug!(handler = %self.settings.name, "an ack could not be sent: the delivery's channel is gone; the broker will redeliver the message");
+        }
     }
 
     /// `false` (and counted) when the settlement could not reach the broker: the delivery's
