@@ -116,10 +116,12 @@ impl Worker {
             );
             // `concurrency` tasks take the deliveries from one queue, each running one to its
             // end and then taking the next, already there (the `basic.qos` read-ahead): no
-            // task hop between a delivery's end and the next one's start.
-            let (queue, deliveries) = async_channel::bounded(usize::from(self.settings.qos).max(1));
+            // task hop between a delivery's end and the next one's start. More tasks than
+            // `basic.qos` would never get a delivery.
+            let window = usize::from(self.settings.qos).max(1);
+            let (queue, deliveries) = async_channel::bounded(window);
             let stop = CancellationToken::new();
-            for _ in 0..self.settings.concurrency {
+            for _ in 0..self.settings.concurrency.min(window) {
                 tracker.spawn(Arc::clone(&self).serve(
                     deliveries.clone(),
                     publisher.clone(),
@@ -258,7 +260,9 @@ impl Worker {
                     },
                 },
             };
-            self.process(&publisher, &settler, delivery, &lost).await;
+            // Boxed: the pipeline's future is several KiB, and an idle task should not hold
+            // one.
+            Box::pin(self.process(&publisher, &settler, delivery, &lost)).await;
         }
     }
 
