@@ -132,18 +132,80 @@ async fn bench_sleep(_task: Value) {
 #[consumer(queue = "bench.tokio_sleep")]
 async fn bench_tokio_sleep(_task: Value) {
     mark_first();
-    tokio::time::sleep(SLEEP).await;
+    tokio_wait().await;
 }
 
 /// The S3 handlers' 10 ms wait, standing in for an I/O call (a model server, an HTTP API).
 ///
 /// It completes through the reactor the way a socket read does: a `timerfd` fires on time
-/// (about 10.1 ms here). `tokio::time::sleep` rounds up to its 1 ms wheel and takes about
-/// 11.2 ms, which alone would hold any tokio consumer under 0.9x of the ideal; the parent
-/// prints both.
+/// (about 10.2 ms here). `tokio::time::sleep` rounds up to its 1 ms wheel and takes about
+/// 11 ms, which alone would hold any tokio consumer near 0.9x of the ideal; the table shows
+/// both, with the mean wait each run measured.
 async fn io_wait() {
+    let started = Instant::now();
     if tokio_timerfd::sleep(SLEEP).await.is_err() {
         tokio::time::sleep(SLEEP).await;
+    }
+    waited(started);
+}
+
+/// `tokio::time::sleep(SLEEP)`, recorded as S3's waits are.
+async fn tokio_wait() {
+    let started = Instant::now();
+    tokio::time::sleep(SLEEP).await;
+    waited(started);
+}
+
+fn waited(started: Instant) {
+    if let Ok(mut waits) = WAITS.lock() {
+        waits.push((started, Instant::now()));
+    }
+}
+
+/// When each S3 wait started and ended, for [`Slots`].
+static WAITS: std::sync::Mutex<Vec<(Instant, Instant)>> = std::sync::Mutex::new(Vec::new());
+
+/// Where an S3 run's time went: its `slots` (the prefetch) were either in a handler's wait or
+/// between a handler's end and the next one's start (ack, next delivery, task start).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct Slots {
+    /// The mean wait, in ms (the ideal counts 10).
+    wait_ms: f64,
+    /// The share of slot time spent waiting, from the first delivery to the last ack: what
+    /// the gaps, the first deliveries' arrival and the last round's stragglers leave.
+    busy: f64,
+    /// The mean time from a wait's end to the start of the wait that took its slot, in ms.
+    gap_ms: f64,
+}
+
+impl Slots {
+    /// From the waits recorded since the first delivery at `first`, up to `end`.
+    fn measure(first: Instant, end: Instant, slots: u16) -> Option<Self> {
+        let waits = WAITS.lock().ok()?.clone();
+        let span = end.duration_since(first).as_secs_f64();
+        if waits.is_empty() || span <= 0.0 {
+            return None;
+        }
+        let total: f64 = waits
+            .iter()
+            .map(|(start, end)| end.duration_since(*start).as_secs_f64())
+            .sum();
+        // The k-th wait to start took the slot of the (k - slots)-th wait to end.
+        let mut starts: Vec<Instant> = waits.iter().map(|w| w.0).collect();
+        let mut ends: Vec<Instant> = waits.iter().map(|w| w.1).collect();
+        starts.sort_unstable();
+        ends.sort_unstable();
+        let gaps: Vec<f64> = starts
+            .iter()
+            .skip(usize::from(slots))
+            .zip(&ends)
+            .map(|(start, end)| start.saturating_duration_since(*end).as_secs_f64())
+            .collect();
+        Some(Self {
+            wait_ms: total * 1e3 / waits.len() as f64,
+            busy: total / (span * f64::from(slots)),
+            gap_ms: gaps.iter().sum::<f64>() * 1e3 / gaps.len().max(1) as f64,
+        })
     }
 }
 
@@ -212,6 +274,9 @@ struct Report {
     rss_kib: u64,
     /// The most deliveries seen in flight (received, not yet settled) at once.
     max_in_flight: u64,
+    /// Where the slots' time went (S3).
+    #[serde(default)]
+    slots: Option<Slots>,
     /// CPU time the broker spent while this child ran (filled in by the parent; `None` when
     /// the broker process is not visible, e.g. a remote broker).
     #[serde(default)]
@@ -300,7 +365,7 @@ fn peak_rss_kib() -> Res<u64> {
     Ok(kib)
 }
 
-fn finish(processed: u64, max_in_flight: u64) -> Res<Report> {
+fn finish(processed: u64, max_in_flight: u64, slots: u16) -> Res<Report> {
     let end = Instant::now();
     let cpu_end = cpu_seconds()?;
     let first = FIRST.get().ok_or("no delivery arrived")?;
@@ -310,6 +375,7 @@ fn finish(processed: u64, max_in_flight: u64) -> Res<Report> {
         cpu_s: cpu_end - first.cpu_s,
         rss_kib: peak_rss_kib()?,
         max_in_flight,
+        slots: Slots::measure(first.at, end, slots),
         broker_cpu_s: None,
     })
 }
@@ -437,7 +503,7 @@ async fn child_framework(spec: &Spec, url: String) -> Res<Report> {
         let pause = if left > spec.count / 50 { 20 } else { 1 };
         tokio::time::sleep(Duration::from_millis(pause)).await;
     };
-    let report = finish(processed, max_in_flight)?;
+    let report = finish(processed, max_in_flight, spec.prefetch)?;
     stop.cancel();
     running.await??;
     Ok(report)
@@ -515,7 +581,7 @@ async fn child_raw(spec: &Spec, url: &str) -> Res<Report> {
                 tokio::spawn(async move {
                     match work {
                         Work::Sleep => io_wait().await,
-                        Work::TokioSleep => tokio::time::sleep(SLEEP).await,
+                        Work::TokioSleep => tokio_wait().await,
                         Work::Drain | Work::Request => {}
                     }
                     match delivery.acker.ack(BasicAckOptions::default()).await {
@@ -530,7 +596,7 @@ async fn child_raw(spec: &Spec, url: &str) -> Res<Report> {
     if done.load(Ordering::Acquire) < spec.count {
         let _ = tokio::time::timeout_at(deadline, finished.notified()).await;
     }
-    let report = finish(done.load(Ordering::Acquire), max_in_flight)?;
+    let report = finish(done.load(Ordering::Acquire), max_in_flight, spec.prefetch)?;
     connection.close(200, "bench done".into()).await?;
     Ok(report)
 }
@@ -930,10 +996,18 @@ impl Bench {
             )
             .into());
         }
+        let slots = report.slots.map_or_else(String::new, |slots| {
+            format!(
+                "; wait {:.2} ms, slots busy {:.1} %, gap {:.3} ms",
+                slots.wait_ms,
+                slots.busy * 100.0,
+                slots.gap_ms
+            )
+        });
         eprintln!(
             "  {tag:<3} prefetch {prefetch:>3} {:<9}: {:>7} msg/s, {:.3} CPU s/10k \
              (broker {:.3}), peak RSS {:.1} MiB, max in flight {} (prefill {:.1?}, drain {:.1?}, \
-             settle {settle:.1?}, pid {pid})",
+             settle {settle:.1?}, pid {pid}){slots}",
             imp.label(),
             thousands(report.rate()),
             report.cpu_per_10k(),
@@ -1242,6 +1316,10 @@ struct Cell {
     cpu_per_10k: f64,
     broker_cpu_per_10k: f64,
     rss_mib: f64,
+    /// Medians of the runs' [`Slots`] (S3).
+    wait_ms: f64,
+    busy: f64,
+    gap_ms: f64,
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -1259,6 +1337,27 @@ fn cell(reports: &[Report]) -> Cell {
         cpu_per_10k: median(reports.iter().map(Report::cpu_per_10k).collect()),
         broker_cpu_per_10k: median(reports.iter().map(Report::broker_cpu_per_10k).collect()),
         rss_mib: median(reports.iter().map(Report::rss_mib).collect()),
+        wait_ms: median(
+            reports
+                .iter()
+                .filter_map(|r| r.slots)
+                .map(|s| s.wait_ms)
+                .collect(),
+        ),
+        busy: median(
+            reports
+                .iter()
+                .filter_map(|r| r.slots)
+                .map(|s| s.busy)
+                .collect(),
+        ),
+        gap_ms: median(
+            reports
+                .iter()
+                .filter_map(|r| r.slots)
+                .map(|s| s.gap_ms)
+                .collect(),
+        ),
     }
 }
 
@@ -1381,8 +1480,6 @@ struct Outcome {
     latency: Vec<(Option<Imp>, u16, Latency)>,
     memory: Vec<(u64, Report)>,
     verdicts: Vec<String>,
-    /// How long a 10 ms tokio sleep really takes on this machine.
-    timer: Option<Timers>,
 }
 
 async fn run_all(bench: &mut Bench, args: &Args) -> Res<Outcome> {
@@ -1392,7 +1489,6 @@ async fn run_all(bench: &mut Bench, args: &Args) -> Res<Outcome> {
         latency: Vec::new(),
         memory: Vec::new(),
         verdicts: Vec::new(),
-        timer: None,
     };
     let wants = |name: &str| args.scenarios.iter().any(|s| s == name);
     let plan: [(&str, &str, Work, u64, &[u16]); 4] = [
@@ -1420,18 +1516,6 @@ async fn run_all(bench: &mut Bench, args: &Args) -> Res<Outcome> {
             thousands(count as f64),
             cells.join(", ")
         );
-        if work == Work::Sleep {
-            let timers = Timers {
-                io_wait: median_wait(Wait::Timerfd).await?,
-                tokio_sleep: median_wait(Wait::TokioSleep).await?,
-            };
-            eprintln!(
-                "  the handlers' {SLEEP:?} wait (timerfd) takes {:.2?} here, \
-                 tokio::time::sleep {:.2?} (medians of 64 x 10)",
-                timers.io_wait, timers.tokio_sleep
-            );
-            out.timer = Some(timers);
-        }
         for &prefetch in prefetches {
             if args.prefetch.is_some_and(|p| p != prefetch) {
                 continue;
@@ -1445,10 +1529,11 @@ async fn run_all(bench: &mut Bench, args: &Args) -> Res<Outcome> {
             let of_ideal = |rate: f64| format!("{:.2}x", rate / ideal);
             let note = match work {
                 Work::TokioSleep => format!(
-                    "ideal {}/s: framework {}, raw {} (tokio's 1 ms timer wheel)",
+                    "ideal {}/s: framework {}, raw {}; {} (tokio's 1 ms timer wheel)",
                     thousands(ideal),
                     of_ideal(framework.rate),
-                    of_ideal(raw.rate)
+                    of_ideal(raw.rate),
+                    slots_note(&framework, &raw),
                 ),
                 Work::Sleep => {
                     let share = framework.rate / ideal;
@@ -1459,9 +1544,10 @@ async fn run_all(bench: &mut Bench, args: &Args) -> Res<Outcome> {
                         verdict(share >= 0.9)
                     ));
                     format!(
-                        "ideal {}/s: framework {share:.2}x, raw {}",
+                        "ideal {}/s: framework {share:.2}x, raw {}; {}",
                         thousands(ideal),
-                        of_ideal(raw.rate)
+                        of_ideal(raw.rate),
+                        slots_note(&framework, &raw),
                     )
                 }
                 _ if prefetch == 256 => {
@@ -1536,46 +1622,6 @@ async fn run_all(bench: &mut Bench, args: &Args) -> Res<Outcome> {
     Ok(out)
 }
 
-/// How long the S3 wait really takes.
-#[derive(Debug, Clone, Copy)]
-struct Timers {
-    /// The handlers' wait.
-    io_wait: Duration,
-    /// `tokio::time::sleep(SLEEP)`, for comparison.
-    tokio_sleep: Duration,
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Wait {
-    Timerfd,
-    TokioSleep,
-}
-
-/// The median duration of one wait, 64 waiters at once as in S3.
-async fn median_wait(wait: Wait) -> Res<Duration> {
-    let mut sleepers = Vec::with_capacity(64);
-    for _ in 0..64 {
-        sleepers.push(tokio::spawn(async move {
-            let mut took = Vec::with_capacity(10);
-            for _ in 0..10 {
-                let started = Instant::now();
-                match wait {
-                    Wait::Timerfd => io_wait().await,
-                    Wait::TokioSleep => tokio::time::sleep(SLEEP).await,
-                }
-                took.push(started.elapsed());
-            }
-            took
-        }));
-    }
-    let mut all = Vec::with_capacity(640);
-    for sleeper in sleepers {
-        all.extend(sleeper.await?);
-    }
-    all.sort_unstable();
-    Ok(all.get(all.len() / 2).copied().unwrap_or(SLEEP))
-}
-
 /// The 1-minute load average: other work on the machine skews every number.
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
@@ -1584,23 +1630,24 @@ fn load_average() -> String {
         .unwrap_or_else(|| "?".to_owned())
 }
 
+/// S3's wait, slot use and gap between handlers, framework / raw.
+fn slots_note(framework: &Cell, raw: &Cell) -> String {
+    format!(
+        "wait {:.2} / {:.2} ms, slots busy {:.1} / {:.1} %, gap between handlers {:.2} / {:.2} ms",
+        framework.wait_ms,
+        raw.wait_ms,
+        framework.busy * 100.0,
+        raw.busy * 100.0,
+        framework.gap_ms,
+        raw.gap_ms,
+    )
+}
+
 fn verdict(ok: bool) -> &'static str {
     if ok { "PASS" } else { "MISS" }
 }
 
 fn print_outcome(out: &Outcome, args: &Args, elapsed: Duration) {
-    if let Some(timers) = out.timer {
-        println!();
-        println!(
-            "S3's {SLEEP:?} wait (a timerfd, completing through the reactor like real I/O) takes \
-             {:.2?} on this machine (median), a ceiling of {:.2}x of ideal; \
-             tokio::time::sleep({SLEEP:?}) takes {:.2?} ({:.2}x)",
-            timers.io_wait,
-            SLEEP.as_secs_f64() / timers.io_wait.as_secs_f64(),
-            timers.tokio_sleep,
-            SLEEP.as_secs_f64() / timers.tokio_sleep.as_secs_f64()
-        );
-    }
     println!();
     println!(
         "Throughput: medians of `runs` alternating runs; ratio: the median of the per-run \
