@@ -244,7 +244,8 @@ impl Worker {
             return;
         };
         loop {
-            if stop.is_cancelled() {
+            // A delivery of a lost connection is not started: the broker redelivers it.
+            if stop.is_cancelled() || lost.is_cancelled() {
                 return;
             }
             // The next delivery is usually queued already: no wait, no wakeup.
