@@ -1332,32 +1332,24 @@ fn median(mut values: Vec<f64>) -> f64 {
 }
 
 fn cell(reports: &[Report]) -> Cell {
+    let of = |value: fn(&Report) -> f64| median(reports.iter().map(value).collect());
+    let of_slots = |value: fn(&Slots) -> f64| {
+        median(
+            reports
+                .iter()
+                .filter_map(|r| r.slots.as_ref())
+                .map(value)
+                .collect(),
+        )
+    };
     Cell {
-        rate: median(reports.iter().map(Report::rate).collect()),
-        cpu_per_10k: median(reports.iter().map(Report::cpu_per_10k).collect()),
-        broker_cpu_per_10k: median(reports.iter().map(Report::broker_cpu_per_10k).collect()),
-        rss_mib: median(reports.iter().map(Report::rss_mib).collect()),
-        wait_ms: median(
-            reports
-                .iter()
-                .filter_map(|r| r.slots)
-                .map(|s| s.wait_ms)
-                .collect(),
-        ),
-        busy: median(
-            reports
-                .iter()
-                .filter_map(|r| r.slots)
-                .map(|s| s.busy)
-                .collect(),
-        ),
-        gap_ms: median(
-            reports
-                .iter()
-                .filter_map(|r| r.slots)
-                .map(|s| s.gap_ms)
-                .collect(),
-        ),
+        rate: of(Report::rate),
+        cpu_per_10k: of(Report::cpu_per_10k),
+        broker_cpu_per_10k: of(Report::broker_cpu_per_10k),
+        rss_mib: of(Report::rss_mib),
+        wait_ms: of_slots(|s| s.wait_ms),
+        busy: of_slots(|s| s.busy),
+        gap_ms: of_slots(|s| s.gap_ms),
     }
 }
 
