@@ -605,6 +605,8 @@ impl Worker {
     }
 
     /// Hears whether a successful delivery's ack ([`Settler::ack`]) reached a live channel.
+    /// Not [`Self::settled`]: this runs in the settler, outside the delivery's span, and on a
+    /// connection loss once for every ack still queued, so the loss is named at debug level.
     fn acked(&self, sent: bool) {
         if sent {
             self.stats().succeeded.fetch_add(1, Relaxed);
