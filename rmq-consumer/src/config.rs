@@ -762,10 +762,10 @@ enum Raw {
 /// One table of settings (the top level or a `[consumers.x]` section) and its environment
 /// variables. Keys are removed as they are read, so what remains is unknown.
 struct Scope {
-    /// Prefix of TOML keys in messages: "" or "consumers.<name>.".
+    /// Prefix of TOML keys in messages: `""` or `"consumers.<name>."`.
     toml_prefix: String,
-    /// Prefix of environment variable names: "RMQ_CONSUMER_" or
-    /// "RMQ_CONSUMER_CONSUMERS__<NAME>__".
+    /// Prefix of environment variable names: `"RMQ_CONSUMER_"` or
+    /// `"RMQ_CONSUMER_CONSUMERS__<NAME>__"`.
     env_prefix: String,
     table: toml::Table,
     /// Upper-cased key → value.
