@@ -8,6 +8,9 @@
 //! - A filter: `RUST_LOG` if set, else [`LogConfig::level`]. When the level comes from the
 //!   configuration and does not mention `lapin` (or `amq_protocol`), `lapin=warn`
 //!   (`amq_protocol=warn`) is appended to keep the AMQP client's chatter out of `info` logs.
+//!   Either way `lapin::returned_messages=off` is appended unless the filter mentions
+//!   `returned_messages`: lapin logs every message the broker returns, body included, at WARN,
+//!   while the engine handles returns itself (a message body never reaches a log line).
 //! - stderr, in the configured [`LogFormat`]: human-readable lines with targets (ANSI colours
 //!   only when stderr is a terminal), or one JSON object per line with the current span and
 //!   the span list.
@@ -143,12 +146,18 @@ fn build(
     Ok((subscriber, LogGuard { _guards: guards }))
 }
 
-/// The filter: `RUST_LOG` verbatim if set, else `level` with lapin quietened.
+/// The filter: `RUST_LOG` if set, else `level` with lapin quietened; returned messages off.
 fn filter(level: &str, rust_log: Option<&str>) -> Result<EnvFilter, LoggingError> {
-    let (origin, directives) = match rust_log.filter(|value| !value.trim().is_empty()) {
-        Some(rust_log) => ("RUST_LOG", rust_log.to_owned()),
+    let (origin, mut directives) = match rust_log.filter(|value| !value.trim().is_empty()) {
+        Some(rust_log) => ("RUST_LOG", rust_log.trim().to_owned()),
         None => ("log_level", with_quiet_lapin(level)),
     };
+    if !directives.contains("returned_messages") {
+        if !directives.is_empty() {
+            directives.push(',');
+        }
+        directives.push_str(RETURNED_MESSAGES_OFF);
+    }
     EnvFilter::builder()
         .parse(&directives)
         .map_err(|source| LoggingError::Filter {
@@ -157,6 +166,9 @@ fn filter(level: &str, rust_log: Option<&str>) -> Result<EnvFilter, LoggingError
             source,
         })
 }
+
+/// lapin's log of returned messages, which carries their bodies.
+const RETURNED_MESSAGES_OFF: &str = "lapin::returned_messages=off";
 
 fn with_quiet_lapin(level: &str) -> String {
     let mut directives: Vec<&str> = level
@@ -319,6 +331,22 @@ mod tests {
         );
         assert_eq!(with_quiet_lapin(""), "lapin=warn,amq_protocol=warn");
         assert!(filter("info", Some("trace")).is_ok());
+    }
+
+    #[test]
+    fn returned_messages_are_never_logged_by_lapin() {
+        for (level, rust_log) in [
+            ("info", None),
+            ("debug", Some("trace")),
+            ("info", Some("lapin=trace")),
+        ] {
+            let filter = filter(level, rust_log).unwrap().to_string();
+            assert!(filter.contains(RETURNED_MESSAGES_OFF), "{filter}");
+        }
+        let mine = filter("info", Some("lapin::returned_messages=warn"))
+            .unwrap()
+            .to_string();
+        assert!(!mine.contains(RETURNED_MESSAGES_OFF), "{mine}");
     }
 
     #[test]

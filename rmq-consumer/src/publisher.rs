@@ -59,8 +59,9 @@ pub const LANE_BATCH: usize = 256;
 /// Publish requests waiting for a lane.
 const QUEUE: usize = 1024;
 
-/// Publishes with publisher confirms and `mandatory`; a message counts as published only when
-/// the broker acked it and did not return it.
+/// Publishes with publisher confirms and `mandatory` (except to a direct reply-to requester,
+/// whose replies the broker returns even when it delivers them); a message counts as published only when the broker acked it and
+/// did not return it.
 #[derive(Clone, Debug)]
 pub struct Publisher {
     inner: Arc<Inner>,
@@ -296,14 +297,17 @@ impl Lane {
                 Err(_) => return batch.iter().map(|_| Outcome::TimedOut).collect(),
             },
         };
-        let options = BasicPublishOptions {
-            mandatory: true,
-            ..BasicPublishOptions::default()
-        };
         // The first poll of each publish numbers it and queues its frames, so the batch is
         // queued whole (in order) before lapin writes any of it.
         let mut writes = Vec::with_capacity(batch.len());
         for request in batch {
+            let options = BasicPublishOptions {
+                mandatory: !is_direct_reply_to(
+                    request.exchange.as_str(),
+                    request.routing_key.as_str(),
+                ),
+                ..BasicPublishOptions::default()
+            };
             let mut write = Box::pin(channel.basic_publish(
                 request.exchange.clone(),
                 request.routing_key.clone(),
@@ -363,6 +367,18 @@ impl Lane {
             })
             .collect()
     }
+}
+
+/// The prefix of RabbitMQ's direct reply-to pseudo-queue names (`amq.rabbitmq.reply-to`, and
+/// the `amq.rabbitmq.reply-to.<token>` a requester's `reply_to` turns into).
+const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
+/// Whether a publish goes to a direct reply-to requester. Such a publish is not `mandatory`:
+/// the broker delivers it to the requester's channel but also returns a mandatory publish as
+/// unroutable (RabbitMQ 3.10 and 4.0 alike: no queue is involved), and when the requester has
+/// gone it drops the message, which is all a reply to nobody can become.
+fn is_direct_reply_to(exchange: &str, routing_key: &str) -> bool {
+    exchange.is_empty() && routing_key.starts_with(DIRECT_REPLY_TO)
 }
 
 /// Marks the oldest publish of the batch this returned message is a copy of.
