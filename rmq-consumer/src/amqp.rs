@@ -40,7 +40,7 @@ pub(crate) fn header_str<'a>(headers: Option<&'a FieldTable>, key: &str) -> Opti
 }
 
 /// What an `x-retry-count` header says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum RetryCount {
     /// A usable count (absent means 0).
     Count(u32),
@@ -51,7 +51,13 @@ pub(crate) enum RetryCount {
 
 /// Reads `x-retry-count` tolerantly: any integer width, or a string of ASCII digits.
 pub(crate) fn retry_count(headers: Option<&FieldTable>) -> RetryCount {
-    let Some(value) = headers.and_then(|h| h.inner().get(crate::retry::RETRY_COUNT_HEADER)) else {
+    count_header(headers, crate::retry::RETRY_COUNT_HEADER)
+}
+
+/// Reads a counting header (`x-retry-count`, `x-lost-deliveries`, `x-delivery-count`)
+/// tolerantly: any integer width, or a string of ASCII digits; absent is 0.
+pub(crate) fn count_header(headers: Option<&FieldTable>, key: &str) -> RetryCount {
+    let Some(value) = headers.and_then(|h| h.inner().get(key)) else {
         return RetryCount::Count(0);
     };
     let wide: Option<i128> = match value {

@@ -79,6 +79,10 @@ pub const DEFAULT_HEARTBEAT_INTERVAL: u16 = 30;
 pub const DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default `max_retry_count`.
 pub const DEFAULT_MAX_RETRY_COUNT: u32 = 3;
+/// Default `max_redeliveries`.
+pub const DEFAULT_MAX_REDELIVERIES: u32 = 5;
+/// Default `delivery_limit`.
+pub const DEFAULT_DELIVERY_LIMIT: u32 = 20;
 /// Default `queue_stuck_threshold`.
 pub const DEFAULT_QUEUE_STUCK_THRESHOLD: Duration = Duration::from_secs(90);
 /// Default `max_consecutive_failures`.
@@ -132,6 +136,14 @@ pub struct Config {
     /// Retries of a failed message before it is dead-lettered. Default
     /// [`DEFAULT_MAX_RETRY_COUNT`].
     pub max_retry_count: u32,
+    /// Deliveries of one task that may end without a settlement (the worker process died,
+    /// or its connection was lost) before the task is dead-lettered as `worker_lost` instead
+    /// of running again. Default [`DEFAULT_MAX_REDELIVERIES`].
+    pub max_redeliveries: u32,
+    /// The `x-delivery-limit` of quorum work and suspect queues: the broker dead-letters a
+    /// message returned more often than this (a backstop behind `max_redeliveries`).
+    /// Default [`DEFAULT_DELIVERY_LIMIT`].
+    pub delivery_limit: u32,
     /// Delay before each retry (the last one repeats), each at least 1 ms; empty (the
     /// default) retries at once.
     pub retry_delays: Vec<Duration>,
@@ -192,6 +204,8 @@ impl Default for Config {
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             message_timeout: DEFAULT_MESSAGE_TIMEOUT,
             max_retry_count: DEFAULT_MAX_RETRY_COUNT,
+            max_redeliveries: DEFAULT_MAX_REDELIVERIES,
+            delivery_limit: DEFAULT_DELIVERY_LIMIT,
             retry_delays: Vec::new(),
             queue_stuck_threshold: DEFAULT_QUEUE_STUCK_THRESHOLD,
             max_consecutive_failures: DEFAULT_MAX_CONSECUTIVE_FAILURES,
@@ -235,6 +249,10 @@ pub struct ConsumerConfig {
     pub timeout: Option<Duration>,
     /// Retries before dead-lettering.
     pub max_retries: Option<u32>,
+    /// Unsettled deliveries before dead-lettering (see [`Config::max_redeliveries`]).
+    pub max_redeliveries: Option<u32>,
+    /// The quorum queues' `x-delivery-limit` (see [`Config::delivery_limit`]).
+    pub delivery_limit: Option<u32>,
     /// Delays before each retry.
     pub retry_delays: Option<Vec<Duration>>,
     /// The type of this handler's queues.
@@ -616,6 +634,8 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "heartbeat_interval",
     "message_timeout",
     "max_retry_count",
+    "max_redeliveries",
+    "delivery_limit",
     "retry_delays",
     "queue_stuck_threshold",
     "max_consecutive_failures",
@@ -655,6 +675,8 @@ const CONSUMER_KEYS: &[&str] = &[
     "read_ahead",
     "timeout",
     "max_retries",
+    "max_redeliveries",
+    "delivery_limit",
     "retry_delays",
     "queue_type",
     "bind_reply_queue",
@@ -830,6 +852,12 @@ impl Scope {
         let max_retry_count = self
             .int(&["max_retry_count"], 0, u32::MAX)
             .unwrap_or(defaults.max_retry_count);
+        let max_redeliveries = self
+            .int(&["max_redeliveries"], 0, u32::MAX)
+            .unwrap_or(defaults.max_redeliveries);
+        let delivery_limit = self
+            .int(&["delivery_limit"], 1, u32::MAX)
+            .unwrap_or(defaults.delivery_limit);
         let retry_delays = self
             .retry_delays(&["retry_delays"])
             .unwrap_or(defaults.retry_delays);
@@ -889,6 +917,8 @@ impl Scope {
             heartbeat_interval,
             message_timeout,
             max_retry_count,
+            max_redeliveries,
+            delivery_limit,
             retry_delays,
             queue_stuck_threshold,
             max_consecutive_failures,
@@ -1012,6 +1042,8 @@ impl Scope {
             read_ahead: self.int(&["read_ahead"], 0, u16::MAX),
             timeout: self.positive_duration(&["timeout"]),
             max_retries: self.int(&["max_retries"], 0, u32::MAX),
+            max_redeliveries: self.int(&["max_redeliveries"], 0, u32::MAX),
+            delivery_limit: self.int(&["delivery_limit"], 1, u32::MAX),
             retry_delays: self.retry_delays(&["retry_delays"]),
             queue_type: self.get(&["queue_type"]),
             bind_reply_queue: self.get(&["bind_reply_queue"]),
@@ -1662,6 +1694,8 @@ mod tests {
                 read_ahead: Some(3),
                 timeout: Some(Duration::from_secs(30)),
                 max_retries: Some(0),
+                max_redeliveries: None,
+                delivery_limit: None,
                 retry_delays: Some(Vec::new()),
                 queue_type: Some(QueueType::Classic),
                 bind_reply_queue: Some(true),

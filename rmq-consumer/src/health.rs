@@ -43,6 +43,7 @@ pub(crate) struct HandlerStats {
     pub(crate) rejected: AtomicU64,
     pub(crate) cache_hits: AtomicU64,
     pub(crate) stale_acks: AtomicU64,
+    pub(crate) suspected: AtomicU64,
     pub(crate) results_returned: AtomicU64,
     pub(crate) results_nacked: AtomicU64,
     pub(crate) handler_runs: AtomicU64,
@@ -123,6 +124,7 @@ impl HandlerStats {
             rejected: AtomicU64::new(0),
             cache_hits: AtomicU64::new(0),
             stale_acks: AtomicU64::new(0),
+            suspected: AtomicU64::new(0),
             results_returned: AtomicU64::new(0),
             results_nacked: AtomicU64::new(0),
             handler_runs: AtomicU64::new(0),
@@ -172,6 +174,7 @@ impl HandlerStats {
             rejected: self.rejected.load(Relaxed),
             cache_hits: self.cache_hits.load(Relaxed),
             stale_acks: self.stale_acks.load(Relaxed),
+            suspected: self.suspected.load(Relaxed),
             results_returned: self.results_returned.load(Relaxed),
             results_nacked: self.results_nacked.load(Relaxed),
             handler_runs: self.handler_runs.load(Relaxed),
@@ -247,6 +250,8 @@ pub struct HandlerSnapshot {
     pub cache_hits: u64,
     /// Acks that could not be sent because their channel had died (the broker redelivers).
     pub stale_acks: u64,
+    /// Redelivered tasks moved to the suspect queue (an earlier delivery ended unsettled).
+    pub suspected: u64,
     /// Results the broker returned as unroutable.
     pub results_returned: u64,
     /// Results the broker nacked.

@@ -60,6 +60,11 @@ const COUNTERS: &[(&str, &str, Read)] = &[
         |h| h.stale_acks.load(Relaxed),
     ),
     (
+        "rmq_consumer_suspected",
+        "Redelivered tasks moved to the suspect queue to run alone (an earlier delivery ended unsettled).",
+        |h| h.suspected.load(Relaxed),
+    ),
+    (
         "rmq_consumer_results_returned",
         "Results the broker returned as unroutable.",
         |h| h.results_returned.load(Relaxed),

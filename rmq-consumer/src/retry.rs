@@ -8,6 +8,8 @@ use crate::{amqp::RetryCount, handler::FailureAction};
 /// The header that counts retries. Always written as a 64-bit signed integer (`l`).
 pub const RETRY_COUNT_HEADER: &str = "x-retry-count";
 
+pub use crate::engine::redelivery::LOST_DELIVERIES_HEADER;
+
 /// What to do with a failed message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Decision {

@@ -3,7 +3,7 @@
 //! dead-letter queue and one TTL delay queue per retry delay.
 
 use lapin::{
-    Channel, ExchangeKind,
+    Channel, Connection, ExchangeKind,
     options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
     types::{AMQPValue, FieldTable},
 };
@@ -14,6 +14,7 @@ use crate::{
     engine::settings::Settings,
     error::TopologyError,
 };
+use tracing::warn;
 
 /// Declares the durable direct exchange.
 pub(crate) async fn declare_exchange(
@@ -38,44 +39,203 @@ pub(crate) async fn declare_exchange(
         })
 }
 
-/// Declares one handler's queues and bindings.
+/// Declares one handler's queues and bindings, on channels of its own (a refused declare
+/// closes its channel).
+///
+/// A queue that already exists without the arguments this version adds (the dead-letter route
+/// and delivery limit of quorum work queues, at-least-once delay queues) is used as it is,
+/// with a warning naming the policy that gives it the missing ones: a deployment upgrades
+/// without deleting queues that may hold messages. Any other difference stops the engine.
 pub(crate) async fn declare_handler(
-    channel: &Channel,
+    connection: &Connection,
     exchange: &str,
     settings: &Settings,
 ) -> Result<(), TopologyError> {
+    let mut declarer = Declarer {
+        connection,
+        channel: None,
+    };
     let kind = settings.queue_type;
-    declare_queue(channel, &settings.queue, kind, FieldTable::default()).await?;
+    let work = work_queue_arguments(settings);
+    declarer
+        .queue(&settings.queue, work.wanted.clone(), work.legacy.clone())
+        .await?;
+    declarer
+        .queue(
+            &settings.suspect_queue(),
+            work.wanted,
+            FieldTable::default(),
+        )
+        .await?;
+    let channel = declarer.channel().await?;
     bind(channel, &settings.queue, exchange, &settings.queue).await?;
     if let Some(dlq) = &settings.dead_letter_queue {
-        declare_queue(channel, dlq, kind, FieldTable::default()).await?;
+        declarer
+            .queue(dlq, queue_type(kind), FieldTable::default())
+            .await?;
     }
     for delay in &settings.retry_delays {
-        let mut args = FieldTable::default();
         let ttl = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
-        args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
-        args.insert("x-dead-letter-exchange".into(), long(""));
-        args.insert("x-dead-letter-routing-key".into(), long(&settings.queue));
-        declare_queue(channel, &settings.delay_queue(*delay), kind, args).await?;
+        let mut legacy = queue_type(kind);
+        legacy.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
+        legacy.insert("x-dead-letter-exchange".into(), long(""));
+        legacy.insert("x-dead-letter-routing-key".into(), long(&settings.queue));
+        // Quorum whatever the work queue's type: only a quorum queue dead-letters at least
+        // once (an expired copy stays here until the work queue confirms it), and that needs
+        // `reject-publish`.
+        let mut wanted = queue_type(QueueType::Quorum);
+        wanted.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
+        wanted.insert("x-dead-letter-exchange".into(), long(""));
+        wanted.insert("x-dead-letter-routing-key".into(), long(&settings.queue));
+        wanted.insert("x-dead-letter-strategy".into(), long("at-least-once"));
+        wanted.insert("x-overflow".into(), long("reject-publish"));
+        declarer
+            .queue(&settings.delay_queue(*delay), wanted, legacy)
+            .await?;
     }
     if let Some(reply_queue) = &settings.reply_queue {
-        declare_queue(channel, reply_queue, kind, FieldTable::default()).await?;
+        declarer
+            .queue(reply_queue, queue_type(kind), FieldTable::default())
+            .await?;
         if let (true, Some(reply_key)) = (settings.bind_reply_queue, &settings.reply_key) {
+            let channel = declarer.channel().await?;
             bind(channel, reply_queue, exchange, reply_key).await?;
         }
     }
+    declarer.close().await;
     Ok(())
+}
+
+/// The arguments a work queue (and its suspect queue) is declared with, and the ones an
+/// earlier version declared it with.
+struct WorkQueueArguments {
+    wanted: FieldTable,
+    /// Empty when nothing changed for this queue type.
+    legacy: FieldTable,
+}
+
+/// A quorum work queue dead-letters what the broker gives up on (`x-delivery-limit`, 20 by
+/// default on RabbitMQ 4; without a dead-letter route the message would be dropped) into the
+/// handler's dead-letter queue. Classic queues have no delivery limit: unchanged.
+fn work_queue_arguments(settings: &Settings) -> WorkQueueArguments {
+    if settings.queue_type != QueueType::Quorum {
+        return WorkQueueArguments {
+            wanted: FieldTable::default(),
+            legacy: FieldTable::default(),
+        };
+    }
+    let legacy = queue_type(QueueType::Quorum);
+    let mut wanted = legacy.clone();
+    wanted.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongLongInt(settings.delivery_limit.into()),
+    );
+    if let Some(dlq) = &settings.dead_letter_queue {
+        wanted.insert("x-dead-letter-exchange".into(), long(""));
+        wanted.insert("x-dead-letter-routing-key".into(), long(dlq));
+    }
+    WorkQueueArguments { wanted, legacy }
+}
+
+/// `x-queue-type` for quorum queues; nothing (the broker's default) for classic ones.
+fn queue_type(kind: QueueType) -> FieldTable {
+    let mut args = FieldTable::default();
+    if kind == QueueType::Quorum {
+        args.insert("x-queue-type".into(), long("quorum"));
+    }
+    args
+}
+
+/// Declares on a channel it replaces when the broker closes it.
+struct Declarer<'a> {
+    connection: &'a Connection,
+    channel: Option<Channel>,
+}
+
+impl Declarer<'_> {
+    async fn channel(&mut self) -> Result<&Channel, TopologyError> {
+        let channel = match self.channel.take() {
+            Some(channel) if channel.status().connected() => channel,
+            _ => self
+                .connection
+                .create_channel()
+                .await
+                .map_err(|source| TopologyError {
+                    what: "channel",
+                    name: "topology".to_owned(),
+                    source,
+                })?,
+        };
+        Ok(self.channel.insert(channel))
+    }
+
+    /// Declares `name` with `wanted`; when the queue exists with `legacy` instead (refused
+    /// with PRECONDITION_FAILED, and `legacy` is accepted), keeps it as it is and says how
+    /// to migrate.
+    async fn queue(
+        &mut self,
+        name: &str,
+        wanted: FieldTable,
+        legacy: FieldTable,
+    ) -> Result<(), TopologyError> {
+        let changed = !legacy.inner().is_empty() && legacy != wanted;
+        let missing: Vec<String> = wanted
+            .inner()
+            .iter()
+            .filter(|(key, value)| legacy.inner().get(*key) != Some(*value))
+            .map(|(key, value)| format!("{key} = {}", describe(value)))
+            .collect();
+        let first = declare_queue(self.channel().await?, name, wanted).await;
+        match first {
+            Err(error) if changed && is_precondition_failed(&error.source) => {
+                if declare_queue(self.channel().await?, name, legacy)
+                    .await
+                    .is_err()
+                {
+                    // Neither this version's arguments nor the earlier ones: report the first
+                    // refusal, which names the argument that differs.
+                    return Err(error);
+                }
+                warn!(queue = %name, missing = %missing.join(", "),
+                    "the queue exists without arguments this version declares; using it as it is. Give it the missing ones with a policy (policies apply without redeclaring; queue arguments cannot change), see the README's delivery semantics");
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    async fn close(self) {
+        if let Some(channel) = self.channel
+            && channel.status().connected()
+        {
+            let _ = channel.close(200, "topology declared".into()).await;
+        }
+    }
+}
+
+fn describe(value: &AMQPValue) -> String {
+    match value {
+        AMQPValue::LongString(text) => format!("\"{text}\""),
+        AMQPValue::ShortString(text) => format!("\"{}\"", text.as_str()),
+        AMQPValue::LongLongInt(n) => n.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// The broker's 406 PRECONDITION_FAILED: a declare whose arguments differ from the queue's.
+fn is_precondition_failed(error: &lapin::Error) -> bool {
+    matches!(
+        error.kind(),
+        lapin::ErrorKind::ProtocolError(e)
+            if matches!(e.kind(), lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::PRECONDITIONFAILED))
+    )
 }
 
 async fn declare_queue(
     channel: &Channel,
     name: &str,
-    kind: QueueType,
-    mut args: FieldTable,
+    args: FieldTable,
 ) -> Result<(), TopologyError> {
-    if kind == QueueType::Quorum {
-        args.insert("x-queue-type".into(), long("quorum"));
-    }
     channel
         .queue_declare(short(name), QueueDeclareOptions::durable(), args)
         .await

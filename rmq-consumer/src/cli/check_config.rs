@@ -65,6 +65,8 @@ pub(crate) fn run(global: &Global, args: &Args, io: &mut Io<'_>) -> Result<i32, 
             h.put("concurrency", json!(s.concurrency));
             h.put("timeout", json!(duration(s.timeout)));
             h.put("max_retries", json!(s.max_retries));
+            h.put("max_redeliveries", json!(s.max_redeliveries));
+            h.put("delivery_limit", json!(s.delivery_limit));
             h.put("queue_type", json!(s.queue_type.as_str()));
             h.put("bind_reply_queue", json!(s.bind_reply_queue));
             h.put("blocking", json!(s.blocking));
@@ -243,6 +245,8 @@ fn view(config: &Config) -> Table {
     t.put("read_ahead", json!(config.read_ahead));
     t.put("message_timeout", json!(duration(config.message_timeout)));
     t.put("max_retry_count", json!(config.max_retry_count));
+    t.put("max_redeliveries", json!(config.max_redeliveries));
+    t.put("delivery_limit", json!(config.delivery_limit));
     t.put(
         "retry_delays",
         json!(
@@ -310,6 +314,8 @@ fn consumer_view(c: &ConsumerConfig) -> Table {
     t.put_set("read_ahead", json!(c.read_ahead));
     t.put_set("timeout", json!(c.timeout.map(duration)));
     t.put_set("max_retries", json!(c.max_retries));
+    t.put_set("max_redeliveries", json!(c.max_redeliveries));
+    t.put_set("delivery_limit", json!(c.delivery_limit));
     t.put_set(
         "retry_delays",
         json!(

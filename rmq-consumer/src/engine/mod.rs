@@ -2,6 +2,7 @@
 //! shutdown. Only the engine settles deliveries.
 
 mod acks;
+pub(crate) mod redelivery;
 pub(crate) mod settings;
 mod watchdog;
 mod worker;
@@ -127,6 +128,8 @@ impl EngineBuilder {
                     health: Arc::clone(&health),
                     index,
                     resubscribe: tokio::sync::Notify::new(),
+                    alone: tokio::sync::RwLock::new(()),
+                    abandoned: std::sync::Mutex::default(),
                 })
             })
             .collect::<Vec<_>>();

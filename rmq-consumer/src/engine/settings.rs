@@ -22,6 +22,10 @@ pub(crate) struct Settings {
     pub(crate) concurrency: usize,
     pub(crate) timeout: Duration,
     pub(crate) max_retries: u32,
+    /// Deliveries that may end unsettled before the task is dead-lettered (`worker_lost`).
+    pub(crate) max_redeliveries: u32,
+    /// The `x-delivery-limit` of the quorum work and suspect queues.
+    pub(crate) delivery_limit: u32,
     pub(crate) retry_delays: Vec<Duration>,
     pub(crate) queue_type: QueueType,
     pub(crate) bind_reply_queue: bool,
@@ -36,6 +40,12 @@ pub(crate) struct Settings {
 }
 
 impl Settings {
+    /// The queue where tasks whose delivery ended unsettled wait to run alone:
+    /// `<queue>.suspect`.
+    pub(crate) fn suspect_queue(&self) -> String {
+        format!("{}.suspect", self.queue)
+    }
+
     /// The TTL queue a retry after `delay` waits in.
     pub(crate) fn delay_queue(&self, delay: Duration) -> String {
         delay_queue_name(&self.queue, delay)
@@ -177,6 +187,8 @@ fn resolve_one(config: &Config, spec: &HandlerSpec) -> Result<Settings, SetupErr
             .max_retries
             .or(spec.max_retries)
             .unwrap_or(config.max_retry_count),
+        max_redeliveries: section.max_redeliveries.unwrap_or(config.max_redeliveries),
+        delivery_limit: section.delivery_limit.unwrap_or(config.delivery_limit),
         retry_delays: section
             .retry_delays
             .clone()
@@ -195,7 +207,10 @@ fn resolve_one(config: &Config, spec: &HandlerSpec) -> Result<Settings, SetupErr
     if settings.retry_delays.iter().any(Duration::is_zero) {
         return Err(invalid("retry delays must be positive".to_owned()));
     }
-    let mut names = vec![("queue", settings.queue.clone())];
+    let mut names = vec![
+        ("queue", settings.queue.clone()),
+        ("suspect queue", settings.suspect_queue()),
+    ];
     names.extend(settings.reply_key.clone().map(|n| ("reply_key", n)));
     names.extend(settings.reply_queue.clone().map(|n| ("reply_queue", n)));
     names.extend(

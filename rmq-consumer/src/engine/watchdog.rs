@@ -113,9 +113,15 @@ pub(crate) async fn run(
             }
             let now = health.now_ms();
             let idle = Duration::from_millis(now.saturating_sub(stats.progress_ms()));
+            // A suspect at work runs alone: the handler has no free capacity meanwhile.
+            let alone = worker.alone.try_read().is_err();
             let seen = Observation {
                 depth,
-                in_flight: stats.in_flight.load(Relaxed),
+                in_flight: if alone {
+                    worker.settings.concurrency
+                } else {
+                    stats.in_flight.load(Relaxed)
+                },
                 capacity: worker.settings.concurrency,
                 idle,
             };

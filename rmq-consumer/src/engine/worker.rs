@@ -23,6 +23,7 @@ use crate::{
     amqp::{self, long, short},
     cache::{ResultCache, Source},
     engine::acks::{How, Settler},
+    engine::redelivery::{self, Abandoned, Verdict, WORKER_LOST},
     engine::settings::Settings,
     error::PublishError,
     handler::{FailureAction, HandlerError, HandlerOutput},
@@ -60,6 +61,28 @@ pub(crate) struct Worker {
     pub(crate) semaphore: Arc<Semaphore>,
     /// Signalled by the watchdog to cancel and re-subscribe a stuck consumer.
     pub(crate) resubscribe: tokio::sync::Notify,
+    /// Held shared by every delivery at work and alone by a suspect (see
+    /// [`redelivery`]): a suspect runs with no other call of this handler beside it.
+    pub(crate) alone: tokio::sync::RwLock<()>,
+    /// Deliveries this process gave up on itself (their redelivery is not counted).
+    pub(crate) abandoned: std::sync::Mutex<Abandoned>,
+}
+
+/// Which of a handler's two consumers a delivery task serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    /// The work queue: `concurrency` tasks side by side.
+    Work,
+    /// The suspect queue: one task, each delivery alone.
+    Suspect,
+}
+
+/// One subscription's channels and consumers.
+struct Subscription {
+    channel: Channel,
+    consumer: lapin::Consumer,
+    suspect_channel: Channel,
+    suspect_consumer: lapin::Consumer,
 }
 
 /// Why a consumer loop returned.
@@ -90,8 +113,8 @@ impl Worker {
     ) -> Stop {
         let name = &self.settings.name;
         loop {
-            let (channel, mut consumer) = match self.subscribe(&connection).await {
-                Ok(pair) => pair,
+            let subscription = match self.subscribe(&connection).await {
+                Ok(subscription) => subscription,
                 Err(crate::Error::Topology(error)) if error.is_refusal() => {
                     return Stop::Fatal(crate::Error::Topology(error));
                 }
@@ -101,7 +124,14 @@ impl Worker {
                     return Stop::Lost;
                 }
             };
+            let Subscription {
+                channel,
+                mut consumer,
+                suspect_channel,
+                mut suspect_consumer,
+            } = subscription;
             let channel = Arc::new(channel);
+            let suspect_channel = Arc::new(suspect_channel);
             // Shared by the deliveries through an `Arc` (a token's own clone takes a lock).
             let delivery_lost = Arc::new(lost.clone());
             // Deliveries settle through it, and it keeps the channel open until the last of
@@ -123,6 +153,7 @@ impl Worker {
             let stop = CancellationToken::new();
             for _ in 0..self.settings.concurrency.min(window) {
                 tracker.spawn(Arc::clone(&self).serve(
+                    Lane::Work,
                     deliveries.clone(),
                     publisher.clone(),
                     settler.clone(),
@@ -130,23 +161,41 @@ impl Worker {
                     stop.clone(),
                 ));
             }
-            drop((deliveries, settler));
+            drop(settler);
+            // The suspect queue: `basic.qos` 1, one task, each delivery alone.
+            let acked = Arc::clone(&self);
+            let suspect_settler = Settler::spawn(
+                Arc::clone(&suspect_channel),
+                Arc::clone(&delivery_lost),
+                &tracker,
+                Box::new(move |sent| acked.acked(sent)),
+            );
+            let (suspect_queue, suspects) = async_channel::bounded(1);
+            tracker.spawn(Arc::clone(&self).serve(
+                Lane::Suspect,
+                suspects.clone(),
+                publisher.clone(),
+                suspect_settler,
+                Arc::clone(&delivery_lost),
+                stop.clone(),
+            ));
             self.stats().consuming.store(true, Relaxed);
             self.stats().subscribed(self.health.now_ms());
             info!(handler = %name, queue = %self.settings.queue, prefetch = self.settings.prefetch,
                 basic_qos = self.settings.qos, concurrency = self.settings.concurrency, "consuming");
             let ended = loop {
-                let next = tokio::select! {
+                let (next, to) = tokio::select! {
                     biased;
                     () = shutdown.cancelled() => break Some(Stop::Shutdown),
                     () = lost.cancelled() => break Some(Stop::Lost),
                     () = self.resubscribe.notified() => break None,
-                    next = consumer.next() => next,
+                    next = consumer.next() => (next, &queue),
+                    next = suspect_consumer.next() => (next, &suspect_queue),
                 };
                 match next {
                     // Never full: the broker sends at most `basic.qos` unsettled deliveries.
                     Some(Ok(delivery)) => {
-                        if queue.send(delivery).await.is_err() {
+                        if to.send(delivery).await.is_err() {
                             break Some(Stop::Lost);
                         }
                     }
@@ -160,15 +209,25 @@ impl Worker {
             // still queued are dropped unsettled, and the broker requeues them when the
             // channel closes.
             stop.cancel();
-            drop(queue);
+            drop((queue, suspect_queue));
+            // Their redeliveries are this process's doing: not counted against the tasks.
+            for unstarted in [deliveries, suspects] {
+                while let Ok(delivery) = unstarted.try_recv() {
+                    self.abandon(&delivery);
+                }
+            }
             self.stats().consuming.store(false, Relaxed);
             match ended {
                 Some(Stop::Shutdown) => {
-                    let cancel = channel
-                        .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-                        .await;
-                    if let Err(error) = cancel {
-                        debug!(handler = %name, error = %error, "basic.cancel failed");
+                    for (channel, consumer) in
+                        [(&channel, &consumer), (&suspect_channel, &suspect_consumer)]
+                    {
+                        let cancel = channel
+                            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+                            .await;
+                        if let Err(error) = cancel {
+                            debug!(handler = %name, error = %error, "basic.cancel failed");
+                        }
                     }
                     info!(handler = %name, "consumer cancelled; draining in-flight deliveries");
                     return Stop::Shutdown;
@@ -182,10 +241,14 @@ impl Worker {
                 None => {
                     warn!(handler = %name, queue = %self.settings.queue,
                         "consumer ended (cancelled by the broker, e.g. queue deleted, or by the watchdog); re-declaring and re-subscribing");
-                    if channel.status().connected() {
-                        let _ = channel
-                            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-                            .await;
+                    for (channel, consumer) in
+                        [(&channel, &consumer), (&suspect_channel, &suspect_consumer)]
+                    {
+                        if channel.status().connected() {
+                            let _ = channel
+                                .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+                                .await;
+                        }
                     }
                     tokio::select! {
                         () = tokio::time::sleep(RESUBSCRIBE_PAUSE) => {}
@@ -197,29 +260,67 @@ impl Worker {
         }
     }
 
-    async fn subscribe(
+    /// Declares the handler's topology and consumes its work queue (`basic.qos` as set) and
+    /// its suspect queue (`basic.qos` 1), each on a channel of its own: a channel's acks run
+    /// in delivery-tag order of one consumer (see the settler).
+    async fn subscribe(&self, connection: &Connection) -> Result<Subscription, crate::Error> {
+        topology::declare_handler(connection, &self.exchange, &self.settings).await?;
+        let (channel, consumer) = self
+            .consume_queue(connection, &self.settings.queue, self.settings.qos)
+            .await?;
+        let (suspect_channel, suspect_consumer) = self
+            .consume_queue(connection, &self.settings.suspect_queue(), 1)
+            .await?;
+        Ok(Subscription {
+            channel,
+            consumer,
+            suspect_channel,
+            suspect_consumer,
+        })
+    }
+
+    async fn consume_queue(
         &self,
         connection: &Connection,
+        queue: &str,
+        qos: u16,
     ) -> Result<(Channel, lapin::Consumer), crate::Error> {
         let channel = connection
             .create_channel()
             .await
-            .map_err(|source| topology_error("channel", &self.settings.queue, source))?;
-        topology::declare_handler(&channel, &self.exchange, &self.settings).await?;
+            .map_err(|source| topology_error("channel", queue, source))?;
         channel
-            .basic_qos(self.settings.qos, BasicQosOptions::default())
+            .basic_qos(qos, BasicQosOptions::default())
             .await
-            .map_err(|source| topology_error("qos", &self.settings.queue, source))?;
+            .map_err(|source| topology_error("qos", queue, source))?;
         let consumer = channel
             .basic_consume(
-                short(&self.settings.queue),
+                short(queue),
                 short(&format!("{}.{}", self.settings.name, std::process::id())),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
             .await
-            .map_err(|source| topology_error("consumer", &self.settings.queue, source))?;
+            .map_err(|source| topology_error("consumer", queue, source))?;
         Ok((channel, consumer))
+    }
+
+    /// Remembers a delivery this process gives up on: its redelivery is not counted.
+    fn abandon(&self, delivery: &Delivery) {
+        let print = redelivery::fingerprint(delivery);
+        self.abandoned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remember(print);
+    }
+
+    /// Whether this process abandoned `delivery` itself (forgetting it).
+    fn abandoned_here(&self, delivery: &Delivery) -> bool {
+        let print = redelivery::fingerprint(delivery);
+        self.abandoned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take(print)
     }
 
     /// One of the handler's `concurrency` delivery tasks for one subscription: takes the next
@@ -227,21 +328,31 @@ impl Worker {
     /// (or the queue closes). It holds one of the handler's permits while it lives, so a new
     /// subscription's tasks never run more deliveries at once than `concurrency` beside the
     /// old one's last ones.
+    ///
+    /// The suspect lane's one task takes no permit (it runs alone instead: every delivery of
+    /// the work lane holds [`Worker::alone`] shared, a suspect holds it exclusively).
     async fn serve(
         self: Arc<Self>,
+        lane: Lane,
         deliveries: async_channel::Receiver<Delivery>,
         publisher: Publisher,
         settler: Settler,
         lost: Arc<CancellationToken>,
         stop: CancellationToken,
     ) {
-        let permit = tokio::select! {
-            biased;
-            () = stop.cancelled() => return,
-            permit = Arc::clone(&self.semaphore).acquire_owned() => permit,
-        };
-        let Ok(_permit) = permit else {
-            return;
+        let _permit = match lane {
+            Lane::Suspect => None,
+            Lane::Work => {
+                let permit = tokio::select! {
+                    biased;
+                    () = stop.cancelled() => return,
+                    permit = Arc::clone(&self.semaphore).acquire_owned() => permit,
+                };
+                let Ok(permit) = permit else {
+                    return;
+                };
+                Some(permit)
+            }
         };
         loop {
             // A delivery of a lost connection is not started: the broker redelivers it.
@@ -261,9 +372,21 @@ impl Worker {
                     },
                 },
             };
-            // Boxed: the pipeline's future is several KiB, and an idle task should not hold
-            // one.
-            Box::pin(self.process(&publisher, &settler, delivery, &lost)).await;
+            let work = async {
+                // Boxed: the pipeline's future is several KiB, and an idle task should not
+                // hold one.
+                Box::pin(self.process(&publisher, &settler, delivery, &lost)).await;
+            };
+            match lane {
+                Lane::Work => {
+                    let _shared = self.alone.read().await;
+                    work.await;
+                }
+                Lane::Suspect => {
+                    let _alone = self.alone.write().await;
+                    work.await;
+                }
+            }
         }
     }
 
@@ -297,19 +420,54 @@ impl Worker {
             span.record("message_id", id.as_str());
         }
         async {
-            let handled = self.handle(&delivery).await;
+            let verdict = redelivery::judge(
+                delivery.redelivered,
+                delivery.properties.headers().as_ref(),
+                delivery.redelivered && self.abandoned_here(&delivery),
+                self.settings.max_redeliveries,
+            );
+            let handled = match verdict {
+                Verdict::Run => Some(self.handle(&delivery).await),
+                Verdict::Suspect { .. } | Verdict::Exhausted { .. } => None,
+            };
+            let print = redelivery::fingerprint(&delivery);
             let finish = async {
-                let outcome = match handled {
-                    Ok(Some(reply)) => self.publish_reply(publisher, &delivery, reply).await,
-                    Ok(None) => Ok(()),
-                    Err(failure) => Err(failure),
-                };
-                self.settle(publisher, settler, delivery, outcome).await;
+                match (verdict, handled) {
+                    (Verdict::Suspect { count }, _) => {
+                        self.suspect(publisher, settler, delivery, count).await;
+                    }
+                    (Verdict::Exhausted { count }, _) => {
+                        let mut delivery = delivery;
+                        delivery.properties = delivery.properties.clone().with_headers(
+                            redelivery::counted(delivery.properties.headers().as_ref(), count),
+                        );
+                        let failure = HandlerError::with_kind(
+                            FailureAction::DeadLetter,
+                            WORKER_LOST,
+                            format_args!(
+                                "{count} deliveries of this task ended unsettled (the worker died or lost its connection while holding it), above max_redeliveries ({})",
+                                self.settings.max_redeliveries
+                            ),
+                        );
+                        self.settle(publisher, settler, delivery, Err(failure)).await;
+                    }
+                    (Verdict::Run, handled) => {
+                        let outcome = match handled {
+                            Some(Ok(Some(reply))) => {
+                                self.publish_reply(publisher, &delivery, reply).await
+                            }
+                            Some(Ok(None)) | None => Ok(()),
+                            Some(Err(failure)) => Err(failure),
+                        };
+                        self.settle(publisher, settler, delivery, outcome).await;
+                    }
+                }
             };
             tokio::select! {
                 biased;
                 () = lost.cancelled() => {
                     stats.stale_acks.fetch_add(1, Relaxed);
+                    self.abandoned.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remember(print);
                     debug!("the connection was lost before this delivery was settled; the broker redelivers it");
                 }
                 () = finish => {}
@@ -546,7 +704,9 @@ impl Worker {
                 }
             }
             Decision::DeadLetter { retries_exhausted } => {
-                let why = if retries_exhausted {
+                let why = if failure.kind() == WORKER_LOST {
+                    WORKER_LOST
+                } else if retries_exhausted {
                     "retries exhausted"
                 } else {
                     "not retryable"
@@ -595,8 +755,44 @@ impl Worker {
         error!(error = %failure, publish_error = %crate::error::chain(error),
             "processing failed and the retry/dead-letter copy could not be published; returning the message to the queue");
         tokio::time::sleep(REQUEUE_PAUSE).await;
+        self.abandon(delivery);
         let nacked = settler.settle(delivery.delivery_tag, How::Requeue).await;
         self.settled(nacked);
+    }
+
+    /// Moves a delivery whose earlier delivery ended unsettled to the suspect queue, counted
+    /// (`count` in all), confirmed before the original is acked.
+    async fn suspect(
+        &self,
+        publisher: &Publisher,
+        settler: &Settler,
+        delivery: Delivery,
+        count: u32,
+    ) {
+        let headers = redelivery::counted(delivery.properties.headers().as_ref(), count);
+        let properties = amqp::copy_properties(&delivery.properties, headers, false);
+        let suspect_queue = self.settings.suspect_queue();
+        match publisher
+            .publish("", &suspect_queue, delivery.data.clone(), properties)
+            .await
+        {
+            Ok(()) => {
+                warn!(lost_deliveries = count, max_redeliveries = self.settings.max_redeliveries,
+                    suspect_queue = %suspect_queue,
+                    "an earlier delivery of this task ended unsettled (a worker died or lost its connection holding it); moved to the suspect queue, where it runs alone");
+                if self.ack(settler, &delivery).await {
+                    self.stats().suspected.fetch_add(1, Relaxed);
+                }
+            }
+            Err(error) => {
+                let failure = HandlerError::with_kind(
+                    FailureAction::Retry,
+                    WORKER_LOST,
+                    "an earlier delivery ended unsettled",
+                );
+                self.hand_back(settler, &delivery, &failure, &error).await;
+            }
+        }
     }
 
     async fn ack(&self, settler: &Settler, delivery: &Delivery) -> bool {
