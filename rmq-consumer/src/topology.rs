@@ -58,28 +58,27 @@ pub(crate) async fn declare_handler(
     let kind = settings.queue_type;
     let work = work_queue_arguments(settings);
     declarer
-        .queue(&settings.queue, work.wanted.clone(), work.legacy.clone())
+        .queue(&settings.queue, work.wanted.clone(), &work.legacy)
         .await?;
     declarer
-        .queue(
-            &settings.suspect_queue(),
-            work.wanted,
-            FieldTable::default(),
-        )
+        .queue(&settings.suspect_queue(), work.wanted, &[])
         .await?;
     let channel = declarer.channel().await?;
     bind(channel, &settings.queue, exchange, &settings.queue).await?;
     if let Some(dlq) = &settings.dead_letter_queue {
-        declarer
-            .queue(dlq, queue_type(kind), FieldTable::default())
-            .await?;
+        declarer.queue(dlq, queue_type(kind), &[]).await?;
     }
     for delay in &settings.retry_delays {
         let ttl = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
-        let mut legacy = queue_type(kind);
-        legacy.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
-        legacy.insert("x-dead-letter-exchange".into(), long(""));
-        legacy.insert("x-dead-letter-routing-key".into(), long(&settings.queue));
+        // Earlier versions declared the handler's queue type; a deployment that changed
+        // `queue_type` since may have either.
+        let legacy = [kind, other_type(kind)].map(|kind| {
+            let mut legacy = queue_type(kind);
+            legacy.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
+            legacy.insert("x-dead-letter-exchange".into(), long(""));
+            legacy.insert("x-dead-letter-routing-key".into(), long(&settings.queue));
+            legacy
+        });
         // Quorum whatever the work queue's type: only a quorum queue dead-letters at least
         // once (an expired copy stays here until the work queue confirms it), and that needs
         // `reject-publish`.
@@ -90,13 +89,11 @@ pub(crate) async fn declare_handler(
         wanted.insert("x-dead-letter-strategy".into(), long("at-least-once"));
         wanted.insert("x-overflow".into(), long("reject-publish"));
         declarer
-            .queue(&settings.delay_queue(*delay), wanted, legacy)
+            .queue(&settings.delay_queue(*delay), wanted, &legacy)
             .await?;
     }
     if let Some(reply_queue) = &settings.reply_queue {
-        declarer
-            .queue(reply_queue, queue_type(kind), FieldTable::default())
-            .await?;
+        declarer.queue(reply_queue, queue_type(kind), &[]).await?;
         if let (true, Some(reply_key)) = (settings.bind_reply_queue, &settings.reply_key) {
             let channel = declarer.channel().await?;
             bind(channel, reply_queue, exchange, reply_key).await?;
@@ -110,8 +107,8 @@ pub(crate) async fn declare_handler(
 /// earlier version declared it with.
 struct WorkQueueArguments {
     wanted: FieldTable,
-    /// Empty when nothing changed for this queue type.
-    legacy: FieldTable,
+    /// None when nothing changed for this queue type.
+    legacy: Vec<FieldTable>,
 }
 
 /// A quorum work queue dead-letters what the broker gives up on (`x-delivery-limit`, 20 by
@@ -121,7 +118,7 @@ fn work_queue_arguments(settings: &Settings) -> WorkQueueArguments {
     if settings.queue_type != QueueType::Quorum {
         return WorkQueueArguments {
             wanted: FieldTable::default(),
-            legacy: FieldTable::default(),
+            legacy: Vec::new(),
         };
     }
     let legacy = queue_type(QueueType::Quorum);
@@ -134,7 +131,17 @@ fn work_queue_arguments(settings: &Settings) -> WorkQueueArguments {
         wanted.insert("x-dead-letter-exchange".into(), long(""));
         wanted.insert("x-dead-letter-routing-key".into(), long(dlq));
     }
-    WorkQueueArguments { wanted, legacy }
+    WorkQueueArguments {
+        wanted,
+        legacy: vec![legacy],
+    }
+}
+
+fn other_type(kind: QueueType) -> QueueType {
+    match kind {
+        QueueType::Classic => QueueType::Quorum,
+        QueueType::Quorum => QueueType::Classic,
+    }
 }
 
 /// `x-queue-type` for quorum queues; nothing (the broker's default) for classic ones.
@@ -169,39 +176,34 @@ impl Declarer<'_> {
         Ok(self.channel.insert(channel))
     }
 
-    /// Declares `name` with `wanted`; when the queue exists with `legacy` instead (refused
-    /// with PRECONDITION_FAILED, and `legacy` is accepted), keeps it as it is and says how
-    /// to migrate.
+    /// Declares `name` with `wanted`; when the queue exists with one of the `legacy`
+    /// argument sets instead (refused with PRECONDITION_FAILED, and that set is accepted),
+    /// keeps it as it is and says how to migrate.
     async fn queue(
         &mut self,
         name: &str,
         wanted: FieldTable,
-        legacy: FieldTable,
+        legacy: &[FieldTable],
     ) -> Result<(), TopologyError> {
-        let changed = !legacy.inner().is_empty() && legacy != wanted;
-        let missing: Vec<String> = wanted
-            .inner()
-            .iter()
-            .filter(|(key, value)| legacy.inner().get(*key) != Some(*value))
-            .map(|(key, value)| format!("{key} = {}", describe(value)))
-            .collect();
+        let wanted_text = describe_table(&wanted);
         let first = declare_queue(self.channel().await?, name, wanted).await;
-        match first {
-            Err(error) if changed && is_precondition_failed(&error.source) => {
-                if declare_queue(self.channel().await?, name, legacy)
-                    .await
-                    .is_err()
-                {
-                    // Neither this version's arguments nor the earlier ones: report the first
-                    // refusal, which names the argument that differs.
-                    return Err(error);
-                }
-                warn!(queue = %name, missing = %missing.join(", "),
-                    "the queue exists without arguments this version declares; using it as it is. Give it the missing ones with a policy (policies apply without redeclaring; queue arguments cannot change), see the README's delivery semantics");
-                Ok(())
+        let error = match first {
+            Err(error) if is_precondition_failed(&error.source) => error,
+            other => return other,
+        };
+        for earlier in legacy {
+            if declare_queue(self.channel().await?, name, earlier.clone())
+                .await
+                .is_ok()
+            {
+                warn!(queue = %name, wanted = %wanted_text, existing = %describe_table(earlier),
+                    "the queue exists with the arguments of an earlier version; using it as it is. Give it the missing ones with a policy (policies apply without redeclaring; queue arguments cannot change), see the README's delivery semantics");
+                return Ok(());
             }
-            other => other,
         }
+        // Neither this version's arguments nor an earlier one's: report the first refusal,
+        // which names the argument that differs.
+        Err(error)
     }
 
     async fn close(self) {
@@ -211,6 +213,15 @@ impl Declarer<'_> {
             let _ = channel.close(200, "topology declared".into()).await;
         }
     }
+}
+
+fn describe_table(table: &FieldTable) -> String {
+    table
+        .inner()
+        .iter()
+        .map(|(key, value)| format!("{key} = {}", describe(value)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn describe(value: &AMQPValue) -> String {
