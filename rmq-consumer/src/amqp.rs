@@ -87,6 +87,9 @@ fn digits(text: &str) -> Option<i128> {
 /// The properties of a copy of a delivery that the engine publishes itself (a retry or a dead
 /// letter), with `headers` in place of the original's.
 ///
+/// Routing headers ([`ROUTING_HEADERS`]) are dropped: a copy goes where the engine sends it
+/// and nowhere else.
+///
 /// `user_id` is dropped: the broker checks it against the publishing connection's user, so
 /// the copy of another user's message would be refused with a channel error, every time (the
 /// message would cycle between the queue and the engine, never reaching the dead-letter
@@ -139,12 +142,46 @@ pub(crate) fn copy_properties(
     if let Some(v) = text(original.cluster_id()) {
         copy = copy.with_cluster_id(v);
     }
-    copy.with_headers(headers)
+    copy.with_headers(without_routing_headers(&headers))
+}
+
+/// Headers by which RabbitMQ routes a message to more queues than its routing key names
+/// (sender-selected distribution: `CC`, `BCC`, each a list of routing keys). A copy the engine
+/// or the CLI publishes of someone else's message never keeps them: a sender allowed to write
+/// only to the task exchange could otherwise make the worker write into any queue.
+pub(crate) const ROUTING_HEADERS: &[&str] = &["CC", "BCC"];
+
+/// `headers` without [`ROUTING_HEADERS`].
+pub(crate) fn without_routing_headers(headers: &FieldTable) -> FieldTable {
+    headers
+        .inner()
+        .iter()
+        .filter(|(key, _)| !ROUTING_HEADERS.contains(&key.as_str()))
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect::<std::collections::BTreeMap<_, _>>()
+        .into()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copies_drop_routing_headers() {
+        let mut headers = FieldTable::default();
+        for key in ["CC", "BCC", "cc", "x-other"] {
+            headers.insert(key.into(), long("elsewhere"));
+        }
+        let copy = copy_properties(&BasicProperties::default(), headers, false);
+        let keys: Vec<&str> = copy
+            .headers()
+            .iter()
+            .flat_map(|h| h.inner().keys())
+            .map(ShortString::as_str)
+            .collect();
+        // RabbitMQ routes by the exact names only.
+        assert_eq!(keys, ["cc", "x-other"]);
+    }
 
     #[test]
     fn copies_drop_user_id_and_dead_letters_drop_expiration() {

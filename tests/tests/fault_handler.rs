@@ -497,6 +497,11 @@ struct TestUser {
 
 impl TestUser {
     async fn create(password: &str) -> Self {
+        Self::with_permissions(password, ".*", ".*", ".*").await
+    }
+
+    /// A user with these `configure`, `write` and `read` permission patterns.
+    async fn with_permissions(password: &str, configure: &str, write: &str, read: &str) -> Self {
         let name = unique("user");
         common::rabbitmqctl(&["add_user", &name, password]).await;
         let user = Self { name };
@@ -508,9 +513,9 @@ impl TestUser {
             "-p",
             &vhost,
             &user.name,
-            ".*",
-            ".*",
-            ".*",
+            configure,
+            write,
+            read,
         ])
         .await;
         user
@@ -611,6 +616,107 @@ async fn another_users_message_with_a_ttl_is_dead_lettered_and_kept() {
         "other properties kept"
     );
     assert_eq!(runs(&id), 2, "one run and one retry");
+    running.stop().await.unwrap();
+    drop(user);
+    broker.cleanup().await;
+}
+
+/// A sender allowed to write only to the task exchange cannot make the worker write anywhere
+/// else: the `CC`/`BCC` headers (sender-selected distribution: RabbitMQ routes a message to
+/// each routing key they list, too) of a failing task are dropped from its retry and
+/// dead-letter copies, which the worker publishes with its own, wider permissions. Without
+/// that, every copy also landed in the queue the sender named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_headers_never_reach_other_queues() {
+    const PASSWORD: &str = "test-user-password";
+    let mut broker = Broker::connect().await;
+    let (exchange, config, route) = setup(&mut broker, "scripted", |c| {
+        c.max_retry_count = 1;
+    });
+    let _cleanup = broker.cleanup_on_panic();
+    let victim = unique("victim");
+    broker.declare_queue(&victim).await;
+    let user = TestUser::with_permissions(
+        PASSWORD,
+        "^$",
+        &format!("^{}$", exchange.replace('.', "\\.")),
+        "^$",
+    )
+    .await;
+    let running = Running::start(config, &["scripted"]).await;
+
+    let publisher = lapin::Connection::connect(&user.url(PASSWORD), Default::default())
+        .await
+        .unwrap();
+    let channel = publisher.create_channel().await.unwrap();
+    channel.confirm_select(Default::default()).await.unwrap();
+    let routing = |key: &str| {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            key.into(),
+            AMQPValue::FieldArray(vec![AMQPValue::LongString(victim.as_str().into())].into()),
+        );
+        headers
+    };
+    let failing = unique("task");
+    let unparseable = unique("task");
+    let bodies = [
+        (
+            serde_json::to_vec(&task(&failing, json!({"mode": "fail"}))).unwrap(),
+            "CC",
+        ),
+        (format!("not json {unparseable}").into_bytes(), "BCC"),
+    ];
+    for (body, key) in &bodies {
+        let confirm = channel
+            .basic_publish(
+                exchange.as_str().into(),
+                route.queue.as_str().into(),
+                Default::default(),
+                body,
+                BasicProperties::default()
+                    .with_headers(routing(key))
+                    .with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack(), "{confirm:?}");
+    }
+    let _ = publisher.close(200, "bye".into()).await;
+
+    eventually("both tasks dead-lettered", Duration::from_secs(20), || {
+        handler(&running).dead_lettered == 2
+    })
+    .await;
+    assert_eq!(
+        handler(&running).retried,
+        1,
+        "the failing task was retried once"
+    );
+    assert_eq!(
+        broker.depth(&victim).await,
+        Some(0),
+        "no copy reached the queue the sender named"
+    );
+    for _ in &bodies {
+        let dead = broker
+            .channel
+            .basic_get(route.dlq.as_str().into(), Default::default())
+            .await
+            .unwrap()
+            .expect("the dead letter is in the dead-letter queue");
+        let headers = dead
+            .delivery
+            .properties
+            .headers()
+            .clone()
+            .unwrap_or_default();
+        for key in ["CC", "BCC"] {
+            assert!(!headers.contains_key(key), "{key} kept: {headers:?}");
+        }
+    }
     running.stop().await.unwrap();
     drop(user);
     broker.cleanup().await;

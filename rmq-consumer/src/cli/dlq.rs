@@ -486,10 +486,10 @@ async fn replay_one(
     if target == dlq {
         return Err(format!("a message's original queue is `{dlq}` itself"));
     }
-    let properties: BasicProperties = delivery
-        .properties
-        .clone()
-        .with_headers(replay_headers(headers, dlq));
+    // Replayed with the operator's credentials: no routing headers (they would reach more
+    // queues than the target) and no `user_id` (the broker refuses another user's).
+    let properties: BasicProperties =
+        crate::amqp::copy_properties(&delivery.properties, replay_headers(headers, dlq), false);
     let confirm = channel
         .basic_publish(
             short(""),
