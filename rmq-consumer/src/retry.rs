@@ -41,7 +41,7 @@ pub(crate) fn decide(
         (FailureAction::Retry, RetryCount::Count(done)) => {
             let index = usize::try_from(done).unwrap_or(usize::MAX);
             Decision::Retry {
-                count: done + 1,
+                count: done.saturating_add(1),
                 delay: delays.get(index).or(delays.last()).copied(),
             }
         }

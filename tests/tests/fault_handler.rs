@@ -444,6 +444,8 @@ async fn malformed_retry_count_headers_are_counted_or_exhausted() {
         (AMQPValue::Double(1.0), "fail", 1, Some("0")),
         (AMQPValue::Float(2.5), "fail", 1, Some("0")),
         (AMQPValue::LongLongInt(i64::MAX), "fail", 1, Some("0")),
+        // The largest count there is: exhausted, and nothing counts past it.
+        (AMQPValue::LongUInt(u32::MAX), "fail", 1, Some("4294967295")),
         (
             AMQPValue::LongString("99999999999999999999".into()),
             "fail",
@@ -470,8 +472,8 @@ async fn malformed_retry_count_headers_are_counted_or_exhausted() {
     }
     drain(&mut ledger, &broker, &route, Duration::from_secs(20)).await;
     let report = ledger.assert_nothing_lost();
-    assert_eq!((report.results_unique, report.dead_lettered), (2, 13));
-    assert_eq!((report.duplicates, report.dead_total), (0, 13));
+    assert_eq!((report.results_unique, report.dead_lettered), (2, 14));
+    assert_eq!((report.duplicates, report.dead_total), (0, 14));
     for (id, (value, _, expected_runs, dlq_count)) in ids.iter().zip(&cases) {
         assert_eq!(runs(id), *expected_runs, "{value:?}: handler runs");
         match dlq_count {

@@ -374,8 +374,14 @@ impl Worker {
             };
             let work = async {
                 // Boxed: the pipeline's future is several KiB, and an idle task should not
-                // hold one.
-                Box::pin(self.process(&publisher, &settler, delivery, &lost)).await;
+                // hold one. A panic outside the handler (a bug: handler panics are caught
+                // where it runs) costs this delivery, which stays unsettled until its channel
+                // closes, not the task and its slot.
+                let pipeline = Box::pin(self.process(&publisher, &settler, delivery, &lost));
+                if AssertUnwindSafe(pipeline).catch_unwind().await.is_err() {
+                    error!(handler = %self.settings.name,
+                        "the delivery pipeline panicked; the delivery stays unsettled until its channel closes");
+                }
             };
             match lane {
                 Lane::Work => {
@@ -673,7 +679,7 @@ impl Worker {
         };
         let previous = amqp::retry_count(delivery.properties.headers().as_ref());
         if let amqp::RetryCount::Count(n) = previous {
-            tracing::Span::current().record("attempt", n + 1);
+            tracing::Span::current().record("attempt", n.saturating_add(1));
         }
         let decision = retry::decide(
             failure.action(),
