@@ -159,6 +159,8 @@ pub struct Config {
     pub result_cache_size: usize,
     /// The type of declared queues. Default [`QueueType::Classic`].
     pub queue_type: QueueType,
+    /// What a request's `reply_to` may do. Default [`ReplyToPolicy::Honour`].
+    pub reply_to: ReplyToPolicy,
     /// Whether the reply queue is bound to the exchange with the reply key. Default `true`.
     pub bind_reply_queue: bool,
     /// Whether exhausted or unrecoverable messages go to a dead-letter queue. Default `true`.
@@ -212,6 +214,7 @@ impl Default for Config {
             enable_result_cache: false,
             result_cache_size: DEFAULT_RESULT_CACHE_SIZE,
             queue_type: QueueType::Classic,
+            reply_to: ReplyToPolicy::Honour,
             bind_reply_queue: true,
             dead_letter: true,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
@@ -257,6 +260,8 @@ pub struct ConsumerConfig {
     pub retry_delays: Option<Vec<Duration>>,
     /// The type of this handler's queues.
     pub queue_type: Option<QueueType>,
+    /// What a request's `reply_to` may do for this handler.
+    pub reply_to: Option<ReplyToPolicy>,
     /// Whether the reply queue is bound to the exchange.
     pub bind_reply_queue: Option<bool>,
     /// Whether failed messages go to a dead-letter queue.
@@ -304,6 +309,54 @@ impl FromStr for QueueType {
             "quorum" => Ok(Self::Quorum),
             _ => Err(ParseVariantError::new("`classic` or `quorum`", s)),
         }
+    }
+}
+
+/// What the engine does with a request's `reply_to` property (the `reply_to` key).
+///
+/// In TOML: `"honour"` (the default), `"ignore"`, or an array of prefixes; in the environment
+/// the same words or the prefixes separated by commas.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ReplyToPolicy {
+    /// Results go where `reply_to` names (through the default exchange), else to `reply_key`.
+    #[default]
+    Honour,
+    /// `reply_to` is ignored: results go to `reply_key` only.
+    Ignore,
+    /// Only a `reply_to` starting with one of these prefixes is honoured (e.g.
+    /// `amq.rabbitmq.reply-to`, `rpc.`); any other is ignored.
+    Prefixes(Vec<String>),
+}
+
+impl ReplyToPolicy {
+    /// Whether a request's `reply_to` may name where its result goes.
+    #[must_use]
+    pub fn allows(&self, reply_to: &str) -> bool {
+        match self {
+            Self::Honour => true,
+            Self::Ignore => false,
+            Self::Prefixes(prefixes) => prefixes.iter().any(|p| reply_to.starts_with(p.as_str())),
+        }
+    }
+
+    fn from_words(text: &str) -> Result<Self, String> {
+        match text.trim() {
+            "honour" | "honor" => Ok(Self::Honour),
+            "ignore" => Ok(Self::Ignore),
+            _ => Err(format!(
+                "expected \"honour\", \"ignore\" or a list of prefixes, got `{}`",
+                shown(text)
+            )),
+        }
+    }
+
+    fn prefixes<'a>(items: impl Iterator<Item = &'a str>) -> Result<Self, String> {
+        let prefixes: Vec<String> = items.map(str::trim).map(str::to_owned).collect();
+        if prefixes.iter().any(String::is_empty) {
+            return Err("a reply_to prefix must not be empty".to_owned());
+        }
+        Ok(Self::Prefixes(prefixes))
     }
 }
 
@@ -642,6 +695,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "enable_result_cache",
     "result_cache_size",
     "queue_type",
+    "reply_to",
     "bind_reply_queue",
     "dead_letter",
     "shutdown_timeout",
@@ -679,6 +733,7 @@ const CONSUMER_KEYS: &[&str] = &[
     "delivery_limit",
     "retry_delays",
     "queue_type",
+    "reply_to",
     "bind_reply_queue",
     "dead_letter",
     "dead_letter_queue",
@@ -874,6 +929,7 @@ impl Scope {
             .size(&["result_cache_size"])
             .unwrap_or(defaults.result_cache_size);
         let queue_type = self.get(&["queue_type"]).unwrap_or(defaults.queue_type);
+        let reply_to = self.get(&["reply_to"]).unwrap_or(defaults.reply_to);
         let bind_reply_queue = self
             .get(&["bind_reply_queue"])
             .unwrap_or(defaults.bind_reply_queue);
@@ -925,6 +981,7 @@ impl Scope {
             enable_result_cache,
             result_cache_size,
             queue_type,
+            reply_to,
             bind_reply_queue,
             dead_letter,
             shutdown_timeout,
@@ -1046,6 +1103,7 @@ impl Scope {
             delivery_limit: self.int(&["delivery_limit"], 1, u32::MAX),
             retry_delays: self.retry_delays(&["retry_delays"]),
             queue_type: self.get(&["queue_type"]),
+            reply_to: self.get(&["reply_to"]),
             bind_reply_queue: self.get(&["bind_reply_queue"]),
             dead_letter: self.get(&["dead_letter"]),
             dead_letter_queue: self.name(&["dead_letter_queue"]),
@@ -1476,6 +1534,29 @@ impl FromConfigValue for Vec<Duration> {
     }
 }
 
+impl FromConfigValue for ReplyToPolicy {
+    fn from_toml(value: &toml::Value) -> Result<Self, String> {
+        match value {
+            toml::Value::String(s) => Self::from_words(s),
+            toml::Value::Array(items) => Self::prefixes(
+                items
+                    .iter()
+                    .map(|item| item.as_str().ok_or_else(|| expected("a string", item)))
+                    .collect::<Result<Vec<_>, _>>()?
+                    .into_iter(),
+            ),
+            other => Err(expected(
+                "\"honour\", \"ignore\" or an array of prefixes",
+                other,
+            )),
+        }
+    }
+
+    fn from_env(text: &str) -> Result<Self, String> {
+        Self::from_words(text).or_else(|_| Self::prefixes(text.split(',')))
+    }
+}
+
 impl FromConfigValue for QueueType {
     fn from_toml(value: &toml::Value) -> Result<Self, String> {
         String::from_toml(value).and_then(|s| Self::from_env(&s))
@@ -1698,12 +1779,48 @@ mod tests {
                 delivery_limit: None,
                 retry_delays: Some(Vec::new()),
                 queue_type: Some(QueueType::Classic),
+                reply_to: None,
                 bind_reply_queue: Some(true),
                 dead_letter: Some(true),
                 dead_letter_queue: Some("media.resize.dlq".to_owned()),
                 enabled: Some(false),
             }
         );
+    }
+
+    #[test]
+    fn reply_to_policies_parse() {
+        let config = Config::from_toml_str(
+            r#"
+            reply_to = ["amq.rabbitmq.reply-to", "rpc."]
+            [consumers.a]
+            reply_to = "ignore"
+            [consumers.b]
+            reply_to = "honour"
+            "#,
+        )
+        .unwrap();
+        let prefixes =
+            ReplyToPolicy::Prefixes(vec!["amq.rabbitmq.reply-to".to_owned(), "rpc.".to_owned()]);
+        assert_eq!(config.reply_to, prefixes);
+        assert!(prefixes.allows("rpc.client-7") && !prefixes.allows("tasks.other"));
+        assert_eq!(config.consumer("a").reply_to, Some(ReplyToPolicy::Ignore));
+        assert_eq!(config.consumer("b").reply_to, Some(ReplyToPolicy::Honour));
+        assert!(!ReplyToPolicy::Ignore.allows("anything"));
+        assert_eq!(
+            ReplyToPolicy::from_env("rpc., amq.rabbitmq.reply-to"),
+            Ok(ReplyToPolicy::Prefixes(vec![
+                "rpc.".to_owned(),
+                "amq.rabbitmq.reply-to".to_owned()
+            ]))
+        );
+        for bad in [
+            "reply_to = 3",
+            "reply_to = [\"\"]",
+            "reply_to = \"sometimes\"",
+        ] {
+            assert!(Config::from_toml_str(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -68,6 +68,7 @@ pub(crate) fn run(global: &Global, args: &Args, io: &mut Io<'_>) -> Result<i32, 
             h.put("max_redeliveries", json!(s.max_redeliveries));
             h.put("delivery_limit", json!(s.delivery_limit));
             h.put("queue_type", json!(s.queue_type.as_str()));
+            h.put("reply_to", reply_to(&s.reply_to));
             h.put("bind_reply_queue", json!(s.bind_reply_queue));
             h.put("blocking", json!(s.blocking));
             h.put("location", json!(s.location));
@@ -260,6 +261,7 @@ fn view(config: &Config) -> Table {
     t.put("dead_letter", json!(config.dead_letter));
     t.put("bind_reply_queue", json!(config.bind_reply_queue));
     t.put("queue_type", json!(config.queue_type.as_str()));
+    t.put("reply_to", reply_to(&config.reply_to));
     t.put(
         "retry_connect_interval",
         json!(duration(config.retry_connect_interval)),
@@ -325,11 +327,25 @@ fn consumer_view(c: &ConsumerConfig) -> Table {
         ),
     );
     t.put_set("queue_type", json!(c.queue_type.map(QueueType::as_str)));
+    t.put_set(
+        "reply_to",
+        c.reply_to.as_ref().map_or(Value::Null, reply_to),
+    );
     t.put_set("bind_reply_queue", json!(c.bind_reply_queue));
     t.put_set("dead_letter", json!(c.dead_letter));
     t.put_set("dead_letter_queue", json!(c.dead_letter_queue));
     t.put_set("enabled", json!(c.enabled));
     t
+}
+
+/// `"honour"`, `"ignore"` or the list of prefixes.
+fn reply_to(policy: &crate::config::ReplyToPolicy) -> Value {
+    use crate::config::ReplyToPolicy;
+    match policy {
+        ReplyToPolicy::Prefixes(prefixes) => json!(prefixes),
+        ReplyToPolicy::Ignore => json!("ignore"),
+        _ => json!("honour"),
+    }
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use crate::{
     amqp::MAX_SHORT,
-    config::{Config, QueueType},
+    config::{Config, QueueType, ReplyToPolicy},
     error::SetupError,
     registry::{HandlerSpec, PrepareFn},
 };
@@ -28,6 +28,8 @@ pub(crate) struct Settings {
     pub(crate) delivery_limit: u32,
     pub(crate) retry_delays: Vec<Duration>,
     pub(crate) queue_type: QueueType,
+    /// What a request's `reply_to` may do.
+    pub(crate) reply_to: ReplyToPolicy,
     pub(crate) bind_reply_queue: bool,
     /// `None` when dead-lettering is off (failed messages are rejected without requeue).
     pub(crate) dead_letter_queue: Option<String>,
@@ -194,6 +196,10 @@ fn resolve_one(config: &Config, spec: &HandlerSpec) -> Result<Settings, SetupErr
             .clone()
             .unwrap_or_else(|| config.retry_delays.clone()),
         queue_type,
+        reply_to: section
+            .reply_to
+            .clone()
+            .unwrap_or_else(|| config.reply_to.clone()),
         bind_reply_queue: section.bind_reply_queue.unwrap_or(config.bind_reply_queue),
         dead_letter_queue,
         blocking: spec.blocking,

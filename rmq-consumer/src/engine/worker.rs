@@ -583,10 +583,16 @@ impl Worker {
         Ok(Some(Reply { body, properties }))
     }
 
-    /// Where a result goes: the request's `reply_to` (default exchange), else the exchange with
-    /// the handler's reply key; `None` when neither is set.
+    /// Where a result goes: the request's `reply_to` (default exchange) when the handler's
+    /// `reply_to` policy allows it, else the exchange with the handler's reply key; `None`
+    /// when neither applies.
     fn reply_route<'a>(&'a self, delivery: &'a Delivery) -> Option<(&'a str, &'a str)> {
-        match (delivery.properties.reply_to(), &self.settings.reply_key) {
+        let reply_to = delivery
+            .properties
+            .reply_to()
+            .as_ref()
+            .filter(|reply_to| self.settings.reply_to.allows(reply_to.as_str()));
+        match (reply_to, &self.settings.reply_key) {
             (Some(reply_to), _) => Some(("", reply_to.as_str())),
             (None, Some(reply_key)) => Some((self.exchange.as_str(), reply_key.as_str())),
             (None, None) => None,
@@ -603,6 +609,8 @@ impl Worker {
         let Some((exchange, routing_key)) = self.reply_route(delivery) else {
             return Ok(());
         };
+        let via_reply_to =
+            self.settings.reply_key.as_deref() != Some(routing_key) || exchange != self.exchange;
         self.publish_result(
             publisher,
             exchange,
@@ -612,11 +620,13 @@ impl Worker {
         )
         .await
         .map_err(|error| {
-            HandlerError::with_kind(
-                FailureAction::Retry,
-                error.kind(),
-                crate::error::chain(&error),
-            )
+            // A `reply_to` that routes nowhere names a requester that has gone (or never
+            // was): running the handler again cannot change that.
+            let action = match &error {
+                PublishError::Unroutable { .. } if via_reply_to => FailureAction::DeadLetter,
+                _ => FailureAction::Retry,
+            };
+            HandlerError::with_kind(action, error.kind(), crate::error::chain(&error))
         })
     }
 
