@@ -102,8 +102,8 @@ async fn reply_to_policy_limits_where_results_go() {
     let at_reply_key = broker
         .collect(&route.reply_queue, 1, Duration::from_secs(10))
         .await;
-    assert_eq!(ids(&at_allowed), [to_allowed.clone()]);
-    assert_eq!(ids(&at_reply_key), [to_other.clone()]);
+    assert_eq!(ids(&at_allowed), [to_allowed.as_str()]);
+    assert_eq!(ids(&at_reply_key), [to_other.as_str()]);
     running.stop().await.unwrap();
 
     // Ignore: not even an allowed-looking `reply_to` is used.
@@ -116,7 +116,7 @@ async fn reply_to_policy_limits_where_results_go() {
     let at_reply_key = broker
         .collect(&route.reply_queue, 1, Duration::from_secs(10))
         .await;
-    assert_eq!(ids(&at_reply_key), [ignored.clone()]);
+    assert_eq!(ids(&at_reply_key), [ignored.as_str()]);
     running.stop().await.unwrap();
 
     assert_eq!(
@@ -151,7 +151,7 @@ async fn unroutable_reply_to_is_dead_lettered_without_running_again() {
     assert_eq!((snapshot.retried, snapshot.results_returned), (0, 1));
     assert_eq!(runs(&id), 1, "the handler ran once");
     let dead = broker.collect(&route.dlq, 1, Duration::from_secs(10)).await;
-    assert_eq!(ids(&dead), [id.clone()]);
+    assert_eq!(ids(&dead), [id.as_str()]);
     assert_eq!(
         dead[0].headers.get("x-error-kind").map(String::as_str),
         Some("result_unroutable"),
