@@ -142,7 +142,10 @@ pub(crate) fn copy_properties(
     if let Some(v) = text(original.cluster_id()) {
         copy = copy.with_cluster_id(v);
     }
-    copy.with_headers(without_routing_headers(&headers))
+    crate::hostile::fit_copy(
+        copy.with_headers(without_routing_headers(&headers)),
+        crate::hostile::DEFAULT_FRAME_MAX,
+    )
 }
 
 /// Headers by which RabbitMQ routes a message to more queues than its routing key names

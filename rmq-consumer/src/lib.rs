@@ -45,6 +45,7 @@ mod engine;
 pub mod error;
 pub mod handler;
 pub mod health;
+mod hostile;
 mod http;
 pub mod logging;
 mod metrics;

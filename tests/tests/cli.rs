@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Broker, broker_url, unique};
+use common::{Broker, broker_name, broker_url, cli_management_url, test_broker, unique};
 use lapin::{
     BasicProperties,
     options::{BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions},
@@ -55,13 +55,20 @@ impl Run {
     }
 }
 
-/// Runs the CLI in-process with `--url <the test broker>` appended.
+/// Runs the CLI in-process with `--url <the test broker>` appended, and `--management-url`
+/// where the CLI's default (port 15672 of the broker's host) is not the test broker's.
 fn cli(args: &[&str]) -> Run {
     let url = broker_url();
+    let management = cli_management_url();
     let mut full = vec!["rmq-consumer"];
     full.extend_from_slice(args);
     if !args.contains(&"--url") {
         full.extend_from_slice(&["--url", &url]);
+    }
+    if let Some(management) = &management
+        && !args.contains(&"--management-url")
+    {
+        full.extend_from_slice(&["--management-url", management]);
     }
     cli_raw(&full)
 }
@@ -134,8 +141,13 @@ fn management_get(path: &str) -> Value {
         "{}:{}",
         uri.authority.userinfo.username, uri.authority.userinfo.password
     );
-    let mut stream = TcpStream::connect((host.as_str(), 15672)).unwrap_or_else(|e| {
-        panic!("these tests need the management plugin (rabbitmq-plugins enable rabbitmq_management): {e}")
+    let port = test_broker().management_port();
+    let mut stream = TcpStream::connect((host.as_str(), port)).unwrap_or_else(|e| {
+        panic!(
+            "these tests need the management plugin of {} on {host}:{port} ({}): {e}",
+            broker_name(),
+            test_broker().start_hint()
+        )
     });
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -274,8 +286,13 @@ fn routed_config(extra: &str) -> Routed {
         file: std::env::temp_dir().join(format!("{queue}.toml")),
         queue,
     };
+    // The test broker's management API, unless the test configures its own.
+    let management = match cli_management_url() {
+        Some(url) if !extra.contains("management_url") => format!("management_url = \"{url}\"\n"),
+        _ => String::new(),
+    };
     let text = format!(
-        "url = \"{}\"\nexchange = \"{}\"\n{extra}\n[consumers.cli_echo]\nqueue = \"{}\"\nreply_queue = \"{}\"\nreply_key = \"{}\"\ndead_letter = false\n",
+        "url = \"{}\"\nexchange = \"{}\"\n{management}{extra}\n[consumers.cli_echo]\nqueue = \"{}\"\nreply_queue = \"{}\"\nreply_key = \"{}\"\ndead_letter = false\n",
         broker_url(),
         routed.exchange,
         routed.queue,
@@ -1007,11 +1024,12 @@ fn the_binary_exits_with_the_documented_codes() {
     rt.block_on(broker.declare_queue(&queue));
     let url = broker_url();
     let run = |args: &[&str]| {
-        let output = std::process::Command::new(&binary)
-            .args(args)
-            .env_remove("RMQ_CONSUMER_CONFIG")
-            .output()
-            .unwrap();
+        let mut command = std::process::Command::new(&binary);
+        command.args(args).env_remove("RMQ_CONSUMER_CONFIG");
+        if let Some(management) = cli_management_url() {
+            command.env("RMQ_CONSUMER_MANAGEMENT_URL", management);
+        }
+        let output = command.output().unwrap();
         (
             output.status.code(),
             String::from_utf8_lossy(&output.stdout).into_owned(),

@@ -23,7 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Broker, Ledger, Route, Running, eventually, rabbitmqctl, test_config, unique};
+use common::{Broker, Ledger, Route, Running, eventually, host_rabbitmqctl, test_config, unique};
 use rmq_consumer::{
     config::{QueueType, SecretUrl},
     consumer,
@@ -115,7 +115,7 @@ impl Cluster {
     /// `rabbitmqctl -n c<node>@localhost <args>`; panics with its output when it fails.
     async fn ctl(&self, node: usize, args: &[&str]) -> String {
         let name = format!("c{node}@localhost");
-        rabbitmqctl(&[&["-n", name.as_str()], args].concat()).await
+        host_rabbitmqctl(&[&["-n", name.as_str()], args].concat()).await
     }
 
     /// The nodes (1..3) the engine's connections are attached to, from the server port of

@@ -24,9 +24,9 @@ use serde_json::{Value, json};
 const PREFETCH: u16 = 8;
 /// The consumer channel's `basic.qos`: the prefetch plus the default read-ahead (prefetch / 2).
 const QOS: u16 = PREFETCH + PREFETCH / 2;
-/// The engine's channels on a settled connection: the handler's consumer channel, the
-/// publisher's confirm channels and the watchdog's probe channel.
-const ENGINE_CHANNELS: usize = 1 + DEFAULT_PUBLISH_CHANNELS + 1;
+/// The engine's channels on a settled connection: the handler's consumer channels (work and
+/// suspect queue), the publisher's confirm channels and the watchdog's probe channel.
+const ENGINE_CHANNELS: usize = 2 + DEFAULT_PUBLISH_CHANNELS + 1;
 
 /// Works `sleep_ms` and answers with the task id.
 #[consumer(

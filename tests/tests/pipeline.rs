@@ -348,11 +348,8 @@ async fn quorum_queues_are_declared_when_asked() {
         .collect(&names.reply_queue, 1, Duration::from_secs(20))
         .await;
     assert_eq!(results.len(), 1);
-    let listing = std::process::Command::new("rabbitmqctl")
-        .args(["list_queues", "-q", "--no-table-headers", "name", "type"])
-        .output()
-        .expect("these tests need rabbitmqctl on PATH");
-    let listing = String::from_utf8_lossy(&listing.stdout);
+    let listing =
+        common::rabbitmqctl(&["list_queues", "-q", "--no-table-headers", "name", "type"]).await;
     for queue in [&names.queue, &names.reply_queue, &names.dlq] {
         let line = listing
             .lines()

@@ -148,7 +148,8 @@ async fn a_canary_password_never_appears_in_logs_errors_or_debug() {
     // `c@n:a/r#y%?密` URL-encoded; the broker refuses it, so the engine logs failed attempts.
     let raw = "c@n:a/r#y%?密";
     let encoded = "c%40n%3Aa%2Fr%23y%25%3F%E5%AF%86";
-    let url = format!("amqp://canaryuser:{encoded}@127.0.0.1:5672/%2f");
+    let (host, port) = common::broker_addr();
+    let url = format!("amqp://canaryuser:{encoded}@{host}:{port}/%2f");
     let capture = Capture::default();
     let subscriber = tracing_subscriber::fmt()
         .with_writer(capture.clone())

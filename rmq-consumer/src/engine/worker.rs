@@ -499,6 +499,7 @@ impl Worker {
     /// Decodes and runs the handler; `Ok(Some)` is a result to publish before the ack,
     /// `Ok(None)` means the input may be acked as it is.
     async fn handle(&self, delivery: &Delivery) -> Result<Option<Reply>, HandlerError> {
+        crate::hostile::check(delivery)?;
         if delivery.data.len() > self.max_body_size {
             return Err(HandlerError::with_kind(
                 FailureAction::DeadLetter,

@@ -4,7 +4,12 @@
 //!
 //! - `FAULT_WORKER_SLEEP_MS`: how long the handler works on each task (default 10).
 //! - The handler returns `{"id": <the task's id>, "pid": <this process id>}`; the task id is
-//!   also the task uuid.
+//!   also the task uuid. A task's `"echo"` field, when present, is copied into the result
+//!   (`tests/tests/deployment.rs` puts a canary there to check that no log line carries a
+//!   message or result body).
+//! - A task with `"abort": true` kills the process from inside the handler
+//!   (`std::process::abort()`: no drain, no ack, no flush), as a task that crashes its
+//!   worker does (`tests/tests/deployment.rs`, the worker-lost guard).
 //!
 //! Exit code 0 after a clean drain, 1 when the engine stops with an error.
 
@@ -33,15 +38,23 @@ fn task_uuid(task: &Value) -> String {
         .map_or_else(|| task["id"].to_string(), str::to_owned)
 }
 
-/// Works on a task for `FAULT_WORKER_SLEEP_MS` and answers with its id.
+/// Works on a task for `FAULT_WORKER_SLEEP_MS` and answers with its id (and its `echo`);
+/// a task with `"abort": true` aborts the process instead.
 #[consumer(
     queue = "fault_worker.tasks",
     reply_key = "fault_worker.results",
     uuid = "task_uuid"
 )]
 async fn work(task: Value) -> Result<Value, HandlerError> {
+    if task["abort"].as_bool() == Some(true) {
+        std::process::abort();
+    }
     tokio::time::sleep(work_time()).await;
-    Ok(json!({"id": task["id"], "pid": std::process::id()}))
+    let mut result = json!({"id": task["id"], "pid": std::process::id()});
+    if let Some(echo) = task.get("echo") {
+        result["echo"] = echo.clone();
+    }
+    Ok(result)
 }
 
 #[tokio::main]

@@ -26,10 +26,125 @@ use serde_json::Value;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-/// The broker the tests use: `$RMQ_TEST_URL` or the local default.
+/// The broker the tests run against, chosen by `$RMQ_TEST_BROKER` (`tests/run.sh` runs the
+/// suite once per broker).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestBroker {
+    /// `rabbit3` (the default): the machine's RabbitMQ 3.10, node `rabbit@localhost`, AMQP on
+    /// 5672, management on 15672, the host's `rabbitmqctl` (`tests/scripts/rabbit3.sh`).
+    Rabbit3,
+    /// `rabbit4`: RabbitMQ 4.0 in the chroot of `tests/scripts/rabbit4.sh`, node
+    /// `rabbit4@localhost`, AMQP on 5673, management on 15673, its `rabbitmqctl` through
+    /// `rabbit4.sh ctl`.
+    Rabbit4,
+}
+
+/// `tests/scripts/rabbit4.sh`, which runs `rabbitmqctl` inside the 4.0 node's root.
+const RABBIT4_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/rabbit4.sh");
+
+impl TestBroker {
+    /// `$RMQ_TEST_BROKER`; panics on a value that names no broker.
+    pub fn selected() -> Self {
+        match std::env::var("RMQ_TEST_BROKER").as_deref() {
+            Err(_) | Ok("" | "rabbit3") => Self::Rabbit3,
+            Ok("rabbit4") => Self::Rabbit4,
+            Ok(other) => panic!("RMQ_TEST_BROKER={other:?}: expected `rabbit3` or `rabbit4`"),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Rabbit3 => "rabbit3",
+            Self::Rabbit4 => "rabbit4",
+        }
+    }
+
+    pub fn amqp_port(self) -> u16 {
+        match self {
+            Self::Rabbit3 => 5672,
+            Self::Rabbit4 => 5673,
+        }
+    }
+
+    pub fn management_port(self) -> u16 {
+        match self {
+            Self::Rabbit3 => 15672,
+            Self::Rabbit4 => 15673,
+        }
+    }
+
+    /// The command that starts it (for the messages of a test that cannot reach it).
+    pub fn start_hint(self) -> &'static str {
+        match self {
+            Self::Rabbit3 => "tests/scripts/rabbit3.sh start",
+            Self::Rabbit4 => "tests/scripts/rabbit4.sh start",
+        }
+    }
+
+    /// A `rabbitmqctl` command for this broker's node, without arguments yet.
+    fn rabbitmqctl(self) -> std::process::Command {
+        match self {
+            Self::Rabbit3 => std::process::Command::new("rabbitmqctl"),
+            Self::Rabbit4 => {
+                let mut command = std::process::Command::new("bash");
+                command.args([RABBIT4_SCRIPT, "ctl"]);
+                command
+            }
+        }
+    }
+
+    /// What a failing [`TestBroker::rabbitmqctl`] needs, for its panic message.
+    fn rabbitmqctl_hint(self) -> &'static str {
+        match self {
+            Self::Rabbit3 => "these tests need `rabbitmqctl` on PATH",
+            Self::Rabbit4 => "these tests need `tests/scripts/rabbit4.sh ctl` (run as root)",
+        }
+    }
+}
+
+/// The broker of `$RMQ_TEST_BROKER`.
+pub fn test_broker() -> TestBroker {
+    TestBroker::selected()
+}
+
+/// `rabbit3` or `rabbit4`, for test messages.
+pub fn broker_name() -> &'static str {
+    test_broker().name()
+}
+
+/// The broker the tests use: `$RMQ_TEST_URL`, else the AMQP URL of [`test_broker`].
 pub fn broker_url() -> String {
-    std::env::var("RMQ_TEST_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+    std::env::var("RMQ_TEST_URL").unwrap_or_else(|_| {
+        format!(
+            "amqp://guest:guest@127.0.0.1:{}/%2f",
+            test_broker().amqp_port()
+        )
+    })
+}
+
+/// Host and port of [`broker_url`].
+pub fn broker_addr() -> (String, u16) {
+    use std::str::FromStr;
+    let url = broker_url();
+    let uri = lapin::uri::AMQPUri::from_str(&url)
+        .unwrap_or_else(|e| panic!("bad test broker URL {}: {e}", SecretUrl::new(url.clone())));
+    (uri.authority.host, uri.authority.port)
+}
+
+/// The management API of the test broker: [`broker_url`]'s host, [`test_broker`]'s
+/// management port.
+pub fn management_url() -> String {
+    format!(
+        "http://{}:{}",
+        broker_addr().0,
+        test_broker().management_port()
+    )
+}
+
+/// The `--management-url` the `rmq-consumer` CLI needs to find the test broker's management
+/// API: `None` where its default (`http://<broker host>:15672`) does.
+pub fn cli_management_url() -> Option<String> {
+    (test_broker().management_port() != 15672).then(management_url)
 }
 
 /// A unique name for this test run.
@@ -61,7 +176,9 @@ impl Broker {
             .await
             .unwrap_or_else(|e| {
                 panic!(
-                    "these tests need a running RabbitMQ at {} (set RMQ_TEST_URL): {e}",
+                    "these tests need a running RabbitMQ ({}: {}) at {} (or set RMQ_TEST_URL): {e}",
+                    broker_name(),
+                    test_broker().start_hint(),
                     SecretUrl::new(url.clone())
                 )
             });
@@ -430,6 +547,8 @@ pub struct Route {
     pub reply_key: String,
     pub reply_queue: String,
     pub dlq: String,
+    /// `<queue>.suspect`, which the engine declares for every handler.
+    pub suspect: String,
     pub delay_queues: Vec<String>,
 }
 
@@ -447,6 +566,7 @@ impl Route {
             reply_key: format!("{queue}.result"),
             reply_queue: format!("{queue}.results"),
             dlq: format!("{queue}.dlq"),
+            suspect: format!("{queue}.suspect"),
             delay_queues: delays.iter().map(|d| delay_queue(&queue, *d)).collect(),
             queue,
         };
@@ -472,6 +592,7 @@ impl Route {
         let mut queues = self.input_queues();
         queues.push(self.reply_queue.clone());
         queues.push(self.dlq.clone());
+        queues.push(self.suspect.clone());
         queues
     }
 }
@@ -827,18 +948,31 @@ impl Ledger {
     }
 }
 
-/// Runs `rabbitmqctl` (async: the engine under test keeps running meanwhile); panics with
-/// its output when it fails.
+/// Runs `rabbitmqctl` against the test broker's node (async: the engine under test keeps
+/// running meanwhile); panics with its output when it fails.
 pub async fn rabbitmqctl(args: &[&str]) -> String {
-    let output = tokio::process::Command::new("rabbitmqctl")
+    let broker = test_broker();
+    run_rabbitmqctl(broker.rabbitmqctl(), broker.rabbitmqctl_hint(), args).await
+}
+
+/// Runs the host's `rabbitmqctl` (3.10) whatever the test broker, e.g. with `-n <node>` for
+/// the nodes of `tests/scripts/cluster.sh`; panics with its output when it fails.
+pub async fn host_rabbitmqctl(args: &[&str]) -> String {
+    let broker = TestBroker::Rabbit3;
+    run_rabbitmqctl(broker.rabbitmqctl(), broker.rabbitmqctl_hint(), args).await
+}
+
+async fn run_rabbitmqctl(command: std::process::Command, hint: &str, args: &[&str]) -> String {
+    let output = tokio::process::Command::from(command)
         .args(args)
         .output()
         .await
-        .unwrap_or_else(|e| panic!("these tests need `rabbitmqctl` on PATH: {e}"));
+        .unwrap_or_else(|e| panic!("{hint}: {e}"));
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),
-        "rabbitmqctl {args:?} failed: {}\n{stdout}\n{}",
+        "rabbitmqctl {args:?} ({}) failed: {}\n{stdout}\n{}",
+        broker_name(),
         output.status,
         String::from_utf8_lossy(&output.stderr)
     );
@@ -848,7 +982,8 @@ pub async fn rabbitmqctl(args: &[&str]) -> String {
 /// The same, blocking: for `Drop` guards, which must restore the broker even when a test
 /// panics.
 pub fn rabbitmqctl_blocking(args: &[&str]) -> Result<String, String> {
-    let output = std::process::Command::new("rabbitmqctl")
+    let output = test_broker()
+        .rabbitmqctl()
         .args(args)
         .output()
         .map_err(|e| e.to_string())?;
@@ -950,7 +1085,8 @@ impl Broker {
                 Err(e) => {
                     assert!(
                         Instant::now() < deadline,
-                        "no RabbitMQ at {} after {timeout:?} (set RMQ_TEST_URL): {e}",
+                        "no RabbitMQ ({}) at {} after {timeout:?} (set RMQ_TEST_URL): {e}",
+                        broker_name(),
                         SecretUrl::new(broker_url())
                     );
                     tokio::time::sleep(Duration::from_millis(250)).await;
@@ -1204,6 +1340,9 @@ impl Proxy {
         let tasks = Arc::clone(&self.tasks);
         let frozen = Arc::clone(&self.frozen);
         let state = Arc::clone(&self.state);
+        // The test broker's AMQP address (`RMQ_TEST_BROKER`, `RMQ_TEST_URL`).
+        let (host, port) = broker_addr();
+        let upstream_addr: Arc<str> = Arc::from(format!("{host}:{port}"));
         self.tasks.lock().await.spawn(async move {
             loop {
                 let Ok((inbound, _)) = listener.accept().await else {
@@ -1211,6 +1350,7 @@ impl Proxy {
                 };
                 let frozen = Arc::clone(&frozen);
                 let state = Arc::clone(&state);
+                let upstream_addr = Arc::clone(&upstream_addr);
                 let mut tasks = tasks.lock().await;
                 // Reap finished connections: the set holds only live ones.
                 while tasks.try_join_next().is_some() {}
@@ -1218,8 +1358,7 @@ impl Proxy {
                     state.accepted.fetch_add(1, Ordering::SeqCst);
                     state.open.fetch_add(1, Ordering::SeqCst);
                     let _open = OpenGuard(Arc::clone(&state));
-                    let Ok(upstream) = tokio::net::TcpStream::connect("127.0.0.1:5672").await
-                    else {
+                    let Ok(upstream) = tokio::net::TcpStream::connect(&*upstream_addr).await else {
                         return;
                     };
                     // Forward small frames at once, as a direct connection does (Nagle plus
