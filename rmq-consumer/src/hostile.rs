@@ -68,7 +68,7 @@ const MAX_DROPPED_NOTE_BYTES: usize = 1024;
 /// Headers the engine writes into its copies ([`fit_copy`] keeps them while they are this
 /// small; a larger one came from the sender and may be dropped).
 const ENGINE_HEADERS: &[&str] = &[
-    "x-retry-count",
+    crate::retry::RETRY_COUNT_HEADER,
     "x-first-failure-at",
     "x-last-failure-at",
     "x-last-error",
@@ -79,11 +79,11 @@ const ENGINE_HEADERS: &[&str] = &[
     "x-original-routing-key",
     "x-original-expiration",
     "x-handler",
-    "x-lost-deliveries",
+    crate::retry::LOST_DELIVERIES_HEADER,
     "x-replayed-at",
     "x-replayed-failure",
     "x-replayed-from",
-    "traceparent",
+    crate::trace::TRACEPARENT,
 ];
 
 /// The largest engine header [`fit_copy`] always keeps (the engine's own are at most ~1.1 KB).
