@@ -1,14 +1,30 @@
 //! The optional HTTP listener: `/metrics` (Prometheus text), `/livez`, `/readyz`.
 
-use std::{net::SocketAddr, sync::Arc};
+//!
+//! Anyone who can reach the port can connect, so the listener bounds what a client can hold:
+//! at most [`MAX_CONNECTIONS`] connections (more are closed at once), request headers within
+//! [`HEADER_READ_TIMEOUT`] and [`MAX_HEADER_BYTES`], and any connection at most
+//! [`CONNECTION_LIFETIME`].
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{
     Router, extract::State, http::StatusCode, http::header, response::IntoResponse, routing::get,
 };
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::health::{Health, HealthSnapshot};
+
+/// Connections served at once; one more is closed as soon as it is accepted.
+pub(crate) const MAX_CONNECTIONS: usize = 64;
+/// Time a client has to send a request's headers (slow senders are disconnected).
+pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest request head accepted.
+pub(crate) const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// A connection's whole lifetime, keep-alive included.
+pub(crate) const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
 /// Binds the listener (so a bad address fails the start, not later).
 pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -22,12 +38,55 @@ pub(crate) async fn serve(listener: TcpListener, health: Arc<Health>, stop: Canc
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .with_state(health);
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await;
-    if let Err(error) = served {
-        tracing::error!(error = %error, "the HTTP listener failed");
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let connections = TaskTracker::new();
+    let mut refused_logged = false;
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                // Out of file descriptors and the like: pause rather than spin.
+                tracing::warn!(error = %error, "the HTTP listener could not accept a connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            if !refused_logged {
+                tracing::warn!(
+                    max = MAX_CONNECTIONS,
+                    "the HTTP listener is at its connection cap; closing new connections"
+                );
+                refused_logged = true;
+            }
+            drop(stream);
+            continue;
+        };
+        refused_logged = false;
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let stop = stop.clone();
+        connections.spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(MAX_HEADER_BYTES);
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                // Errors here are the client's (a reset, a timeout, a bad request): not ours
+                // to log.
+                _ = tokio::time::timeout(CONNECTION_LIFETIME, connection) => {}
+                () = stop.cancelled() => {}
+            }
+            drop(slot);
+        });
     }
+    connections.close();
+    connections.wait().await;
 }
 
 async fn metrics(State(health): State<Arc<Health>>) -> impl IntoResponse {

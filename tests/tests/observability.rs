@@ -346,3 +346,72 @@ async fn silent_network_loss_is_detected_by_heartbeats() {
     proxy.cut().await;
     broker.cleanup().await;
 }
+
+/// Reads until the peer closes; `true` when it did within `within`.
+async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+    let mut buffer = [0_u8; 1024];
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, stream.read(&mut buffer)).await {
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Anyone who reaches the port can connect: connections beyond the cap are closed at once,
+/// a client that never finishes its headers is dropped after the header timeout, and the
+/// probes answer again afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_listener_bounds_connections_and_slow_clients() {
+    let mut broker = Broker::connect().await;
+    let _cleanup = broker.cleanup_on_panic();
+    let exchange = unique("ex");
+    broker.track_exchange(&exchange);
+    let http = free_port();
+    let mut config = test_config(&exchange);
+    config.http_addr = Some(http);
+    Route::new(&mut config, "work", &mut broker);
+    let running = Running::start(config, &["work"]).await;
+    assert_eq!(get(http, "/livez").await.0, 200);
+
+    // 64 slow clients (each sent half a request line) fill the listener.
+    let mut slow = Vec::new();
+    for _ in 0..64 {
+        let mut stream = TcpStream::connect(http).await.unwrap();
+        stream.write_all(b"GET /livez HT").await.unwrap();
+        slow.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut extra = TcpStream::connect(http).await.unwrap();
+    assert!(
+        closed_within(&mut extra, Duration::from_secs(2)).await,
+        "a connection beyond the cap is closed at once"
+    );
+    // The header timeout (5 s) frees every slot.
+    for stream in &mut slow {
+        assert!(
+            closed_within(stream, Duration::from_secs(15)).await,
+            "a client that never finishes its headers is dropped"
+        );
+    }
+    drop(slow);
+    assert_eq!(get(http, "/livez").await.0, 200);
+
+    // An oversized request head is refused, not buffered.
+    let mut big = TcpStream::connect(http).await.unwrap();
+    let head = format!("GET /livez HTTP/1.1\r\nX-Pad: {}\r\n\r\n", "a".repeat(64 * 1024));
+    let _ = big.write_all(head.as_bytes()).await;
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), big.read_to_end(&mut response)).await;
+    let text = String::from_utf8_lossy(&response);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 431"),
+        "{text}"
+    );
+    assert_eq!(get(http, "/readyz").await.0, 200);
+    running.stop().await.unwrap();
+    broker.cleanup().await;
+}
