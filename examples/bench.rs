@@ -4,7 +4,9 @@
 //! Run it with `cargo run --release -p examples --example bench` (every scenario, about seven
 //! minutes), or pick scenarios and sizes: `-- S1 S2 --quick --runs 1`. Scenarios: `S1`
 //! drain-ack, `S2` request-result, `S3` io-bound (a timerfd wait, plus a row with
-//! `tokio::time::sleep` for comparison), `L` latency, `M` memory. The broker is
+//! `tokio::time::sleep` for comparison), `L` latency, `M` memory, `H` hostile bodies (peak
+//! RSS receiving `[{"":0},...]` at the default limits, and without the memory budget). The
+//! broker is
 //! `$RMQ_CONSUMER_URL` or `amqp://guest:guest@127.0.0.1:5672/%2f`.
 //!
 //! Each measurement drains a fresh, prefilled, durable queue in a child process (this binary
@@ -128,6 +130,12 @@ async fn bench_sleep(_task: Value) {
     io_wait().await;
 }
 
+/// H: receives hostile bodies (`[{"":0},...]`) as `Value`.
+#[consumer(queue = "bench.bomb")]
+async fn bench_bomb(_task: Value) {
+    mark_first();
+}
+
 /// S3 with `tokio::time::sleep` instead of a timerfd: shown beside S3, for comparison.
 #[consumer(queue = "bench.tokio_sleep")]
 async fn bench_tokio_sleep(_task: Value) {
@@ -237,6 +245,8 @@ enum Work {
     Sleep,
     /// The same with `tokio::time::sleep` (S3, for comparison).
     TokioSleep,
+    /// Decode a hostile body into a `Value`, then ack (H).
+    Bomb,
 }
 
 impl Work {
@@ -246,6 +256,7 @@ impl Work {
             Self::Request => "bench_request",
             Self::Sleep => "bench_sleep",
             Self::TokioSleep => "bench_tokio_sleep",
+            Self::Bomb => "bench_bomb",
         }
     }
 }
@@ -263,6 +274,9 @@ struct Spec {
     prefetch: u16,
     count: u64,
     timeout_s: u64,
+    /// H: the handler's `max_in_flight_bytes` (`None`: the default).
+    #[serde(default)]
+    budget: Option<u64>,
 }
 
 /// What a child measured.
@@ -281,6 +295,9 @@ struct Report {
     /// the broker process is not visible, e.g. a remote broker).
     #[serde(default)]
     broker_cpu_s: Option<f64>,
+    /// H: bodies dead-lettered instead of decoded.
+    #[serde(default)]
+    dead_lettered: u64,
 }
 
 impl Report {
@@ -377,6 +394,7 @@ fn finish(processed: u64, max_in_flight: u64, slots: u16) -> Res<Report> {
         max_in_flight,
         slots: Slots::measure(first.at, end, slots),
         broker_cpu_s: None,
+        dead_lettered: 0,
     })
 }
 
@@ -471,6 +489,7 @@ async fn child_framework(spec: &Spec, url: String) -> Res<Report> {
             reply_key: request.then(|| spec.reply_key.clone()),
             reply_queue: request.then(|| spec.results.clone()),
             prefetch: Some(spec.prefetch),
+            max_in_flight_bytes: spec.budget,
             ..ConsumerConfig::default()
         },
     );
@@ -489,21 +508,30 @@ async fn child_framework(spec: &Spec, url: String) -> Res<Report> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     println!("{READY_LINE}");
+    if spec.work == Work::Bomb {
+        // Dead-lettered bodies never reach the handler, which marks the first delivery.
+        mark_first();
+    }
     let mut max_in_flight = 0;
+    let mut dead_lettered;
     let processed = loop {
         let snapshot = health.snapshot();
         let handler = snapshot.handlers.first().ok_or("no handler")?;
         max_in_flight = max_in_flight.max(handler.in_flight as u64);
-        if handler.succeeded >= spec.count || Instant::now() >= deadline || running.is_finished() {
-            break handler.succeeded;
+        // H's bodies may be dead-lettered (too big to decode): settled all the same.
+        let settled = handler.succeeded + handler.dead_lettered;
+        dead_lettered = handler.dead_lettered;
+        if settled >= spec.count || Instant::now() >= deadline || running.is_finished() {
+            break settled;
         }
         // Coarse polls while far from the end (their wakeups would count as the framework's
         // CPU time at low rates), fine ones for the last 2%.
-        let left = spec.count - handler.succeeded;
+        let left = spec.count.saturating_sub(settled);
         let pause = if left > spec.count / 50 { 20 } else { 1 };
         tokio::time::sleep(Duration::from_millis(pause)).await;
     };
-    let report = finish(processed, max_in_flight, spec.prefetch)?;
+    let mut report = finish(processed, max_in_flight, spec.prefetch)?;
+    report.dead_lettered = dead_lettered;
     stop.cancel();
     running.await??;
     Ok(report)
@@ -575,14 +603,14 @@ async fn child_raw(spec: &Spec, url: &str) -> Res<Report> {
                     drop(slot);
                 });
             }
-            work @ (Work::Drain | Work::Sleep | Work::TokioSleep) => {
+            work @ (Work::Drain | Work::Sleep | Work::TokioSleep | Work::Bomb) => {
                 // Acked from its own task, as the framework does: awaiting each ack in the
                 // receive loop measured half the rate at twice the CPU per message here.
                 tokio::spawn(async move {
                     match work {
                         Work::Sleep => io_wait().await,
                         Work::TokioSleep => tokio_wait().await,
-                        Work::Drain | Work::Request => {}
+                        Work::Drain | Work::Request | Work::Bomb => {}
                     }
                     match delivery.acker.ack(BasicAckOptions::default()).await {
                         Ok(_) => settled.one(),
@@ -743,7 +771,7 @@ fn parse_args(args: &[String]) -> Res<Args> {
             "-h" | "--help" => return Err(USAGE.into()),
             other => {
                 let name = other.to_uppercase();
-                if !["S1", "S2", "S3", "L", "M"].contains(&name.as_str()) {
+                if !["S1", "S2", "S3", "L", "M", "H"].contains(&name.as_str()) {
                     return Err(format!("unknown argument `{other}`; {USAGE}").into());
                 }
                 scenarios.push(name);
@@ -751,7 +779,7 @@ fn parse_args(args: &[String]) -> Res<Args> {
         }
     }
     if scenarios.is_empty() {
-        scenarios = ["S1", "S2", "S3", "L", "M"].map(str::to_owned).to_vec();
+        scenarios = ["S1", "S2", "S3", "L", "M", "H"].map(str::to_owned).to_vec();
     }
     Ok(Args {
         scenarios,
@@ -830,8 +858,12 @@ impl Bench {
         let results = format!("{queue}.results");
         let reply_key = format!("{queue}.done");
         // The engine declares `<queue>.dlq`; it is deleted with the rest.
-        self.queues
-            .extend([queue.clone(), results.clone(), format!("{queue}.dlq")]);
+        self.queues.extend([
+            queue.clone(),
+            results.clone(),
+            format!("{queue}.dlq"),
+            format!("{queue}.suspect"),
+        ]);
         self.declare(&queue).await?;
         if work == Work::Request {
             self.declare(&results).await?;
@@ -962,6 +994,7 @@ impl Bench {
             prefetch,
             count,
             timeout_s: 120 + count / 200,
+            budget: None,
         }
     }
 
@@ -1016,6 +1049,58 @@ impl Bench {
             report.max_in_flight,
             prefill,
             Duration::from_secs_f64(report.secs),
+        );
+        Ok(report)
+    }
+
+    /// H: `count` copies of a hostile body of about `body_bytes` (`[{"":0},...]`, ~100 times
+    /// its size as a `Value`) drained by the framework at prefetch 4 with the handler budget
+    /// `budget` (`None`: the default); the consumer's peak RSS is the point.
+    async fn measure_bombs(
+        &mut self,
+        body_bytes: usize,
+        budget: Option<u64>,
+        count: u64,
+    ) -> Res<Report> {
+        let names = self.fresh_queues("h", Work::Bomb).await?;
+        let body = bomb_body(body_bytes);
+        let channel = self.connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        for _ in 0..count {
+            let confirm = channel
+                .basic_publish(
+                    "".into(),
+                    names.0.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await?;
+            confirmed(confirm.await?)?;
+        }
+        channel.close(200, "prefilled".into()).await?;
+        let mut spec = self.spec(Imp::Framework, Work::Bomb, &names, 4, count);
+        spec.budget = budget;
+        self.settle().await;
+        let mut child = Child::spawn(&spec, &self.url)?;
+        let report = child
+            .report(Duration::from_secs(spec.timeout_s + 30))
+            .await?;
+        self.delete_queues().await?;
+        if report.processed < count {
+            return Err(format!(
+                "H: only {} of {count} bodies were settled before the timeout",
+                report.processed
+            )
+            .into());
+        }
+        eprintln!(
+            "  h   {:.1} MiB bodies, budget {}: peak RSS {:.1} MiB",
+            body_bytes as f64 / 1_048_576.0,
+            budget.map_or("default".to_owned(), |b| format!("{b}")),
+            report.rss_mib()
         );
         Ok(report)
     }
@@ -1169,6 +1254,22 @@ fn confirmed(confirmation: Confirmation) -> Res<()> {
         Confirmation::Ack(None) => Ok(()),
         other => Err(format!("prefill publish not confirmed: {other:?}").into()),
     }
+}
+
+/// `[{"":0},{"":0},...]` of about `bytes` bytes: the cheapest body to send and one of the
+/// dearest to decode (each one-key object is a B-tree node of ~600 bytes in a `Value`).
+fn bomb_body(bytes: usize) -> Vec<u8> {
+    let objects = (bytes / 7).max(1);
+    let mut body = Vec::with_capacity(objects * 7 + 1);
+    body.push(b'[');
+    for index in 0..objects {
+        if index > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(br#"{"":0}"#);
+    }
+    body.push(b']');
+    body
 }
 
 /// A JSON task padded to [`BODY_SIZE`] bytes.
@@ -1471,6 +1572,8 @@ struct Outcome {
     rows: Vec<Row>,
     latency: Vec<(Option<Imp>, u16, Latency)>,
     memory: Vec<(u64, Report)>,
+    /// H: (body size, budget label, report).
+    hostile: Vec<(usize, String, Report)>,
     verdicts: Vec<String>,
 }
 
@@ -1480,6 +1583,7 @@ async fn run_all(bench: &mut Bench, args: &Args) -> Res<Outcome> {
         rows: Vec::new(),
         latency: Vec::new(),
         memory: Vec::new(),
+        hostile: Vec::new(),
         verdicts: Vec::new(),
     };
     let wants = |name: &str| args.scenarios.iter().any(|s| s == name);
@@ -1611,6 +1715,29 @@ async fn run_all(bench: &mut Bench, args: &Args) -> Res<Outcome> {
             ));
         }
     }
+    if wants("H") {
+        let limit = rmq_consumer::config::DEFAULT_MAX_BODY_SIZE;
+        eprintln!("H hostile bodies: framework, prefetch 4, 8 bodies per row");
+        let big = limit - 1024;
+        let cases: [(usize, Option<u64>, &str); 3] = [
+            (big, Some(u64::MAX), "none (as before this change)"),
+            (big, None, "default"),
+            (limit * 3 / 8, None, "default"),
+        ];
+        for (bytes, budget, label) in cases {
+            let report = bench.measure_bombs(bytes, budget, 8).await?;
+            if budget.is_none() {
+                out.verdicts.push(format!(
+                    "H: {:.1} MiB hostile bodies at the default limits: peak RSS {:.1} MiB \
+                     (target < 512 MiB): {}",
+                    bytes as f64 / 1_048_576.0,
+                    report.rss_mib(),
+                    verdict(report.rss_mib() < 512.0)
+                ));
+            }
+            out.hostile.push((bytes, label.to_owned(), report));
+        }
+    }
     Ok(out)
 }
 
@@ -1723,6 +1850,26 @@ fn print_outcome(out: &Outcome, args: &Args, elapsed: Duration) {
                 thousands(*backlog as f64),
                 thousands(report.rate()),
                 report.cpu_per_10k(),
+                report.rss_mib()
+            );
+        }
+    }
+    if !out.hostile.is_empty() {
+        println!();
+        println!(
+            "Hostile bodies (H: framework, `[{{\"\":0}},...]` decoded as a `Value`, prefetch 4, \
+             8 bodies, default max_body_size {} MiB)",
+            rmq_consumer::config::DEFAULT_MAX_BODY_SIZE / 1_048_576
+        );
+        println!();
+        println!("| body | max_in_flight_bytes | decoded / dead-lettered | peak RSS |");
+        println!("|---:|---|---:|---:|");
+        for (bytes, label, report) in &out.hostile {
+            println!(
+                "| {:.2} MiB | {label} | {} / {} | {:.1} MiB |",
+                *bytes as f64 / 1_048_576.0,
+                report.processed.saturating_sub(report.dead_lettered),
+                report.dead_lettered,
                 report.rss_mib()
             );
         }

@@ -3,7 +3,7 @@
 //! ```text
 //! <the fn, verbatim>
 //! const _: () = {
-//!     fn __rmq_prepare(value: Value) -> Result<Prepared, HandlerError> { decode, uuid, bind }
+//!     fn __rmq_prepare(body: &[u8]) -> Result<Prepared, HandlerError> { decode, uuid, bind }
 //!     inventory::submit! { HandlerSpec { name, queue, ..., prepare: __rmq_prepare } }
 //! };
 //! ```
@@ -116,7 +116,7 @@ fn registration(args: &Args, handler: &Handler<'_>, attrs: &[Attribute]) -> Opti
     })
 }
 
-/// `fn __rmq_prepare(Value) -> Result<Prepared, HandlerError>`: computes the task uuid, decodes
+/// `fn __rmq_prepare(&[u8]) -> Result<Prepared, HandlerError>`: computes the task uuid, decodes
 /// the argument and binds the handler call to it.
 fn prepare_fn(args: &Args, handler: &Handler<'_>) -> TokenStream {
     let site = Span::call_site();
@@ -126,19 +126,22 @@ fn prepare_fn(args: &Args, handler: &Handler<'_>) -> TokenStream {
     // Locals get mixed-site hygiene: user code (the `uuid` path) cannot see or shadow them.
     // Those an error may point at are located at the user's tokens instead, as rustc shows
     // mixed-site spans at the attribute.
-    let value = Ident::new("__rmq_value", site);
+    let body = Ident::new("__rmq_body", site);
     let arg = Ident::new("__rmq_arg", Span::mixed_site());
     let task_uuid = Ident::new("__rmq_task_uuid", Span::mixed_site());
     let uuid_fn = Ident::new("__rmq_uuid", Span::mixed_site());
+    let json_value = is_json_value(ty);
 
-    // The default uuid hashes the raw JSON, before decoding; a custom one needs the argument.
+    // The default uuid hashes the JSON as sent (of the parsed `Value`, or of the body's bytes
+    // before a typed decode); a custom one needs the argument.
     let (uuid_before, uuid_after) = match &args.uuid {
-        None => {
+        None if json_value => {
             let default_task_uuid = paths::default_task_uuid(site);
-            (
-                quote!(let #task_uuid = #default_task_uuid(&#value);),
-                quote!(),
-            )
+            (quote!(), quote!(let #task_uuid = #default_task_uuid(&#arg);))
+        }
+        None => {
+            let of_body = paths::default_task_uuid_of_body(site);
+            (quote!(let #task_uuid = #of_body(#body)?;), quote!())
         }
         Some(uuid) => {
             let path = &uuid.path;
@@ -152,22 +155,23 @@ fn prepare_fn(args: &Args, handler: &Handler<'_>) -> TokenStream {
     };
 
     // At the argument type, so `T: DeserializeOwned` failures point at it.
-    let decode = if is_json_value(ty) {
-        let value = Ident::new("__rmq_value", ty_span);
-        quote_spanned!(ty_span=> let #arg: #ty = #value;)
+    // Typed arguments are decoded from the bytes, never through a `Value`, so a body costs
+    // what `T` costs.
+    let decode = if json_value {
+        let parse = paths::parse(ty_span);
+        quote_spanned!(ty_span=> let #arg: #ty = #parse(#body)?;)
     } else {
         let decode = paths::decode(ty_span);
-        quote_spanned!(ty_span=> let #arg: #ty = #decode::<#ty>(#value)?;)
+        quote_spanned!(ty_span=> let #arg: #ty = #decode::<#ty>(#body)?;)
     };
 
     let bind = bind(args.blocking, handler, &task_uuid, &arg);
-    let value_ty = paths::value(site);
     let prepared = paths::prepared(site);
     let handler_error = paths::handler_error(site);
     quote! {
         #[allow(deprecated, reason = "registering a deprecated handler is not a use of it")]
         fn __rmq_prepare(
-            #value: #value_ty,
+            #body: &[u8],
         ) -> ::core::result::Result<#prepared, #handler_error> {
             #uuid_before
             #decode

@@ -10,10 +10,10 @@ fn private(span: Span) -> TokenStream {
     quote_spanned!(span=> ::rmq_consumer::__private)
 }
 
-/// `serde_json::Value`, the raw message body.
-pub(crate) fn value(span: Span) -> TokenStream {
+/// `fn(&[u8]) -> Result<Value, HandlerError>`, the body of a `Value` handler.
+pub(crate) fn parse(span: Span) -> TokenStream {
     let private = private(span);
-    quote_spanned!(span=> #private::Value)
+    quote_spanned!(span=> #private::parse)
 }
 
 /// The error type `prepare` returns.
@@ -40,7 +40,14 @@ pub(crate) fn default_task_uuid(span: Span) -> TokenStream {
     quote_spanned!(span=> #private::default_task_uuid)
 }
 
-/// `fn<T: DeserializeOwned>(Value) -> Result<T, HandlerError>`.
+/// `fn(&[u8]) -> Result<String, HandlerError>`, the default task uuid of a typed handler's
+/// body, computed from its bytes.
+pub(crate) fn default_task_uuid_of_body(span: Span) -> TokenStream {
+    let private = private(span);
+    quote_spanned!(span=> #private::default_task_uuid_of_body)
+}
+
+/// `fn<T: DeserializeOwned>(&[u8]) -> Result<T, HandlerError>`.
 pub(crate) fn decode(span: Span) -> TokenStream {
     let private = private(span);
     quote_spanned!(span=> #private::decode)

@@ -89,14 +89,20 @@ pub const DEFAULT_QUEUE_STUCK_THRESHOLD: Duration = Duration::from_secs(90);
 pub const DEFAULT_MAX_CONSECUTIVE_FAILURES: u32 = 3;
 /// Default `result_cache_size`.
 pub const DEFAULT_RESULT_CACHE_SIZE: usize = 1000;
+/// Largest `result_cache_size` accepted (the cache is allocated up front).
+pub const MAX_RESULT_CACHE_SIZE: usize = 10_000_000;
 /// Default `shutdown_timeout`.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default `confirm_timeout`.
 pub const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default `result_publish_retry`.
 pub const DEFAULT_RESULT_PUBLISH_RETRY: Duration = Duration::from_secs(10);
-/// Default `max_body_size`, in bytes (16 MiB).
-pub const DEFAULT_MAX_BODY_SIZE: usize = 16 * 1024 * 1024;
+/// Default `max_body_size`, in bytes (4 MiB).
+pub const DEFAULT_MAX_BODY_SIZE: usize = 4 * 1024 * 1024;
+/// Largest `max_body_size` accepted (512 MiB, RabbitMQ's own ceiling for a message).
+pub const MAX_BODY_SIZE_LIMIT: usize = 512 * 1024 * 1024;
+/// Default `max_in_flight_bytes`, per handler (256 MiB).
+pub const DEFAULT_MAX_IN_FLIGHT_BYTES: u64 = 256 * 1024 * 1024;
 /// Default `log_level`.
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 /// Default `log_file_prefix`.
@@ -175,8 +181,15 @@ pub struct Config {
     /// retried; the handler does not run again meanwhile. `0` retries no publish. Default
     /// [`DEFAULT_RESULT_PUBLISH_RETRY`].
     pub result_publish_retry: Duration,
-    /// Largest accepted message body in bytes. Default [`DEFAULT_MAX_BODY_SIZE`].
+    /// Largest accepted message body in bytes (at most [`MAX_BODY_SIZE_LIMIT`]); a larger one
+    /// is dead-lettered (`body_too_large`) without being decoded. Default
+    /// [`DEFAULT_MAX_BODY_SIZE`].
     pub max_body_size: usize,
+    /// Memory, in bytes, the messages a handler works on at once may take: each body's length
+    /// plus an upper estimate of its decoded size (a `serde_json::Value` of small objects takes
+    /// ~100 times the body). A message waits for room before it is decoded; one that alone
+    /// needs more is dead-lettered (`body_too_large`). Default [`DEFAULT_MAX_IN_FLIGHT_BYTES`].
+    pub max_in_flight_bytes: u64,
     /// Logging.
     pub log: LogConfig,
     /// Address of the health/metrics HTTP endpoint; `None` (the default) serves none.
@@ -221,6 +234,7 @@ impl Default for Config {
             confirm_timeout: DEFAULT_CONFIRM_TIMEOUT,
             result_publish_retry: DEFAULT_RESULT_PUBLISH_RETRY,
             max_body_size: DEFAULT_MAX_BODY_SIZE,
+            max_in_flight_bytes: DEFAULT_MAX_IN_FLIGHT_BYTES,
             log: LogConfig::default(),
             http_addr: None,
             management_url: None,
@@ -256,6 +270,8 @@ pub struct ConsumerConfig {
     pub max_redeliveries: Option<u32>,
     /// The quorum queues' `x-delivery-limit` (see [`Config::delivery_limit`]).
     pub delivery_limit: Option<u32>,
+    /// Memory the messages in flight may take (see [`Config::max_in_flight_bytes`]).
+    pub max_in_flight_bytes: Option<u64>,
     /// Delays before each retry.
     pub retry_delays: Option<Vec<Duration>>,
     /// The type of this handler's queues.
@@ -512,16 +528,97 @@ impl From<&str> for SecretUrl {
     }
 }
 
+/// Query parameters whose values are never secret (RabbitMQ's URI spec and lapin's); every
+/// other parameter's value is masked, since some clients accept e.g. `?password=` or tokens.
+const PUBLIC_QUERY_KEYS: &[&str] = &[
+    "heartbeat",
+    "connection_timeout",
+    "channel_max",
+    "frame_max",
+    "auth_mechanism",
+    "verify",
+    "fail_if_no_peer_cert",
+    "server_name_indication",
+    "cacertfile",
+    "certfile",
+    "keyfile",
+    "depth",
+];
+
 fn mask_url(raw: &str) -> String {
     let start = raw.find("://").map_or(0, |i| i + 3);
-    let Some(at) = raw.rfind('@').filter(|&at| at >= start) else {
-        return raw.to_owned();
+    let (mut masked, rest_from) = match raw.rfind('@').filter(|&at| at >= start) {
+        Some(at) => match raw.get(start..at).and_then(|userinfo| userinfo.find(':')) {
+            Some(colon) => (
+                format!("{}****", raw.get(..start + colon + 1).unwrap_or_default()),
+                at,
+            ),
+            None => (String::new(), 0),
+        },
+        None => (String::new(), 0),
     };
-    let userinfo = &raw[start..at];
-    match userinfo.find(':') {
-        Some(colon) => format!("{}****{}", &raw[..start + colon + 1], &raw[at..]),
-        None => raw.to_owned(),
+    let rest = raw.get(rest_from..).unwrap_or_default();
+    match rest.split_once('?') {
+        Some((before, query)) => {
+            masked.push_str(before);
+            masked.push('?');
+            masked.push_str(&mask_query(query));
+        }
+        None => masked.push_str(rest),
     }
+    masked
+}
+
+/// `a=1&password=x` → `a=1&password=****`: values of parameters not known to be public.
+fn mask_query(query: &str) -> String {
+    let (query, fragment) = query
+        .split_once('#')
+        .map_or((query, None), |(q, f)| (q, Some(f)));
+    let mut out = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _)) if !PUBLIC_QUERY_KEYS.contains(&key.to_ascii_lowercase().as_str()) => {
+                format!("{key}=****")
+            }
+            _ => pair.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("&");
+    if fragment.is_some() {
+        out.push_str("#****");
+    }
+    out
+}
+
+/// Splits a comma-separated list of URLs (`RMQ_CONSUMER_URL`): a comma separates two URLs
+/// only when the next one starts with a scheme (`amqp://`, `amqps://`, ...), so a password
+/// containing a comma stays inside its URL (and masked) instead of becoming a "URL" of its
+/// own that an error would print.
+fn split_urls(text: &str) -> Vec<&str> {
+    let mut urls = Vec::new();
+    let mut start = 0;
+    for (comma, _) in text.match_indices(',') {
+        let next = text.get(comma + 1..).unwrap_or_default().trim_start();
+        if next.is_empty() || next.starts_with(',') || starts_with_scheme(next) {
+            urls.push(text.get(start..comma).unwrap_or_default());
+            start = comma + 1;
+        }
+    }
+    urls.push(text.get(start..).unwrap_or_default());
+    urls.into_iter()
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .collect()
+}
+
+/// `scheme://` at the start of `text` (RFC 3986 scheme characters).
+fn starts_with_scheme(text: &str) -> bool {
+    text.split_once("://").is_some_and(|(scheme, _)| {
+        scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    })
 }
 
 /// Why a configuration could not be loaded.
@@ -702,6 +799,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "confirm_timeout",
     "result_publish_retry",
     "max_body_size",
+    "max_in_flight_bytes",
     "log_level",
     "log_format",
     "log_dir",
@@ -731,6 +829,7 @@ const CONSUMER_KEYS: &[&str] = &[
     "max_retries",
     "max_redeliveries",
     "delivery_limit",
+    "max_in_flight_bytes",
     "retry_delays",
     "queue_type",
     "reply_to",
@@ -926,7 +1025,7 @@ impl Scope {
             .get(&["enable_result_cache"])
             .unwrap_or(defaults.enable_result_cache);
         let result_cache_size = self
-            .size(&["result_cache_size"])
+            .size(&["result_cache_size"], MAX_RESULT_CACHE_SIZE)
             .unwrap_or(defaults.result_cache_size);
         let queue_type = self.get(&["queue_type"]).unwrap_or(defaults.queue_type);
         let reply_to = self.get(&["reply_to"]).unwrap_or(defaults.reply_to);
@@ -944,8 +1043,11 @@ impl Scope {
             .get(&["result_publish_retry"])
             .unwrap_or(defaults.result_publish_retry);
         let max_body_size = self
-            .size(&["max_body_size"])
+            .size(&["max_body_size"], MAX_BODY_SIZE_LIMIT)
             .unwrap_or(defaults.max_body_size);
+        let max_in_flight_bytes = self
+            .int(&["max_in_flight_bytes"], 1, u64::MAX)
+            .unwrap_or(defaults.max_in_flight_bytes);
         let log = self.log_config();
         let http_addr = self.get(&["http_addr"]);
         let management_url = match self.get_keyed::<SecretUrl>(&["management_url"]) {
@@ -988,6 +1090,7 @@ impl Scope {
             confirm_timeout,
             result_publish_retry,
             max_body_size,
+            max_in_flight_bytes,
             log,
             http_addr,
             management_url,
@@ -1101,6 +1204,7 @@ impl Scope {
             max_retries: self.int(&["max_retries"], 0, u32::MAX),
             max_redeliveries: self.int(&["max_redeliveries"], 0, u32::MAX),
             delivery_limit: self.int(&["delivery_limit"], 1, u32::MAX),
+            max_in_flight_bytes: self.int(&["max_in_flight_bytes"], 1, u64::MAX),
             retry_delays: self.retry_delays(&["retry_delays"]),
             queue_type: self.get(&["queue_type"]),
             reply_to: self.get(&["reply_to"]),
@@ -1238,9 +1342,9 @@ impl Scope {
         converted
     }
 
-    /// A positive `usize`.
-    fn size(&mut self, names: &[&str]) -> Option<usize> {
-        let max = u64::try_from(usize::MAX).unwrap_or(u64::MAX);
+    /// A positive `usize` up to `max`.
+    fn size(&mut self, names: &[&str], max: usize) -> Option<usize> {
+        let max = u64::try_from(max).unwrap_or(u64::MAX);
         self.int(names, 1, max)
             .and_then(|value| usize::try_from(value).ok())
     }
@@ -1470,23 +1574,50 @@ impl FromConfigValue for Vec<SecretUrl> {
     }
 
     fn from_env(text: &str) -> Result<Self, String> {
-        Ok(text
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(SecretUrl::new)
-            .collect())
+        Ok(split_urls(text).into_iter().map(SecretUrl::new).collect())
+    }
+}
+
+/// The longest duration any key accepts: longer ones are mistakes, and would overflow the
+/// clock arithmetic (`Instant + duration`) at run time.
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// `duration` if it is at most [`MAX_DURATION`].
+fn at_most_a_year(duration: Duration) -> Result<Duration, String> {
+    if duration > MAX_DURATION {
+        Err(format!(
+            "must be at most 366 days, got {}",
+            humantime::format_duration(duration)
+        ))
+    } else {
+        Ok(duration)
     }
 }
 
 impl FromConfigValue for Duration {
     fn from_toml(value: &toml::Value) -> Result<Self, String> {
+        Self::from_toml_unbounded(value).and_then(at_most_a_year)
+    }
+
+    fn from_env(text: &str) -> Result<Self, String> {
+        Self::from_env_unbounded(text).and_then(at_most_a_year)
+    }
+}
+
+/// Duration parsing before the bound.
+trait UnboundedDuration: Sized {
+    fn from_toml_unbounded(value: &toml::Value) -> Result<Self, String>;
+    fn from_env_unbounded(text: &str) -> Result<Self, String>;
+}
+
+impl UnboundedDuration for Duration {
+    fn from_toml_unbounded(value: &toml::Value) -> Result<Self, String> {
         match value {
             toml::Value::Integer(n) => u64::try_from(*n)
                 .map(Duration::from_secs)
                 .map_err(|_| format!("must not be negative, got {n}")),
             toml::Value::Float(secs) => float_seconds(*secs),
-            toml::Value::String(s) => Self::from_env(s),
+            toml::Value::String(s) => Self::from_env_unbounded(s),
             other => Err(expected(
                 "a duration (seconds, or a string like \"500ms\" or \"2m\")",
                 other,
@@ -1494,7 +1625,7 @@ impl FromConfigValue for Duration {
         }
     }
 
-    fn from_env(text: &str) -> Result<Self, String> {
+    fn from_env_unbounded(text: &str) -> Result<Self, String> {
         let text = text.trim();
         if let Ok(secs) = text.parse::<u64>() {
             return Ok(Duration::from_secs(secs));
@@ -1646,7 +1777,8 @@ mod tests {
         assert!(config.dead_letter);
         assert_eq!(config.shutdown_timeout, Duration::from_secs(30));
         assert_eq!(config.confirm_timeout, Duration::from_secs(30));
-        assert_eq!(config.max_body_size, 16 * 1024 * 1024);
+        assert_eq!(config.max_body_size, 4 * 1024 * 1024);
+        assert_eq!(config.max_in_flight_bytes, 256 * 1024 * 1024);
         assert_eq!(config.log.level, "info");
         assert_eq!(config.log.format, LogFormat::Human);
         assert_eq!(config.log.dir, None);
@@ -1777,6 +1909,7 @@ mod tests {
                 max_retries: Some(0),
                 max_redeliveries: None,
                 delivery_limit: None,
+                max_in_flight_bytes: None,
                 retry_delays: Some(Vec::new()),
                 queue_type: Some(QueueType::Classic),
                 reply_to: None,
@@ -2029,7 +2162,10 @@ mod tests {
                 "heartbeat_interval",
                 "must be between 0 and 65535, got 70000",
             ),
-            ("result_cache_size", "must be at least 1, got 0"),
+            (
+                "result_cache_size",
+                "must be between 1 and 10000000, got 0",
+            ),
             ("queue_type", "expected `classic` or `quorum`, got `lazy`"),
             ("log_format", "expected `human` or `json`, got `xml`"),
             (
@@ -2377,6 +2513,96 @@ mod tests {
 
     fn problems_of_empty_url() -> Vec<ConfigProblem> {
         problems(Config::from_toml_str("url = []"))
+    }
+
+    #[test]
+    fn absurd_values_are_problems_naming_the_key() {
+        let problems = problems(Config::from_sources(
+            Some(
+                r#"
+                message_timeout = "1000years"
+                shutdown_timeout = 99999999999
+                retry_delays = ["1s", "400d"]
+                result_cache_size = 1000000000000
+                max_body_size = 1099511627776
+                max_in_flight_bytes = 0
+                [consumers.a]
+                timeout = "500d"
+                max_in_flight_bytes = -1
+                "#,
+            ),
+            env(&[("RMQ_CONSUMER_QUEUE_STUCK_THRESHOLD", "18446744073709551615")]),
+        ));
+        for key in [
+            "message_timeout",
+            "shutdown_timeout",
+            "retry_delays",
+            "consumers.a.timeout",
+            "RMQ_CONSUMER_QUEUE_STUCK_THRESHOLD",
+        ] {
+            let message = &problem_for(&problems, key).message;
+            assert!(message.starts_with("must be at most 366 days"), "{key}: {message}");
+        }
+        assert_eq!(
+            problem_for(&problems, "result_cache_size").message,
+            "must be between 1 and 10000000, got 1000000000000"
+        );
+        assert_eq!(
+            problem_for(&problems, "max_body_size").message,
+            "must be between 1 and 536870912, got 1099511627776"
+        );
+        assert_eq!(
+            problem_for(&problems, "max_in_flight_bytes").message,
+            "must be at least 1, got 0"
+        );
+        assert_eq!(
+            problem_for(&problems, "consumers.a.max_in_flight_bytes").message,
+            "must be at least 1, got -1"
+        );
+        assert_eq!(problems.len(), 9, "{problems:#?}");
+    }
+
+    #[test]
+    fn passwords_with_commas_stay_in_their_url() {
+        let canary = "Can,ary,amqp:x";
+        let one = format!("amqp://u:{canary}@rabbit:5672/%2f");
+        assert_eq!(split_urls(&one), [one.as_str()]);
+        let two = format!("{one}, amqps://v:{canary}@other/%2f ,");
+        let urls = split_urls(&two);
+        assert_eq!(urls.len(), 2, "{urls:?}");
+        assert_eq!(urls[1], format!("amqps://v:{canary}@other/%2f"));
+        // An unusable list: every problem printed without the password.
+        let result = Config::from_sources(
+            None,
+            env(&[(
+                "RMQ_CONSUMER_URL",
+                "amqp://u:Can,ary@rabbit:5672/%2f,http://w:Can,ary@x/",
+            )]),
+        );
+        let text = format!("{:?} {}", result, match &result {
+            Ok(_) => String::new(),
+            Err(error) => error.to_string(),
+        });
+        assert!(result.is_err(), "the http URL is a problem");
+        assert!(!text.contains("Can,ary") && !text.contains("ary@"), "{text}");
+    }
+
+    #[test]
+    fn query_secrets_are_masked() {
+        let cases = [
+            (
+                "amqps://u:p@h/v?heartbeat=10&password=hunter2&token=abc#frag",
+                "amqps://u:****@h/v?heartbeat=10&password=****&token=****#****",
+            ),
+            (
+                "amqp://h/v?auth_mechanism=external&secret=s&cacertfile=/ca.pem",
+                "amqp://h/v?auth_mechanism=external&secret=****&cacertfile=/ca.pem",
+            ),
+            ("http://h:15672/?api_key=k", "http://h:15672/?api_key=****"),
+        ];
+        for (raw, masked) in cases {
+            assert_eq!(SecretUrl::new(raw).masked(), masked);
+        }
     }
 
     #[test]

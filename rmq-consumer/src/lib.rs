@@ -36,6 +36,7 @@
 //! `RMQ_CONSUMER_*` environment variables; see [`Config`].
 
 mod amqp;
+mod body;
 mod cache;
 #[cfg(feature = "cli")]
 pub mod cli;

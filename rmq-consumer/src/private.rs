@@ -13,12 +13,30 @@ pub fn default_task_uuid(value: &Value) -> String {
     crate::uuid::md5_json(value)
 }
 
-/// Not public API: decodes the argument of a typed handler; a mismatch dead-letters the message.
+/// Not public API: the default task uuid of a typed handler's body, from its bytes (the same
+/// as [`default_task_uuid`] of the parsed body, without building a [`Value`]).
+///
+/// # Errors
+/// A [`HandlerError`] of kind `invalid_json` when the body is not JSON.
+pub fn default_task_uuid_of_body(body: &[u8]) -> Result<String, HandlerError> {
+    crate::uuid::md5_json_slice(body).map_err(crate::body::not_json)
+}
+
+/// Not public API: parses the body of a `Value` handler.
+///
+/// # Errors
+/// A [`HandlerError`] of kind `invalid_json` when the body is not JSON.
+pub fn parse(body: &[u8]) -> Result<Value, HandlerError> {
+    serde_json::from_slice(body).map_err(crate::body::not_json)
+}
+
+/// Not public API: decodes the argument of a typed handler straight from the body's bytes; a
+/// mismatch dead-letters the message.
 ///
 /// # Errors
 /// A [`HandlerError`] of kind `invalid_shape` when the JSON does not fit `T`.
-pub fn decode<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, HandlerError> {
-    serde_json::from_value(value).map_err(|error| {
+pub fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, HandlerError> {
+    serde_json::from_slice(body).map_err(|error| {
         HandlerError::with_kind(
             crate::handler::FailureAction::DeadLetter,
             "invalid_shape",

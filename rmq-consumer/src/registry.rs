@@ -2,8 +2,6 @@
 
 use std::{fmt, future::Future, pin::Pin};
 
-use serde_json::Value;
-
 use crate::handler::{HandlerError, HandlerOutput};
 
 /// A boxed handler future, as produced by generated code.
@@ -66,8 +64,9 @@ impl fmt::Debug for Prepared {
     }
 }
 
-/// Decodes a message body (already parsed as JSON) into a [`Prepared`] call.
-pub type PrepareFn = fn(Value) -> Result<Prepared, HandlerError>;
+/// Decodes a message body (its bytes, already checked to be one JSON document within the
+/// handler's memory budget) into a [`Prepared`] call.
+pub type PrepareFn = fn(&[u8]) -> Result<Prepared, HandlerError>;
 
 /// One handler as declared by `#[consumer(...)]`. Generated code builds these; settings from
 /// the configuration file override the attribute's at startup.

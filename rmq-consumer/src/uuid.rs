@@ -30,7 +30,12 @@ use serde_json::{Number, Value};
 /// for the same JSON document; see [`canonical_json`] for how numbers are treated.
 #[must_use]
 pub fn md5_json(value: &Value) -> String {
-    let digest = Md5::digest(canonical_json(value).as_bytes());
+    md5_hex(canonical_json(value).as_bytes())
+}
+
+/// Lowercase hex md5 of `bytes`.
+fn md5_hex(bytes: &[u8]) -> String {
+    let digest = Md5::digest(bytes);
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut hex = String::with_capacity(32);
     for byte in digest {
@@ -69,6 +74,134 @@ pub fn canonical_json(value: &Value) -> String {
     let mut out = String::new();
     write_value(&mut out, value);
     out
+}
+
+/// [`canonical_json`] of a body, computed from its bytes without building a [`Value`]: the
+/// same text (and so the same [`md5_json`]) for every body that parses, with memory about the
+/// size of the body (a `Value` can take 100 times that; see `max_in_flight_bytes`).
+///
+/// # Errors
+/// The body is not one JSON document.
+///
+/// ```
+/// use rmq_consumer::uuid::{canonical_json, canonical_json_from_slice};
+///
+/// let body = br#"{"b": [1, 2.5], "a": {"y": null, "x": "é"}, "b": true}"#;
+/// let value: serde_json::Value = serde_json::from_slice(body).unwrap();
+/// assert_eq!(canonical_json_from_slice(body).unwrap(), canonical_json(&value));
+/// ```
+pub fn canonical_json_from_slice(body: &[u8]) -> Result<String, serde_json::Error> {
+    use serde::de::DeserializeSeed as _;
+    let mut out = String::with_capacity(body.len().saturating_add(body.len() / 4));
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    Canonical(&mut out).deserialize(&mut deserializer)?;
+    deserializer.end()?;
+    Ok(out)
+}
+
+/// The md5 of [`canonical_json_from_slice`]: [`md5_json`] of the parsed body, without parsing
+/// it into a [`Value`].
+///
+/// # Errors
+/// The body is not one JSON document.
+pub fn md5_json_slice(body: &[u8]) -> Result<String, serde_json::Error> {
+    canonical_json_from_slice(body).map(|text| md5_hex(text.as_bytes()))
+}
+
+/// Writes the canonical text of the value being deserialized, as [`write_value`] does for a
+/// parsed one (objects: keys sorted, the last of duplicate keys kept, as a parse keeps it).
+struct Canonical<'a>(&'a mut String);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Canonical<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Canonical<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        self.0.push_str("null");
+        Ok(())
+    }
+
+    fn visit_bool<E>(self, value: bool) -> Result<(), E> {
+        self.0.push_str(if value { "true" } else { "false" });
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, value: u64) -> Result<(), E> {
+        write_number(self.0, &Number::from(value));
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, value: i64) -> Result<(), E> {
+        write_number(self.0, &Number::from(value));
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, value: f64) -> Result<(), E> {
+        write_float(self.0, value);
+        Ok(())
+    }
+
+    fn visit_str<E>(self, value: &str) -> Result<(), E> {
+        write_string(self.0, value);
+        Ok(())
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut items: A) -> Result<(), A::Error> {
+        self.0.push('[');
+        let mut first = true;
+        loop {
+            let mark = self.0.len();
+            if !first {
+                self.0.push_str(", ");
+            }
+            if items.next_element_seed(Canonical(&mut *self.0))?.is_none() {
+                self.0.truncate(mark);
+                break;
+            }
+            first = false;
+        }
+        self.0.push(']');
+        Ok(())
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut entries: Vec<(String, String)> = Vec::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let mut text = String::new();
+            map.next_value_seed(Canonical(&mut text))?;
+            entries.push((key, text));
+        }
+        // Stable: among equal keys the last written stays last, and is the one kept.
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        self.0.push('{');
+        let mut first = true;
+        let mut rest = entries.iter().peekable();
+        while let Some((key, text)) = rest.next() {
+            if rest.peek().is_some_and(|next| next.0 == *key) {
+                continue;
+            }
+            if !first {
+                self.0.push_str(", ");
+            }
+            first = false;
+            write_string(self.0, key);
+            self.0.push_str(": ");
+            self.0.push_str(text);
+        }
+        self.0.push('}');
+        Ok(())
+    }
 }
 
 fn write_value(out: &mut String, value: &Value) {
@@ -241,6 +374,34 @@ mod tests {
     fn check(value: &Value, text: &str, md5: &str) {
         assert_eq!(canonical_json(value), text);
         assert_eq!(md5_json(value), md5);
+        let body = serde_json::to_vec(value).unwrap();
+        assert_eq!(canonical_json_from_slice(&body).unwrap(), text);
+        assert_eq!(md5_json_slice(&body).unwrap(), md5);
+    }
+
+    #[test]
+    fn from_bytes_equals_from_a_parsed_value() {
+        let bodies = [
+            r#"{"b": [1, 2.5, "\u00e9"], "a": null}"#,
+            r#"{"k": 1, "k": 2, "a": {"z": [], "y": {}}, "k": 3}"#,
+            r#"[1e5, 100000.0, 1.0E5, -0, -0.0, 0.1, 1e-7, 1e16, 18446744073709551615]"#,
+            r#"[-9223372036854775808, 18446744073709551616, 1.7976931348623157e308]"#,
+            r#"  "tab\tnew\nline \"quote\" \\ \u0001 \u2028 \ud83d\ude00"  "#,
+            r#"{"\u00e9": 1, "e": 2, "E": 3, "": 4, "\u0000": 5}"#,
+            "true",
+            "[[[[]]], {}, [{}], {\"a\": [null, false]}]",
+        ];
+        for body in bodies {
+            let value: Value = serde_json::from_str(body).unwrap();
+            assert_eq!(
+                canonical_json_from_slice(body.as_bytes()).unwrap(),
+                canonical_json(&value),
+                "{body}"
+            );
+        }
+        for bad in ["", "{", "[1,]", "{} {}", "{\"a\" 1}", "\"\\x\""] {
+            assert!(canonical_json_from_slice(bad.as_bytes()).is_err(), "{bad}");
+        }
     }
 
     #[test]

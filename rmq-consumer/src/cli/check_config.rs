@@ -67,6 +67,7 @@ pub(crate) fn run(global: &Global, args: &Args, io: &mut Io<'_>) -> Result<i32, 
             h.put("max_retries", json!(s.max_retries));
             h.put("max_redeliveries", json!(s.max_redeliveries));
             h.put("delivery_limit", json!(s.delivery_limit));
+            h.put("max_in_flight_bytes", json!(s.max_in_flight_bytes));
             h.put("queue_type", json!(s.queue_type.as_str()));
             h.put("reply_to", reply_to(&s.reply_to));
             h.put("bind_reply_queue", json!(s.bind_reply_queue));
@@ -288,6 +289,7 @@ fn view(config: &Config) -> Table {
         json!(duration(config.result_publish_retry)),
     );
     t.put("max_body_size", json!(config.max_body_size));
+    t.put("max_in_flight_bytes", json!(config.max_in_flight_bytes));
     t.put("http_addr", json!(config.http_addr.map(|a| a.to_string())));
     let mut log = Table::default();
     log.put("level", json!(config.log.level));
@@ -318,6 +320,7 @@ fn consumer_view(c: &ConsumerConfig) -> Table {
     t.put_set("max_retries", json!(c.max_retries));
     t.put_set("max_redeliveries", json!(c.max_redeliveries));
     t.put_set("delivery_limit", json!(c.delivery_limit));
+    t.put_set("max_in_flight_bytes", json!(c.max_in_flight_bytes));
     t.put_set(
         "retry_delays",
         json!(

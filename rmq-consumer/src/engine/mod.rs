@@ -118,6 +118,7 @@ impl EngineBuilder {
             .map(|(index, settings)| {
                 Arc::new(Worker {
                     semaphore: Arc::new(Semaphore::new(settings.concurrency)),
+                    memory: crate::body::Budget::new(settings.max_in_flight_bytes),
                     settings,
                     exchange: config.exchange.clone(),
                     max_body_size: config.max_body_size,

@@ -26,6 +26,8 @@ pub(crate) struct Settings {
     pub(crate) max_redeliveries: u32,
     /// The `x-delivery-limit` of the quorum work and suspect queues.
     pub(crate) delivery_limit: u32,
+    /// Bytes the messages in flight may take: bodies plus their estimated decoded size.
+    pub(crate) max_in_flight_bytes: u64,
     pub(crate) retry_delays: Vec<Duration>,
     pub(crate) queue_type: QueueType,
     /// What a request's `reply_to` may do.
@@ -191,6 +193,9 @@ fn resolve_one(config: &Config, spec: &HandlerSpec) -> Result<Settings, SetupErr
             .unwrap_or(config.max_retry_count),
         max_redeliveries: section.max_redeliveries.unwrap_or(config.max_redeliveries),
         delivery_limit: section.delivery_limit.unwrap_or(config.delivery_limit),
+        max_in_flight_bytes: section
+            .max_in_flight_bytes
+            .unwrap_or(config.max_in_flight_bytes),
         retry_delays: section
             .retry_delays
             .clone()

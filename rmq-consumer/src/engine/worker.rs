@@ -14,7 +14,6 @@ use lapin::{
     options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
     types::{AMQPValue, FieldTable},
 };
-use serde_json::Value;
 use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, debug, error, field, info, info_span, warn};
@@ -29,6 +28,7 @@ use crate::{
     handler::{FailureAction, HandlerError, HandlerOutput},
     health::{HandlerStats, Health},
     publisher::Publisher,
+    body::not_json,
     registry::Call,
     retry::{self, Decision, RETRY_COUNT_HEADER},
     topology,
@@ -53,6 +53,8 @@ pub(crate) struct Worker {
     pub(crate) settings: Settings,
     pub(crate) exchange: String,
     pub(crate) max_body_size: usize,
+    /// Memory the messages in flight may take (`max_in_flight_bytes`).
+    pub(crate) memory: crate::body::Budget,
     /// How long a nacked result is published again (`result_publish_retry`).
     pub(crate) result_publish_retry: Duration,
     pub(crate) cache: Option<ResultCache>,
@@ -510,22 +512,27 @@ impl Worker {
                 ),
             ));
         }
-        let text = std::str::from_utf8(&delivery.data).map_err(|error| {
+        std::str::from_utf8(&delivery.data).map_err(|error| {
             HandlerError::with_kind(
                 FailureAction::DeadLetter,
                 "invalid_utf8",
                 format_args!("the body is not UTF-8: {error}"),
             )
         })?;
-        let value: Value = serde_json::from_str(text).map_err(|error| {
-            HandlerError::with_kind(
-                FailureAction::DeadLetter,
-                "invalid_json",
-                format_args!("the body is not JSON: {error}"),
-            )
-        })?;
+        // What decoding will cost, known without decoding: the message waits for room in the
+        // handler's budget, so what senders can make the worker hold is configured, not chosen
+        // by them.
+        let decoded = crate::body::decoded_cost(&delivery.data).map_err(not_json)?;
+        let _reserved = self
+            .memory
+            .reserve(delivery.data.len(), decoded)
+            .await
+            .map_err(|over| {
+                HandlerError::with_kind(FailureAction::DeadLetter, "body_too_large", over)
+            })?;
         let prepare = self.settings.prepare;
-        let prepared = std::panic::catch_unwind(move || prepare(value))
+        let body = &delivery.data;
+        let prepared = std::panic::catch_unwind(move || prepare(body))
             .map_err(|panic| panicked("the task uuid function", &*panic))??;
         let task_uuid = prepared.task_uuid;
         tracing::Span::current().record("task_uuid", task_uuid.as_str());

@@ -51,8 +51,13 @@ fn main() {
     assert_eq!(raw.module_path, module_path!());
     assert!(raw.file.ends_with("registration.rs"), "{}", raw.file);
     assert_eq!(raw.line, 33);
-    let prepared = (raw.prepare)(json!({"b": 1, "a": 2})).unwrap();
-    assert_eq!(prepared.task_uuid().len(), 32, "an md5 in hex");
+    let prepared = (raw.prepare)(br#"{"b": 1, "a": 2}"#).unwrap();
+    assert_eq!(
+        prepared.task_uuid(),
+        rmq_consumer::uuid::md5_json(&json!({"a": 2, "b": 1}))
+    );
+    let error = (raw.prepare)(b"{").unwrap_err();
+    assert_eq!(error.kind(), "invalid_json");
 
     let typed = handlers[1];
     assert_eq!(typed.queue, "tasks");
@@ -64,9 +69,9 @@ fn main() {
     assert_eq!(typed.queue_type, None);
     assert!(!typed.blocking);
     assert_eq!(typed.line, 18);
-    let prepared = (typed.prepare)(json!({"id": 42})).unwrap();
+    let prepared = (typed.prepare)(br#"{"id": 42}"#).unwrap();
     assert_eq!(prepared.task_uuid(), "task-42");
-    let error = (typed.prepare)(json!({"id": "not a number"})).unwrap_err();
+    let error = (typed.prepare)(br#"{"id": "not a number"}"#).unwrap_err();
     assert!(error.is_dead_letter());
     assert_eq!(error.kind(), "invalid_shape");
 }
