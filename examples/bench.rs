@@ -779,7 +779,9 @@ fn parse_args(args: &[String]) -> Res<Args> {
         }
     }
     if scenarios.is_empty() {
-        scenarios = ["S1", "S2", "S3", "L", "M", "H"].map(str::to_owned).to_vec();
+        scenarios = ["S1", "S2", "S3", "L", "M", "H"]
+            .map(str::to_owned)
+            .to_vec();
     }
     Ok(Args {
         scenarios,

@@ -137,7 +137,10 @@ fn prepare_fn(args: &Args, handler: &Handler<'_>) -> TokenStream {
     let (uuid_before, uuid_after) = match &args.uuid {
         None if json_value => {
             let default_task_uuid = paths::default_task_uuid(site);
-            (quote!(), quote!(let #task_uuid = #default_task_uuid(&#arg);))
+            (
+                quote!(),
+                quote!(let #task_uuid = #default_task_uuid(&#arg);),
+            )
         }
         None => {
             let of_body = paths::default_task_uuid_of_body(site);

@@ -73,7 +73,9 @@ impl Budget {
     /// A budget of `bytes` (at least 1 KiB).
     pub(crate) fn new(bytes: u64) -> Self {
         let max = u32::try_from(tokio::sync::Semaphore::MAX_PERMITS).unwrap_or(u32::MAX);
-        let total_kib = u32::try_from(bytes / 1024).unwrap_or(u32::MAX).clamp(1, max);
+        let total_kib = u32::try_from(bytes / 1024)
+            .unwrap_or(u32::MAX)
+            .clamp(1, max);
         Self {
             kib: tokio::sync::Semaphore::new(total_kib as usize),
             total_kib,
@@ -221,12 +223,19 @@ mod tests {
         let text = format!("\"{}\"", "a".repeat(one_key.len()));
         // The same length: a string costs about its length, one-key objects ~100 times it.
         assert!(cost(&text) < 2 * one_key.len() as u64);
-        assert!(cost(&one_key) > 90 * one_key.len() as u64, "{}", cost(&one_key));
+        assert!(
+            cost(&one_key) > 90 * one_key.len() as u64,
+            "{}",
+            cost(&one_key)
+        );
         assert_eq!(cost("null"), SLOT);
         assert_eq!(cost("{}"), SLOT);
         assert_eq!(cost("[]"), SLOT);
         assert_eq!(cost("[1]"), SLOT + ARRAY + SLOT);
-        assert_eq!(cost(r#"{"ab":1}"#), SLOT + OBJECT + 2 + STRING + ENTRY + SLOT);
+        assert_eq!(
+            cost(r#"{"ab":1}"#),
+            SLOT + OBJECT + 2 + STRING + ENTRY + SLOT
+        );
     }
 
     #[test]
@@ -235,6 +244,9 @@ mod tests {
             assert!(decoded_cost(body.as_bytes()).is_err(), "{body:?}");
         }
         let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
-        assert!(decoded_cost(deep.as_bytes()).is_err(), "serde_json's recursion limit");
+        assert!(
+            decoded_cost(deep.as_bytes()).is_err(),
+            "serde_json's recursion limit"
+        );
     }
 }

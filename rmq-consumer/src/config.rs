@@ -2162,10 +2162,7 @@ mod tests {
                 "heartbeat_interval",
                 "must be between 0 and 65535, got 70000",
             ),
-            (
-                "result_cache_size",
-                "must be between 1 and 10000000, got 0",
-            ),
+            ("result_cache_size", "must be between 1 and 10000000, got 0"),
             ("queue_type", "expected `classic` or `quorum`, got `lazy`"),
             ("log_format", "expected `human` or `json`, got `xml`"),
             (
@@ -2541,7 +2538,10 @@ mod tests {
             "RMQ_CONSUMER_QUEUE_STUCK_THRESHOLD",
         ] {
             let message = &problem_for(&problems, key).message;
-            assert!(message.starts_with("must be at most 366 days"), "{key}: {message}");
+            assert!(
+                message.starts_with("must be at most 366 days"),
+                "{key}: {message}"
+            );
         }
         assert_eq!(
             problem_for(&problems, "result_cache_size").message,
@@ -2579,12 +2579,19 @@ mod tests {
                 "amqp://u:Can,ary@rabbit:5672/%2f,http://w:Can,ary@x/",
             )]),
         );
-        let text = format!("{:?} {}", result, match &result {
-            Ok(_) => String::new(),
-            Err(error) => error.to_string(),
-        });
+        let text = format!(
+            "{:?} {}",
+            result,
+            match &result {
+                Ok(_) => String::new(),
+                Err(error) => error.to_string(),
+            }
+        );
         assert!(result.is_err(), "the http URL is a problem");
-        assert!(!text.contains("Can,ary") && !text.contains("ary@"), "{text}");
+        assert!(
+            !text.contains("Can,ary") && !text.contains("ary@"),
+            "{text}"
+        );
     }
 
     #[test]

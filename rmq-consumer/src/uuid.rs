@@ -86,7 +86,7 @@ pub fn canonical_json(value: &Value) -> String {
 /// ```
 /// use rmq_consumer::uuid::{canonical_json, canonical_json_from_slice};
 ///
-/// let body = br#"{"b": [1, 2.5], "a": {"y": null, "x": "é"}, "b": true}"#;
+/// let body = r#"{"b": [1, 2.5], "a": {"y": null, "x": "é"}, "b": true}"#.as_bytes();
 /// let value: serde_json::Value = serde_json::from_slice(body).unwrap();
 /// assert_eq!(canonical_json_from_slice(body).unwrap(), canonical_json(&value));
 /// ```

@@ -277,7 +277,10 @@ async fn memory_is_bounded_by_the_budget_not_the_sender() {
         "{reasons:?}"
     );
     let most = MOST_HELD.load(Ordering::SeqCst);
-    assert!(most <= 2, "{most} bombs decoded at once within an 8 MiB budget");
+    assert!(
+        most <= 2,
+        "{most} bombs decoded at once within an 8 MiB budget"
+    );
     assert_eq!(running.health.snapshot().reconnects, before);
     running.stop().await.unwrap();
     broker.cleanup().await;

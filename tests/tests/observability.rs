@@ -402,7 +402,10 @@ async fn http_listener_bounds_connections_and_slow_clients() {
 
     // An oversized request head is refused, not buffered.
     let mut big = TcpStream::connect(http).await.unwrap();
-    let head = format!("GET /livez HTTP/1.1\r\nX-Pad: {}\r\n\r\n", "a".repeat(64 * 1024));
+    let head = format!(
+        "GET /livez HTTP/1.1\r\nX-Pad: {}\r\n\r\n",
+        "a".repeat(64 * 1024)
+    );
     let _ = big.write_all(head.as_bytes()).await;
     let mut response = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), big.read_to_end(&mut response)).await;

@@ -20,6 +20,7 @@ use tracing::{Instrument, debug, error, field, info, info_span, warn};
 
 use crate::{
     amqp::{self, long, short},
+    body::not_json,
     cache::{ResultCache, Source},
     engine::acks::{How, Settler},
     engine::redelivery::{self, Abandoned, Verdict, WORKER_LOST},
@@ -28,7 +29,6 @@ use crate::{
     handler::{FailureAction, HandlerError, HandlerOutput},
     health::{HandlerStats, Health},
     publisher::Publisher,
-    body::not_json,
     registry::Call,
     retry::{self, Decision, RETRY_COUNT_HEADER},
     topology,
