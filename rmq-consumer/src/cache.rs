@@ -1,24 +1,43 @@
 //! The result cache: an LRU of successful results keyed by task uuid, with single flight (one
 //! handler run for concurrent deliveries of the same uuid).
+//!
+//! Concurrent deliveries of one task share one run and its outcome, failures included: when
+//! the run fails, every delivery that waited for it fails with the same error (each is then
+//! retried or dead-lettered on its own count) instead of running the handler again one after
+//! another, and none waits longer than `message_timeout` (issue 14, A12: N waiting
+//! deliveries of a failing task took N × `message_timeout`, past the broker's delivery-ack
+//! timeout). Only successes are kept.
 
 use std::{
     num::NonZeroUsize,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{Mutex, PoisonError},
+    time::Duration,
 };
 
 use lru::LruCache;
 use serde_json::Value;
-use tokio::sync::OnceCell;
+use tokio::sync::watch;
 
-use crate::handler::{HandlerError, HandlerOutput};
+use crate::handler::{FailureAction, HandlerError, HandlerOutput};
 
-type Slot = Arc<OnceCell<Option<Value>>>;
+/// What a run ended with, as its waiters see it (a [`HandlerError`] is not `Clone`).
+type Shared = Result<Option<Value>, (FailureAction, &'static str, String)>;
+
+/// One task uuid's entry.
+#[derive(Debug)]
+enum Entry {
+    /// A successful result.
+    Done(Option<Value>),
+    /// A run in progress: its outcome arrives here (`None` until then). A closed channel
+    /// means the run was dropped unfinished.
+    Running(watch::Receiver<Option<Shared>>),
+}
 
 /// An in-process cache of handler results. It lives as long as the process; replicas do not
 /// share it.
 #[derive(Debug)]
 pub(crate) struct ResultCache {
-    entries: Mutex<LruCache<String, Slot>>,
+    entries: Mutex<LruCache<String, Entry>>,
 }
 
 /// Whether a result came from the cache.
@@ -28,6 +47,15 @@ pub(crate) enum Source {
     Ran,
     /// Another delivery's result was reused.
     Cached,
+    /// Another delivery's run failed (or did not end in time), and so does this delivery.
+    SharedFailure,
+}
+
+/// What a caller does for a key.
+enum Claim {
+    Done(Option<Value>),
+    Wait(watch::Receiver<Option<Shared>>),
+    Run(watch::Sender<Option<Shared>>),
 }
 
 impl ResultCache {
@@ -37,45 +65,115 @@ impl ResultCache {
         }
     }
 
-    fn slot(&self, key: &str) -> Slot {
-        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(slot) = entries.get(key) {
-            return Arc::clone(slot);
-        }
-        let slot = Slot::default();
-        entries.put(key.to_owned(), Arc::clone(&slot));
-        slot
+    fn entries(&self) -> std::sync::MutexGuard<'_, LruCache<String, Entry>> {
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Returns the cached result for `key`, or runs `run` once (concurrent callers with the
-    /// same key wait for it); only successes are kept.
-    pub(crate) async fn get_or_run<F, Fut>(&self, key: &str, run: F) -> (HandlerOutput, Source)
+    fn claim(&self, key: &str) -> Claim {
+        let mut entries = self.entries();
+        match entries.get(key) {
+            Some(Entry::Done(value)) => return Claim::Done(value.clone()),
+            // A run whose owner was dropped unfinished is no run: take it over.
+            Some(Entry::Running(outcome)) if outcome.has_changed().is_ok() => {
+                return Claim::Wait(outcome.clone());
+            }
+            _ => {}
+        }
+        let (sender, receiver) = watch::channel(None);
+        entries.put(key.to_owned(), Entry::Running(receiver));
+        Claim::Run(sender)
+    }
+
+    /// Records the outcome of the run `sender` announced, and hands it to its waiters.
+    fn finish(&self, key: &str, sender: &watch::Sender<Option<Shared>>, output: &HandlerOutput) {
+        {
+            let mut entries = self.entries();
+            let ours = matches!(entries.peek(key),
+                Some(Entry::Running(outcome)) if outcome.same_channel(&sender.subscribe()));
+            if ours {
+                match output {
+                    Ok(value) => {
+                        entries.put(key.to_owned(), Entry::Done(value.clone()));
+                    }
+                    Err(_) => {
+                        entries.pop(key);
+                    }
+                }
+            }
+        }
+        let shared = match output {
+            Ok(value) => Ok(value.clone()),
+            Err(error) => Err((error.action(), error.kind(), error.message().to_owned())),
+        };
+        sender.send_replace(Some(shared));
+    }
+
+    /// Returns the cached result for `key`, or runs `run` once: concurrent callers with the
+    /// same key wait (at most `wait`) for that run and share its outcome, failures included.
+    pub(crate) async fn get_or_run<F, Fut>(
+        &self,
+        key: &str,
+        wait: Duration,
+        run: F,
+    ) -> (HandlerOutput, Source)
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = HandlerOutput>,
     {
-        let slot = self.slot(key);
-        let mut source = Source::Cached;
-        let result = slot
-            .get_or_try_init(|| {
-                source = Source::Ran;
-                run()
-            })
-            .await;
-        match result {
-            Ok(value) => (Ok(value.clone()), source),
-            Err(error) => (Err::<_, HandlerError>(error), source),
-        }
+        let sender = loop {
+            match self.claim(key) {
+                Claim::Done(value) => return (Ok(value), Source::Cached),
+                Claim::Run(sender) => break sender,
+                Claim::Wait(mut outcome) => {
+                    match tokio::time::timeout(wait, outcome.wait_for(Option::is_some)).await {
+                        Ok(Ok(seen)) => match seen.as_ref() {
+                            Some(Ok(value)) => return (Ok(value.clone()), Source::Cached),
+                            Some(Err((action, kind, message))) => {
+                                let error = HandlerError::with_kind(
+                                    *action,
+                                    kind,
+                                    format_args!(
+                                        "a concurrent delivery of this task failed: {message}"
+                                    ),
+                                );
+                                return (Err(error), Source::SharedFailure);
+                            }
+                            None => {}
+                        },
+                        // The run was dropped unfinished: claim again.
+                        Ok(Err(_closed)) => {}
+                        Err(_elapsed) => {
+                            let error = HandlerError::with_kind(
+                                FailureAction::Retry,
+                                "timeout",
+                                format_args!(
+                                    "waited {wait:?} (message_timeout) for a concurrent delivery of this task"
+                                ),
+                            );
+                            return (Err(error), Source::SharedFailure);
+                        }
+                    }
+                }
+            }
+        };
+        let output = run().await;
+        self.finish(key, &sender, &output);
+        (output, Source::Ran)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
 
     use serde_json::json;
 
     use super::*;
+
+    const WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
     fn cache(size: usize) -> ResultCache {
         ResultCache::new(NonZeroUsize::new(size).unwrap_or(NonZeroUsize::MIN))
@@ -84,10 +182,14 @@ mod tests {
     #[tokio::test]
     async fn second_lookup_is_a_hit() {
         let cache = cache(2);
-        let (first, source) = cache.get_or_run("a", || async { Ok(Some(json!(1))) }).await;
+        let (first, source) = cache
+            .get_or_run("a", WAIT, || async { Ok(Some(json!(1))) })
+            .await;
         assert_eq!(source, Source::Ran);
         assert_eq!(first.ok().flatten(), Some(json!(1)));
-        let (second, source) = cache.get_or_run("a", || async { Ok(Some(json!(2))) }).await;
+        let (second, source) = cache
+            .get_or_run("a", WAIT, || async { Ok(Some(json!(2))) })
+            .await;
         assert_eq!(source, Source::Cached);
         assert_eq!(second.ok().flatten(), Some(json!(1)));
     }
@@ -96,10 +198,10 @@ mod tests {
     async fn failures_are_not_cached() {
         let cache = cache(2);
         let (first, _) = cache
-            .get_or_run("a", || async { Err(HandlerError::retry("boom")) })
+            .get_or_run("a", WAIT, || async { Err(HandlerError::retry("boom")) })
             .await;
         assert!(first.is_err());
-        let (second, source) = cache.get_or_run("a", || async { Ok(None) }).await;
+        let (second, source) = cache.get_or_run("a", WAIT, || async { Ok(None) }).await;
         assert_eq!(source, Source::Ran);
         assert!(matches!(second, Ok(None)));
     }
@@ -113,7 +215,7 @@ mod tests {
             let (cache, runs) = (Arc::clone(&cache), Arc::clone(&runs));
             tasks.push(tokio::spawn(async move {
                 cache
-                    .get_or_run("k", || async {
+                    .get_or_run("k", WAIT, || async {
                         runs.fetch_add(1, Ordering::SeqCst);
                         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                         Ok(Some(json!("r")))
@@ -131,9 +233,73 @@ mod tests {
     #[tokio::test]
     async fn lru_evicts_the_oldest() {
         let cache = cache(1);
-        let _ = cache.get_or_run("a", || async { Ok(None) }).await;
-        let _ = cache.get_or_run("b", || async { Ok(None) }).await;
-        let (_, source) = cache.get_or_run("a", || async { Ok(None) }).await;
+        let _ = cache.get_or_run("a", WAIT, || async { Ok(None) }).await;
+        let _ = cache.get_or_run("b", WAIT, || async { Ok(None) }).await;
+        let (_, source) = cache.get_or_run("a", WAIT, || async { Ok(None) }).await;
+        assert_eq!(source, Source::Ran);
+    }
+
+    #[tokio::test]
+    async fn concurrent_same_key_share_a_failure() {
+        let cache = Arc::new(cache(8));
+        let runs = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..4 {
+            let (cache, runs) = (Arc::clone(&cache), Arc::clone(&runs));
+            tasks.push(tokio::spawn(async move {
+                cache
+                    .get_or_run("k", WAIT, || async {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        Err(HandlerError::retry("boom"))
+                    })
+                    .await
+            }));
+        }
+        let mut shared = 0;
+        for task in tasks {
+            let (result, source) = task.await.unwrap_or((Ok(None), Source::Ran));
+            let error = result
+                .err()
+                .map(|e| e.message().to_owned())
+                .unwrap_or_default();
+            assert!(error.contains("boom"), "{error}");
+            shared += usize::from(source == Source::SharedFailure);
+        }
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            1,
+            "one run for the four deliveries"
+        );
+        assert_eq!(shared, 3);
+        // Failures are not kept: the next delivery runs again.
+        let (_, source) = cache.get_or_run("k", WAIT, || async { Ok(None) }).await;
+        assert_eq!(source, Source::Ran);
+    }
+
+    #[tokio::test]
+    async fn a_waiter_waits_at_most_its_timeout() {
+        let cache = Arc::new(cache(8));
+        let slow = Arc::clone(&cache);
+        let lead = tokio::spawn(async move {
+            slow.get_or_run("k", WAIT, || async {
+                tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+                Ok(None)
+            })
+            .await
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let (result, source) = cache
+            .get_or_run("k", std::time::Duration::from_millis(50), || async {
+                Ok(None)
+            })
+            .await;
+        assert_eq!(source, Source::SharedFailure);
+        assert_eq!(result.err().map(|e| e.kind()), Some("timeout"));
+        lead.abort();
+        // The aborted run is no run: the next caller takes over.
+        let _ = lead.await;
+        let (_, source) = cache.get_or_run("k", WAIT, || async { Ok(None) }).await;
         assert_eq!(source, Source::Ran);
     }
 }

@@ -141,6 +141,11 @@ impl HandlerStats {
         self.subscribed_ms.store(now_ms, Relaxed);
     }
 
+    /// Whether the handler (re)subscribed at or after `since_ms` (milliseconds since start).
+    pub(crate) fn subscribed_since(&self, since_ms: u64) -> bool {
+        self.subscribed_ms.load(Relaxed) >= since_ms
+    }
+
     /// The last sign of progress: a settled delivery or a (re)subscription.
     pub(crate) fn progress_ms(&self) -> u64 {
         self.last_completed_ms()

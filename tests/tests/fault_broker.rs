@@ -393,3 +393,86 @@ async fn f11_memory_alarm_blocks_then_work_resumes() {
     running.stop().await.unwrap();
     broker.cleanup().await;
 }
+
+/// A7/A10/A11: SIGTERM during a memory alarm. While the broker blocks the connection nothing
+/// the engine writes gets out (results, acks, `basic.cancel`, `channel.close`,
+/// `connection.close`); the shutdown still ends within one `shutdown_timeout` (plus a small
+/// bound for closing), not when the alarm clears, and not after two drains. What was not
+/// settled is redelivered: a second engine started after the alarm answers every task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f11_shutdown_during_a_memory_alarm_is_bounded() {
+    const TASKS: usize = 24;
+    const SHUTDOWN: Duration = Duration::from_secs(3);
+    const CLOSE_BOUND: Duration = Duration::from_secs(3);
+    let _global = GLOBAL.lock().await;
+    let mut broker = Broker::connect().await;
+    let exchange = unique("ex");
+    broker.track_exchange(&exchange);
+    let mut config = test_config(&exchange);
+    config.prefetch_count = 4;
+    config.shutdown_timeout = SHUTDOWN;
+    config.confirm_timeout = Duration::from_secs(30);
+    let route = Route::new(&mut config, "steady", &mut broker);
+    let _cleanup = broker.cleanup_on_panic();
+    let running = Running::start(config.clone(), &["steady"]).await;
+
+    let mut ledger = Ledger::new("F11-shutdown");
+    let tasks: Vec<Value> = ledger
+        .ids(TASKS)
+        .iter()
+        .map(|id| task(id, json!({"sleep_ms": 300})))
+        .collect();
+    assert_eq!(
+        ledger
+            .publish(&broker, &exchange, &route.queue, &tasks)
+            .await,
+        TASKS
+    );
+    eventually("some work done", Duration::from_secs(20), || {
+        succeeded(&running) >= 1
+    })
+    .await;
+    let alarm = MemoryAlarm::raise().await;
+    eventually("blocked reported", Duration::from_secs(20), || {
+        running.health.snapshot().blocked
+    })
+    .await;
+    // Let the deliveries at work finish and wait on their blocked result publishes.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let asked = Instant::now();
+    running.stop.cancel();
+    let ended = tokio::time::timeout(
+        SHUTDOWN + CLOSE_BOUND + Duration::from_secs(20),
+        running.task,
+    )
+    .await;
+    let took = asked.elapsed();
+    println!("[F11-shutdown] shutdown during the alarm took {took:?}");
+    drop(alarm);
+    assert!(
+        took <= SHUTDOWN + CLOSE_BOUND,
+        "shutdown during a memory alarm took {took:?} (shutdown_timeout {SHUTDOWN:?})"
+    );
+    let result = ended
+        .expect("shutdown did not end")
+        .expect("engine task panicked");
+    assert!(result.is_ok(), "{result:?}");
+
+    // Nothing lost: a fresh engine answers what the first one left.
+    let again = Running::start(config, &["steady"]).await;
+    ledger
+        .drain_route(
+            &broker,
+            &route,
+            Duration::from_secs(2),
+            Duration::from_secs(90),
+        )
+        .await;
+    let report = ledger.assert_nothing_lost();
+    println!(
+        "[F11-shutdown] duplicates={} dead_lettered={}",
+        report.duplicates, report.dead_lettered
+    );
+    again.stop().await.unwrap();
+    broker.cleanup().await;
+}

@@ -72,6 +72,18 @@ async fn deduped(task: Value) -> Value {
     json!({"id": id})
 }
 
+/// Works 500 ms, then fails (retryable); the task id is the uuid.
+#[consumer(
+    queue = "tests.fault_handler.deduped_failing",
+    reply_key = "tests.fault_handler.deduped_failing.result",
+    uuid = "task_id"
+)]
+async fn deduped_failing(task: Value) -> Result<Value, HandlerError> {
+    count_run(&task);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Err(HandlerError::retry("poison: this task always fails"))
+}
+
 /// A CPU-bound handler: a plain fn that blocks its thread for `block_ms`.
 #[consumer(
     queue = "tests.fault_handler.crunch",
@@ -358,6 +370,46 @@ async fn f25_duplicate_task_runs_the_handler_once_with_the_cache() {
     for id in &ids {
         assert_eq!(runs(id), 1, "{id}");
     }
+    running.stop().await.unwrap();
+    broker.cleanup().await;
+}
+
+/// A12: four deliveries of one failing task at once, with the result cache on. They share
+/// one handler run and its failure (each then goes on by its own count: here straight to the
+/// dead-letter queue), instead of running one after another, N × the handler's time (with a
+/// hanging task, N × `message_timeout`, past the broker's delivery-ack timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a12_concurrent_deliveries_of_a_failing_task_share_one_run() {
+    const COPIES: usize = 4;
+    let mut broker = Broker::connect().await;
+    let (exchange, config, route) = setup(&mut broker, "deduped_failing", |c| {
+        c.enable_result_cache = true;
+        c.prefetch_count = COPIES as u16;
+        c.max_retry_count = 0;
+    });
+    let _cleanup = broker.cleanup_on_panic();
+    let running = Running::start(config, &["deduped_failing"]).await;
+    let id = unique("task");
+    let body = serde_json::to_vec(&task(&id, json!({}))).unwrap();
+    for _ in 0..COPIES {
+        broker
+            .publish_raw(&exchange, &route.queue, &body, BasicProperties::default())
+            .await;
+    }
+    let dead = broker
+        .collect(&route.dlq, COPIES, Duration::from_secs(30))
+        .await;
+    let h = handler(&running);
+    println!(
+        "[A12] deliveries={} handler_runs={} dead_lettered={}",
+        h.received, h.handler_runs, h.dead_lettered
+    );
+    assert_eq!(
+        dead.len(),
+        COPIES,
+        "every delivery dead-lettered on its own"
+    );
+    assert_eq!(runs(&id), 1, "the concurrent deliveries shared one run");
     running.stop().await.unwrap();
     broker.cleanup().await;
 }

@@ -411,3 +411,53 @@ async fn f07_connection_reset_repeatedly() {
     println!("[F07] took {:?}", started.elapsed());
     broker.cleanup().await;
 }
+
+/// A6: a session that fails right after it opens is retried with the reconnect backoff, not
+/// at once. Here the URL's `channel_max=4` leaves the engine too few channels (it needs a
+/// consumer channel per queue, its confirm lanes and the watchdog's probe), so every session
+/// ends during setup: before the fix the engine reconnected hundreds of times a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a6_a_session_that_fails_at_once_backs_off() {
+    const WATCH: Duration = Duration::from_secs(6);
+    let _logs = tracing_subscriber::fmt()
+        .with_env_filter(
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "rmq_consumer=info".to_owned()),
+        )
+        .with_test_writer()
+        .try_init();
+    let mut broker = Broker::connect().await;
+    let exchange = unique("ex");
+    broker.track_exchange(&exchange);
+    let mut config = test_config(&exchange);
+    let url = common::broker_url();
+    let separator = if url.contains('?') { '&' } else { '?' };
+    config.urls = vec![SecretUrl::new(format!("{url}{separator}channel_max=4"))];
+    config.retry_connect_interval = Duration::from_millis(200);
+    config.retry_connect_max = Duration::from_secs(1);
+    let _route = Route::new(&mut config, "steady", &mut broker);
+    let _cleanup = broker.cleanup_on_panic();
+    let engine = rmq_consumer::Engine::builder(config)
+        .only(["steady"])
+        .build()
+        .unwrap();
+    let stop = engine.shutdown_token();
+    let health = engine.health();
+    let task = tokio::spawn(engine.run());
+    tokio::time::sleep(WATCH).await;
+    let snapshot = health.snapshot();
+    stop.cancel();
+    let ended = tokio::time::timeout(Duration::from_secs(10), task).await;
+    // 200 ms doubling to 1 s: about 7 sessions in 6 s; a storm makes thousands.
+    println!("[A6] {} reconnects in {WATCH:?}", snapshot.reconnects);
+    assert!(
+        snapshot.reconnects <= 12,
+        "{} reconnects in {WATCH:?}: sessions that fail at once are not backed off",
+        snapshot.reconnects
+    );
+    assert!(
+        !snapshot.handlers.iter().any(|h| h.consuming),
+        "the engine should never have consumed with 4 channels: {snapshot:?}"
+    );
+    assert!(ended.is_ok(), "the engine did not stop within 10 s");
+    broker.cleanup().await;
+}

@@ -27,6 +27,12 @@ use crate::{
 };
 use worker::{Stop, Worker};
 
+/// A session in which every handler subscribed and that lasted this long (or
+/// `retry_connect_interval`, when shorter) was a working one: after its loss the engine
+/// reconnects at once. Any other counts as a failed connection attempt and backs off (issue
+/// 14, A6: a session refused during setup reconnected in a tight loop).
+const STABLE_SESSION: Duration = Duration::from_secs(5);
+
 /// A configured set of handlers, ready to [`run`](Engine::run).
 ///
 /// [`crate::run`] builds one from every registered handler; tests and embedders use
@@ -208,15 +214,22 @@ impl Engine {
         }
         let _stop_http = stop_http.drop_guard();
         let tracker = TaskTracker::new();
-        let result = self.supervise(&tracker).await;
+        let expired = shutdown_deadline(self.shutdown.clone(), self.config.shutdown_timeout);
+        let _stop_deadline = expired.clone().drop_guard();
+        let result = self.supervise(&tracker, &expired).await;
         self.health
             .draining
             .store(true, std::sync::atomic::Ordering::Relaxed);
         tracker.close();
-        if tokio::time::timeout(self.config.shutdown_timeout, tracker.wait())
-            .await
-            .is_err()
-        {
+        // The supervisor returns on a shutdown or a refused topology (which starts one);
+        // the deliveries still at work get what is left of the one `shutdown_timeout` the
+        // whole shutdown has, however many drains it takes.
+        self.shutdown.cancel();
+        let drained = tokio::select! {
+            () = tracker.wait() => true,
+            () = expired.cancelled() => false,
+        };
+        if !drained {
             let left: usize = self
                 .health
                 .snapshot()
@@ -232,7 +245,11 @@ impl Engine {
         result
     }
 
-    async fn supervise(&self, tracker: &TaskTracker) -> Result<(), Error> {
+    async fn supervise(
+        &self,
+        tracker: &TaskTracker,
+        expired: &CancellationToken,
+    ) -> Result<(), Error> {
         let names: Vec<&str> = self
             .workers
             .iter()
@@ -263,7 +280,6 @@ impl Engine {
             match connected {
                 Ok((connection, index)) => {
                     url_index = index;
-                    attempt = 0;
                     if connected_before {
                         self.health
                             .reconnects
@@ -271,9 +287,39 @@ impl Engine {
                     }
                     connected_before = true;
                     info!(url = %self.config.urls[index], "connected");
-                    match self.session(connection, tracker).await? {
+                    let opened = tokio::time::Instant::now();
+                    let opened_ms = self.health.now_ms();
+                    match self.session(connection, tracker, expired).await? {
                         SessionEnd::Shutdown => return Ok(()),
-                        SessionEnd::Lost => warn!("connection lost; reconnecting"),
+                        SessionEnd::Lost => {}
+                    }
+                    // A session in which every handler subscribed and that lived for a while
+                    // was a working one: its loss is retried at once. Any other (channels
+                    // refused, a setup that fails each time) counts as a failed attempt and
+                    // backs off like a failed connect; otherwise it would reconnect in a
+                    // tight loop.
+                    let lived = opened.elapsed();
+                    let subscribed = self
+                        .health
+                        .handlers
+                        .iter()
+                        .all(|stats| stats.subscribed_since(opened_ms));
+                    if subscribed && lived >= self.config.retry_connect_interval.min(STABLE_SESSION)
+                    {
+                        attempt = 0;
+                        warn!(after = ?lived, "connection lost; reconnecting");
+                        continue;
+                    }
+                    let delay = connection::backoff(
+                        attempt,
+                        self.config.retry_connect_interval,
+                        self.config.retry_connect_max,
+                    );
+                    attempt = attempt.saturating_add(1);
+                    warn!(after = ?lived, "session ended soon after it opened; next attempt in {delay:.1?}");
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = self.shutdown.cancelled() => return Ok(()),
                     }
                 }
                 Err(errors) => {
@@ -300,6 +346,7 @@ impl Engine {
         &self,
         connection: Connection,
         tracker: &TaskTracker,
+        expired: &CancellationToken,
     ) -> Result<SessionEnd, Error> {
         let lost = CancellationToken::new();
         let health = Arc::clone(&self.health);
@@ -328,8 +375,11 @@ impl Engine {
             lost.clone(),
             stop_watchdog.clone(),
         ));
-        let end = self.consume_all(&connection, tracker, &lost).await;
+        let end = self.consume_all(&connection, tracker, &lost, expired).await;
+        // The watchdog may be waiting on a probe the broker does not answer (a blocked
+        // connection): it holds nothing that needs an orderly end.
         stop_watchdog.cancel();
+        watchdog.abort();
         let _ = watchdog.await;
         health
             .connected
@@ -344,6 +394,7 @@ impl Engine {
         connection: &Arc<Connection>,
         tracker: &TaskTracker,
         lost: &CancellationToken,
+        expired: &CancellationToken,
     ) -> Result<SessionEnd, Error> {
         let setup = async {
             let channel = connection.create_channel().await.map_err(|source| {
@@ -403,30 +454,87 @@ impl Engine {
                 }
             }
         }
-        if let Some(error) = fatal {
-            let _ = connection.close(200, "topology refused".into()).await;
-            return Err(error);
-        }
-        if matches!(end, SessionEnd::Shutdown) {
+        if fatal.is_some() || matches!(end, SessionEnd::Shutdown) {
             self.health
                 .draining
                 .store(true, std::sync::atomic::Ordering::Relaxed);
-            // Consumers are cancelled: let in-flight deliveries publish and ack before closing.
+            // Consumers are cancelled: let in-flight deliveries (of every handler, also after
+            // one handler's topology was refused) publish and ack before closing.
             tracker.close();
-            let drained = tokio::time::timeout(self.config.shutdown_timeout, tracker.wait()).await;
-            if drained.is_err() {
+            let drained = tokio::select! {
+                () = tracker.wait() => true,
+                () = expired.cancelled() => false,
+            };
+            if drained {
+                info!("in-flight deliveries drained");
+            } else {
                 warn!(
                     "shutdown timeout reached; closing with deliveries in flight (the broker requeues them)"
                 );
-            } else {
-                info!("in-flight deliveries drained");
             }
-            publisher.close().await;
-            let _ = connection.close(200, "shutdown".into()).await;
+            within_deadline("closing the publish channels", publisher.close(), expired).await;
+            let reason = if fatal.is_some() {
+                "topology refused"
+            } else {
+                "shutdown"
+            };
+            within_deadline(
+                "closing the connection",
+                connection.close(200, reason.into()),
+                expired,
+            )
+            .await;
         } else {
-            let _ = connection.close(200, "reconnecting".into()).await;
+            within_deadline(
+                "closing the connection",
+                connection.close(200, "reconnecting".into()),
+                expired,
+            )
+            .await;
         }
-        Ok(end)
+        match fatal {
+            Some(error) => Err(error),
+            None => Ok(end),
+        }
+    }
+}
+
+/// A token cancelled `shutdown_timeout` after `shutdown` is: the one deadline of a shutdown,
+/// shared by every drain and close on its path (issue 14, A7/A10/A11).
+fn shutdown_deadline(shutdown: CancellationToken, timeout: Duration) -> CancellationToken {
+    let expired = CancellationToken::new();
+    let cancel = expired.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            () = cancel.cancelled() => return,
+        }
+        tokio::select! {
+            () = tokio::time::sleep(timeout) => cancel.cancel(),
+            () = cancel.cancelled() => {}
+        }
+    });
+    expired
+}
+
+/// How long a close may still take once the shutdown deadline has passed. While the broker
+/// blocks the connection (a resource alarm) nothing the engine writes gets out, so a close
+/// would wait for as long as the alarm lasts.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Runs `close` until it ends or [`CLOSE_GRACE`] after `expired`, whichever is first.
+async fn within_deadline<T>(
+    what: &str,
+    close: impl std::future::Future<Output = T>,
+    expired: &CancellationToken,
+) {
+    let late = async {
+        expired.cancelled().await;
+        tokio::time::sleep(CLOSE_GRACE).await;
+    };
+    tokio::select! {
+        _ = close => {}
+        () = late => warn!("{what} did not complete within the shutdown deadline; leaving it to the broker"),
     }
 }
 

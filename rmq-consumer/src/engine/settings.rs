@@ -44,6 +44,13 @@ pub(crate) struct Settings {
 }
 
 impl Settings {
+    /// The delivery tasks the worker runs side by side on the work queue:
+    /// `min(concurrency, basic.qos)`, since more tasks than `basic.qos` would never get a
+    /// delivery. The watchdog judges free capacity against this, not `concurrency`.
+    pub(crate) fn slots(&self) -> usize {
+        self.concurrency.min(usize::from(self.qos).max(1))
+    }
+
     /// The queue where tasks whose delivery ended unsettled wait to run alone:
     /// `<queue>.suspect`.
     pub(crate) fn suspect_queue(&self) -> String {

@@ -21,7 +21,7 @@ pub(crate) struct Observation {
     pub(crate) depth: Option<u32>,
     /// Deliveries in flight.
     pub(crate) in_flight: usize,
-    /// The handler's concurrency limit.
+    /// The delivery tasks the handler runs ([`Settings::slots`](crate::engine::settings::Settings::slots)).
     pub(crate) capacity: usize,
     /// Time since the last settled delivery or (re)subscription.
     pub(crate) idle: Duration,
@@ -115,14 +115,17 @@ pub(crate) async fn run(
             let idle = Duration::from_millis(now.saturating_sub(stats.progress_ms()));
             // A suspect at work runs alone: the handler has no free capacity meanwhile.
             let alone = worker.alone.try_read().is_err();
+            // Capacity is the delivery tasks that run, `min(concurrency, basic.qos)`: a
+            // worker busy in all of them is not stuck, however large `concurrency` is.
+            let capacity = worker.settings.slots();
             let seen = Observation {
                 depth,
                 in_flight: if alone {
-                    worker.settings.concurrency
+                    capacity
                 } else {
                     stats.in_flight.load(Relaxed)
                 },
-                capacity: worker.settings.concurrency,
+                capacity,
                 idle,
             };
             let verdict = {

@@ -44,6 +44,8 @@ const REQUEUE_PAUSE: Duration = Duration::from_secs(1);
 /// [`RESULT_REPUBLISH_MAX_PAUSE`].
 const RESULT_REPUBLISH_FIRST_PAUSE: Duration = Duration::from_millis(50);
 const RESULT_REPUBLISH_MAX_PAUSE: Duration = Duration::from_secs(2);
+/// How long a shutdown waits for the broker to answer a `basic.cancel`.
+const CANCEL_WAIT: Duration = Duration::from_secs(1);
 /// Wait before re-subscribing a consumer the broker cancelled.
 const RESUBSCRIBE_PAUSE: Duration = Duration::from_secs(1);
 
@@ -153,7 +155,7 @@ impl Worker {
             let window = usize::from(self.settings.qos).max(1);
             let (queue, deliveries) = async_channel::bounded(window);
             let stop = CancellationToken::new();
-            for _ in 0..self.settings.concurrency.min(window) {
+            for _ in 0..self.settings.slots() {
                 tracker.spawn(Arc::clone(&self).serve(
                     Lane::Work,
                     deliveries.clone(),
@@ -224,11 +226,21 @@ impl Worker {
                     for (channel, consumer) in
                         [(&channel, &consumer), (&suspect_channel, &suspect_consumer)]
                     {
-                        let cancel = channel
-                            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-                            .await;
-                        if let Err(error) = cancel {
-                            debug!(handler = %name, error = %error, "basic.cancel failed");
+                        // Bounded: a connection the broker blocks (a resource alarm) sends
+                        // nothing, and the drain must not wait for the alarm to clear.
+                        let cancel = tokio::time::timeout(
+                            CANCEL_WAIT,
+                            channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()),
+                        )
+                        .await;
+                        match cancel {
+                            Ok(Ok(())) => {}
+                            Ok(Err(error)) => {
+                                debug!(handler = %name, error = %error, "basic.cancel failed");
+                            }
+                            Err(_) => {
+                                debug!(handler = %name, "basic.cancel not answered in time");
+                            }
                         }
                     }
                     info!(handler = %name, "consumer cancelled; draining in-flight deliveries");
@@ -549,7 +561,7 @@ impl Worker {
         };
         let output = match &self.cache {
             Some(cache) => {
-                let (output, source) = cache.get_or_run(&task_uuid, run).await;
+                let (output, source) = cache.get_or_run(&task_uuid, timeout, run).await;
                 if source == Source::Cached {
                     stats.cache_hits.fetch_add(1, Relaxed);
                     debug!("result answered from the cache");
