@@ -1233,6 +1233,30 @@ fn dlq_replay_copies_drop_cc_bcc_and_user_id() {
     rt.block_on(broker.cleanup());
 }
 
+/// `status` names the queue a dead-letter queue belongs to by the same rule `dlq replay` uses.
+#[test]
+fn status_reports_the_queue_a_dead_letter_queue_belongs_to() {
+    let rt = runtime();
+    let mut broker = rt.block_on(Broker::connect());
+    let work = unique("cli");
+    let dlq = format!("{work}.dlq");
+    rt.block_on(broker.declare_queue(&dlq));
+    let _cleanup = broker.cleanup_on_panic();
+    let report = cli(&["status", "--queue", &dlq, "--json"]).json();
+    assert_eq!(
+        report["dead_letter_sources"][&dlq],
+        work.as_str(),
+        "{report}"
+    );
+    let run = cli(&["status", "--queue", &dlq]);
+    assert!(
+        run.out.contains(&format!("dead letters of `{work}`")),
+        "{}",
+        run.out
+    );
+    rt.block_on(broker.cleanup());
+}
+
 #[test]
 fn dlq_purge_refuses_a_queue_that_is_no_dead_letter_queue() {
     let rt = runtime();
