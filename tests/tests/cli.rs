@@ -1175,6 +1175,59 @@ fn dlq_replay_skips_copies_refused_with_a_channel_error_and_goes_on() {
     rt.block_on(broker.cleanup());
 }
 
+/// A broker user for one test, deleted on drop (also when the test fails).
+struct OtherUser {
+    name: String,
+}
+
+impl OtherUser {
+    const PASSWORD: &str = "cli-test-user-password";
+
+    fn create() -> Self {
+        let name = unique("user");
+        rabbitmqctl_blocking(&["add_user", &name, Self::PASSWORD]).unwrap();
+        let user = Self { name };
+        let vhost = AMQPUri::from_str(&broker_url()).unwrap().vhost;
+        rabbitmqctl_blocking(&[
+            "set_permissions",
+            "-p",
+            &vhost,
+            &user.name,
+            ".*",
+            ".*",
+            ".*",
+        ])
+        .unwrap();
+        user
+    }
+
+    /// The test broker's URL with this user's credentials.
+    fn url(&self) -> String {
+        let uri = AMQPUri::from_str(&broker_url()).unwrap();
+        let vhost = if uri.vhost == "/" {
+            "%2f".to_owned()
+        } else {
+            uri.vhost.clone()
+        };
+        format!(
+            "amqp://{}:{}@{}:{}/{vhost}",
+            self.name,
+            Self::PASSWORD,
+            uri.authority.host,
+            uri.authority.port
+        )
+    }
+}
+
+impl Drop for OtherUser {
+    fn drop(&mut self) {
+        let _ = rabbitmqctl_blocking(&["delete_user", &self.name]);
+    }
+}
+
+/// Another user's dead letter, sent with `CC`/`BCC` naming a third queue: the replayed copy
+/// (published with the operator's credentials) reaches the work queue only, without
+/// `user_id` (the broker would refuse a copy claiming to be another user's).
 #[test]
 fn dlq_replay_copies_drop_cc_bcc_and_user_id() {
     let rt = runtime();
@@ -1186,28 +1239,29 @@ fn dlq_replay_copies_drop_cc_bcc_and_user_id() {
         rt.block_on(broker.declare_queue(queue));
     }
     let _cleanup = broker.cleanup_on_panic();
-    let user = AMQPUri::from_str(&broker_url())
-        .unwrap()
-        .authority
-        .userinfo
-        .username;
+    let user = OtherUser::create();
     let route = AMQPValue::FieldArray(vec![text(&victim)].into());
-    rt.block_on(dead_letter(
-        &broker,
-        &dlq,
-        &work,
-        b"routed",
-        &[
-            ("CC", route.clone()),
-            ("BCC", route),
-            ("tenant", text("acme")),
-        ],
-        BasicProperties::default()
-            .with_user_id(user.as_str().into())
-            .with_message_id("m-1".into()),
-    ));
+    rt.block_on(async {
+        let publisher = Broker::connect_to(&user.url()).await;
+        dead_letter(
+            &publisher,
+            &dlq,
+            &work,
+            b"routed",
+            &[
+                ("CC", route.clone()),
+                ("BCC", route),
+                ("tenant", text("acme")),
+            ],
+            BasicProperties::default()
+                .with_user_id(user.name.as_str().into())
+                .with_message_id("m-1".into()),
+        )
+        .await;
+        publisher.cleanup().await;
+    });
     // Publishing the original with CC/BCC put a copy in the victim queue too: empty it.
-    rt.block_on(broker.drain(&victim));
+    assert_eq!(rt.block_on(broker.drain(&victim)).len(), 1);
 
     let run = cli(&["dlq", "replay", &dlq]);
     assert_eq!(run.code, EXIT_OK, "{}", run.all());
@@ -1230,6 +1284,7 @@ fn dlq_replay_copies_drop_cc_bcc_and_user_id() {
     assert!(!headers.contains_key("CC"), "{headers:?}");
     assert!(!headers.contains_key("BCC"), "{headers:?}");
     assert!(headers.contains_key("tenant"), "{headers:?}");
+    drop(user);
     rt.block_on(broker.cleanup());
 }
 
