@@ -74,7 +74,7 @@ const ENGINE_HEADERS: &[&str] = &[
     "x-last-error",
     "x-error-kind",
     "x-death-reason",
-    "x-original-queue",
+    crate::retry::ORIGINAL_QUEUE_HEADER,
     "x-original-exchange",
     "x-original-routing-key",
     "x-original-expiration",

@@ -13,12 +13,18 @@
 //!   while the engine handles returns itself (a message body never reaches a log line).
 //! - stderr, in the configured [`LogFormat`]: human-readable lines with targets (ANSI colours
 //!   only when stderr is a terminal), or one JSON object per line with the current span and
-//!   the span list.
+//!   the span list. Field values (and messages) may quote message content, so control
+//!   characters are escaped ([`crate::text::printable`]): a human line is always one line
+//!   that cannot drive a terminal, and a JSON line escapes DEL and C1 too
+//!   ([`crate::text::json_safe`]; JSON escapes C0 itself).
 //! - With [`LogConfig::dir`]: that directory is created and receives, in the same format
 //!   without colours, `<prefix>.<YYYY-MM-DD>.log` (every event passing the filter) and
 //!   `<prefix>.error.<YYYY-MM-DD>.log` (`ERROR` events only), a new file each day (UTC). Files
 //!   are written by a background thread that never drops lines; the returned [`LogGuard`]
 //!   flushes them when dropped, so keep it alive until the program ends.
+//!
+//! [`subscriber`] builds the same formatting around any writer, without installing it (tests
+//! capture log lines with it).
 //!
 //! ```no_run
 //! let config = rmq_consumer::config::LogConfig::default();
@@ -33,13 +39,16 @@ use std::path::{Path, PathBuf};
 use tracing::{Level, Subscriber};
 use tracing_appender::non_blocking::{NonBlocking, NonBlockingBuilder, WorkerGuard};
 use tracing_appender::rolling::{InitError, RollingFileAppender, Rotation};
+use tracing_subscriber::field::MakeExt as _;
 use tracing_subscriber::filter::{EnvFilter, ParseError, filter_fn};
-use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::fmt::format::debug_fn;
+use tracing_subscriber::fmt::{FormatFields, MakeWriter};
 use tracing_subscriber::layer::{Layer, Layered, SubscriberExt as _};
 use tracing_subscriber::registry::Registry;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
 use crate::config::{LogConfig, LogFormat};
+use crate::text::{json_safe, printable};
 
 /// Keeps the log file writers alive; dropping it flushes and closes the files.
 ///
@@ -104,6 +113,27 @@ pub fn init(config: &LogConfig) -> Result<LogGuard, LoggingError> {
         .try_init()
         .map_err(|_| LoggingError::AlreadyInitialized)?;
     Ok(guard)
+}
+
+/// A subscriber formatting events as [`init`] does (filter from [`LogConfig::level`], ignoring
+/// `RUST_LOG`; format from [`LogConfig::format`]; no colours; [`LogConfig::dir`] ignored) and
+/// writing them to `writer`. Not installed: use it with
+/// `tracing::subscriber::with_default` or `set_global_default`.
+///
+/// # Errors
+///
+/// [`LoggingError::Filter`] when the level is not a valid filter.
+pub fn subscriber<W>(
+    config: &LogConfig,
+    writer: W,
+) -> Result<impl Subscriber + Send + Sync + 'static, LoggingError>
+where
+    W: for<'writer> MakeWriter<'writer> + Send + Sync + 'static,
+{
+    let filter = filter(&config.level, None)?;
+    Ok(Registry::default()
+        .with(filter)
+        .with(fmt_layer(config.format, writer, false)))
 }
 
 type Base = Layered<EnvFilter, Registry>;
@@ -206,16 +236,68 @@ where
     W: for<'writer> MakeWriter<'writer> + Send + Sync + 'static,
 {
     let layer = tracing_subscriber::fmt::layer()
-        .with_writer(writer)
         .with_ansi(ansi)
         .with_target(true);
     match format {
-        LogFormat::Human => layer.boxed(),
+        LogFormat::Human => layer
+            .with_writer(writer)
+            .fmt_fields(escaped_fields())
+            .boxed(),
         LogFormat::Json => layer
+            .with_writer(JsonSafe(writer))
             .json()
             .with_current_span(true)
             .with_span_list(true)
             .boxed(),
+    }
+}
+
+/// The human format's fields, as the default (`message` bare, others `name=value`, spaces
+/// between) with control characters escaped: a `%value` or message quoting message content
+/// stays on its line and cannot drive a terminal (`?value` and strings are escaped by `Debug`
+/// already).
+fn escaped_fields() -> impl for<'writer> FormatFields<'writer> + Send + Sync + 'static {
+    debug_fn(|writer, field, value| {
+        let text = format!("{value:?}");
+        let text = printable(&text);
+        if field.name() == "message" {
+            write!(writer, "{text}")
+        } else {
+            write!(writer, "{}={text}", field.name())
+        }
+    })
+    .delimited(" ")
+}
+
+/// A writer maker whose writers escape DEL and C1 in the JSON lines they are given.
+struct JsonSafe<M>(M);
+
+impl<'writer, M: MakeWriter<'writer>> MakeWriter<'writer> for JsonSafe<M> {
+    type Writer = JsonSafeWriter<M::Writer>;
+
+    fn make_writer(&'writer self) -> Self::Writer {
+        JsonSafeWriter(self.0.make_writer())
+    }
+
+    fn make_writer_for(&'writer self, meta: &tracing::Metadata<'_>) -> Self::Writer {
+        JsonSafeWriter(self.0.make_writer_for(meta))
+    }
+}
+
+/// See [`JsonSafe`]; the formatter hands over each line whole.
+struct JsonSafeWriter<W>(W);
+
+impl<W: std::io::Write> std::io::Write for JsonSafeWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match std::str::from_utf8(buf) {
+            Ok(text) => self.0.write_all(json_safe(text).as_bytes())?,
+            Err(_) => self.0.write_all(buf)?,
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
     }
 }
 

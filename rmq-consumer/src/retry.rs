@@ -8,6 +8,10 @@ use crate::{amqp::RetryCount, handler::FailureAction};
 /// The header that counts retries. Always written as a 64-bit signed integer (`l`).
 pub const RETRY_COUNT_HEADER: &str = "x-retry-count";
 
+/// The header naming the queue a dead-lettered message failed on; written by the engine when
+/// it dead-letters, read by `dlq replay` to check that a message belongs where it is sent.
+pub const ORIGINAL_QUEUE_HEADER: &str = "x-original-queue";
+
 pub use crate::engine::redelivery::LOST_DELIVERIES_HEADER;
 
 /// What to do with a failed message.

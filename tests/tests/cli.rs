@@ -17,7 +17,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Broker, broker_name, broker_url, cli_management_url, test_broker, unique};
+use common::{
+    Broker, broker_name, broker_url, cli_management_url, rabbitmqctl_blocking, test_broker, unique,
+};
 use lapin::{
     BasicProperties,
     options::{BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions},
@@ -855,7 +857,7 @@ fn dlq_replay_moves_messages_back_with_nothing_lost() {
     assert_eq!(run.code, EXIT_OK, "{}", run.all());
     assert!(
         run.out
-            .contains(&format!("replayed 4 messages from `{dlq}` to `{work}` (4)")),
+            .contains(&format!("replayed 4 messages from `{dlq}` to `{work}`")),
         "{}",
         run.out
     );
@@ -943,6 +945,495 @@ fn dlq_purge_requires_yes() {
     assert!(run.out.contains("purged 4 messages"), "{}", run.out);
     assert_eq!(rt.block_on(broker.depth(&dlq)), Some(0));
     rt.block_on(broker.cleanup());
+}
+
+/// Publishes one dead-lettered-looking message with `body` whose `x-original-queue` is
+/// `original`, plus `extra` headers and properties.
+async fn dead_letter(
+    broker: &Broker,
+    dlq: &str,
+    original: &str,
+    body: &[u8],
+    extra: &[(&str, AMQPValue)],
+    properties: BasicProperties,
+) {
+    let mut headers = header_table(&[
+        ("x-retry-count", AMQPValue::LongLongInt(3)),
+        ("x-death-reason", text("retries exhausted: boom")),
+        ("x-original-queue", text(original)),
+    ]);
+    for (key, value) in extra {
+        headers.insert((*key).into(), value.clone());
+    }
+    broker
+        .publish_raw("", dlq, body, properties.with_headers(headers))
+        .await;
+}
+
+/// A queue with arguments, tracked for cleanup.
+async fn declare_with(broker: &mut Broker, name: &str, arguments: &[(&str, AMQPValue)]) {
+    broker
+        .channel
+        .queue_declare(
+            name.into(),
+            lapin::options::QueueDeclareOptions::durable(),
+            header_table(arguments),
+        )
+        .await
+        .unwrap();
+    broker.track_queue(name);
+}
+
+/// The bodies left in `queue`, drained.
+async fn bodies(broker: &Broker, queue: &str) -> Vec<String> {
+    broker
+        .drain(queue)
+        .await
+        .into_iter()
+        .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+        .collect()
+}
+
+#[test]
+fn dlq_replay_sends_only_to_the_queue_the_dlq_belongs_to() {
+    let rt = runtime();
+    let mut broker = rt.block_on(Broker::connect());
+    let work = unique("cli");
+    let dlq = format!("{work}.dlq");
+    let other = unique("cli.other");
+    for queue in [&work, &dlq, &other] {
+        rt.block_on(broker.declare_queue(queue));
+    }
+    let _cleanup = broker.cleanup_on_panic();
+    let plain = BasicProperties::default;
+    rt.block_on(async {
+        dead_letter(&broker, &dlq, &work, b"first", &[], plain()).await;
+        dead_letter(&broker, &dlq, &other, b"stray", &[], plain()).await;
+        dead_letter(&broker, &dlq, &work, b"third", &[], plain()).await;
+    });
+
+    // Not a dead-letter queue: refused, nothing moves.
+    let run = cli(&["dlq", "replay", &other]);
+    assert_eq!(run.code, EXIT_ERROR, "{}", run.all());
+    assert!(run.err.contains("not a dead-letter queue"), "{}", run.err);
+
+    // The message that names another queue stays; the others go to `work` only.
+    let run = cli(&["dlq", "replay", &dlq]);
+    assert_eq!(run.code, EXIT_FAILURE, "{}", run.all());
+    assert!(
+        run.out.contains(&format!(
+            "replayed 2 messages from `{dlq}` to `{work}`; skipped 1 (1 belonging to another queue)"
+        )),
+        "{}",
+        run.all()
+    );
+    assert!(run.err.contains(&format!("is `{other}`")), "{}", run.err);
+    assert_eq!(rt.block_on(broker.depth(&other)), Some(0));
+    assert_eq!(rt.block_on(bodies(&broker, &work)), ["first", "third"]);
+    assert_eq!(rt.block_on(broker.depth(&dlq)), Some(1));
+
+    // The operator names the other queue: then it goes there.
+    let run = cli(&["dlq", "replay", &dlq, "--to", &other]);
+    assert_eq!(run.code, EXIT_OK, "{}", run.all());
+    assert_eq!(rt.block_on(bodies(&broker, &other)), ["stray"]);
+    assert_eq!(rt.block_on(broker.depth(&dlq)), Some(0));
+    rt.block_on(broker.cleanup());
+}
+
+#[test]
+fn dlq_replay_skips_and_keeps_a_refused_message_and_goes_on() {
+    let rt = runtime();
+    let mut broker = rt.block_on(Broker::connect());
+    let work = unique("cli");
+    let dlq = format!("{work}.dlq");
+    // The work queue takes at most 100 bytes and refuses (nacks) a publish beyond that.
+    rt.block_on(declare_with(
+        &mut broker,
+        &work,
+        &[
+            ("x-max-length-bytes", AMQPValue::LongLongInt(100)),
+            ("x-overflow", text("reject-publish")),
+        ],
+    ));
+    rt.block_on(broker.declare_queue(&dlq));
+    let _cleanup = broker.cleanup_on_panic();
+    let big = "b".repeat(500);
+    let plain = BasicProperties::default;
+    rt.block_on(async {
+        dead_letter(&broker, &dlq, &work, b"small-1", &[], plain()).await;
+        dead_letter(&broker, &dlq, &work, big.as_bytes(), &[], plain()).await;
+        dead_letter(&broker, &dlq, &work, b"small-2", &[], plain()).await;
+    });
+
+    let run = cli(&["dlq", "replay", &dlq]);
+    assert_eq!(run.code, EXIT_FAILURE, "{}", run.all());
+    assert!(
+        run.out.contains(&format!(
+            "replayed 2 messages from `{dlq}` to `{work}`; skipped 1 (1 refused (nacked) by the broker), kept in `{dlq}`"
+        )),
+        "{}",
+        run.all()
+    );
+    assert!(run.err.contains("skipped message 2"), "{}", run.err);
+    assert_eq!(rt.block_on(bodies(&broker, &work)), ["small-1", "small-2"]);
+    assert_eq!(rt.block_on(bodies(&broker, &dlq)), [big]);
+    rt.block_on(broker.cleanup());
+}
+
+/// Lowers the broker's `max_message_size` (3.10 reads it from the application environment
+/// into each new channel, 4.0 from a persistent term) and restores both on drop, also when
+/// the test fails.
+struct MaxMessageSize {
+    previous: Option<u64>,
+    previous_term: Option<u64>,
+}
+
+impl MaxMessageSize {
+    fn eval(expression: &str) -> Option<u64> {
+        let out = rabbitmqctl_blocking(&["eval", expression]).unwrap();
+        let out = out.trim();
+        out.strip_prefix("{ok,")
+            .and_then(|n| n.strip_suffix('}'))
+            .unwrap_or(out)
+            .parse()
+            .ok()
+    }
+
+    fn current() -> Option<u64> {
+        Self::eval("persistent_term:get(max_message_size, undefined).")
+            .or_else(|| Self::eval("application:get_env(rabbit, max_message_size)."))
+    }
+
+    fn set(bytes: u64) -> Self {
+        let guard = Self {
+            previous: Self::eval("application:get_env(rabbit, max_message_size)."),
+            previous_term: Self::eval("persistent_term:get(max_message_size, undefined)."),
+        };
+        rabbitmqctl_blocking(&[
+            "eval",
+            &format!(
+                "application:set_env(rabbit, max_message_size, {bytes}), \
+                 persistent_term:put(max_message_size, {bytes})."
+            ),
+        ])
+        .unwrap();
+        guard
+    }
+}
+
+impl Drop for MaxMessageSize {
+    fn drop(&mut self) {
+        let app = match self.previous {
+            Some(bytes) => format!("application:set_env(rabbit, max_message_size, {bytes})"),
+            None => "application:unset_env(rabbit, max_message_size)".to_owned(),
+        };
+        let term = match self.previous_term {
+            Some(bytes) => format!("persistent_term:put(max_message_size, {bytes})"),
+            None => "persistent_term:erase(max_message_size)".to_owned(),
+        };
+        let _ = rabbitmqctl_blocking(&["eval", &format!("{app}, {term}.")]);
+    }
+}
+
+/// A copy the broker refuses by closing the channel (here: larger than a `max_message_size`
+/// lowered after the original was dead-lettered) is skipped, the channel reopened, and the
+/// rest replayed.
+#[test]
+fn dlq_replay_skips_copies_refused_with_a_channel_error_and_goes_on() {
+    let rt = runtime();
+    let mut broker = rt.block_on(Broker::connect());
+    let work = unique("cli");
+    let dlq = format!("{work}.dlq");
+    rt.block_on(broker.declare_queue(&work));
+    rt.block_on(broker.declare_queue(&dlq));
+    let _cleanup = broker.cleanup_on_panic();
+    let limit = MaxMessageSize::current().unwrap_or(16 * 1024 * 1024);
+    let big = vec![b'x'; usize::try_from(limit / 8 * 3).unwrap()];
+    let plain = BasicProperties::default;
+    rt.block_on(async {
+        dead_letter(&broker, &dlq, &work, b"small-1", &[], plain()).await;
+        dead_letter(&broker, &dlq, &work, &big, &[], plain()).await;
+        dead_letter(&broker, &dlq, &work, b"small-2", &[], plain()).await;
+    });
+
+    let guard = MaxMessageSize::set(limit / 4);
+    let run = cli(&["dlq", "replay", &dlq]);
+    drop(guard);
+    assert_eq!(run.code, EXIT_FAILURE, "{}", run.all());
+    assert!(
+        run.out.contains(&format!(
+            "replayed 2 messages from `{dlq}` to `{work}`; skipped 1 (1 refused with a channel error), kept in `{dlq}`"
+        )),
+        "{}",
+        run.all()
+    );
+    assert!(run.err.contains("skipped message 2"), "{}", run.err);
+    assert_eq!(rt.block_on(bodies(&broker, &work)), ["small-1", "small-2"]);
+    let left = rt.block_on(broker.drain(&dlq));
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].body.len(), big.len());
+    rt.block_on(broker.cleanup());
+}
+
+/// A broker user for one test, deleted on drop (also when the test fails).
+struct OtherUser {
+    name: String,
+}
+
+impl OtherUser {
+    const PASSWORD: &str = "cli-test-user-password";
+
+    fn create() -> Self {
+        let name = unique("user");
+        rabbitmqctl_blocking(&["add_user", &name, Self::PASSWORD]).unwrap();
+        let user = Self { name };
+        let vhost = AMQPUri::from_str(&broker_url()).unwrap().vhost;
+        rabbitmqctl_blocking(&[
+            "set_permissions",
+            "-p",
+            &vhost,
+            &user.name,
+            ".*",
+            ".*",
+            ".*",
+        ])
+        .unwrap();
+        user
+    }
+
+    /// The test broker's URL with this user's credentials.
+    fn url(&self) -> String {
+        let uri = AMQPUri::from_str(&broker_url()).unwrap();
+        let vhost = if uri.vhost == "/" {
+            "%2f".to_owned()
+        } else {
+            uri.vhost.clone()
+        };
+        format!(
+            "amqp://{}:{}@{}:{}/{vhost}",
+            self.name,
+            Self::PASSWORD,
+            uri.authority.host,
+            uri.authority.port
+        )
+    }
+}
+
+impl Drop for OtherUser {
+    fn drop(&mut self) {
+        let _ = rabbitmqctl_blocking(&["delete_user", &self.name]);
+    }
+}
+
+/// Another user's dead letter, sent with `CC`/`BCC` naming a third queue: the replayed copy
+/// (published with the operator's credentials) reaches the work queue only, without
+/// `user_id` (the broker would refuse a copy claiming to be another user's).
+#[test]
+fn dlq_replay_copies_drop_cc_bcc_and_user_id() {
+    let rt = runtime();
+    let mut broker = rt.block_on(Broker::connect());
+    let work = unique("cli");
+    let dlq = format!("{work}.dlq");
+    let victim = unique("cli.victim");
+    for queue in [&work, &dlq, &victim] {
+        rt.block_on(broker.declare_queue(queue));
+    }
+    let _cleanup = broker.cleanup_on_panic();
+    let user = OtherUser::create();
+    let route = AMQPValue::FieldArray(vec![text(&victim)].into());
+    rt.block_on(async {
+        let publisher = Broker::connect_to(&user.url()).await;
+        dead_letter(
+            &publisher,
+            &dlq,
+            &work,
+            b"routed",
+            &[
+                ("CC", route.clone()),
+                ("BCC", route),
+                ("tenant", text("acme")),
+            ],
+            BasicProperties::default()
+                .with_user_id(user.name.as_str().into())
+                .with_message_id("m-1".into()),
+        )
+        .await;
+        publisher.cleanup().await;
+    });
+    // Publishing the original with CC/BCC put a copy in the victim queue too: empty it.
+    assert_eq!(rt.block_on(broker.drain(&victim)).len(), 1);
+
+    let run = cli(&["dlq", "replay", &dlq]);
+    assert_eq!(run.code, EXIT_OK, "{}", run.all());
+    assert_eq!(
+        rt.block_on(broker.depth(&victim)),
+        Some(0),
+        "CC/BCC followed"
+    );
+    let copy = rt
+        .block_on(broker.channel.basic_get(
+            work.as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        ))
+        .unwrap()
+        .expect("the copy is in the work queue");
+    let properties = &copy.delivery.properties;
+    assert_eq!(properties.user_id(), &None);
+    assert_eq!(properties.message_id(), &Some("m-1".into()));
+    let headers = properties.headers().clone().unwrap_or_default();
+    assert!(!headers.contains_key("CC"), "{headers:?}");
+    assert!(!headers.contains_key("BCC"), "{headers:?}");
+    assert!(headers.contains_key("tenant"), "{headers:?}");
+    drop(user);
+    rt.block_on(broker.cleanup());
+}
+
+/// `status` names the queue a dead-letter queue belongs to by the same rule `dlq replay` uses.
+#[test]
+fn status_reports_the_queue_a_dead_letter_queue_belongs_to() {
+    let rt = runtime();
+    let mut broker = rt.block_on(Broker::connect());
+    let work = unique("cli");
+    let dlq = format!("{work}.dlq");
+    rt.block_on(broker.declare_queue(&dlq));
+    let _cleanup = broker.cleanup_on_panic();
+    let report = cli(&["status", "--queue", &dlq, "--json"]).json();
+    assert_eq!(
+        report["dead_letter_sources"][&dlq],
+        work.as_str(),
+        "{report}"
+    );
+    let run = cli(&["status", "--queue", &dlq]);
+    assert!(
+        run.out.contains(&format!("dead letters of `{work}`")),
+        "{}",
+        run.out
+    );
+    rt.block_on(broker.cleanup());
+}
+
+#[test]
+fn dlq_purge_refuses_a_queue_that_is_no_dead_letter_queue() {
+    let rt = runtime();
+    let mut broker = rt.block_on(Broker::connect());
+    let queue = unique("cli");
+    rt.block_on(broker.declare_queue(&queue));
+    let _cleanup = broker.cleanup_on_panic();
+    rt.block_on(fill_dlq(&broker, &queue, "x", 2));
+
+    let run = cli(&["dlq", "purge", &queue, "--yes"]);
+    assert_eq!(run.code, EXIT_ERROR, "{}", run.all());
+    assert!(
+        run.err.contains("not a dead-letter queue") && run.err.contains("--force"),
+        "{}",
+        run.err
+    );
+    assert_eq!(rt.block_on(broker.depth(&queue)), Some(2));
+
+    let run = cli(&["dlq", "purge", &queue, "--yes", "--force"]);
+    assert_eq!(run.code, EXIT_OK, "{}", run.all());
+    assert_eq!(rt.block_on(broker.depth(&queue)), Some(0));
+    rt.block_on(broker.cleanup());
+}
+
+/// Message content cannot drive the operator's terminal or forge lines: `dlq list` (the
+/// alias of `peek`) and the human log format escape control characters; the JSON outputs
+/// escape DEL and C1, which JSON itself leaves raw.
+#[test]
+fn message_text_is_escaped_in_dlq_list_and_in_log_lines() {
+    let rt = runtime();
+    let mut broker = rt.block_on(Broker::connect());
+    let work = unique("cli");
+    let dlq = format!("{work}.dlq");
+    rt.block_on(broker.declare_queue(&dlq));
+    let _cleanup = broker.cleanup_on_panic();
+    let hostile = "ok\u{1b}[2J\r\nforged: line\u{7f}\u{9b}31m";
+    rt.block_on(dead_letter(
+        &broker,
+        &dlq,
+        &work,
+        hostile.as_bytes(),
+        &[("x-last-error", text(hostile))],
+        BasicProperties::default(),
+    ));
+
+    let not_newline = |c: char| c.is_control() && c != '\n';
+    let run = cli(&["dlq", "list", &dlq]);
+    assert_eq!(run.code, EXIT_OK, "{}", run.all());
+    assert!(!run.out.chars().any(not_newline), "{:?}", run.out);
+    assert!(
+        !run.out.lines().any(|l| l.starts_with("forged")),
+        "{}",
+        run.out
+    );
+    assert!(
+        run.out
+            .contains(r"ok\u{1b}[2J\r\nforged: line\u{7f}\u{9b}31m"),
+        "{}",
+        run.out
+    );
+    let run = cli(&["dlq", "list", &dlq, "--json"]);
+    assert!(!run.out.chars().any(not_newline), "{:?}", run.out);
+    assert_eq!(run.json()[0]["body"], hostile);
+    assert_eq!(rt.block_on(broker.depth(&dlq)), Some(1));
+
+    // Log lines: one line per event, whatever the fields carry.
+    for format in [
+        rmq_consumer::config::LogFormat::Human,
+        rmq_consumer::config::LogFormat::Json,
+    ] {
+        let captured = Captured::default();
+        let config = rmq_consumer::config::LogConfig {
+            level: "info".to_owned(),
+            format,
+            ..rmq_consumer::config::LogConfig::default()
+        };
+        let subscriber = rmq_consumer::logging::subscriber(&config, captured.clone()).unwrap();
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("delivery", queue = %hostile);
+            let _entered = span.enter();
+            tracing::warn!(reason = %hostile, debug = ?hostile, "failed: {hostile}");
+        });
+        let logged = captured.text();
+        assert_eq!(logged.lines().count(), 1, "{format:?}: {logged:?}");
+        assert!(!logged.chars().any(not_newline), "{format:?}: {logged:?}");
+        if format == rmq_consumer::config::LogFormat::Json {
+            let line: Value = serde_json::from_str(logged.trim()).unwrap();
+            assert_eq!(line["fields"]["reason"], hostile);
+        } else {
+            assert!(logged.contains(r"reason=ok\u{1b}[2J\r\nforged"), "{logged}");
+        }
+    }
+    rt.block_on(broker.cleanup());
+}
+
+/// Log output captured in memory.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+}
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Self;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
 }
 
 // --- handlers, check-config --------------------------------------------------------------

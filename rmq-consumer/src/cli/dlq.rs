@@ -1,25 +1,40 @@
-//! `rmq-consumer dlq peek|replay|purge`: dead-letter queue tools.
+//! `rmq-consumer dlq peek|list|replay|purge`: dead-letter queue tools.
 //!
-//! - `peek` takes up to N messages with `basic.get` *without* acking them, prints them, then
-//!   hands them all back with one `basic.nack(multiple, requeue)`. RabbitMQ puts requeued
-//!   messages back in their original position, so the order is kept; they come back marked
-//!   *redelivered*, and on a quorum queue each peek counts as a delivery attempt (which matters
-//!   if the queue has a `delivery-limit`). While a peek runs, the peeked messages are invisible
-//!   to other consumers.
-//! - `replay` moves messages back to the queue they failed on (`x-original-queue`, or `--to`),
-//!   one at a time: get (no ack), publish a copy through the default exchange with confirms and
-//!   `mandatory`, wait for the broker's confirm, and only then ack the dead-lettered original.
-//!   A copy that is returned, nacked or not confirmed puts the original back (`nack` with
-//!   requeue) and stops the replay with exit code 1, so a message is never lost; at worst (the
-//!   ack itself fails after a confirmed copy) it is duplicated. Only the messages present when
-//!   the replay starts are replayed, so a message that fails again is not replayed in a loop.
+//! A dead-letter queue belongs to one work queue: the handler's whose configured
+//! `dead_letter_queue` it is, else by the naming rule `<queue>.dlq` (one home:
+//! [`crate::engine::settings::source_of_dead_letter_queue`], which `status` reports as
+//! `dead_letter_sources` too). `replay` and `purge` refuse a queue that is no dead-letter queue
+//! (exit 2); `purge --force` purges it anyway.
+//!
+//! - `peek` (alias `list`) takes up to N messages with `basic.get` *without* acking them,
+//!   prints them, then hands them all back with one `basic.nack(multiple, requeue)`. RabbitMQ
+//!   puts requeued messages back in their original position, so the order is kept; they come
+//!   back marked *redelivered*, and on a quorum queue each peek counts as a delivery attempt
+//!   (which matters if the queue has a `delivery-limit`). While a peek runs, the peeked
+//!   messages are invisible to other consumers. Message text is printed with its control
+//!   characters escaped ([`crate::text::printable`]).
+//! - `replay` moves messages back to the queue the dead-letter queue belongs to, or to
+//!   `--to QUEUE`, one at a time: get (no ack), publish a copy through the default exchange
+//!   with confirms and `mandatory` on a channel of its own, wait for the broker's confirm, and
+//!   only then ack the dead-lettered original. Without `--to`, a message whose
+//!   `x-original-queue` names another queue is skipped. A copy that is returned, nacked, not
+//!   confirmed in time or refused with a channel error (the publishing channel is then
+//!   reopened) is skipped too, and the replay goes on: each skip is reported on stderr, the
+//!   skipped originals stay unacked until the end and are then given back together
+//!   (`nack(multiple, requeue)`), in their order. A summary line counts what was replayed and
+//!   skipped, and why; exit 1 when anything was skipped. So a message is never lost; at worst
+//!   (the ack fails after a confirmed copy, or a copy not confirmed in time arrives after all)
+//!   it is duplicated. Only the messages present when the replay starts are replayed, so a
+//!   message that fails again is not replayed in a loop.
 //!   The copy's headers: `x-retry-count` and the failure headers the engine wrote
 //!   (`x-death-reason`, `x-error-kind`, `x-last-error`, `x-original-*`, `x-first-failure-at`,
 //!   `x-last-failure-at`, `x-handler`) are removed so the message gets a full set of retries;
 //!   they are kept, as they were, in the `x-replayed-failure` table (the latest failure's, when
 //!   a message is replayed more than once); the broker's own `x-death`
 //!   family is dropped; `x-replayed-from` (the DLQ), `x-replayed-at` (RFC 3339) and
-//!   `x-replay-count` (1, 2, ...) are added. Other headers and properties are copied unchanged.
+//!   `x-replay-count` (1, 2, ...) are added. The routing headers `CC` and `BCC` and the
+//!   `user_id` property are dropped (the copy is published with the operator's credentials
+//!   and goes to one queue only); other headers and properties are copied unchanged.
 //! - `purge` deletes every message of the queue, and only with `--yes`.
 
 use std::{collections::BTreeMap, time::SystemTime};
@@ -36,13 +51,16 @@ use lapin::{
 use serde::Serialize;
 use serde_json::Value;
 
+use super::output::{self, say};
+use super::status::dead_letter_source;
 use super::{
     CliError, EXIT_FAILURE, EXIT_OK, Global, Io, chain, close, close_channel, connect, load_config,
     probe_queue, thousands,
 };
 use crate::{
     amqp::{header_str, long, short},
-    retry::RETRY_COUNT_HEADER,
+    engine::settings::DEAD_LETTER_SUFFIX,
+    retry::{ORIGINAL_QUEUE_HEADER, RETRY_COUNT_HEADER},
 };
 
 /// Headers the engine writes when a message fails; shown first by `peek`, moved into
@@ -52,7 +70,7 @@ const FAILURE_HEADERS: &[&str] = &[
     "x-error-kind",
     "x-last-error",
     RETRY_COUNT_HEADER,
-    "x-original-queue",
+    ORIGINAL_QUEUE_HEADER,
     "x-original-exchange",
     "x-original-routing-key",
     "x-handler",
@@ -78,6 +96,7 @@ const DEFAULT_PEEK_BODY_BYTES: usize = 2048;
 pub(crate) enum Command {
     /// Show dead-lettered messages and their failure headers without removing them (they are
     /// requeued in order, marked redelivered).
+    #[command(visible_alias = "list")]
     Peek {
         /// The dead-letter queue.
         queue: String,
@@ -91,25 +110,32 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Move messages back to their original queue with the retry count reset; each is removed
-    /// from the DLQ only after its copy is confirmed.
+    /// Move messages back to the queue the dead-letter queue belongs to, with the retry count
+    /// reset; each is removed from the DLQ only after its copy is confirmed, and a copy the
+    /// broker refuses is skipped (the message stays) and reported.
     Replay {
-        /// The dead-letter queue.
+        /// The dead-letter queue (`<queue>.dlq`, or a handler's configured
+        /// `dead_letter_queue`).
         queue: String,
         /// Replay at most this many messages (default: all present when the replay starts).
         #[arg(long)]
         limit: Option<u64>,
-        /// Replay into this queue instead of each message's `x-original-queue`.
+        /// Replay into this queue instead of the one the dead-letter queue belongs to (the
+        /// messages' `x-original-queue` is then not checked).
         #[arg(long, value_name = "QUEUE")]
         to: Option<String>,
     },
-    /// Delete every message in the queue (needs --yes).
+    /// Delete every message in a dead-letter queue (needs --yes; another queue also needs
+    /// --force).
     Purge {
         /// The queue.
         queue: String,
         /// Really delete the messages.
         #[arg(long)]
         yes: bool,
+        /// Purge even a queue that is no dead-letter queue.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -132,18 +158,47 @@ pub(crate) async fn run(
             result
         }
         Command::Replay { queue, limit, to } => {
+            let Some(source) = dead_letter_source(&config, &queue)? else {
+                return Err(not_a_dead_letter_queue(&queue, "replay"));
+            };
             let (connection, _) = connect(&config, "dlq replay").await?;
-            let result = replay(&connection, &queue, limit, to.as_deref(), &config, io).await;
+            let result = replay(
+                &connection,
+                &queue,
+                &source,
+                limit,
+                to.as_deref(),
+                &config,
+                io,
+            )
+            .await;
             close(&connection).await;
             result
         }
-        Command::Purge { queue, yes } => {
+        Command::Purge { queue, yes, force } => {
+            if !force && dead_letter_source(&config, &queue)?.is_none() {
+                return Err(not_a_dead_letter_queue(&queue, "purge"));
+            }
             let (connection, _) = connect(&config, "dlq purge").await?;
             let result = purge(&connection, &queue, yes, io).await;
             close(&connection).await;
             result
         }
     }
+}
+
+/// The refusal for a queue that is no dead-letter queue.
+fn not_a_dead_letter_queue(queue: &str, what: &str) -> CliError {
+    let force = if what == "purge" {
+        " (or add --force to purge it anyway)"
+    } else {
+        ""
+    };
+    CliError::Usage(format!(
+        "refusing to {what} `{queue}`: it is not a dead-letter queue (neither a configured \
+         handler's `dead_letter_queue` nor named `<queue>{DEAD_LETTER_SUFFIX}`); name the \
+         configuration with --config{force}"
+    ))
 }
 
 /// One peeked message, as printed.
@@ -215,11 +270,10 @@ async fn peek(
         return Err(error);
     }
     if json {
-        serde_json::to_writer_pretty(&mut *io.out, &peeked)?;
-        writeln!(io.out)?;
+        output::json(io.out, &peeked)?;
         return Ok(EXIT_OK);
     }
-    writeln!(
+    say!(
         io.out,
         "{queue}: {} message{} ready; showing {} (requeued, now marked redelivered)",
         thousands(ready.into()),
@@ -227,8 +281,8 @@ async fn peek(
         peeked.len()
     )?;
     for message in &peeked {
-        writeln!(io.out)?;
-        writeln!(
+        say!(io.out)?;
+        say!(
             io.out,
             "#{} from exchange {} routing key `{}`{}",
             message.index,
@@ -245,10 +299,10 @@ async fn peek(
             }
         )?;
         for (key, value) in &message.failure {
-            writeln!(io.out, "  {key}: {}", plain(value))?;
+            say!(io.out, "  {key}: {}", plain(value))?;
         }
         for (key, value) in &message.headers {
-            writeln!(io.out, "  {key}: {}", plain(value))?;
+            say!(io.out, "  {key}: {}", plain(value))?;
         }
         if !message.properties.is_empty() {
             let list: Vec<String> = message
@@ -256,9 +310,9 @@ async fn peek(
                 .iter()
                 .map(|(k, v)| format!("{k}={}", plain(v)))
                 .collect();
-            writeln!(io.out, "  properties: {}", list.join(", "))?;
+            say!(io.out, "  properties: {}", list.join(", "))?;
         }
-        writeln!(
+        say!(
             io.out,
             "  body ({} bytes{}): {}",
             message.body_bytes,
@@ -362,27 +416,123 @@ fn plain(value: &Value) -> String {
     }
 }
 
+/// Why a message stayed in the dead-letter queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum SkipKind {
+    /// Its `x-original-queue` names another queue than the one the DLQ belongs to.
+    OtherQueue,
+    /// The broker returned the copy (`mandatory`): no queue took it.
+    Returned,
+    /// The broker nacked the copy (e.g. a full queue with `reject-publish`).
+    Nacked,
+    /// Publishing the copy closed the channel, or it failed otherwise.
+    ChannelError,
+    /// No confirm arrived within `confirm_timeout` (the copy may still arrive).
+    NoConfirm,
+}
+
+impl SkipKind {
+    fn describe(self) -> &'static str {
+        match self {
+            Self::OtherQueue => "belonging to another queue",
+            Self::Returned => "returned as unroutable",
+            Self::Nacked => "refused (nacked) by the broker",
+            Self::ChannelError => "refused with a channel error",
+            Self::NoConfirm => "not confirmed in time",
+        }
+    }
+}
+
+/// What became of one message.
+enum Outcome {
+    /// The copy was confirmed: ack the original.
+    Replayed,
+    /// The original stays in the DLQ; `reopen` when the publishing channel is no longer usable.
+    Skipped {
+        kind: SkipKind,
+        reason: String,
+        reopen: bool,
+    },
+}
+
 /// Outcome of `replay`.
 #[derive(Debug, Default)]
 struct Replayed {
-    by_target: BTreeMap<String, u64>,
-    total: u64,
+    replayed: u64,
+    skipped: BTreeMap<SkipKind, u64>,
 }
 
+impl Replayed {
+    fn skipped_total(&self) -> u64 {
+        self.skipped.values().sum()
+    }
+}
+
+/// The channel copies are published on: confirms on, reopened after a channel error.
+struct Publisher<'a> {
+    connection: &'a lapin::Connection,
+    channel: Option<Channel>,
+}
+
+impl Publisher<'_> {
+    async fn channel(&mut self) -> Result<&Channel, CliError> {
+        if self
+            .channel
+            .as_ref()
+            .is_some_and(|c| !c.status().connected())
+        {
+            self.channel = None;
+        }
+        if self.channel.is_none() {
+            let channel = self
+                .connection
+                .create_channel()
+                .await
+                .map_err(CliError::amqp("cannot open a channel to publish copies on"))?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .map_err(CliError::amqp("cannot enable publisher confirms"))?;
+            self.channel = Some(channel);
+        }
+        self.channel
+            .as_ref()
+            .ok_or_else(|| CliError::Usage("no publishing channel".to_owned()))
+    }
+
+    async fn reopen(&mut self) {
+        if let Some(channel) = self.channel.take() {
+            close_channel(&channel).await;
+        }
+    }
+
+    async fn close(&mut self) {
+        self.reopen().await;
+    }
+}
+
+/// Replays the messages of `dlq` present at the start (at most `limit`) into `target`; see
+/// the module docs.
+#[allow(
+    clippy::too_many_lines,
+    reason = "one loop: get, check, publish, settle; split it and the settling rules scatter"
+)]
 async fn replay(
     connection: &lapin::Connection,
-    queue: &str,
+    dlq: &str,
+    source: &str,
     limit: Option<u64>,
     to: Option<&str>,
     config: &crate::Config,
     io: &mut Io<'_>,
 ) -> Result<i32, CliError> {
-    let Some((ready, _)) = probe_queue(connection, queue).await? else {
-        return Err(CliError::MissingQueue(queue.to_owned()));
+    let Some((ready, _)) = probe_queue(connection, dlq).await? else {
+        return Err(CliError::MissingQueue(dlq.to_owned()));
     };
-    if to == Some(queue) {
+    let target = to.unwrap_or(source);
+    if target == dlq {
         return Err(CliError::Usage(format!(
-            "--to names the dead-letter queue `{queue}` itself"
+            "refusing to replay `{dlq}` into itself"
         )));
     }
     let budget = limit.map_or(u64::from(ready), |l| l.min(u64::from(ready)));
@@ -390,110 +540,169 @@ async fn replay(
         .create_channel()
         .await
         .map_err(CliError::amqp("cannot open a channel"))?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(CliError::amqp("cannot enable publisher confirms"))?;
+    let mut publisher = Publisher {
+        connection,
+        channel: None,
+    };
     let mut done = Replayed::default();
     let mut problem = None;
-    while done.total < budget {
+    // Skipped originals stay unacked on `channel` (so they are not fetched again) and go
+    // back in one nack at the end.
+    let mut last_skipped = None;
+    let mut seen = 0_u64;
+    while seen < budget {
         let message = match channel
-            .basic_get(short(queue), BasicGetOptions { no_ack: false })
+            .basic_get(short(dlq), BasicGetOptions { no_ack: false })
             .await
         {
             Ok(Some(message)) => message,
             Ok(None) => break,
             Err(source) => {
-                problem = Some(format!("cannot get a message from `{queue}`: {source}"));
+                problem = Some(format!("cannot get a message from `{dlq}`: {source}"));
                 break;
             }
         };
+        seen += 1;
         let delivery = message.delivery;
-        match replay_one(&channel, queue, &delivery, to, config).await {
-            Ok(target) => {
+        let outcome = if to.is_none()
+            && let Some(other) = other_original_queue(&delivery, source)
+        {
+            Outcome::Skipped {
+                kind: SkipKind::OtherQueue,
+                reason: format!(
+                    "its `{ORIGINAL_QUEUE_HEADER}` is `{other}`, but `{dlq}` holds the dead \
+                     letters of `{source}` (replay it with --to QUEUE to send it elsewhere)"
+                ),
+                reopen: false,
+            }
+        } else {
+            match publisher.channel().await {
+                Ok(publishing) => replay_one(publishing, dlq, &delivery, target, config).await,
+                Err(error) => {
+                    problem = Some(chain(&error));
+                    break;
+                }
+            }
+        };
+        match outcome {
+            Outcome::Replayed => {
                 let acked = channel
                     .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
                     .await;
-                done.total += 1;
-                *done.by_target.entry(target).or_default() += 1;
+                done.replayed += 1;
                 if let Err(error) = acked {
                     problem = Some(format!(
                         "the copy was confirmed but the dead-lettered original could not be \
-                         acked ({error}); it stays in `{queue}` and would be replayed twice"
+                         acked ({error}); it stays in `{dlq}` and would be replayed twice"
                     ));
                     break;
                 }
             }
-            Err(reason) => {
-                let _ = channel
-                    .basic_nack(
-                        delivery.delivery_tag,
-                        BasicNackOptions {
-                            multiple: false,
-                            requeue: true,
-                        },
-                    )
-                    .await;
-                problem = Some(format!("{reason}; the message stays in `{queue}`"));
-                break;
+            Outcome::Skipped {
+                kind,
+                reason,
+                reopen,
+            } => {
+                *done.skipped.entry(kind).or_default() += 1;
+                last_skipped = Some(delivery.delivery_tag);
+                say!(
+                    io.err,
+                    "skipped message {seen}{}: {reason}; it stays in `{dlq}`",
+                    delivery
+                        .properties
+                        .message_id()
+                        .as_ref()
+                        .map(|id| format!(" (message_id {id})"))
+                        .unwrap_or_default()
+                )?;
+                if reopen {
+                    publisher.reopen().await;
+                }
             }
         }
     }
-    close_channel(&channel).await;
-    let mut targets: Vec<String> = done
-        .by_target
-        .iter()
-        .map(|(target, n)| format!("`{target}` ({})", thousands(*n)))
-        .collect();
-    if targets.is_empty() {
-        targets.push("nowhere".to_owned());
-    }
-    writeln!(
-        io.out,
-        "replayed {} message{} from `{queue}` to {}",
-        thousands(done.total),
-        if done.total == 1 { "" } else { "s" },
-        targets.join(", ")
-    )?;
-    match problem {
-        Some(problem) => {
-            writeln!(io.err, "error: {problem}")?;
-            Ok(EXIT_FAILURE)
+    publisher.close().await;
+    if let Some(tag) = last_skipped
+        && problem.is_none()
+    {
+        let given_back = channel
+            .basic_nack(
+                tag,
+                BasicNackOptions {
+                    multiple: true,
+                    requeue: true,
+                },
+            )
+            .await;
+        if let Err(error) = given_back {
+            problem = Some(format!(
+                "cannot give the skipped messages back ({error}); the broker requeues them \
+                 when the channel closes"
+            ));
         }
-        None => Ok(EXIT_OK),
+    }
+    close_channel(&channel).await;
+    let skipped = done.skipped_total();
+    let mut summary = format!(
+        "replayed {} message{} from `{dlq}` to `{target}`",
+        thousands(done.replayed),
+        if done.replayed == 1 { "" } else { "s" },
+    );
+    if skipped > 0 {
+        let reasons: Vec<String> = done
+            .skipped
+            .iter()
+            .map(|(kind, n)| format!("{} {}", thousands(*n), kind.describe()))
+            .collect();
+        summary.push_str(&format!(
+            "; skipped {} ({}), kept in `{dlq}`",
+            thousands(skipped),
+            reasons.join(", ")
+        ));
+    }
+    say!(io.out, "{summary}")?;
+    if let Some(problem) = problem {
+        say!(io.err, "error: {problem}")?;
+        return Ok(EXIT_FAILURE);
+    }
+    Ok(if skipped > 0 { EXIT_FAILURE } else { EXIT_OK })
+}
+
+/// The queue a message's `x-original-queue` names when that is not `source` (`None` when it
+/// is, or when the header is absent); a header that is no text counts as another queue.
+fn other_original_queue(delivery: &Delivery, source: &str) -> Option<String> {
+    let headers = delivery.properties.headers().as_ref();
+    let present = headers.is_some_and(|h| h.inner().contains_key(ORIGINAL_QUEUE_HEADER));
+    match header_str(headers, ORIGINAL_QUEUE_HEADER) {
+        Some(queue) if queue == source => None,
+        Some(queue) => Some(queue.to_owned()),
+        None if present => Some("(not text)".to_owned()),
+        None => None,
     }
 }
 
-/// Publishes the copy and waits for its confirm; returns the target queue, or why not.
+/// Publishes the copy and waits for its confirm.
 async fn replay_one(
     channel: &Channel,
     dlq: &str,
     delivery: &Delivery,
-    to: Option<&str>,
+    target: &str,
     config: &crate::Config,
-) -> Result<String, String> {
-    let headers = delivery.properties.headers().as_ref();
-    let target = match to {
-        Some(to) => to.to_owned(),
-        None => header_str(headers, "x-original-queue")
-            .map(str::to_owned)
-            .ok_or_else(|| {
-                "a message has no `x-original-queue` header (it was not dead-lettered by \
-                 rmq-consumer); name the target with --to QUEUE"
-                    .to_owned()
-            })?,
+) -> Outcome {
+    let skip = |kind: SkipKind, reason: String| Outcome::Skipped {
+        kind,
+        reason,
+        reopen: matches!(kind, SkipKind::ChannelError | SkipKind::NoConfirm),
     };
-    if target == dlq {
-        return Err(format!("a message's original queue is `{dlq}` itself"));
-    }
     // Replayed with the operator's credentials: no routing headers (they would reach more
     // queues than the target) and no `user_id` (the broker refuses another user's).
+    let headers = delivery.properties.headers().as_ref();
     let properties: BasicProperties =
         crate::amqp::copy_properties(&delivery.properties, replay_headers(headers, dlq), false);
-    let confirm = channel
+    let confirm = match channel
         .basic_publish(
             short(""),
-            short(&target),
+            short(target),
             BasicPublishOptions {
                 mandatory: true,
                 ..BasicPublishOptions::default()
@@ -502,24 +711,49 @@ async fn replay_one(
             properties,
         )
         .await
-        .map_err(|e| format!("cannot publish the copy to `{target}`: {e}"))?;
-    let confirmation = tokio::time::timeout(config.confirm_timeout, confirm)
-        .await
-        .map_err(|_| {
-            format!(
-                "no confirm for the copy to `{target}` within {}",
-                humantime::format_duration(config.confirm_timeout)
-            )
-        })?
-        .map_err(|e| format!("the copy to `{target}` failed: {}", chain(&e)))?;
+    {
+        Ok(confirm) => confirm,
+        Err(error) => {
+            return skip(
+                SkipKind::ChannelError,
+                format!("cannot publish the copy to `{target}`: {}", chain(&error)),
+            );
+        }
+    };
+    let confirmation = match tokio::time::timeout(config.confirm_timeout, confirm).await {
+        Err(_) => {
+            return skip(
+                SkipKind::NoConfirm,
+                format!(
+                    "no confirm for the copy to `{target}` within {} (it may still arrive)",
+                    humantime::format_duration(config.confirm_timeout)
+                ),
+            );
+        }
+        Ok(Err(error)) => {
+            return skip(
+                SkipKind::ChannelError,
+                format!(
+                    "the broker refused the copy to `{target}`: {}",
+                    chain(&error)
+                ),
+            );
+        }
+        Ok(Ok(confirmation)) => confirmation,
+    };
     match confirmation {
-        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(target),
-        Confirmation::Ack(Some(_)) => Err(format!(
-            "the copy was returned as unroutable: queue `{target}` does not exist"
-        )),
-        Confirmation::Nack(_) => Err(format!(
-            "the broker refused (nacked) the copy to `{target}`"
-        )),
+        Confirmation::Ack(None) | Confirmation::NotRequested => Outcome::Replayed,
+        Confirmation::Ack(Some(returned)) => skip(
+            SkipKind::Returned,
+            format!(
+                "the copy was returned as unroutable ({} {}): no queue `{target}` took it",
+                returned.reply_code, returned.reply_text
+            ),
+        ),
+        Confirmation::Nack(_) => skip(
+            SkipKind::Nacked,
+            format!("the broker refused (nacked) the copy to `{target}`"),
+        ),
     }
 }
 
@@ -591,7 +825,7 @@ async fn purge(
         .await
         .map_err(CliError::amqp(format!("cannot purge `{queue}`")))?;
     close_channel(&channel).await;
-    writeln!(
+    say!(
         io.out,
         "purged {} message{} from `{queue}`",
         thousands(purged.into()),

@@ -1,4 +1,4 @@
-//! The `rmq-consumer` operator CLI: `publish`, `status`, `dlq peek|replay|purge`, `handlers`,
+//! The `rmq-consumer` operator CLI: `publish`, `status`, `dlq peek|list|replay|purge`, `handlers`,
 //! `check-config`.
 //!
 //! The `rmq-consumer` binary calls [`main`]. A binary that declares its own `#[consumer]`
@@ -18,7 +18,7 @@
 //!
 //! Exit codes: [`EXIT_OK`] (0) success; [`EXIT_FAILURE`] (1) the command ran but something
 //! needs attention (`status` warnings, messages returned or nacked by `publish`, a `dlq replay`
-//! that stopped on a failed publish, an invalid configuration for `check-config`);
+//! that skipped messages, an invalid configuration for `check-config`);
 //! [`EXIT_ERROR`] (2) nothing could be done (usage error, a queue missing, the broker
 //! unreachable).
 
@@ -26,6 +26,7 @@ mod check_config;
 mod dlq;
 mod handlers;
 mod management;
+mod output;
 mod publish;
 mod status;
 
@@ -165,7 +166,7 @@ async fn dispatch(cli: Cli, io: &mut Io<'_>) -> i32 {
     match result {
         Ok(code) => code,
         Err(error) => {
-            let _ = writeln!(io.err, "error: {}", chain(&error));
+            let _ = output::say!(io.err, "error: {}", chain(&error));
             error.exit_code()
         }
     }

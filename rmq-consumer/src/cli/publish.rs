@@ -16,6 +16,7 @@ use lapin::{
 };
 use serde::Serialize;
 
+use super::output::{self, say};
 use super::{CliError, EXIT_FAILURE, EXIT_OK, Global, Io, close, connect, load_config, thousands};
 use crate::amqp::{MAX_SHORT, short};
 
@@ -206,7 +207,7 @@ pub(crate) async fn run(global: &Global, args: Args, io: &mut Io<'_>) -> Result<
             let body = source.message(index)?;
             first.get_or_insert(body);
         }
-        writeln!(
+        say!(
             io.out,
             "dry run: {} valid JSON message{} would be published to {target}, persistent, \
              application/json, with confirms and mandatory",
@@ -214,14 +215,14 @@ pub(crate) async fn run(global: &Global, args: Args, io: &mut Io<'_>) -> Result<
             if total == 1 { "" } else { "s" }
         )?;
         if let Some(first) = first {
-            writeln!(io.out, "first message: {}", String::from_utf8_lossy(&first))?;
+            say!(io.out, "first message: {}", String::from_utf8_lossy(&first))?;
         }
         return Ok(EXIT_OK);
     }
 
     let (connection, url) = connect(&config, "publish").await?;
     if !args.json {
-        writeln!(
+        say!(
             io.err,
             "publishing {} messages to {target} on {url}",
             thousands(total)
@@ -240,10 +241,9 @@ pub(crate) async fn run(global: &Global, args: Args, io: &mut Io<'_>) -> Result<
     close(&connection).await;
     let summary = result?;
     if args.json {
-        serde_json::to_writer_pretty(&mut *io.out, &summary)?;
-        writeln!(io.out)?;
+        output::json(io.out, &summary)?;
     } else {
-        writeln!(
+        say!(
             io.out,
             "sent {}, confirmed {}, returned {}, nacked {}, failed {} in {:.2}s ({} msg/s)",
             thousands(summary.sent),
@@ -262,7 +262,7 @@ pub(crate) async fn run(global: &Global, args: Args, io: &mut Io<'_>) -> Result<
                     "no queue is bound to exchange `{exchange}` with routing key `{routing_key}`"
                 )
             };
-            writeln!(
+            say!(
                 io.out,
                 "warning: {} message{} returned as unroutable: {why}",
                 thousands(summary.returned),
@@ -274,7 +274,7 @@ pub(crate) async fn run(global: &Global, args: Args, io: &mut Io<'_>) -> Result<
             )?;
         }
         if summary.nacked > 0 {
-            writeln!(
+            say!(
                 io.out,
                 "warning: the broker refused (nacked) {} message{}",
                 thousands(summary.nacked),
@@ -282,7 +282,7 @@ pub(crate) async fn run(global: &Global, args: Args, io: &mut Io<'_>) -> Result<
             )?;
         }
         if let Some(error) = &summary.error {
-            writeln!(io.out, "error: {error}")?;
+            say!(io.out, "error: {error}")?;
         }
     }
     Ok(if summary.ok() { EXIT_OK } else { EXIT_FAILURE })
@@ -381,7 +381,7 @@ impl Progress {
                 if last.elapsed() >= PLAIN_PROGRESS_EVERY {
                     *last = Instant::now();
                     let secs = started.elapsed().as_secs_f64().max(1e-9);
-                    let _ = writeln!(
+                    let _ = say!(
                         io.err,
                         "progress: sent {}/{}, confirmed {} ({} msg/s)",
                         thousands(summary.sent),

@@ -20,6 +20,7 @@ use lapin::{Connection, ExchangeKind, options::ExchangeDeclareOptions, types::Fi
 use serde::Serialize;
 use serde_json::Value;
 
+use super::output::{self, say};
 use super::{
     CliError, EXIT_ERROR, EXIT_FAILURE, EXIT_OK, Global, Io, chain, close, close_channel,
     is_not_found, load_config,
@@ -28,7 +29,7 @@ use super::{
 };
 use crate::{
     config::{Config, ConsumerConfig, SecretUrl},
-    engine::settings::{self, delay_queue_name},
+    engine::settings::{self, dead_letter_queue_name, delay_queue_name},
     registry,
 };
 
@@ -104,6 +105,8 @@ struct Target {
     handler: Option<String>,
     /// For reply queues: the binding results need.
     reply_key: Option<String>,
+    /// For dead-letter queues: the work queue whose dead letters they hold.
+    dead_letter_source: Option<String>,
 }
 
 /// A binding of a queue.
@@ -214,6 +217,9 @@ struct Report {
     warnings: Vec<Warning>,
     errors: Vec<String>,
     notes: Vec<String>,
+    /// Dead-letter queue → the work queue whose dead letters it holds (what `dlq replay`
+    /// sends them back to), for the dead-letter queues among `queues`.
+    dead_letter_sources: BTreeMap<String, String>,
     health: Health,
     exit_code: i32,
 }
@@ -241,15 +247,14 @@ pub(crate) async fn run(global: &Global, args: Args, io: &mut Io<'_>) -> Result<
             // Redraw in place: clear the screen, cursor home.
             write!(io.out, "\x1b[2J\x1b[H")?;
         } else if args.watch && !args.json && refreshes > 1 {
-            writeln!(io.out)?;
+            say!(io.out)?;
         }
         if args.json {
             if args.watch {
-                serde_json::to_writer(&mut *io.out, &report)?;
+                output::json_line(io.out, &report)?;
             } else {
-                serde_json::to_writer_pretty(&mut *io.out, &report)?;
+                output::json(io.out, &report)?;
             }
-            writeln!(io.out)?;
         } else {
             if args.watch {
                 report.notes.push(format!(
@@ -277,6 +282,57 @@ pub(crate) async fn run(global: &Global, args: Args, io: &mut Io<'_>) -> Result<
 
 /// The queues to check, and notes about configured handlers that could not be resolved.
 fn targets(config: &Config, named: &[String]) -> Result<(Vec<Target>, Vec<String>), CliError> {
+    let (derived, mut notes) = configured_targets(config)?;
+    if named.is_empty() {
+        if derived.is_empty() {
+            return Err(CliError::Usage(
+                "no queues to check: name them with --queue, or configure handlers \
+                 (`queue` or [consumers.<name>] queue = ...)"
+                    .to_owned(),
+            ));
+        }
+        return Ok((derived, notes));
+    }
+    let mut chosen: Vec<Target> = Vec::new();
+    for name in named {
+        if chosen.iter().any(|t| &t.queue == name) {
+            continue;
+        }
+        chosen.push(
+            derived
+                .iter()
+                .find(|t| &t.queue == name)
+                .cloned()
+                .unwrap_or_else(|| Target {
+                    queue: name.clone(),
+                    role: Role::Named,
+                    handler: None,
+                    reply_key: None,
+                    dead_letter_source: settings::source_of_dead_letter_queue(name)
+                        .map(str::to_owned),
+                }),
+        );
+    }
+    notes.clear();
+    Ok((chosen, notes))
+}
+
+/// The work queue whose dead letters `queue` holds: the queue of the configured handler (or
+/// of this binary's registered handler) whose dead-letter queue it is, else by the naming
+/// rule (`a.dlq` holds the dead letters of `a`); `None` when `queue` is no dead-letter queue.
+/// `status` reports the same (`dead_letter_sources`).
+pub(crate) fn dead_letter_source(config: &Config, queue: &str) -> Result<Option<String>, CliError> {
+    let (configured, _) = configured_targets(config)?;
+    Ok(configured
+        .into_iter()
+        .find(|t| t.role == Role::DeadLetter && t.queue == queue)
+        .and_then(|t| t.dead_letter_source)
+        .or_else(|| settings::source_of_dead_letter_queue(queue).map(str::to_owned)))
+}
+
+/// The queues the configuration (or this binary's handlers) implies, and notes about
+/// configured handlers that could not be resolved.
+fn configured_targets(config: &Config) -> Result<(Vec<Target>, Vec<String>), CliError> {
     let mut notes = Vec::new();
     let specs = registry::handlers();
     let mut derived = Vec::new();
@@ -318,7 +374,7 @@ fn targets(config: &Config, named: &[String]) -> Result<(Vec<Target>, Vec<String
                 section
                     .dead_letter_queue
                     .clone()
-                    .unwrap_or_else(|| format!("{queue}.dlq"))
+                    .unwrap_or_else(|| dead_letter_queue_name(&queue))
             });
             let delays = section
                 .retry_delays
@@ -358,36 +414,7 @@ fn targets(config: &Config, named: &[String]) -> Result<(Vec<Target>, Vec<String
             }
         }
     }
-    if named.is_empty() {
-        if derived.is_empty() {
-            return Err(CliError::Usage(
-                "no queues to check: name them with --queue, or configure handlers \
-                 (`queue` or [consumers.<name>] queue = ...)"
-                    .to_owned(),
-            ));
-        }
-        return Ok((derived, notes));
-    }
-    let mut chosen: Vec<Target> = Vec::new();
-    for name in named {
-        if chosen.iter().any(|t| &t.queue == name) {
-            continue;
-        }
-        chosen.push(
-            derived
-                .iter()
-                .find(|t| &t.queue == name)
-                .cloned()
-                .unwrap_or(Target {
-                    queue: name.clone(),
-                    role: Role::Named,
-                    handler: None,
-                    reply_key: None,
-                }),
-        );
-    }
-    notes.clear();
-    Ok((chosen, notes))
+    Ok((derived, notes))
 }
 
 fn handler_targets(
@@ -403,13 +430,18 @@ fn handler_targets(
         role,
         handler: Some(handler.to_owned()),
         reply_key,
+        dead_letter_source: None,
     };
+    let source = queue.clone();
     let mut all = vec![target(queue, Role::Work, None)];
     if let Some(reply_queue) = reply_queue {
         all.push(target(reply_queue, Role::Reply, reply_key));
     }
     if let Some(dlq) = dead_letter_queue {
-        all.push(target(dlq, Role::DeadLetter, None));
+        all.push(Target {
+            dead_letter_source: Some(source),
+            ..target(dlq, Role::DeadLetter, None)
+        });
     }
     for delay in delay_queues {
         all.push(target(delay, Role::Delay, None));
@@ -477,6 +509,10 @@ impl<'a> Prober<'a> {
             warnings: Vec::new(),
             errors: Vec::new(),
             notes: notes.to_vec(),
+            dead_letter_sources: targets
+                .iter()
+                .filter_map(|t| Some((t.queue.clone(), t.dead_letter_source.clone()?)))
+                .collect(),
             health: Health::Healthy,
             exit_code: EXIT_OK,
         };
@@ -828,10 +864,10 @@ fn count(value: Option<u64>) -> String {
 }
 
 fn render(report: &Report, out: &mut dyn Write) -> std::io::Result<()> {
-    writeln!(out, "broker     {} (vhost {})", report.broker, report.vhost)?;
+    say!(out, "broker     {} (vhost {})", report.broker, report.vhost)?;
     match (&report.management_api, &report.management_error) {
-        (Some(api), None) => writeln!(out, "management {api}")?,
-        (api, Some(error)) => writeln!(
+        (Some(api), None) => say!(out, "management {api}")?,
+        (api, Some(error)) => say!(
             out,
             "management {} unavailable: {error}",
             api.as_deref().unwrap_or("-")
@@ -852,9 +888,9 @@ fn render(report: &Report, out: &mut dyn Write) -> std::io::Result<()> {
             Some(false) => "MISSING".to_owned(),
             None => "unknown".to_owned(),
         };
-        writeln!(out, "exchange   {} ({what})", exchange.name)?;
+        say!(out, "exchange   {} ({what})", exchange.name)?;
     }
-    writeln!(out)?;
+    say!(out)?;
 
     let name_width = report
         .queues
@@ -870,15 +906,22 @@ fn render(report: &Report, out: &mut dyn Write) -> std::io::Result<()> {
         .max()
         .unwrap_or(7)
         .max(7);
-    writeln!(
+    say!(
         out,
         "{:<name_width$}  {:<5}  {:<handler_width$}  {:>9}  {:>9}  {:>9}  {:>8}  {:>8}",
-        "QUEUE", "ROLE", "HANDLER", "READY", "UNACKED", "CONSUMERS", "IN/S", "OUT/S"
+        "QUEUE",
+        "ROLE",
+        "HANDLER",
+        "READY",
+        "UNACKED",
+        "CONSUMERS",
+        "IN/S",
+        "OUT/S"
     )?;
     for queue in &report.queues {
         let handler = queue.handler.as_deref().unwrap_or("-");
         match queue.exists {
-            Some(false) => writeln!(
+            Some(false) => say!(
                 out,
                 "{:<name_width$}  {:<5}  {handler:<handler_width$}  {:>9}",
                 queue.name,
@@ -890,7 +933,7 @@ fn render(report: &Report, out: &mut dyn Write) -> std::io::Result<()> {
                     || ("-".to_owned(), "-".to_owned()),
                     |r| (format!("{:.1}", r.publish), format!("{:.1}", r.deliver)),
                 );
-                writeln!(
+                say!(
                     out,
                     "{:<name_width$}  {:<5}  {handler:<handler_width$}  {:>9}  {:>9}  {:>9}  {:>8}  {:>8}",
                     queue.name,
@@ -908,7 +951,7 @@ fn render(report: &Report, out: &mut dyn Write) -> std::io::Result<()> {
         if queue.queue_type.is_none() && queue.bindings.is_none() {
             continue;
         }
-        writeln!(out)?;
+        say!(out)?;
         let mut facts = vec![
             queue
                 .queue_type
@@ -921,6 +964,9 @@ fn render(report: &Report, out: &mut dyn Write) -> std::io::Result<()> {
         if let Some(state) = queue.state.as_deref().filter(|s| *s != "running") {
             facts.push(format!("state {state}"));
         }
+        if let Some(source) = report.dead_letter_sources.get(&queue.name) {
+            facts.push(format!("dead letters of `{source}`"));
+        }
         if !queue.arguments.is_empty() {
             facts.push(format!("arguments {}", describe_map(&queue.arguments)));
         }
@@ -930,7 +976,7 @@ fn render(report: &Report, out: &mut dyn Write) -> std::io::Result<()> {
                 describe_map(&queue.effective_policy)
             ));
         }
-        writeln!(out, "{}: {}", queue.name, facts.join("; "))?;
+        say!(out, "{}: {}", queue.name, facts.join("; "))?;
         if let Some(bindings) = &queue.bindings {
             // Every queue is bound to the default exchange under its own name: not news.
             let list: Vec<String> = bindings
@@ -938,7 +984,7 @@ fn render(report: &Report, out: &mut dyn Write) -> std::io::Result<()> {
                 .filter(|b| !b.exchange.is_empty())
                 .map(|b| format!("{} -> `{}`", b.exchange, b.routing_key))
                 .collect();
-            writeln!(
+            say!(
                 out,
                 "  bindings: {}",
                 if list.is_empty() {
@@ -950,7 +996,7 @@ fn render(report: &Report, out: &mut dyn Write) -> std::io::Result<()> {
         }
         if let Some(consumers) = &queue.consumer_details {
             for consumer in consumers {
-                writeln!(
+                say!(
                     out,
                     "  consumer {}: prefetch {}, {} ack{}",
                     consumer.tag,
@@ -969,29 +1015,32 @@ fn render(report: &Report, out: &mut dyn Write) -> std::io::Result<()> {
         if let Some(rates) = &queue.rates
             && (rates.ack > 0.0 || rates.messages != 0.0)
         {
-            writeln!(
+            say!(
                 out,
                 "  rates/s: in {:.1}, out {:.1}, ack {:.1}, backlog {:+.1}",
-                rates.publish, rates.deliver, rates.ack, rates.messages
+                rates.publish,
+                rates.deliver,
+                rates.ack,
+                rates.messages
             )?;
         }
     }
     if !report.notes.is_empty() {
-        writeln!(out)?;
+        say!(out)?;
         for note in &report.notes {
-            writeln!(out, "note: {note}")?;
+            say!(out, "note: {note}")?;
         }
     }
     if !report.errors.is_empty() || !report.warnings.is_empty() {
-        writeln!(out)?;
+        say!(out)?;
     }
     for error in &report.errors {
-        writeln!(out, "error: {error}")?;
+        say!(out, "error: {error}")?;
     }
     for warning in &report.warnings {
-        writeln!(out, "warning: {}: {}", warning.queue, warning.message)?;
+        say!(out, "warning: {}: {}", warning.queue, warning.message)?;
     }
-    writeln!(out)?;
+    say!(out)?;
     let verdict = match report.health {
         Health::Healthy => "healthy".to_owned(),
         Health::Warnings => format!(
@@ -1005,7 +1054,7 @@ fn render(report: &Report, out: &mut dyn Write) -> std::io::Result<()> {
             if report.errors.len() == 1 { "" } else { "s" }
         ),
     };
-    writeln!(out, "status: {verdict} (exit {})", report.exit_code)
+    say!(out, "status: {verdict} (exit {})", report.exit_code)
 }
 
 fn describe_map(map: &BTreeMap<String, Value>) -> String {
@@ -1057,6 +1106,7 @@ mod tests {
             warnings: Vec::new(),
             errors: Vec::new(),
             notes: Vec::new(),
+            dead_letter_sources: BTreeMap::new(),
             health: Health::Healthy,
             exit_code: EXIT_OK,
         }
@@ -1142,6 +1192,26 @@ mod tests {
         r.broker_error = Some("refused".to_owned());
         judge(&mut r, &HashMap::new());
         assert_eq!(r.exit_code, EXIT_ERROR);
+    }
+
+    #[test]
+    fn dead_letter_queues_belong_to_their_handler_or_follow_the_naming_rule() {
+        let config = Config::from_toml_str(
+            r#"
+            [consumers.a]
+            queue = "qa"
+            dead_letter_queue = "graveyard"
+            "#,
+        )
+        .unwrap();
+        if !registry::handlers().is_empty() {
+            return; // only meaningful without registered handlers
+        }
+        let source = |queue: &str| dead_letter_source(&config, queue).unwrap();
+        assert_eq!(source("graveyard").as_deref(), Some("qa"));
+        assert_eq!(source("other.dlq").as_deref(), Some("other"));
+        assert_eq!(source("qa"), None);
+        assert_eq!(source("qa.retry.1s"), None);
     }
 
     #[test]

@@ -72,6 +72,23 @@ pub(crate) fn delay_queue_name(queue: &str, delay: Duration) -> String {
     }
 }
 
+/// The suffix that makes a work queue's name its dead-letter queue's: `<queue>.dlq`.
+pub(crate) const DEAD_LETTER_SUFFIX: &str = ".dlq";
+
+/// The default dead-letter queue of `queue`: `<queue>.dlq`.
+pub(crate) fn dead_letter_queue_name(queue: &str) -> String {
+    format!("{queue}{DEAD_LETTER_SUFFIX}")
+}
+
+/// The work queue whose dead letters `dlq` holds by the naming rule (`a.dlq` → `a`), or
+/// `None` when the name does not follow it. A dead-letter queue configured with another name
+/// is found through the configuration instead (the CLI's `status::dead_letter_source`).
+#[cfg_attr(not(feature = "cli"), allow(dead_code, reason = "read by the CLI"))]
+pub(crate) fn source_of_dead_letter_queue(dlq: &str) -> Option<&str> {
+    dlq.strip_suffix(DEAD_LETTER_SUFFIX)
+        .filter(|source| !source.is_empty())
+}
+
 /// Resolves every registered handler against the configuration; reports the first problem.
 pub(crate) fn resolve(
     config: &Config,
@@ -181,7 +198,7 @@ fn resolve_one(config: &Config, spec: &HandlerSpec) -> Result<Settings, SetupErr
         section
             .dead_letter_queue
             .clone()
-            .unwrap_or_else(|| format!("{queue}.dlq"))
+            .unwrap_or_else(|| dead_letter_queue_name(&queue))
     });
     let settings = Settings {
         name: spec.name.to_owned(),
@@ -272,6 +289,16 @@ mod tests {
         assert_eq!(basic_qos(64, Some(0)), 64);
         assert_eq!(basic_qos(2, Some(3)), 5);
         assert_eq!(basic_qos(u16::MAX, None), u16::MAX);
+    }
+
+    #[test]
+    fn dead_letter_queue_names_go_both_ways() {
+        assert_eq!(dead_letter_queue_name("a"), "a.dlq");
+        assert_eq!(source_of_dead_letter_queue("a.dlq"), Some("a"));
+        assert_eq!(source_of_dead_letter_queue("a.b.dlq"), Some("a.b"));
+        assert_eq!(source_of_dead_letter_queue(".dlq"), None);
+        assert_eq!(source_of_dead_letter_queue("a"), None);
+        assert_eq!(source_of_dead_letter_queue("a.dlq.x"), None);
     }
 
     #[test]

@@ -880,7 +880,10 @@ impl Worker {
         headers.insert("x-error-kind".into(), long(failure.kind()));
         if let Some(why) = dead_letter_reason {
             headers.insert("x-death-reason".into(), long(&format!("{why}: {reason}")));
-            headers.insert("x-original-queue".into(), long(&self.settings.queue));
+            headers.insert(
+                crate::retry::ORIGINAL_QUEUE_HEADER.into(),
+                long(&self.settings.queue),
+            );
             headers.insert(
                 "x-original-exchange".into(),
                 long(delivery.exchange.as_str()),
