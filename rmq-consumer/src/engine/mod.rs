@@ -200,6 +200,18 @@ impl Engine {
     /// Only errors retrying cannot fix: the broker refused the topology (a queue exists with
     /// other arguments, a permission is missing).
     pub async fn run(self) -> Result<(), Error> {
+        for worker in &self.workers {
+            let longest = worker.settings.longest_unacked(
+                self.config.confirm_timeout,
+                self.config.result_publish_retry,
+            );
+            if longest > settings::BROKER_CONSUMER_TIMEOUT {
+                warn!(handler = %worker.settings.name, ?longest,
+                    "a delivery may stay unacked longer than RabbitMQ's default consumer_timeout (30 min): \
+                     the broker would close the channel and redeliver everything on it; lower message_timeout \
+                     or read_ahead, or raise consumer_timeout (per queue: the x-consumer-timeout argument or a policy)");
+            }
+        }
         let stop_http = CancellationToken::new();
         if let Some(addr) = self.config.http_addr {
             let listener = crate::http::bind(addr)

@@ -51,6 +51,12 @@ impl Settings {
         self.concurrency.min(usize::from(self.qos).max(1))
     }
 
+    /// The longest a delivery of this handler can stay unacked while the worker is healthy
+    /// (see [`longest_unacked`]).
+    pub(crate) fn longest_unacked(&self, confirm: Duration, republish: Duration) -> Duration {
+        longest_unacked(self.timeout, self.qos, self.slots(), confirm, republish)
+    }
+
     /// The queue where tasks whose delivery ended unsettled wait to run alone:
     /// `<queue>.suspect`.
     pub(crate) fn suspect_queue(&self) -> String {
@@ -268,6 +274,29 @@ fn resolve_one(config: &Config, spec: &HandlerSpec) -> Result<Settings, SetupErr
     Ok(settings)
 }
 
+/// RabbitMQ's default `consumer_timeout` (30 minutes): a delivery unacked for longer makes the
+/// broker close the channel, and every delivery on it is redelivered.
+pub(crate) const BROKER_CONSUMER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+/// The longest a delivery can stay unacked while the worker is healthy: with more deliveries
+/// than delivery tasks (`basic.qos` > slots: the read-ahead) a delivery can wait one
+/// `message_timeout` for a slot before it runs for up to another; then its result waits up to
+/// `confirm` for the confirm and is published again for up to `republish`. It is the bound to
+/// hold below the broker's `consumer_timeout` (issue 14, A13).
+pub(crate) fn longest_unacked(
+    timeout: Duration,
+    qos: u16,
+    slots: usize,
+    confirm: Duration,
+    republish: Duration,
+) -> Duration {
+    let waits = if usize::from(qos) > slots { 2 } else { 1 };
+    timeout
+        .saturating_mul(waits)
+        .saturating_add(confirm)
+        .saturating_add(republish)
+}
+
 /// The consumer channel's `basic.qos`: `prefetch` plus the read-ahead, by default
 /// `prefetch / 2`. A handler slot that frees up then finds its next message already here
 /// instead of idling for an ack-to-delivery round trip; at a prefetch of 1 there is none, so
@@ -289,6 +318,19 @@ mod tests {
         assert_eq!(basic_qos(64, Some(0)), 64);
         assert_eq!(basic_qos(2, Some(3)), 5);
         assert_eq!(basic_qos(u16::MAX, None), u16::MAX);
+    }
+
+    #[test]
+    fn longest_unacked_counts_the_wait_for_a_slot() {
+        let s = Duration::from_secs;
+        // No read-ahead: a delivery runs as soon as it arrives.
+        assert_eq!(longest_unacked(s(300), 4, 4, s(30), s(10)), s(340));
+        // Read-ahead: it may wait a whole handler run for a slot first.
+        assert_eq!(longest_unacked(s(300), 6, 4, s(30), s(10)), s(640));
+        assert_eq!(
+            longest_unacked(Duration::MAX, 6, 4, s(30), s(10)),
+            Duration::MAX
+        );
     }
 
     #[test]
