@@ -345,16 +345,28 @@ impl Engine {
         tracker: &TaskTracker,
         lost: &CancellationToken,
     ) -> Result<SessionEnd, Error> {
+        // With `declare = false`, every missing object of every handler in one error, before
+        // anything consumes. (Declaring handlers declare their topology as they subscribe.)
+        let unmanaged: Vec<&settings::Settings> = self
+            .workers
+            .iter()
+            .map(|w| &w.settings)
+            .filter(|s| !s.declare)
+            .collect();
+        let checked = topology::check(connection, &self.config.exchange, &unmanaged).await;
+        match checked {
+            Ok(()) => {}
+            Err(Error::Topology(error)) if !error.is_refusal() => {
+                warn!(error = %crate::error::chain(&error), "setup failed; reconnecting");
+                let _ = connection.close(200, "setup failed".into()).await;
+                return Ok(SessionEnd::Lost);
+            }
+            Err(error) => {
+                let _ = connection.close(200, "topology missing".into()).await;
+                return Err(error);
+            }
+        }
         let setup = async {
-            let channel = connection.create_channel().await.map_err(|source| {
-                crate::error::TopologyError {
-                    what: "channel",
-                    name: "setup".to_owned(),
-                    source,
-                }
-            })?;
-            topology::declare_exchange(&channel, &self.config.exchange).await?;
-            let _ = channel.close(200, "declared".into()).await;
             Publisher::open(
                 connection,
                 self.config.confirm_timeout,
