@@ -17,8 +17,21 @@ use crate::{
 };
 use tracing::warn;
 
-/// Declares the durable direct exchange.
-async fn declare_exchange(channel: &Channel, exchange: &str) -> Result<(), TopologyError> {
+/// Declares the durable direct exchange on a channel of its own.
+pub(crate) async fn declare_exchange(
+    connection: &Connection,
+    exchange: &str,
+) -> Result<(), TopologyError> {
+    let mut declarer = Declarer {
+        connection,
+        channel: None,
+    };
+    declare_exchange_on(declarer.channel().await?, exchange).await?;
+    declarer.close().await;
+    Ok(())
+}
+
+async fn declare_exchange_on(channel: &Channel, exchange: &str) -> Result<(), TopologyError> {
     channel
         .exchange_declare(
             short(exchange),
@@ -160,7 +173,7 @@ pub(crate) async fn declare_handler(
     };
     for need in needs(exchange, settings) {
         match need {
-            Need::Exchange(name) => declare_exchange(declarer.channel().await?, &name).await?,
+            Need::Exchange(name) => declare_exchange_on(declarer.channel().await?, &name).await?,
             Need::Queue {
                 name,
                 wanted,
@@ -441,4 +454,132 @@ async fn bind(
             name: format!("{exchange} -> {queue} ({routing_key})"),
             source,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{
+        config::Config,
+        engine::settings,
+        handler::HandlerError,
+        registry::{HandlerSpec, Prepared},
+    };
+
+    fn never(_: &[u8]) -> Result<Prepared, HandlerError> {
+        Err(HandlerError::dead_letter("not called"))
+    }
+
+    static SPEC: HandlerSpec = HandlerSpec {
+        name: "h",
+        queue: "q",
+        reply_key: Some("q.result"),
+        reply_queue: Some("q.results"),
+        prefetch: None,
+        timeout_secs: None,
+        max_retries: None,
+        queue_type: None,
+        blocking: false,
+        module_path: "tests",
+        file: "topology.rs",
+        line: 1,
+        prepare: never,
+    };
+
+    fn settings_with(publish_via: PublishVia) -> Settings {
+        let config = Config {
+            retry_delays: vec![Duration::from_secs(5)],
+            publish_via,
+            ..Config::default()
+        };
+        settings::resolve(&config, &[&SPEC]).unwrap().remove(0)
+    }
+
+    /// `what name` or `binding queue <- key` for each need, in order.
+    fn describe_needs(settings: &Settings) -> Vec<String> {
+        needs("ex", settings)
+            .into_iter()
+            .map(|need| match need {
+                Need::Exchange(name) => format!("exchange {name}"),
+                Need::Queue { name, .. } => format!("queue {name}"),
+                Need::Binding {
+                    queue,
+                    exchange,
+                    key,
+                } => format!("binding {queue} <- {exchange} {key}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn needs_in_the_default_mode() {
+        assert_eq!(
+            describe_needs(&settings_with(PublishVia::DefaultExchange)),
+            [
+                "exchange ex",
+                "queue q",
+                "queue q.suspect",
+                "binding q <- ex q",
+                "queue q.dlq",
+                "queue q.retry.5s",
+                "queue q.results",
+                "binding q.results <- ex q.result",
+            ]
+        );
+    }
+
+    #[test]
+    fn needs_bind_the_copies_queues_when_copies_go_through_the_exchange() {
+        assert_eq!(
+            describe_needs(&settings_with(PublishVia::Exchange)),
+            [
+                "exchange ex",
+                "queue q",
+                "queue q.suspect",
+                "binding q <- ex q",
+                "binding q.suspect <- ex q.suspect",
+                "queue q.dlq",
+                "binding q.dlq <- ex q.dlq",
+                "queue q.retry.5s",
+                "binding q.retry.5s <- ex q.retry.5s",
+                "queue q.results",
+                "binding q.results <- ex q.result",
+            ]
+        );
+    }
+
+    #[test]
+    fn copies_route_by_the_queue_name_through_the_chosen_exchange() {
+        let default = settings_with(PublishVia::DefaultExchange);
+        assert_eq!(copy_route("ex", &default, "q.dlq"), ("", "q.dlq"));
+        let exchange = settings_with(PublishVia::Exchange);
+        assert_eq!(copy_route("ex", &exchange, "q.dlq"), ("ex", "q.dlq"));
+    }
+
+    #[test]
+    fn a_missing_object_names_itself_and_the_permission() {
+        let error = Error::MissingTopology(vec![
+            MissingObject {
+                what: "queue",
+                name: "q.dlq".to_owned(),
+                handler: "h".to_owned(),
+            },
+            MissingObject {
+                what: "exchange",
+                name: "ex".to_owned(),
+                handler: "h".to_owned(),
+            },
+        ]);
+        let text = error.to_string();
+        assert!(
+            text.contains("queue `q.dlq` (handler `h`) is missing: needs configure permission on `q.dlq` or create it"),
+            "{text}"
+        );
+        assert!(
+            text.contains("exchange `ex` (handler `h`) is missing: needs configure permission on `ex` or create it"),
+            "{text}"
+        );
+    }
 }
