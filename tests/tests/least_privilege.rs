@@ -3,8 +3,9 @@
 //! pipeline with `declare = false` and `publish_via = "exchange"` (results, retries through a
 //! delay queue, dead letters); missing objects stop the engine with one error naming each; a
 //! queue deleted while running stops it the same way instead of a reconnect loop; a sender
-//! allowed to write only to the task exchange cannot make the worker write anywhere else; and
-//! the permissions the README documents for the default mode suffice.
+//! allowed to write only to the task exchange cannot make the worker write anywhere else; the
+//! permissions the README documents for the default mode suffice; and a checking handler
+//! beside a declaring one finds their shared exchange.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -58,6 +59,15 @@ async fn restricted(task: Value) -> Result<Value, HandlerError> {
         Some("dead") => Err(HandlerError::dead_letter("this task cannot succeed")),
         _ => Ok(json!({"id": id})),
     }
+}
+
+/// Answers with the id (a second handler, for an engine mixing `declare` modes).
+#[consumer(
+    queue = "tests.least_privilege.declaring",
+    reply_key = "tests.least_privilege.declaring.result"
+)]
+async fn declaring(task: Value) -> Value {
+    json!({"id": task["id"]})
 }
 
 fn handler(running: &Running) -> HandlerSnapshot {
@@ -438,5 +448,48 @@ async fn readme_permissions_suffice_in_the_default_mode() {
 
     running.stop().await.unwrap();
     drop(user);
+    broker.cleanup().await;
+}
+
+/// One engine, two handlers sharing a new exchange: `declaring` declares its topology,
+/// `restricted` (`declare = false`) only checks that its own exists. The check finds the
+/// shared exchange (the engine declares it before checking) and both consume; the declaring
+/// handler works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checking_handler_beside_a_declaring_one_finds_the_shared_exchange() {
+    let mut broker = Broker::connect().await;
+    let (exchange, mut config, route) = setup(&mut broker);
+    let _cleanup = broker.cleanup_on_panic();
+    // The administrator creates the checking handler's queues, not the exchange.
+    admin_declares(&config).await;
+    broker
+        .channel
+        .exchange_delete(exchange.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    config.declare = true;
+    config.publish_via = PublishVia::DefaultExchange;
+    let section = config.consumers.entry(HANDLER.to_owned()).or_default();
+    section.declare = Some(false);
+    section.publish_via = Some(PublishVia::Exchange);
+    let other = Route::new(&mut config, "declaring", &mut broker);
+    let _cleanup = broker.cleanup_on_panic();
+    let running = Running::start(config, &[HANDLER, "declaring"]).await;
+
+    let id = unique("ok");
+    broker
+        .publish_json(&exchange, &other.queue, &task(&id, json!({})))
+        .await;
+    let results = broker
+        .collect(&other.reply_queue, 1, Duration::from_secs(20))
+        .await;
+    assert_eq!(results.len(), 1, "the declaring handler's result arrives");
+    assert_eq!(common::id_of(&results[0]).as_deref(), Some(id.as_str()));
+    assert_eq!(
+        broker.depth(&route.queue).await,
+        Some(0),
+        "the checking handler's queue exists"
+    );
+    running.stop().await.unwrap();
     broker.cleanup().await;
 }

@@ -347,6 +347,22 @@ impl Engine {
     ) -> Result<SessionEnd, Error> {
         // With `declare = false`, every missing object of every handler in one error, before
         // anything consumes. (Declaring handlers declare their topology as they subscribe.)
+        // Handlers that declare declare the exchange as they subscribe; one that only checks
+        // may share it and be checked first.
+        if self.workers.iter().any(|w| w.settings.declare)
+            && self.workers.iter().any(|w| !w.settings.declare)
+        {
+            let declared = topology::declare_exchange(connection, &self.config.exchange).await;
+            match declared {
+                Ok(()) => {}
+                Err(error) if error.is_refusal() => return Err(error.into()),
+                Err(error) => {
+                    warn!(error = %crate::error::chain(&error), "setup failed; reconnecting");
+                    let _ = connection.close(200, "setup failed".into()).await;
+                    return Ok(SessionEnd::Lost);
+                }
+            }
+        }
         let unmanaged: Vec<&settings::Settings> = self
             .workers
             .iter()
