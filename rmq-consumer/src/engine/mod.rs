@@ -192,7 +192,8 @@ impl Engine {
     ///
     /// # Errors
     /// Only errors retrying cannot fix: the broker refused the topology (a queue exists with
-    /// other arguments, a permission is missing).
+    /// other arguments, a permission is missing), or with `declare = false` objects the
+    /// handlers need are missing, at startup or later ([`Error::MissingTopology`]).
     pub async fn run(self) -> Result<(), Error> {
         let stop_http = CancellationToken::new();
         if let Some(addr) = self.config.http_addr {
@@ -421,7 +422,7 @@ impl Engine {
                 Ok(Stop::Shutdown) => end = SessionEnd::Shutdown,
                 Ok(Stop::Lost) => lost.cancel(),
                 Ok(Stop::Fatal(error)) => {
-                    error!(error = %crate::error::chain(&error), "the broker refused the topology");
+                    error!(error = %crate::error::chain(&error), "the broker refused the topology, or part of it is missing");
                     fatal.get_or_insert(error);
                     self.shutdown.cancel();
                 }
