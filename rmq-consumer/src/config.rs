@@ -171,6 +171,13 @@ pub struct Config {
     pub bind_reply_queue: bool,
     /// Whether exhausted or unrecoverable messages go to a dead-letter queue. Default `true`.
     pub dead_letter: bool,
+    /// Whether the engine declares its exchange, queues and bindings. `false` declares
+    /// nothing: every object must exist (an administrator creates them), which the engine
+    /// checks with passive declares at startup. Default `true`.
+    pub declare: bool,
+    /// Which exchange retry, delay, dead-letter and suspect copies are published to. Default
+    /// [`PublishVia::DefaultExchange`].
+    pub publish_via: PublishVia,
     /// Time allowed for in-flight handlers to finish on shutdown. Default
     /// [`DEFAULT_SHUTDOWN_TIMEOUT`].
     pub shutdown_timeout: Duration,
@@ -230,6 +237,8 @@ impl Default for Config {
             reply_to: ReplyToPolicy::Honour,
             bind_reply_queue: true,
             dead_letter: true,
+            declare: true,
+            publish_via: PublishVia::DefaultExchange,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             confirm_timeout: DEFAULT_CONFIRM_TIMEOUT,
             result_publish_retry: DEFAULT_RESULT_PUBLISH_RETRY,
@@ -284,6 +293,11 @@ pub struct ConsumerConfig {
     pub dead_letter: Option<bool>,
     /// The dead-letter queue's name.
     pub dead_letter_queue: Option<String>,
+    /// Whether the engine declares this handler's queues and bindings (see
+    /// [`Config::declare`]).
+    pub declare: Option<bool>,
+    /// Which exchange this handler's copies are published to (see [`Config::publish_via`]).
+    pub publish_via: Option<PublishVia>,
     /// Whether the handler runs at all.
     pub enabled: Option<bool>,
 }
@@ -324,6 +338,53 @@ impl FromStr for QueueType {
             "classic" => Ok(Self::Classic),
             "quorum" => Ok(Self::Quorum),
             _ => Err(ParseVariantError::new("`classic` or `quorum`", s)),
+        }
+    }
+}
+
+/// Which exchange the engine publishes a handler's retry, delay, dead-letter and suspect
+/// copies to (the `publish_via` key).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum PublishVia {
+    /// The default exchange (`amq.default`), routing key = the target queue's name: needs
+    /// write permission on `amq.default`, which reaches every queue of the virtual host.
+    #[default]
+    DefaultExchange,
+    /// The handler's exchange, routing key = the target queue's name: each target queue is
+    /// bound to the exchange under its own name, and write permission on that exchange is
+    /// enough.
+    Exchange,
+}
+
+impl PublishVia {
+    /// The name used in configuration.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::DefaultExchange => "default_exchange",
+            Self::Exchange => "exchange",
+        }
+    }
+}
+
+impl fmt::Display for PublishVia {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for PublishVia {
+    type Err = ParseVariantError;
+
+    /// Accepts `default_exchange` or `exchange`, case-insensitively.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "default_exchange" => Ok(Self::DefaultExchange),
+            "exchange" => Ok(Self::Exchange),
+            _ => Err(ParseVariantError::new(
+                "`default_exchange` or `exchange`",
+                s,
+            )),
         }
     }
 }
@@ -795,6 +856,8 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "reply_to",
     "bind_reply_queue",
     "dead_letter",
+    "declare",
+    "publish_via",
     "shutdown_timeout",
     "confirm_timeout",
     "result_publish_retry",
@@ -835,6 +898,8 @@ const CONSUMER_KEYS: &[&str] = &[
     "reply_to",
     "bind_reply_queue",
     "dead_letter",
+    "declare",
+    "publish_via",
     "dead_letter_queue",
     "enabled",
 ];
@@ -1033,6 +1098,8 @@ impl Scope {
             .get(&["bind_reply_queue"])
             .unwrap_or(defaults.bind_reply_queue);
         let dead_letter = self.get(&["dead_letter"]).unwrap_or(defaults.dead_letter);
+        let declare = self.get(&["declare"]).unwrap_or(defaults.declare);
+        let publish_via = self.get(&["publish_via"]).unwrap_or(defaults.publish_via);
         let shutdown_timeout = self
             .get(&["shutdown_timeout"])
             .unwrap_or(defaults.shutdown_timeout);
@@ -1086,6 +1153,8 @@ impl Scope {
             reply_to,
             bind_reply_queue,
             dead_letter,
+            declare,
+            publish_via,
             shutdown_timeout,
             confirm_timeout,
             result_publish_retry,
@@ -1211,6 +1280,8 @@ impl Scope {
             bind_reply_queue: self.get(&["bind_reply_queue"]),
             dead_letter: self.get(&["dead_letter"]),
             dead_letter_queue: self.name(&["dead_letter_queue"]),
+            declare: self.get(&["declare"]),
+            publish_via: self.get(&["publish_via"]),
             enabled: self.get(&["enabled"]),
         }
     }
@@ -1699,6 +1770,17 @@ impl FromConfigValue for QueueType {
     }
 }
 
+impl FromConfigValue for PublishVia {
+    fn from_toml(value: &toml::Value) -> Result<Self, String> {
+        String::from_toml(value).and_then(|s| Self::from_env(&s))
+    }
+
+    fn from_env(text: &str) -> Result<Self, String> {
+        text.parse()
+            .map_err(|error: ParseVariantError| error.to_string())
+    }
+}
+
 impl FromConfigValue for LogFormat {
     fn from_toml(value: &toml::Value) -> Result<Self, String> {
         String::from_toml(value).and_then(|s| Self::from_env(&s))
@@ -1916,8 +1998,48 @@ mod tests {
                 bind_reply_queue: Some(true),
                 dead_letter: Some(true),
                 dead_letter_queue: Some("media.resize.dlq".to_owned()),
+                declare: None,
+                publish_via: None,
                 enabled: Some(false),
             }
+        );
+    }
+
+    #[test]
+    fn declare_and_publish_via_globally_and_per_handler() {
+        let config = Config::from_sources(None, []).unwrap();
+        assert!(config.declare);
+        assert_eq!(config.publish_via, PublishVia::DefaultExchange);
+        let config = Config::from_sources(
+            Some(
+                r#"
+            declare = false
+            publish_via = "exchange"
+            [consumers.a]
+            declare = true
+            publish_via = "default_exchange"
+            "#,
+            ),
+            [(
+                "RMQ_CONSUMER_CONSUMERS__B__PUBLISH_VIA".to_owned(),
+                "Exchange".to_owned(),
+            )],
+        )
+        .unwrap();
+        assert!(!config.declare);
+        assert_eq!(config.publish_via, PublishVia::Exchange);
+        assert_eq!(config.consumer("a").declare, Some(true));
+        assert_eq!(
+            config.consumer("a").publish_via,
+            Some(PublishVia::DefaultExchange)
+        );
+        assert_eq!(config.consumer("b").publish_via, Some(PublishVia::Exchange));
+        let error = Config::from_sources(Some(r#"publish_via = "amq.default""#), [])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("publish_via") && error.contains("`default_exchange` or `exchange`"),
+            "{error}"
         );
     }
 

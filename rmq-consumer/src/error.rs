@@ -22,6 +22,9 @@ pub enum Error {
     /// missing, ...).
     #[error(transparent)]
     Topology(Box<TopologyError>),
+    /// With `declare = false`, objects the handlers need do not exist (each named once).
+    #[error("{}", missing_text(.0))]
+    MissingTopology(Vec<MissingObject>),
     /// The HTTP listener (`http_addr`) could not be bound.
     #[error("cannot listen on {addr} for /metrics, /livez and /readyz")]
     Http {
@@ -146,6 +149,41 @@ impl TopologyError {
                 if matches!(e.kind(), lapin::protocol::AMQPErrorKind::Soft(_))
         )
     }
+}
+
+/// An exchange or queue a handler needs that a passive declare did not find
+/// (`declare = false`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MissingObject {
+    /// `exchange` or `queue`.
+    pub what: &'static str,
+    /// Its name.
+    pub name: String,
+    /// The handler that needs it.
+    pub handler: String,
+}
+
+impl std::fmt::Display for MissingObject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} `{}` (handler `{}`) is missing: needs configure permission on `{}` or create it",
+            self.what, self.name, self.handler, self.name
+        )
+    }
+}
+
+fn missing_text(missing: &[MissingObject]) -> String {
+    let list = missing
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ");
+    format!(
+        "declare = false and {} object(s) the handlers need are missing (an administrator creates them, see the README's least privilege): {list}",
+        missing.len()
+    )
 }
 
 /// A publish that the broker did not take responsibility for.

@@ -78,7 +78,7 @@ pub use shutdown::FORCED_EXIT_CODE;
 ///
 /// # Errors
 /// An invalid configuration, handlers that do not fit together, a topology the broker
-/// refuses. Broker outages are not errors: the engine reconnects.
+/// refuses or (with `declare = false`) that is missing. Broker outages are not errors: the engine reconnects.
 pub async fn run() -> Result<(), Error> {
     let config = Config::load()?;
     run_with(config).await

@@ -1,6 +1,7 @@
-//! Declares what the engine relies on: a durable direct exchange; per handler the work queue
-//! bound to the exchange under its own name, the response queue bound to the reply key, the
-//! dead-letter queue and one TTL delay queue per retry delay.
+//! What the engine relies on ([`needs`]): a durable direct exchange; per handler the work
+//! queue bound to the exchange under its own name, the response queue bound to the reply key,
+//! the dead-letter queue and one TTL delay queue per retry delay. Declared
+//! ([`declare_handler`]), or with `declare = false` checked to exist ([`check`]).
 
 use lapin::{
     Channel, Connection, ExchangeKind,
@@ -10,17 +11,27 @@ use lapin::{
 
 use crate::{
     amqp::{long, short},
-    config::QueueType,
+    config::{PublishVia, QueueType},
     engine::settings::Settings,
-    error::TopologyError,
+    error::{Error, MissingObject, TopologyError},
 };
 use tracing::warn;
 
-/// Declares the durable direct exchange.
+/// Declares the durable direct exchange on a channel of its own.
 pub(crate) async fn declare_exchange(
-    channel: &Channel,
+    connection: &Connection,
     exchange: &str,
 ) -> Result<(), TopologyError> {
+    let mut declarer = Declarer {
+        connection,
+        channel: None,
+    };
+    declare_exchange_on(declarer.channel().await?, exchange).await?;
+    declarer.close().await;
+    Ok(())
+}
+
+async fn declare_exchange_on(channel: &Channel, exchange: &str) -> Result<(), TopologyError> {
     channel
         .exchange_declare(
             short(exchange),
@@ -39,34 +50,60 @@ pub(crate) async fn declare_exchange(
         })
 }
 
-/// Declares one handler's queues and bindings, on channels of its own (a refused declare
-/// closes its channel).
+/// One object a handler relies on.
+#[derive(Debug, Clone)]
+pub(crate) enum Need {
+    /// The durable direct exchange.
+    Exchange(String),
+    /// A durable queue, declared with `wanted` (or kept as one of the `legacy` argument sets
+    /// of earlier versions).
+    Queue {
+        name: String,
+        wanted: FieldTable,
+        legacy: Vec<FieldTable>,
+    },
+    /// `queue` bound to `exchange` under `key`. A passive declare cannot check a binding.
+    Binding {
+        queue: String,
+        exchange: String,
+        key: String,
+    },
+}
+
+/// Every object one handler needs, in declaration order: the one list both declaring
+/// ([`declare_handler`]) and checking ([`check`]) go through.
 ///
-/// A queue that already exists without the arguments this version adds (the dead-letter route
-/// and delivery limit of quorum work queues, at-least-once delay queues) is used as it is,
-/// with a warning naming the policy that gives it the missing ones: a deployment upgrades
-/// without deleting queues that may hold messages. Any other difference stops the engine.
-pub(crate) async fn declare_handler(
-    connection: &Connection,
-    exchange: &str,
-    settings: &Settings,
-) -> Result<(), TopologyError> {
-    let mut declarer = Declarer {
-        connection,
-        channel: None,
-    };
+/// The exchange; the work queue and its suspect queue; the work queue bound under its own
+/// name; the dead-letter queue; one TTL delay queue per retry delay; the reply queue, bound
+/// to the reply key. With `publish_via = "exchange"` the suspect, dead-letter and delay
+/// queues are bound to the exchange under their own names too (see [`copy_route`]).
+pub(crate) fn needs(exchange: &str, settings: &Settings) -> Vec<Need> {
+    let via_exchange = settings.publish_via == PublishVia::Exchange;
     let kind = settings.queue_type;
+    let queue = |name: &str, wanted: FieldTable, legacy: Vec<FieldTable>| Need::Queue {
+        name: name.to_owned(),
+        wanted,
+        legacy,
+    };
+    let binding = |queue: &str, key: &str| Need::Binding {
+        queue: queue.to_owned(),
+        exchange: exchange.to_owned(),
+        key: key.to_owned(),
+    };
+    let mut needs = vec![Need::Exchange(exchange.to_owned())];
     let work = work_queue_arguments(settings);
-    declarer
-        .queue(&settings.queue, work.wanted.clone(), &work.legacy)
-        .await?;
-    declarer
-        .queue(&settings.suspect_queue(), work.wanted, &[])
-        .await?;
-    let channel = declarer.channel().await?;
-    bind(channel, &settings.queue, exchange, &settings.queue).await?;
+    let suspect = settings.suspect_queue();
+    needs.push(queue(&settings.queue, work.wanted.clone(), work.legacy));
+    needs.push(queue(&suspect, work.wanted, Vec::new()));
+    needs.push(binding(&settings.queue, &settings.queue));
+    if via_exchange {
+        needs.push(binding(&suspect, &suspect));
+    }
     if let Some(dlq) = &settings.dead_letter_queue {
-        declarer.queue(dlq, queue_type(kind), &[]).await?;
+        needs.push(queue(dlq, queue_type(kind), Vec::new()));
+        if via_exchange {
+            needs.push(binding(dlq, dlq));
+        }
     }
     for delay in &settings.retry_delays {
         let ttl = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
@@ -88,19 +125,149 @@ pub(crate) async fn declare_handler(
         wanted.insert("x-dead-letter-routing-key".into(), long(&settings.queue));
         wanted.insert("x-dead-letter-strategy".into(), long("at-least-once"));
         wanted.insert("x-overflow".into(), long("reject-publish"));
-        declarer
-            .queue(&settings.delay_queue(*delay), wanted, &legacy)
-            .await?;
+        let name = settings.delay_queue(*delay);
+        needs.push(queue(&name, wanted, legacy.to_vec()));
+        if via_exchange {
+            needs.push(binding(&name, &name));
+        }
     }
     if let Some(reply_queue) = &settings.reply_queue {
-        declarer.queue(reply_queue, queue_type(kind), &[]).await?;
+        needs.push(queue(reply_queue, queue_type(kind), Vec::new()));
         if let (true, Some(reply_key)) = (settings.bind_reply_queue, &settings.reply_key) {
-            let channel = declarer.channel().await?;
-            bind(channel, reply_queue, exchange, reply_key).await?;
+            needs.push(binding(reply_queue, reply_key));
+        }
+    }
+    needs
+}
+
+/// Where a copy for one of the handler's own queues (a retry, delay, dead-letter or suspect
+/// copy) is published: `(exchange, routing key)`. The default exchange, or with
+/// `publish_via = "exchange"` the handler's exchange, where `queue` is bound under its own
+/// name ([`needs`]).
+pub(crate) fn copy_route<'a>(
+    exchange: &'a str,
+    settings: &Settings,
+    queue: &'a str,
+) -> (&'a str, &'a str) {
+    match settings.publish_via {
+        PublishVia::DefaultExchange => ("", queue),
+        PublishVia::Exchange => (exchange, queue),
+    }
+}
+
+/// Declares one handler's exchange, queues and bindings ([`needs`]), on channels of its own
+/// (a refused declare closes its channel).
+///
+/// A queue that already exists without the arguments this version adds (the dead-letter route
+/// and delivery limit of quorum work queues, at-least-once delay queues) is used as it is,
+/// with a warning naming the policy that gives it the missing ones: a deployment upgrades
+/// without deleting queues that may hold messages. Any other difference stops the engine.
+pub(crate) async fn declare_handler(
+    connection: &Connection,
+    exchange: &str,
+    settings: &Settings,
+) -> Result<(), TopologyError> {
+    let mut declarer = Declarer {
+        connection,
+        channel: None,
+    };
+    for need in needs(exchange, settings) {
+        match need {
+            Need::Exchange(name) => declare_exchange_on(declarer.channel().await?, &name).await?,
+            Need::Queue {
+                name,
+                wanted,
+                legacy,
+            } => declarer.queue(&name, wanted, &legacy).await?,
+            Need::Binding {
+                queue,
+                exchange,
+                key,
+            } => bind(declarer.channel().await?, &queue, &exchange, &key).await?,
         }
     }
     declarer.close().await;
     Ok(())
+}
+
+/// Checks with passive declares that every exchange and queue the handlers need exists
+/// (`declare = false`); bindings cannot be checked this way. A 404 closes its channel, so
+/// each check after one runs on a fresh channel.
+///
+/// # Errors
+/// [`Error::MissingTopology`] naming every missing object; [`Error::Topology`] when the
+/// broker answered otherwise (a refusal, or the connection failed).
+pub(crate) async fn check(
+    connection: &Connection,
+    exchange: &str,
+    handlers: &[&Settings],
+) -> Result<(), Error> {
+    let mut declarer = Declarer {
+        connection,
+        channel: None,
+    };
+    let mut missing = Vec::new();
+    for settings in handlers {
+        for need in needs(exchange, settings) {
+            let (what, name) = match need {
+                Need::Exchange(name) => ("exchange", name),
+                Need::Queue { name, .. } => ("queue", name),
+                Need::Binding { .. } => continue,
+            };
+            let object = MissingObject {
+                what,
+                name,
+                handler: settings.name.clone(),
+            };
+            if missing.contains(&object) {
+                continue;
+            }
+            let channel = declarer.channel().await?;
+            let found = match what {
+                "exchange" => channel
+                    .exchange_declare(
+                        short(&object.name),
+                        ExchangeKind::Direct,
+                        ExchangeDeclareOptions {
+                            passive: true,
+                            ..ExchangeDeclareOptions::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map(drop),
+                _ => channel
+                    .queue_declare(
+                        short(&object.name),
+                        QueueDeclareOptions {
+                            passive: true,
+                            ..QueueDeclareOptions::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map(drop),
+            };
+            match found {
+                Ok(()) => {}
+                Err(source) if is_not_found(&source) => missing.push(object),
+                Err(source) => {
+                    return Err(TopologyError {
+                        what,
+                        name: object.name,
+                        source,
+                    }
+                    .into());
+                }
+            }
+        }
+    }
+    declarer.close().await;
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::MissingTopology(missing))
+    }
 }
 
 /// The arguments a work queue (and its suspect queue) is declared with, and the ones an
@@ -233,6 +400,15 @@ fn describe(value: &AMQPValue) -> String {
     }
 }
 
+/// The broker's 404 NOT_FOUND: a passive declare of an object that does not exist.
+fn is_not_found(error: &lapin::Error) -> bool {
+    matches!(
+        error.kind(),
+        lapin::ErrorKind::ProtocolError(e)
+            if matches!(e.kind(), lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::NOTFOUND))
+    )
+}
+
 /// The broker's 406 PRECONDITION_FAILED: a declare whose arguments differ from the queue's.
 fn is_precondition_failed(error: &lapin::Error) -> bool {
     matches!(
@@ -278,4 +454,132 @@ async fn bind(
             name: format!("{exchange} -> {queue} ({routing_key})"),
             source,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{
+        config::Config,
+        engine::settings,
+        handler::HandlerError,
+        registry::{HandlerSpec, Prepared},
+    };
+
+    fn never(_: &[u8]) -> Result<Prepared, HandlerError> {
+        Err(HandlerError::dead_letter("not called"))
+    }
+
+    static SPEC: HandlerSpec = HandlerSpec {
+        name: "h",
+        queue: "q",
+        reply_key: Some("q.result"),
+        reply_queue: Some("q.results"),
+        prefetch: None,
+        timeout_secs: None,
+        max_retries: None,
+        queue_type: None,
+        blocking: false,
+        module_path: "tests",
+        file: "topology.rs",
+        line: 1,
+        prepare: never,
+    };
+
+    fn settings_with(publish_via: PublishVia) -> Settings {
+        let config = Config {
+            retry_delays: vec![Duration::from_secs(5)],
+            publish_via,
+            ..Config::default()
+        };
+        settings::resolve(&config, &[&SPEC]).unwrap().remove(0)
+    }
+
+    /// `what name` or `binding queue <- key` for each need, in order.
+    fn describe_needs(settings: &Settings) -> Vec<String> {
+        needs("ex", settings)
+            .into_iter()
+            .map(|need| match need {
+                Need::Exchange(name) => format!("exchange {name}"),
+                Need::Queue { name, .. } => format!("queue {name}"),
+                Need::Binding {
+                    queue,
+                    exchange,
+                    key,
+                } => format!("binding {queue} <- {exchange} {key}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn needs_in_the_default_mode() {
+        assert_eq!(
+            describe_needs(&settings_with(PublishVia::DefaultExchange)),
+            [
+                "exchange ex",
+                "queue q",
+                "queue q.suspect",
+                "binding q <- ex q",
+                "queue q.dlq",
+                "queue q.retry.5s",
+                "queue q.results",
+                "binding q.results <- ex q.result",
+            ]
+        );
+    }
+
+    #[test]
+    fn needs_bind_the_copies_queues_when_copies_go_through_the_exchange() {
+        assert_eq!(
+            describe_needs(&settings_with(PublishVia::Exchange)),
+            [
+                "exchange ex",
+                "queue q",
+                "queue q.suspect",
+                "binding q <- ex q",
+                "binding q.suspect <- ex q.suspect",
+                "queue q.dlq",
+                "binding q.dlq <- ex q.dlq",
+                "queue q.retry.5s",
+                "binding q.retry.5s <- ex q.retry.5s",
+                "queue q.results",
+                "binding q.results <- ex q.result",
+            ]
+        );
+    }
+
+    #[test]
+    fn copies_route_by_the_queue_name_through_the_chosen_exchange() {
+        let default = settings_with(PublishVia::DefaultExchange);
+        assert_eq!(copy_route("ex", &default, "q.dlq"), ("", "q.dlq"));
+        let exchange = settings_with(PublishVia::Exchange);
+        assert_eq!(copy_route("ex", &exchange, "q.dlq"), ("ex", "q.dlq"));
+    }
+
+    #[test]
+    fn a_missing_object_names_itself_and_the_permission() {
+        let error = Error::MissingTopology(vec![
+            MissingObject {
+                what: "queue",
+                name: "q.dlq".to_owned(),
+                handler: "h".to_owned(),
+            },
+            MissingObject {
+                what: "exchange",
+                name: "ex".to_owned(),
+                handler: "h".to_owned(),
+            },
+        ]);
+        let text = error.to_string();
+        assert!(
+            text.contains("queue `q.dlq` (handler `h`) is missing: needs configure permission on `q.dlq` or create it"),
+            "{text}"
+        );
+        assert!(
+            text.contains("exchange `ex` (handler `h`) is missing: needs configure permission on `ex` or create it"),
+            "{text}"
+        );
+    }
 }

@@ -15,12 +15,11 @@ mod common;
 
 use std::{
     collections::BTreeMap,
-    str::FromStr,
     sync::{LazyLock, Mutex},
     time::{Duration, Instant, SystemTime},
 };
 
-use common::{Broker, Ledger, Route, Running, eventually, task, test_config, unique};
+use common::{Broker, Ledger, Route, Running, TestUser, eventually, task, test_config, unique};
 use lapin::{
     BasicProperties,
     types::{AMQPValue, FieldTable},
@@ -542,66 +541,6 @@ async fn malformed_retry_count_headers_are_counted_or_exhausted() {
     }
     running.stop().await.unwrap();
     broker.cleanup().await;
-}
-
-/// A broker user made for one test, deleted when it drops (even on a panic).
-struct TestUser {
-    name: String,
-}
-
-impl TestUser {
-    async fn create(password: &str) -> Self {
-        Self::with_permissions(password, ".*", ".*", ".*").await
-    }
-
-    /// A user with these `configure`, `write` and `read` permission patterns.
-    async fn with_permissions(password: &str, configure: &str, write: &str, read: &str) -> Self {
-        let name = unique("user");
-        common::rabbitmqctl(&["add_user", &name, password]).await;
-        let user = Self { name };
-        let vhost = lapin::uri::AMQPUri::from_str(&common::broker_url())
-            .unwrap()
-            .vhost;
-        common::rabbitmqctl(&[
-            "set_permissions",
-            "-p",
-            &vhost,
-            &user.name,
-            configure,
-            write,
-            read,
-        ])
-        .await;
-        user
-    }
-
-    /// The test broker's URL with this user's credentials.
-    fn url(&self, password: &str) -> String {
-        let mut uri = lapin::uri::AMQPUri::from_str(&common::broker_url()).unwrap();
-        uri.authority.userinfo.username = self.name.clone();
-        uri.authority.userinfo.password = password.to_owned();
-        let vhost: String = uri
-            .vhost
-            .bytes()
-            .map(|b| match b {
-                b'/' => "%2f".to_owned(),
-                _ => char::from(b).to_string(),
-            })
-            .collect();
-        format!(
-            "amqp://{}:{}@{}:{}/{vhost}",
-            uri.authority.userinfo.username,
-            uri.authority.userinfo.password,
-            uri.authority.host,
-            uri.authority.port
-        )
-    }
-}
-
-impl Drop for TestUser {
-    fn drop(&mut self) {
-        let _ = common::rabbitmqctl_blocking(&["delete_user", &self.name]);
-    }
 }
 
 /// A failing task published by another user, carrying its `user_id` (which the broker checks

@@ -9,8 +9,8 @@ use serde_json::{Map, Value, json};
 use super::{CliError, EXIT_FAILURE, EXIT_OK, Global, Io, chain, load_config};
 use crate::{
     config::{
-        CONFIG_PATH_ENV, Config, ConsumerConfig, DEFAULT_CONFIG_FILE, ENV_PREFIX, QueueType,
-        SecretUrl,
+        CONFIG_PATH_ENV, Config, ConsumerConfig, DEFAULT_CONFIG_FILE, ENV_PREFIX, PublishVia,
+        QueueType, SecretUrl,
     },
     engine::settings,
     registry,
@@ -71,6 +71,8 @@ pub(crate) fn run(global: &Global, args: &Args, io: &mut Io<'_>) -> Result<i32, 
             h.put("queue_type", json!(s.queue_type.as_str()));
             h.put("reply_to", reply_to(&s.reply_to));
             h.put("bind_reply_queue", json!(s.bind_reply_queue));
+            h.put("declare", json!(s.declare));
+            h.put("publish_via", json!(s.publish_via.as_str()));
             h.put("blocking", json!(s.blocking));
             h.put("location", json!(s.location));
             handlers.put_table(&s.name, h);
@@ -261,6 +263,8 @@ fn view(config: &Config) -> Table {
     );
     t.put("dead_letter", json!(config.dead_letter));
     t.put("bind_reply_queue", json!(config.bind_reply_queue));
+    t.put("declare", json!(config.declare));
+    t.put("publish_via", json!(config.publish_via.as_str()));
     t.put("queue_type", json!(config.queue_type.as_str()));
     t.put("reply_to", reply_to(&config.reply_to));
     t.put(
@@ -337,6 +341,8 @@ fn consumer_view(c: &ConsumerConfig) -> Table {
     t.put_set("bind_reply_queue", json!(c.bind_reply_queue));
     t.put_set("dead_letter", json!(c.dead_letter));
     t.put_set("dead_letter_queue", json!(c.dead_letter_queue));
+    t.put_set("declare", json!(c.declare));
+    t.put_set("publish_via", json!(c.publish_via.map(PublishVia::as_str)));
     t.put_set("enabled", json!(c.enabled));
     t
 }

@@ -198,7 +198,8 @@ impl Engine {
     ///
     /// # Errors
     /// Only errors retrying cannot fix: the broker refused the topology (a queue exists with
-    /// other arguments, a permission is missing).
+    /// other arguments, a permission is missing), or with `declare = false` objects the
+    /// handlers need are missing, at startup or later ([`Error::MissingTopology`]).
     pub async fn run(self) -> Result<(), Error> {
         for worker in &self.workers {
             let longest = worker.settings.longest_unacked(
@@ -408,16 +409,44 @@ impl Engine {
         lost: &CancellationToken,
         expired: &CancellationToken,
     ) -> Result<SessionEnd, Error> {
-        let setup = async {
-            let channel = connection.create_channel().await.map_err(|source| {
-                crate::error::TopologyError {
-                    what: "channel",
-                    name: "setup".to_owned(),
-                    source,
+        // With `declare = false`, every missing object of every handler in one error, before
+        // anything consumes. (Declaring handlers declare their topology as they subscribe.)
+        // Handlers that declare declare the exchange as they subscribe; one that only checks
+        // may share it and be checked first.
+        if self.workers.iter().any(|w| w.settings.declare)
+            && self.workers.iter().any(|w| !w.settings.declare)
+        {
+            let declared = topology::declare_exchange(connection, &self.config.exchange).await;
+            match declared {
+                Ok(()) => {}
+                Err(error) if error.is_refusal() => return Err(error.into()),
+                Err(error) => {
+                    warn!(error = %crate::error::chain(&error), "setup failed; reconnecting");
+                    let _ = connection.close(200, "setup failed".into()).await;
+                    return Ok(SessionEnd::Lost);
                 }
-            })?;
-            topology::declare_exchange(&channel, &self.config.exchange).await?;
-            let _ = channel.close(200, "declared".into()).await;
+            }
+        }
+        let unmanaged: Vec<&settings::Settings> = self
+            .workers
+            .iter()
+            .map(|w| &w.settings)
+            .filter(|s| !s.declare)
+            .collect();
+        let checked = topology::check(connection, &self.config.exchange, &unmanaged).await;
+        match checked {
+            Ok(()) => {}
+            Err(Error::Topology(error)) if !error.is_refusal() => {
+                warn!(error = %crate::error::chain(&error), "setup failed; reconnecting");
+                let _ = connection.close(200, "setup failed".into()).await;
+                return Ok(SessionEnd::Lost);
+            }
+            Err(error) => {
+                let _ = connection.close(200, "topology missing".into()).await;
+                return Err(error);
+            }
+        }
+        let setup = async {
             Publisher::open(
                 connection,
                 self.config.confirm_timeout,
@@ -456,7 +485,7 @@ impl Engine {
                 Ok(Stop::Shutdown) => end = SessionEnd::Shutdown,
                 Ok(Stop::Lost) => lost.cancel(),
                 Ok(Stop::Fatal(error)) => {
-                    error!(error = %crate::error::chain(&error), "the broker refused the topology");
+                    error!(error = %crate::error::chain(&error), "the broker refused the topology, or part of it is missing");
                     fatal.get_or_insert(error);
                     self.shutdown.cancel();
                 }

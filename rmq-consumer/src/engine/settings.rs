@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use crate::{
     amqp::MAX_SHORT,
-    config::{Config, QueueType, ReplyToPolicy},
+    config::{Config, PublishVia, QueueType, ReplyToPolicy},
     error::SetupError,
     registry::{HandlerSpec, PrepareFn},
 };
@@ -35,6 +35,10 @@ pub(crate) struct Settings {
     pub(crate) bind_reply_queue: bool,
     /// `None` when dead-lettering is off (failed messages are rejected without requeue).
     pub(crate) dead_letter_queue: Option<String>,
+    /// Whether the engine declares the handler's topology (`false`: checks it exists).
+    pub(crate) declare: bool,
+    /// Which exchange retry, delay, dead-letter and suspect copies go through.
+    pub(crate) publish_via: PublishVia,
     /// Whether the handler runs on the blocking pool (informational: the generated code
     /// already chose how to run it).
     #[cfg_attr(not(feature = "cli"), expect(dead_code, reason = "read by the CLI"))]
@@ -237,6 +241,8 @@ fn resolve_one(config: &Config, spec: &HandlerSpec) -> Result<Settings, SetupErr
             .unwrap_or_else(|| config.reply_to.clone()),
         bind_reply_queue: section.bind_reply_queue.unwrap_or(config.bind_reply_queue),
         dead_letter_queue,
+        declare: section.declare.unwrap_or(config.declare),
+        publish_via: section.publish_via.unwrap_or(config.publish_via),
         blocking: spec.blocking,
         location: spec.location(),
         prepare: spec.prepare,

@@ -122,6 +122,7 @@ impl Worker {
                 Err(crate::Error::Topology(error)) if error.is_refusal() => {
                     return Stop::Fatal(crate::Error::Topology(error));
                 }
+                Err(error @ crate::Error::MissingTopology(_)) => return Stop::Fatal(error),
                 Err(error) => {
                     warn!(handler = %name, error = %crate::error::chain(&error), "cannot subscribe; reconnecting");
                     lost.cancel();
@@ -274,11 +275,16 @@ impl Worker {
         }
     }
 
-    /// Declares the handler's topology and consumes its work queue (`basic.qos` as set) and
+    /// Declares the handler's topology (with `declare = false`: checks that it exists) and
+    /// consumes its work queue (`basic.qos` as set) and
     /// its suspect queue (`basic.qos` 1), each on a channel of its own: a channel's acks run
     /// in delivery-tag order of one consumer (see the settler).
     async fn subscribe(&self, connection: &Connection) -> Result<Subscription, crate::Error> {
-        topology::declare_handler(connection, &self.exchange, &self.settings).await?;
+        if self.settings.declare {
+            topology::declare_handler(connection, &self.exchange, &self.settings).await?;
+        } else {
+            topology::check(connection, &self.exchange, &[&self.settings]).await?;
+        }
         let (channel, consumer) = self
             .consume_queue(connection, &self.settings.queue, self.settings.qos)
             .await?;
@@ -724,8 +730,8 @@ impl Worker {
                 };
                 let headers = self.failure_headers(&delivery, &failure, count, None);
                 let properties = amqp::copy_properties(&delivery.properties, headers, false);
-                match publisher
-                    .publish("", &routing_key, delivery.data.clone(), properties)
+                match self
+                    .publish_copy(publisher, &routing_key, &delivery, properties)
                     .await
                 {
                     Ok(()) => {
@@ -761,8 +767,8 @@ impl Worker {
                 };
                 let headers = self.failure_headers(&delivery, &failure, count, Some(why));
                 let properties = amqp::copy_properties(&delivery.properties, headers, true);
-                match publisher
-                    .publish("", dlq, delivery.data.clone(), properties)
+                match self
+                    .publish_copy(publisher, dlq, &delivery, properties)
                     .await
                 {
                     Ok(()) => {
@@ -776,6 +782,22 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Publishes a copy of `delivery` (confirmed, mandatory) for one of the handler's own
+    /// queues, `queue`: a retry, delay, dead-letter or suspect copy. The one path such copies
+    /// take ([`topology::copy_route`]).
+    async fn publish_copy(
+        &self,
+        publisher: &Publisher,
+        queue: &str,
+        delivery: &Delivery,
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
+        let (exchange, routing_key) = topology::copy_route(&self.exchange, &self.settings, queue);
+        publisher
+            .publish(exchange, routing_key, delivery.data.clone(), properties)
+            .await
     }
 
     /// The retry or DLQ copy could not be published: give the message back to the broker
@@ -807,8 +829,8 @@ impl Worker {
         let headers = redelivery::counted(delivery.properties.headers().as_ref(), count);
         let properties = amqp::copy_properties(&delivery.properties, headers, false);
         let suspect_queue = self.settings.suspect_queue();
-        match publisher
-            .publish("", &suspect_queue, delivery.data.clone(), properties)
+        match self
+            .publish_copy(publisher, &suspect_queue, &delivery, properties)
             .await
         {
             Ok(()) => {
