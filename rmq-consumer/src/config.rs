@@ -194,8 +194,19 @@ pub struct Config {
     pub log: LogConfig,
     /// Address of the health/metrics HTTP endpoint; `None` (the default) serves none.
     pub http_addr: Option<SocketAddr>,
-    /// Base URL of the RabbitMQ management API; `None` (the default) lets the CLI derive it.
+    /// Base URL of the RabbitMQ management API; `None` (the default) lets the CLI derive it
+    /// (`https://<host>:15671` for an `amqps://` broker URL, else `http://<host>:15672`).
     pub management_url: Option<SecretUrl>,
+    /// Whether the CLI may send the management login over plain `http://` to a host that is
+    /// not loopback (`management_allow_http`). Default `false`.
+    pub management_allow_http: bool,
+    /// TLS files for `amqps://` URLs and the management API over HTTPS (`tls_ca_file`,
+    /// `tls_cert_file`, `tls_key_file`), checked at load.
+    pub tls: crate::tls::TlsFiles,
+    /// The broker password (`password`, or `RMQ_CONSUMER_PASSWORD`, or the CLI's
+    /// `--password-file`), already put into every URL of [`urls`](Self::urls); `None` when
+    /// the URLs carry their own.
+    pub password: Option<Password>,
     /// The queue of the only handler (`queue`, alias `b2m_queue_iddress`).
     pub queue: Option<String>,
     /// The reply queue of the only handler (`reply_queue`, alias `m2b_queue_iddress`).
@@ -238,6 +249,9 @@ impl Default for Config {
             log: LogConfig::default(),
             http_addr: None,
             management_url: None,
+            management_allow_http: false,
+            tls: crate::tls::TlsFiles::default(),
+            password: None,
             queue: None,
             reply_queue: None,
             reply_key: None,
@@ -528,6 +542,138 @@ impl From<&str> for SecretUrl {
     }
 }
 
+/// A password given on its own (`password`, `RMQ_CONSUMER_PASSWORD`, `--password-file`):
+/// `Debug` and `Display` print `****`.
+///
+/// ```
+/// use rmq_consumer::config::Password;
+///
+/// let password = Password::new("s3cret");
+/// assert_eq!(format!("{password} {password:?}"), "**** ****");
+/// assert_eq!(password.expose(), "s3cret");
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct Password(String);
+
+impl Password {
+    /// Wraps a password.
+    #[must_use]
+    pub fn new(raw: impl Into<String>) -> Self {
+        Self(raw.into())
+    }
+
+    /// The password itself: only for connecting, never for printing.
+    #[must_use]
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Password {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("****")
+    }
+}
+
+impl fmt::Display for Password {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("****")
+    }
+}
+
+/// The default URL without its password, for a configuration that gives `password` but no
+/// `url`.
+const DEFAULT_URL_WITHOUT_PASSWORD: &str = "amqp://guest@127.0.0.1:5672/%2f";
+
+/// Puts `password` into the user info of every URL (percent-encoded; the user defaults to
+/// `guest`, as in lapin).
+///
+/// ```
+/// use rmq_consumer::config::{Password, SecretUrl, with_password};
+///
+/// let urls = [SecretUrl::new("amqps://app@rabbit:5671/prod")];
+/// let with = with_password(&urls, &Password::new("p@ss")).unwrap();
+/// assert_eq!(with[0].expose(), "amqps://app:p%40ss@rabbit:5671/prod");
+/// ```
+///
+/// # Errors
+///
+/// The masked URL of the first URL that already has a password: a password given in two
+/// places is a configuration problem, not something to choose between silently.
+pub fn with_password(urls: &[SecretUrl], password: &Password) -> Result<Vec<SecretUrl>, String> {
+    urls.iter()
+        .map(|url| {
+            let raw = url.expose();
+            let start = raw.find("://").map_or(0, |i| i + 3);
+            let (user, rest_from) = match raw.rfind('@').filter(|&at| at >= start) {
+                Some(at) => {
+                    let userinfo = raw.get(start..at).unwrap_or_default();
+                    if userinfo.contains(':') {
+                        return Err(url.masked());
+                    }
+                    (userinfo, at + 1)
+                }
+                None => ("", start),
+            };
+            let user = if user.is_empty() { "guest" } else { user };
+            Ok(SecretUrl::new(format!(
+                "{}{user}:{}@{}",
+                raw.get(..start).unwrap_or_default(),
+                percent_encode_userinfo(password.expose()),
+                raw.get(rest_from..).unwrap_or_default()
+            )))
+        })
+        .collect()
+}
+
+/// Percent-encodes everything but RFC 3986's unreserved characters.
+fn percent_encode_userinfo(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// Whether the URL's user info carries a password (`user:password@`).
+#[must_use]
+pub fn url_has_password(url: &str) -> bool {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    url.rfind('@')
+        .filter(|&at| at >= start)
+        .and_then(|at| url.get(start..at))
+        .is_some_and(|userinfo| userinfo.contains(':'))
+}
+
+/// Query parameters of other AMQP clients' TLS settings, with the key that replaces each.
+/// lapin ignores them; accepting them silently would leave verification other than the
+/// operator meant.
+const TLS_QUERY_KEYS: &[(&str, &str)] = &[
+    ("cacertfile", "use the `tls_ca_file` key"),
+    ("certfile", "use the `tls_cert_file` key"),
+    ("keyfile", "use the `tls_key_file` key"),
+    (
+        "verify",
+        "verification is always on; set `tls_ca_file` to the CA that issued the broker's certificate",
+    ),
+    (
+        "fail_if_no_peer_cert",
+        "a server-side setting; for a client certificate set `tls_cert_file` and `tls_key_file`",
+    ),
+    (
+        "server_name_indication",
+        "the server name is always the URL's host; connect by the name in the broker's certificate",
+    ),
+    (
+        "depth",
+        "the chain is verified against `tls_ca_file` (or the system roots) without a depth limit to set",
+    ),
+];
+
 /// Query parameters whose values are never secret (RabbitMQ's URI spec and lapin's); every
 /// other parameter's value is masked, since some clients accept e.g. `?password=` or tokens.
 const PUBLIC_QUERY_KEYS: &[&str] = &[
@@ -774,6 +920,11 @@ const LOG_FILE_PREFIX: &[&str] = &["log_file_prefix", "log.file_prefix"];
 const TOP_LEVEL_KEYS: &[&str] = &[
     "url",
     "conn_iddress",
+    "password",
+    "tls_ca_file",
+    "tls_cert_file",
+    "tls_key_file",
+    "management_allow_http",
     "exchange",
     "exchange_iddress",
     "prefetch_count",
@@ -959,6 +1110,7 @@ impl Scope {
 
     fn config(&mut self, consumer_env: BTreeMap<String, BTreeMap<String, String>>) -> Config {
         let defaults = Config::default();
+        let url_given = self.has(URL);
         let urls = match self.get_keyed::<Vec<SecretUrl>>(URL) {
             Some((key, urls)) => {
                 if urls.is_empty() {
@@ -1059,6 +1211,11 @@ impl Scope {
             }
             None => None,
         };
+        let management_allow_http = self
+            .get(&["management_allow_http"])
+            .unwrap_or(defaults.management_allow_http);
+        let tls = self.tls_files();
+        let (urls, password) = self.password(urls, url_given);
         let queue = self.name(QUEUE);
         let reply_queue = self.name(REPLY_QUEUE);
         let reply_key = self.get(REPLY_KEY);
@@ -1094,10 +1251,77 @@ impl Scope {
             log,
             http_addr,
             management_url,
+            management_allow_http,
+            tls,
+            password,
             queue,
             reply_queue,
             reply_key,
             consumers,
+        }
+    }
+
+    /// Whether any spelling of a setting is given (in the file or the environment).
+    fn has(&self, names: &[&str]) -> bool {
+        names.iter().any(|name| {
+            self.table.contains_key(*name) || self.env.contains_key(&name.to_ascii_uppercase())
+        })
+    }
+
+    /// `tls_ca_file`, `tls_cert_file`, `tls_key_file`, checked: readable, PEM, the key
+    /// matches the certificate. Problems name the key as written and the path.
+    fn tls_files(&mut self) -> crate::tls::TlsFiles {
+        let ca = self.get_keyed::<PathBuf>(&["tls_ca_file"]);
+        let cert = self.get_keyed::<PathBuf>(&["tls_cert_file"]);
+        let key = self.get_keyed::<PathBuf>(&["tls_key_file"]);
+        let spelled = |name: &str| {
+            [&ca, &cert, &key]
+                .into_iter()
+                .flatten()
+                .find(|(written, _)| {
+                    written.eq_ignore_ascii_case(name)
+                        || written.ends_with(&name.to_ascii_uppercase())
+                })
+                .map_or_else(|| name.to_owned(), |(written, _)| written.clone())
+        };
+        let files = crate::tls::TlsFiles {
+            ca_file: ca.as_ref().map(|(_, path)| path.clone()),
+            cert_file: cert.as_ref().map(|(_, path)| path.clone()),
+            key_file: key.as_ref().map(|(_, path)| path.clone()),
+        };
+        for problem in files.problems() {
+            self.problem(spelled(problem.key()), problem.message());
+        }
+        files
+    }
+
+    /// `password` (`RMQ_CONSUMER_PASSWORD`), put into every URL; a URL that has its own
+    /// password as well is a problem.
+    fn password(
+        &mut self,
+        urls: Vec<SecretUrl>,
+        url_given: bool,
+    ) -> (Vec<SecretUrl>, Option<Password>) {
+        let Some((key, password)) = self.get_keyed::<Password>(&["password"]) else {
+            return (urls, None);
+        };
+        let urls = if url_given {
+            urls
+        } else {
+            vec![SecretUrl::new(DEFAULT_URL_WITHOUT_PASSWORD)]
+        };
+        match with_password(&urls, &password) {
+            Ok(with) => (with, Some(password)),
+            Err(masked) => {
+                self.problem(
+                    key,
+                    format!(
+                        "URL `{masked}` has a password of its own; give the password in one \
+                         place (remove it from the URL, or unset this key)"
+                    ),
+                );
+                (urls, Some(password))
+            }
         }
     }
 
@@ -1445,6 +1669,22 @@ fn amqp_url_problem(url: &SecretUrl) -> Option<String> {
             url.masked()
         ));
     }
+    if let Some((_, query)) = raw.split_once('?') {
+        for pair in query.split('#').next().unwrap_or_default().split('&') {
+            let name = pair
+                .split('=')
+                .next()
+                .unwrap_or_default()
+                .to_ascii_lowercase();
+            if let Some((param, instead)) = TLS_QUERY_KEYS.iter().find(|(param, _)| *param == name)
+            {
+                return Some(format!(
+                    "query parameter `{param}` is not supported ({instead}): `{}`",
+                    url.masked()
+                ));
+            }
+        }
+    }
     let host_start = raw
         .rfind('@')
         .map_or_else(|| raw.find("://").map_or(0, |i| i + 3), |at| at + 1);
@@ -1540,6 +1780,23 @@ impl FromConfigValue for PathBuf {
             Err("must not be empty".to_owned())
         } else {
             Ok(PathBuf::from(text))
+        }
+    }
+}
+
+impl FromConfigValue for Password {
+    fn from_toml(value: &toml::Value) -> Result<Self, String> {
+        match value {
+            toml::Value::String(s) => Self::from_env(s),
+            other => Err(expected("a string", other)),
+        }
+    }
+
+    fn from_env(text: &str) -> Result<Self, String> {
+        if text.is_empty() {
+            Err("must not be empty".to_owned())
+        } else {
+            Ok(Password::new(text))
         }
     }
 }

@@ -54,6 +54,7 @@ pub mod publisher;
 pub mod registry;
 pub mod retry;
 mod shutdown;
+pub mod tls;
 mod topology;
 mod trace;
 pub mod uuid;

@@ -349,9 +349,10 @@ pub(crate) async fn connect(
     purpose: &str,
 ) -> Result<(Connection, SecretUrl), CliError> {
     let name = format!("rmq-consumer-cli {purpose}");
-    let (connection, index) = crate::connection::connect_any(&config.urls, 0, CLI_HEARTBEAT, &name)
-        .await
-        .map_err(CliError::Connect)?;
+    let (connection, index) =
+        crate::connection::connect_any(&config.urls, &config.tls, 0, CLI_HEARTBEAT, &name)
+            .await
+            .map_err(CliError::Connect)?;
     Ok((connection, config.urls[index].clone()))
 }
 
