@@ -827,6 +827,12 @@ impl Config {
     /// missing file included) or `./rmq-consumer.toml` exists but cannot be read;
     /// [`ConfigError::Invalid`] listing every problem of the file and the environment.
     pub fn load() -> Result<Config, ConfigError> {
+        Self::load_with(Vec::new())
+    }
+
+    /// [`Config::load`] with some `RMQ_CONSUMER_*` variables replaced (the CLI's
+    /// `--password-file` becomes `RMQ_CONSUMER_PASSWORD`).
+    pub(crate) fn load_with(overrides: Vec<(String, String)>) -> Result<Config, ConfigError> {
         let explicit = std::env::var_os(CONFIG_PATH_ENV).map(PathBuf::from);
         let path = match explicit {
             Some(path) => Some(path),
@@ -852,7 +858,7 @@ impl Config {
             let Some(name) = name.to_str().map(str::to_owned) else {
                 continue;
             };
-            if !name.starts_with(ENV_PREFIX) {
+            if !name.starts_with(ENV_PREFIX) || overrides.iter().any(|(n, _)| *n == name) {
                 continue;
             }
             match value.into_string() {
@@ -863,6 +869,7 @@ impl Config {
                 }),
             }
         }
+        env.extend(overrides);
         let origin = path.as_deref().map(Path::display).map(|p| p.to_string());
         build(
             text.as_deref()

@@ -121,6 +121,12 @@ impl TlsError {
     }
 }
 
+/// The CA bundle, and the client certificate chain with its key.
+pub(crate) type Material = (
+    Option<Vec<CertificateDer<'static>>>,
+    Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+);
+
 /// A client certificate chain and its key. `Debug` shows neither.
 struct Identity {
     certs: Vec<CertificateDer<'static>>,
@@ -212,6 +218,20 @@ impl TlsFiles {
             None => builder.with_no_client_auth(),
         };
         Ok(Arc::new(config))
+    }
+
+    /// The parsed CA bundle and client certificate with its key, for clients that take them
+    /// apart (the management API's HTTP client).
+    pub(crate) fn material(&self) -> Result<Material, TlsError> {
+        let roots = match &self.ca_file {
+            Some(path) => Some(read_certs("tls_ca_file", path)?),
+            None => None,
+        };
+        let identity = self
+            .identity()
+            .map_err(first)?
+            .map(|identity| (identity.certs, identity.key));
+        Ok((roots, identity))
     }
 
     /// The client certificate and key (`None` when neither is set).

@@ -137,6 +137,9 @@ fn origin(global: &Global) -> String {
     if global.management_url.is_some() {
         flags.push("--management-url");
     }
+    if global.password_file.is_some() {
+        flags.push("--password-file");
+    }
     if !flags.is_empty() {
         parts.push(flags.join(", "));
     }
@@ -234,6 +237,11 @@ fn view(config: &Config) -> Table {
                 .collect(),
         ),
     );
+    t.put("password", json!(config.password.as_ref().map(|_| "****")));
+    let path = |p: &Option<std::path::PathBuf>| json!(p.as_ref().map(|p| p.display().to_string()));
+    t.put("tls_ca_file", path(&config.tls.ca_file));
+    t.put("tls_cert_file", path(&config.tls.cert_file));
+    t.put("tls_key_file", path(&config.tls.key_file));
     t.put("exchange", json!(config.exchange));
     t.put("queue", json!(config.queue));
     t.put("reply_queue", json!(config.reply_queue));
@@ -242,6 +250,7 @@ fn view(config: &Config) -> Table {
         "management_url",
         json!(config.management_url.as_ref().map(SecretUrl::masked)),
     );
+    t.put("management_allow_http", json!(config.management_allow_http));
     t.put("prefetch_count", json!(config.prefetch_count));
     t.put("concurrency", json!(config.concurrency));
     t.put("read_ahead", json!(config.read_ahead));
