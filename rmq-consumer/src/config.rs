@@ -35,7 +35,14 @@
 //!   `RMQ_CONSUMER_*` variables are errors, like unknown keys.
 //!
 //! Connection URLs are held as [`SecretUrl`], whose `Debug` and `Display` mask the password;
-//! no `Debug` or `Display` of this module's types (errors included) prints a password.
+//! no `Debug` or `Display` of this module's types (errors included) prints a password. The
+//! password can also be given on its own (`password`, `RMQ_CONSUMER_PASSWORD`): it is a
+//! [`Password`] and goes into every URL ([`with_password`]).
+//!
+//! TLS for `amqps://` URLs: `tls_ca_file` (a PEM CA bundle that replaces the system roots),
+//! `tls_cert_file` and `tls_key_file` (a client certificate, both or neither), checked at
+//! load; see [`crate::tls`]. Other AMQP clients' TLS query parameters (`cacertfile`,
+//! `verify`, ...) are rejected with the key to use instead.
 //!
 //! ```
 //! use rmq_consumer::config::Config;
@@ -1117,8 +1124,7 @@ impl Scope {
 
     fn config(&mut self, consumer_env: BTreeMap<String, BTreeMap<String, String>>) -> Config {
         let defaults = Config::default();
-        let url_given = self.has(URL);
-        let urls = match self.get_keyed::<Vec<SecretUrl>>(URL) {
+        let urls_read = match self.get_keyed::<Vec<SecretUrl>>(URL) {
             Some((key, urls)) => {
                 if urls.is_empty() {
                     self.problem(key.clone(), "must list at least one URL");
@@ -1128,10 +1134,13 @@ impl Scope {
                         self.problem(key.clone(), message);
                     }
                 }
-                urls
+                Some(urls)
             }
-            None => defaults.urls,
+            None => None,
         };
+        // A `url` that did not parse is reported; `password` then goes to the default URL.
+        let url_given = urls_read.is_some();
+        let urls = urls_read.unwrap_or(defaults.urls);
         let exchange = self.name(EXCHANGE).unwrap_or(defaults.exchange);
         let prefetch_count = self
             .int(&["prefetch_count"], 1, u16::MAX)
@@ -1268,28 +1277,21 @@ impl Scope {
         }
     }
 
-    /// Whether any spelling of a setting is given (in the file or the environment).
-    fn has(&self, names: &[&str]) -> bool {
-        names.iter().any(|name| {
-            self.table.contains_key(*name) || self.env.contains_key(&name.to_ascii_uppercase())
-        })
-    }
-
     /// `tls_ca_file`, `tls_cert_file`, `tls_key_file`, checked: readable, PEM, the key
     /// matches the certificate. Problems name the key as written and the path.
     fn tls_files(&mut self) -> crate::tls::TlsFiles {
         let ca = self.get_keyed::<PathBuf>(&["tls_ca_file"]);
         let cert = self.get_keyed::<PathBuf>(&["tls_cert_file"]);
         let key = self.get_keyed::<PathBuf>(&["tls_key_file"]);
-        let spelled = |name: &str| {
-            [&ca, &cert, &key]
-                .into_iter()
-                .flatten()
-                .find(|(written, _)| {
-                    written.eq_ignore_ascii_case(name)
-                        || written.ends_with(&name.to_ascii_uppercase())
-                })
-                .map_or_else(|| name.to_owned(), |(written, _)| written.clone())
+        // A problem names the key as written (`tls_ca_file` or `RMQ_CONSUMER_TLS_CA_FILE`);
+        // a key that is missing, by its name.
+        let spelled = |name: &'static str| {
+            let given = match name {
+                "tls_ca_file" => ca.as_ref(),
+                "tls_cert_file" => cert.as_ref(),
+                _ => key.as_ref(),
+            };
+            given.map_or_else(|| name.to_owned(), |(written, _)| written.clone())
         };
         let files = crate::tls::TlsFiles {
             ca_file: ca.as_ref().map(|(_, path)| path.clone()),
@@ -2976,6 +2978,77 @@ mod tests {
                 assert_no_canary(&format!("{problem:?}"));
             }
         }
+    }
+
+    #[test]
+    fn the_password_key_goes_into_every_url() {
+        let config = Config::from_toml_str(
+            r#"
+            url = ["amqp://app@a:5672/%2f", "amqps://b:5671/prod"]
+            password = "p@ss w,rd"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            config.urls[0].expose(),
+            "amqp://app:p%40ss%20w%2Crd@a:5672/%2f"
+        );
+        assert_eq!(
+            config.urls[1].expose(),
+            "amqps://guest:p%40ss%20w%2Crd@b:5671/prod"
+        );
+        assert_eq!(config.password, Some(Password::new("p@ss w,rd")));
+        // Without `url`: the default URL, with this password instead of guest's.
+        let config =
+            Config::from_sources(None, env(&[("RMQ_CONSUMER_PASSWORD", "s3cret")])).unwrap();
+        assert_eq!(
+            config.urls[0].expose(),
+            "amqp://guest:s3cret@127.0.0.1:5672/%2f"
+        );
+        // A URL with its own password beside the key: a problem naming the key, no password.
+        let found = problems(Config::from_sources(
+            Some("url = \"amqp://app:hunter2@a:5672/%2f\""),
+            env(&[("RMQ_CONSUMER_PASSWORD", "hunter3")]),
+        ));
+        let problem = problem_for(&found, "RMQ_CONSUMER_PASSWORD");
+        assert!(problem.message.contains("amqp://app:****@a"), "{problem}");
+        assert!(!format!("{found:?}").contains("hunter"), "{found:?}");
+        let found = problems(Config::from_toml_str("password = \"\""));
+        assert_eq!(problem_for(&found, "password").message, "must not be empty");
+    }
+
+    #[test]
+    fn tls_query_parameters_are_rejected_naming_the_key() {
+        for (param, key) in [
+            ("cacertfile", "tls_ca_file"),
+            ("certfile", "tls_cert_file"),
+            ("keyfile", "tls_key_file"),
+            ("verify", "tls_ca_file"),
+            ("fail_if_no_peer_cert", "tls_cert_file"),
+            ("server_name_indication", "host"),
+            ("depth", "tls_ca_file"),
+        ] {
+            let found = problems(Config::from_toml_str(&format!(
+                "url = \"amqps://u:hunter2@h:5671/%2f?heartbeat=5&{param}=x\""
+            )));
+            let problem = problem_for(&found, "url");
+            assert!(problem.message.contains(&format!("`{param}`")), "{problem}");
+            assert!(problem.message.contains(key), "{problem}");
+            assert!(!problem.message.contains("hunter2"), "{problem}");
+        }
+        assert!(Config::from_toml_str("url = \"amqps://h:5671/%2f?heartbeat=5\"").is_ok());
+    }
+
+    #[test]
+    fn tls_key_problems_name_the_variable_as_written() {
+        let found = problems(Config::from_sources(
+            None,
+            env(&[("RMQ_CONSUMER_TLS_CA_FILE", "/nonexistent/ca.pem")]),
+        ));
+        let problem = problem_for(&found, "RMQ_CONSUMER_TLS_CA_FILE");
+        assert!(problem.message.contains("/nonexistent/ca.pem"), "{problem}");
+        let found = problems(Config::from_toml_str("tls_key_file = \"/nonexistent/k\""));
+        assert!(found.iter().any(|p| p.key == "tls_cert_file"), "{found:?}");
     }
 
     #[test]

@@ -368,7 +368,8 @@ mod tests {
     fn the_view_masks_passwords() {
         let mut config = Config::from_toml_str(
             r#"
-            url = ["amqp://app:hunter2@a:5672/%2f", "amqp://app:hunter2@b:5672/%2f"]
+            url = ["amqp://app@a:5672/%2f", "amqp://app@b:5672/%2f"]
+            password = "hunter2"
             management_url = "http://ops:hunter3@m:15672"
             [consumers.x]
             queue = "q"
@@ -381,6 +382,9 @@ mod tests {
         let text = String::from_utf8(text).unwrap();
         assert!(!text.contains("hunter"), "{text}");
         assert!(text.contains("amqp://app:****@a:5672/%2f"), "{text}");
+        assert!(text.contains("password = \"****\""), "{text}");
+        assert!(text.contains("management_allow_http = false"), "{text}");
+        assert!(text.contains("# tls_ca_file = (unset)"), "{text}");
         assert!(text.contains("[consumers.x]\nqueue = \"q\""), "{text}");
         assert!(text.contains("retry_delays = [\"10s\"]"), "{text}");
     }

@@ -13,8 +13,9 @@
 //!
 //! Every command reads the configuration the way [`crate::run`] does (`rmq-consumer.toml` or
 //! `$RMQ_CONSUMER_CONFIG`, then `RMQ_CONSUMER_*` variables); the global flags `--config`,
-//! `--url` and `--management-url` win over both. Passwords are never printed: URLs are shown
-//! with the password masked.
+//! `--url`, `--management-url` and `--password-file` win over both. Passwords are never
+//! printed: URLs are shown with the password masked. A password in `--url` works but draws a
+//! warning (other users see it in `ps`).
 //!
 //! Exit codes: [`EXIT_OK`] (0) success; [`EXIT_FAILURE`] (1) the command ran but something
 //! needs attention (`status` warnings, messages returned or nacked by `publish`, a `dlq replay`
@@ -205,7 +206,8 @@ pub(crate) struct Global {
     #[arg(long, global = true, value_name = "PATH")]
     pub(crate) config: Option<PathBuf>,
     /// RabbitMQ management API base URL; default: the config's `management_url`, else
-    /// `http://<broker host>:15672` with the broker URL's user and password.
+    /// `https://<broker host>:15671` for an amqps:// broker and `http://<broker host>:15672`
+    /// otherwise, with the broker URL's user and password.
     #[arg(long, global = true, value_name = "HTTP_URL")]
     pub(crate) management_url: Option<String>,
     /// File holding the broker password (one line), put into every broker URL; wins over
