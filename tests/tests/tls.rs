@@ -242,6 +242,45 @@ async fn status_reads_the_management_api_over_https_with_the_client_certificate(
 }
 
 #[test]
+fn the_management_api_over_https_names_tls_problems() {
+    // The AMQP side over plain AMQP, so only the management API meets the wrong CA.
+    let file = TempFile::new(
+        "tls.toml",
+        &format!(
+            "url = \"{PLAIN_URL}\"\nmanagement_url = \"{MANAGEMENT_HTTPS}\"\n{}",
+            tls_keys("wrong-ca.pem", true)
+        ),
+    );
+    let run = cli(&[
+        "--config",
+        file.path(),
+        "status",
+        "--queue",
+        &unique("tls.q"),
+    ]);
+    assert!(run.all().contains("unknown CA"), "{}", run.all());
+    let file = TempFile::new(
+        "tls.toml",
+        &format!(
+            "url = \"{PLAIN_URL}\"\nmanagement_url = \"{MANAGEMENT_HTTPS}\"\n{}",
+            tls_keys("ca.pem", false)
+        ),
+    );
+    let run = cli(&[
+        "--config",
+        file.path(),
+        "status",
+        "--queue",
+        &unique("tls.q"),
+    ]);
+    assert!(
+        run.all().contains("requires a client certificate"),
+        "{}",
+        run.all()
+    );
+}
+
+#[test]
 fn credentials_are_not_sent_over_plain_http_to_another_host() {
     // 192.0.2.1 (TEST-NET-1) is not loopback: the client refuses before connecting.
     let file = TempFile::new(
