@@ -154,7 +154,7 @@ impl TlsFiles {
     pub fn problems(&self) -> Vec<TlsError> {
         let mut problems = Vec::new();
         if let Some(path) = &self.ca_file
-            && let Err(error) = read_certs("tls_ca_file", path)
+            && let Err(error) = ca_roots(path)
         {
             problems.push(error);
         }
@@ -186,27 +186,17 @@ impl TlsFiles {
     ///
     /// The first problem of [`TlsFiles::problems`], or [`TlsError::NoSystemRoots`].
     pub fn client_config(&self) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-        let mut roots = rustls::RootCertStore::empty();
-        match &self.ca_file {
-            Some(path) => {
-                let certs = read_certs("tls_ca_file", path)?;
-                let (added, _ignored) = roots.add_parsable_certificates(certs);
-                if added == 0 {
-                    return Err(TlsError::Pem {
-                        key: "tls_ca_file",
-                        path: path.clone(),
-                        what: "holds no usable CA certificate",
-                    });
-                }
-            }
+        let roots = match &self.ca_file {
+            Some(path) => ca_roots(path)?,
             None => {
-                let found = rustls_native_certs::load_native_certs();
-                roots.add_parsable_certificates(found.certs);
+                let mut roots = rustls::RootCertStore::empty();
+                roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
                 if roots.is_empty() {
                     return Err(TlsError::NoSystemRoots);
                 }
+                roots
             }
-        }
+        };
         let builder = rustls::ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(TlsError::Rustls)?
@@ -270,6 +260,21 @@ impl TlsFiles {
     }
 }
 
+/// The roots of a CA bundle: only its certificates, not the system's.
+fn ca_roots(path: &Path) -> Result<rustls::RootCertStore, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _ignored) = roots.add_parsable_certificates(read_certs("tls_ca_file", path)?);
+    if added == 0 {
+        return Err(TlsError::Pem {
+            key: "tls_ca_file",
+            path: path.to_owned(),
+            what: "holds no usable CA certificate",
+        });
+    }
+    Ok(roots)
+}
+
+/// The first of the problems [`TlsFiles::identity`] found (it reports at least one).
 fn first(mut errors: Vec<TlsError>) -> TlsError {
     if errors.is_empty() {
         TlsError::NoSystemRoots
