@@ -8,7 +8,9 @@
 #                            (tests whose name contains "pipeline") or `-- --nocapture`
 #
 # Phase 1 (rabbit3): `cargo test --workspace --locked`: unit, doc, UI, integration and
-#   cluster tests, against the machine's node on 5672 (tests/scripts/rabbit3.sh).
+#   cluster tests, against the machine's node on 5672 (tests/scripts/rabbit3.sh). The `tls`
+#   tests always use the 4.0 node's TLS listeners, so rabbit4 is started before phase 1 even
+#   when only phase 1 runs.
 # Phase 2 (rabbit4): `RMQ_TEST_BROKER=rabbit4 cargo test --workspace --locked --test ...`:
 #   the integration tests that talk to a broker, against the 4.0 node on 5673
 #   (tests/scripts/rabbit4.sh). fault_cluster stays on 3.10 (its own cluster of 3.10 nodes).
@@ -23,10 +25,11 @@ cd "$(dirname "$0")/.."
 
 BROKERS=${RMQ_TEST_BROKERS:-rabbit3 rabbit4}
 # Phase 2 runs every integration test binary (tests/tests/*.rs) except these: fault_cluster
-# starts its own cluster of 3.10 nodes, setup only parses configuration, ui only compiles.
+# starts its own cluster of 3.10 nodes, setup only parses configuration, ui only compiles,
+# tls uses the 4.0 node in phase 1 already.
 # Today: cli deployment fault_broker fault_handler fault_network fault_process fault_topology
 # hostile_frames hostile_input observability pipeline (and any file added later).
-RABBIT4_SKIP=" fault_cluster setup ui "
+RABBIT4_SKIP=" fault_cluster setup tls ui "
 RABBIT4_TESTS=()
 for file in tests/tests/*.rs; do
   test=$(basename "$file" .rs)
@@ -68,6 +71,11 @@ for broker in $BROKERS; do
       exit 2
       ;;
   esac
+done
+# rabbit4 first: phase 1's `tls` tests need its TLS listeners.
+START=rabbit4
+[[ " $BROKERS " == *" rabbit3 "* ]] && START="rabbit4 rabbit3"
+for broker in $START; do
   header "ensuring $broker (tests/scripts/$broker.sh start)"
   if ! bash "tests/scripts/$broker.sh" start; then
     echo "$broker could not be started" >&2

@@ -35,7 +35,14 @@
 //!   `RMQ_CONSUMER_*` variables are errors, like unknown keys.
 //!
 //! Connection URLs are held as [`SecretUrl`], whose `Debug` and `Display` mask the password;
-//! no `Debug` or `Display` of this module's types (errors included) prints a password.
+//! no `Debug` or `Display` of this module's types (errors included) prints a password. The
+//! password can also be given on its own (`password`, `RMQ_CONSUMER_PASSWORD`): it is a
+//! [`Password`] and goes into every URL ([`with_password`]).
+//!
+//! TLS for `amqps://` URLs: `tls_ca_file` (a PEM CA bundle that replaces the system roots),
+//! `tls_cert_file` and `tls_key_file` (a client certificate, both or neither), checked at
+//! load; see [`crate::tls`]. Other AMQP clients' TLS query parameters (`cacertfile`,
+//! `verify`, ...) are rejected with the key to use instead.
 //!
 //! ```
 //! use rmq_consumer::config::Config;
@@ -201,8 +208,19 @@ pub struct Config {
     pub log: LogConfig,
     /// Address of the health/metrics HTTP endpoint; `None` (the default) serves none.
     pub http_addr: Option<SocketAddr>,
-    /// Base URL of the RabbitMQ management API; `None` (the default) lets the CLI derive it.
+    /// Base URL of the RabbitMQ management API; `None` (the default) lets the CLI derive it
+    /// (`https://<host>:15671` for an `amqps://` broker URL, else `http://<host>:15672`).
     pub management_url: Option<SecretUrl>,
+    /// Whether the CLI may send the management login over plain `http://` to a host that is
+    /// not loopback (`management_allow_http`). Default `false`.
+    pub management_allow_http: bool,
+    /// TLS files for `amqps://` URLs and the management API over HTTPS (`tls_ca_file`,
+    /// `tls_cert_file`, `tls_key_file`), checked at load.
+    pub tls: crate::tls::TlsFiles,
+    /// The broker password (`password`, or `RMQ_CONSUMER_PASSWORD`, or the CLI's
+    /// `--password-file`), already put into every URL of [`urls`](Self::urls); `None` when
+    /// the URLs carry their own.
+    pub password: Option<Password>,
     /// The queue of the only handler (`queue`, alias `b2m_queue_iddress`).
     pub queue: Option<String>,
     /// The reply queue of the only handler (`reply_queue`, alias `m2b_queue_iddress`).
@@ -247,6 +265,9 @@ impl Default for Config {
             log: LogConfig::default(),
             http_addr: None,
             management_url: None,
+            management_allow_http: false,
+            tls: crate::tls::TlsFiles::default(),
+            password: None,
             queue: None,
             reply_queue: None,
             reply_key: None,
@@ -589,6 +610,138 @@ impl From<&str> for SecretUrl {
     }
 }
 
+/// A password given on its own (`password`, `RMQ_CONSUMER_PASSWORD`, `--password-file`):
+/// `Debug` and `Display` print `****`.
+///
+/// ```
+/// use rmq_consumer::config::Password;
+///
+/// let password = Password::new("s3cret");
+/// assert_eq!(format!("{password} {password:?}"), "**** ****");
+/// assert_eq!(password.expose(), "s3cret");
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct Password(String);
+
+impl Password {
+    /// Wraps a password.
+    #[must_use]
+    pub fn new(raw: impl Into<String>) -> Self {
+        Self(raw.into())
+    }
+
+    /// The password itself: only for connecting, never for printing.
+    #[must_use]
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Password {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("****")
+    }
+}
+
+impl fmt::Display for Password {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("****")
+    }
+}
+
+/// The default URL without its password, for a configuration that gives `password` but no
+/// `url`.
+const DEFAULT_URL_WITHOUT_PASSWORD: &str = "amqp://guest@127.0.0.1:5672/%2f";
+
+/// Puts `password` into the user info of every URL (percent-encoded; the user defaults to
+/// `guest`, as in lapin).
+///
+/// ```
+/// use rmq_consumer::config::{Password, SecretUrl, with_password};
+///
+/// let urls = [SecretUrl::new("amqps://app@rabbit:5671/prod")];
+/// let with = with_password(&urls, &Password::new("p@ss")).unwrap();
+/// assert_eq!(with[0].expose(), "amqps://app:p%40ss@rabbit:5671/prod");
+/// ```
+///
+/// # Errors
+///
+/// The masked URL of the first URL that already has a password: a password given in two
+/// places is a configuration problem, not something to choose between silently.
+pub fn with_password(urls: &[SecretUrl], password: &Password) -> Result<Vec<SecretUrl>, String> {
+    urls.iter()
+        .map(|url| {
+            let raw = url.expose();
+            let start = raw.find("://").map_or(0, |i| i + 3);
+            let (user, rest_from) = match raw.rfind('@').filter(|&at| at >= start) {
+                Some(at) => {
+                    let userinfo = raw.get(start..at).unwrap_or_default();
+                    if userinfo.contains(':') {
+                        return Err(url.masked());
+                    }
+                    (userinfo, at + 1)
+                }
+                None => ("", start),
+            };
+            let user = if user.is_empty() { "guest" } else { user };
+            Ok(SecretUrl::new(format!(
+                "{}{user}:{}@{}",
+                raw.get(..start).unwrap_or_default(),
+                percent_encode_userinfo(password.expose()),
+                raw.get(rest_from..).unwrap_or_default()
+            )))
+        })
+        .collect()
+}
+
+/// Percent-encodes everything but RFC 3986's unreserved characters.
+fn percent_encode_userinfo(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// Whether the URL's user info carries a password (`user:password@`).
+#[must_use]
+pub fn url_has_password(url: &str) -> bool {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    url.rfind('@')
+        .filter(|&at| at >= start)
+        .and_then(|at| url.get(start..at))
+        .is_some_and(|userinfo| userinfo.contains(':'))
+}
+
+/// Query parameters of other AMQP clients' TLS settings, with the key that replaces each.
+/// lapin ignores them; accepting them silently would leave verification other than the
+/// operator meant.
+const TLS_QUERY_KEYS: &[(&str, &str)] = &[
+    ("cacertfile", "use the `tls_ca_file` key"),
+    ("certfile", "use the `tls_cert_file` key"),
+    ("keyfile", "use the `tls_key_file` key"),
+    (
+        "verify",
+        "verification is always on; set `tls_ca_file` to the CA that issued the broker's certificate",
+    ),
+    (
+        "fail_if_no_peer_cert",
+        "a server-side setting; for a client certificate set `tls_cert_file` and `tls_key_file`",
+    ),
+    (
+        "server_name_indication",
+        "the server name is always the URL's host; connect by the name in the broker's certificate",
+    ),
+    (
+        "depth",
+        "the chain is verified against `tls_ca_file` (or the system roots) without a depth limit to set",
+    ),
+];
+
 /// Query parameters whose values are never secret (RabbitMQ's URI spec and lapin's); every
 /// other parameter's value is masked, since some clients accept e.g. `?password=` or tokens.
 const PUBLIC_QUERY_KEYS: &[&str] = &[
@@ -742,6 +895,12 @@ impl Config {
     /// missing file included) or `./rmq-consumer.toml` exists but cannot be read;
     /// [`ConfigError::Invalid`] listing every problem of the file and the environment.
     pub fn load() -> Result<Config, ConfigError> {
+        Self::load_with(Vec::new())
+    }
+
+    /// [`Config::load`] with some `RMQ_CONSUMER_*` variables replaced (the CLI's
+    /// `--password-file` becomes `RMQ_CONSUMER_PASSWORD`).
+    pub(crate) fn load_with(overrides: Vec<(String, String)>) -> Result<Config, ConfigError> {
         let explicit = std::env::var_os(CONFIG_PATH_ENV).map(PathBuf::from);
         let path = match explicit {
             Some(path) => Some(path),
@@ -767,7 +926,7 @@ impl Config {
             let Some(name) = name.to_str().map(str::to_owned) else {
                 continue;
             };
-            if !name.starts_with(ENV_PREFIX) {
+            if !name.starts_with(ENV_PREFIX) || overrides.iter().any(|(n, _)| *n == name) {
                 continue;
             }
             match value.into_string() {
@@ -778,6 +937,7 @@ impl Config {
                 }),
             }
         }
+        env.extend(overrides);
         let origin = path.as_deref().map(Path::display).map(|p| p.to_string());
         build(
             text.as_deref()
@@ -835,6 +995,11 @@ const LOG_FILE_PREFIX: &[&str] = &["log_file_prefix", "log.file_prefix"];
 const TOP_LEVEL_KEYS: &[&str] = &[
     "url",
     "conn_iddress",
+    "password",
+    "tls_ca_file",
+    "tls_cert_file",
+    "tls_key_file",
+    "management_allow_http",
     "exchange",
     "exchange_iddress",
     "prefetch_count",
@@ -1024,7 +1189,7 @@ impl Scope {
 
     fn config(&mut self, consumer_env: BTreeMap<String, BTreeMap<String, String>>) -> Config {
         let defaults = Config::default();
-        let urls = match self.get_keyed::<Vec<SecretUrl>>(URL) {
+        let urls_read = match self.get_keyed::<Vec<SecretUrl>>(URL) {
             Some((key, urls)) => {
                 if urls.is_empty() {
                     self.problem(key.clone(), "must list at least one URL");
@@ -1034,10 +1199,13 @@ impl Scope {
                         self.problem(key.clone(), message);
                     }
                 }
-                urls
+                Some(urls)
             }
-            None => defaults.urls,
+            None => None,
         };
+        // A `url` that did not parse is reported; `password` then goes to the default URL.
+        let url_given = urls_read.is_some();
+        let urls = urls_read.unwrap_or(defaults.urls);
         let exchange = self.name(EXCHANGE).unwrap_or(defaults.exchange);
         let prefetch_count = self
             .int(&["prefetch_count"], 1, u16::MAX)
@@ -1126,6 +1294,11 @@ impl Scope {
             }
             None => None,
         };
+        let management_allow_http = self
+            .get(&["management_allow_http"])
+            .unwrap_or(defaults.management_allow_http);
+        let tls = self.tls_files();
+        let (urls, password) = self.password(urls, url_given);
         let queue = self.name(QUEUE);
         let reply_queue = self.name(REPLY_QUEUE);
         let reply_key = self.get(REPLY_KEY);
@@ -1163,10 +1336,70 @@ impl Scope {
             log,
             http_addr,
             management_url,
+            management_allow_http,
+            tls,
+            password,
             queue,
             reply_queue,
             reply_key,
             consumers,
+        }
+    }
+
+    /// `tls_ca_file`, `tls_cert_file`, `tls_key_file`, checked: readable, PEM, the key
+    /// matches the certificate. Problems name the key as written and the path.
+    fn tls_files(&mut self) -> crate::tls::TlsFiles {
+        let ca = self.get_keyed::<PathBuf>(&["tls_ca_file"]);
+        let cert = self.get_keyed::<PathBuf>(&["tls_cert_file"]);
+        let key = self.get_keyed::<PathBuf>(&["tls_key_file"]);
+        // A problem names the key as written (`tls_ca_file` or `RMQ_CONSUMER_TLS_CA_FILE`);
+        // a key that is missing, by its name.
+        let spelled = |name: &'static str| {
+            let given = match name {
+                "tls_ca_file" => ca.as_ref(),
+                "tls_cert_file" => cert.as_ref(),
+                _ => key.as_ref(),
+            };
+            given.map_or_else(|| name.to_owned(), |(written, _)| written.clone())
+        };
+        let files = crate::tls::TlsFiles {
+            ca_file: ca.as_ref().map(|(_, path)| path.clone()),
+            cert_file: cert.as_ref().map(|(_, path)| path.clone()),
+            key_file: key.as_ref().map(|(_, path)| path.clone()),
+        };
+        for problem in files.problems() {
+            self.problem(spelled(problem.key()), problem.message());
+        }
+        files
+    }
+
+    /// `password` (`RMQ_CONSUMER_PASSWORD`), put into every URL; a URL that has its own
+    /// password as well is a problem.
+    fn password(
+        &mut self,
+        urls: Vec<SecretUrl>,
+        url_given: bool,
+    ) -> (Vec<SecretUrl>, Option<Password>) {
+        let Some((key, password)) = self.get_keyed::<Password>(&["password"]) else {
+            return (urls, None);
+        };
+        let urls = if url_given {
+            urls
+        } else {
+            vec![SecretUrl::new(DEFAULT_URL_WITHOUT_PASSWORD)]
+        };
+        match with_password(&urls, &password) {
+            Ok(with) => (with, Some(password)),
+            Err(masked) => {
+                self.problem(
+                    key,
+                    format!(
+                        "URL `{masked}` has a password of its own; give the password in one \
+                         place (remove it from the URL, or unset this key)"
+                    ),
+                );
+                (urls, Some(password))
+            }
         }
     }
 
@@ -1516,6 +1749,22 @@ fn amqp_url_problem(url: &SecretUrl) -> Option<String> {
             url.masked()
         ));
     }
+    if let Some((_, query)) = raw.split_once('?') {
+        for pair in query.split('#').next().unwrap_or_default().split('&') {
+            let name = pair
+                .split('=')
+                .next()
+                .unwrap_or_default()
+                .to_ascii_lowercase();
+            if let Some((param, instead)) = TLS_QUERY_KEYS.iter().find(|(param, _)| *param == name)
+            {
+                return Some(format!(
+                    "query parameter `{param}` is not supported ({instead}): `{}`",
+                    url.masked()
+                ));
+            }
+        }
+    }
     let host_start = raw
         .rfind('@')
         .map_or_else(|| raw.find("://").map_or(0, |i| i + 3), |at| at + 1);
@@ -1611,6 +1860,23 @@ impl FromConfigValue for PathBuf {
             Err("must not be empty".to_owned())
         } else {
             Ok(PathBuf::from(text))
+        }
+    }
+}
+
+impl FromConfigValue for Password {
+    fn from_toml(value: &toml::Value) -> Result<Self, String> {
+        match value {
+            toml::Value::String(s) => Self::from_env(s),
+            other => Err(expected("a string", other)),
+        }
+    }
+
+    fn from_env(text: &str) -> Result<Self, String> {
+        if text.is_empty() {
+            Err("must not be empty".to_owned())
+        } else {
+            Ok(Password::new(text))
         }
     }
 }
@@ -2834,6 +3100,77 @@ mod tests {
                 assert_no_canary(&format!("{problem:?}"));
             }
         }
+    }
+
+    #[test]
+    fn the_password_key_goes_into_every_url() {
+        let config = Config::from_toml_str(
+            r#"
+            url = ["amqp://app@a:5672/%2f", "amqps://b:5671/prod"]
+            password = "p@ss w,rd"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            config.urls[0].expose(),
+            "amqp://app:p%40ss%20w%2Crd@a:5672/%2f"
+        );
+        assert_eq!(
+            config.urls[1].expose(),
+            "amqps://guest:p%40ss%20w%2Crd@b:5671/prod"
+        );
+        assert_eq!(config.password, Some(Password::new("p@ss w,rd")));
+        // Without `url`: the default URL, with this password instead of guest's.
+        let config =
+            Config::from_sources(None, env(&[("RMQ_CONSUMER_PASSWORD", "s3cret")])).unwrap();
+        assert_eq!(
+            config.urls[0].expose(),
+            "amqp://guest:s3cret@127.0.0.1:5672/%2f"
+        );
+        // A URL with its own password beside the key: a problem naming the key, no password.
+        let found = problems(Config::from_sources(
+            Some("url = \"amqp://app:hunter2@a:5672/%2f\""),
+            env(&[("RMQ_CONSUMER_PASSWORD", "hunter3")]),
+        ));
+        let problem = problem_for(&found, "RMQ_CONSUMER_PASSWORD");
+        assert!(problem.message.contains("amqp://app:****@a"), "{problem}");
+        assert!(!format!("{found:?}").contains("hunter"), "{found:?}");
+        let found = problems(Config::from_toml_str("password = \"\""));
+        assert_eq!(problem_for(&found, "password").message, "must not be empty");
+    }
+
+    #[test]
+    fn tls_query_parameters_are_rejected_naming_the_key() {
+        for (param, key) in [
+            ("cacertfile", "tls_ca_file"),
+            ("certfile", "tls_cert_file"),
+            ("keyfile", "tls_key_file"),
+            ("verify", "tls_ca_file"),
+            ("fail_if_no_peer_cert", "tls_cert_file"),
+            ("server_name_indication", "host"),
+            ("depth", "tls_ca_file"),
+        ] {
+            let found = problems(Config::from_toml_str(&format!(
+                "url = \"amqps://u:hunter2@h:5671/%2f?heartbeat=5&{param}=x\""
+            )));
+            let problem = problem_for(&found, "url");
+            assert!(problem.message.contains(&format!("`{param}`")), "{problem}");
+            assert!(problem.message.contains(key), "{problem}");
+            assert!(!problem.message.contains("hunter2"), "{problem}");
+        }
+        assert!(Config::from_toml_str("url = \"amqps://h:5671/%2f?heartbeat=5\"").is_ok());
+    }
+
+    #[test]
+    fn tls_key_problems_name_the_variable_as_written() {
+        let found = problems(Config::from_sources(
+            None,
+            env(&[("RMQ_CONSUMER_TLS_CA_FILE", "/nonexistent/ca.pem")]),
+        ));
+        let problem = problem_for(&found, "RMQ_CONSUMER_TLS_CA_FILE");
+        assert!(problem.message.contains("/nonexistent/ca.pem"), "{problem}");
+        let found = problems(Config::from_toml_str("tls_key_file = \"/nonexistent/k\""));
+        assert!(found.iter().any(|p| p.key == "tls_cert_file"), "{found:?}");
     }
 
     #[test]

@@ -1,27 +1,38 @@
 //! Connecting: the broker URLs are tried in turn; the delay between rounds grows from
 //! `retry_connect_interval` to `retry_connect_max`, with a little jitter.
 
-use std::{str::FromStr, time::Duration};
+use std::{str::FromStr, sync::Arc, time::Duration};
 
-use lapin::{Connection, ConnectionProperties, uri::AMQPUri};
+use lapin::{
+    Connection, ConnectionProperties,
+    tcp::{AMQPUriTcpExt, RustlsConnector},
+    uri::{AMQPScheme, AMQPUri},
+};
 
-use crate::{config::SecretUrl, error::ConnectError};
+use crate::{config::SecretUrl, error::ConnectError, tls::TlsFiles};
 
 /// How long one connection attempt may take before the next URL is tried.
 pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Opens a connection to the first URL that answers, starting at `start`; returns it with its
-/// index.
+/// index. `amqps://` URLs use `tls` (the engine and the CLI connect alike).
 pub(crate) async fn connect_any(
     urls: &[SecretUrl],
+    tls: &TlsFiles,
     start: usize,
     heartbeat: u16,
     name: &str,
 ) -> Result<(Connection, usize), Vec<ConnectError>> {
     let mut errors = Vec::new();
+    // Built once per round: the files are read again on the next round (a renewed
+    // certificate is picked up on reconnect).
+    let mut client_config = None;
     for offset in 0..urls.len() {
         let index = (start + offset) % urls.len();
-        match connect(&urls[index], heartbeat, name).await {
+        let Some(url) = urls.get(index) else {
+            continue;
+        };
+        match connect(url, tls, &mut client_config, heartbeat, name).await {
             Ok(connection) => return Ok((connection, index)),
             Err(error) => errors.push(error),
         }
@@ -30,8 +41,10 @@ pub(crate) async fn connect_any(
 }
 
 /// Opens one connection with the given heartbeat.
-pub(crate) async fn connect(
+async fn connect(
     url: &SecretUrl,
+    tls: &TlsFiles,
+    client_config: &mut Option<Arc<rustls::ClientConfig>>,
     heartbeat: u16,
     name: &str,
 ) -> Result<Connection, ConnectError> {
@@ -39,21 +52,68 @@ pub(crate) async fn connect(
         .map_err(|_| ConnectError::InvalidUrl { url: url.masked() })?;
     uri.query.heartbeat = Some(heartbeat);
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    match tokio::time::timeout(
-        DEFAULT_CONNECT_TIMEOUT,
-        Connection::connect_uri(uri, properties),
-    )
-    .await
-    {
-        Ok(result) => result.map_err(|source| ConnectError::Failed {
-            url: url.masked(),
-            source,
-        }),
+    let attempt = async {
+        match uri.scheme {
+            AMQPScheme::AMQP => Connection::connect_uri(uri, properties).await,
+            AMQPScheme::AMQPS => {
+                let config = match client_config {
+                    Some(config) => Arc::clone(config),
+                    None => {
+                        let config = tls
+                            .client_config()
+                            .map_err(|source| ConnectError::TlsSettings { source })?;
+                        *client_config = Some(Arc::clone(&config));
+                        config
+                    }
+                };
+                connect_tls(uri, config, properties).await
+            }
+        }
+        .map_err(
+            |source| match crate::tls::describe(&source, tls.cert_file.is_some()) {
+                Some(problem) => ConnectError::Tls {
+                    url: url.masked(),
+                    problem,
+                    source,
+                },
+                None => ConnectError::Failed {
+                    url: url.masked(),
+                    source,
+                },
+            },
+        )
+    };
+    match tokio::time::timeout(DEFAULT_CONNECT_TIMEOUT, attempt).await {
+        Ok(result) => result,
         Err(_) => Err(ConnectError::TimedOut {
             url: url.masked(),
             after: DEFAULT_CONNECT_TIMEOUT,
         }),
     }
+}
+
+/// AMQP over TLS with our own rustls configuration: lapin's TLS options can only add CAs to
+/// the system roots, so the TCP stream is opened by lapin's helper and wrapped here.
+async fn connect_tls(
+    uri: AMQPUri,
+    config: Arc<rustls::ClientConfig>,
+    properties: ConnectionProperties,
+) -> lapin::Result<Connection> {
+    let connector = RustlsConnector::from(Arc::unwrap_or_clone(config));
+    let runtime = lapin::runtime::default_runtime()?;
+    Connection::connector(
+        uri,
+        runtime,
+        async move |uri: AMQPUri, runtime| {
+            let host = uri.authority.host.clone();
+            let mut plain = uri;
+            plain.scheme = AMQPScheme::AMQP;
+            let stream = plain.connect_async(&runtime).await?;
+            Ok(stream.into_rustls(&connector, &host).await?)
+        },
+        properties,
+    )
+    .await
 }
 
 /// The wait before connection round `attempt` (0-based): `interval * 2^attempt`, capped at

@@ -282,6 +282,25 @@ pub enum ConnectError {
         #[source]
         source: lapin::Error,
     },
+    /// The TLS handshake failed: `problem` says why in an operator's words ("issued by an
+    /// unknown CA", "name mismatch", "the broker requires a client certificate ...").
+    #[error("cannot connect to {url}: {problem}")]
+    Tls {
+        /// The URL, password masked.
+        url: String,
+        /// What went wrong, in words.
+        problem: String,
+        /// The failure.
+        #[source]
+        source: lapin::Error,
+    },
+    /// The TLS settings (`tls_ca_file`, `tls_cert_file`, `tls_key_file`) cannot be used.
+    #[error("the TLS settings cannot be used")]
+    TlsSettings {
+        /// What is wrong with them.
+        #[source]
+        source: crate::tls::TlsError,
+    },
     /// The attempt did not finish in time.
     #[error("connecting to {url} timed out after {after:?}")]
     TimedOut {

@@ -55,6 +55,7 @@ pub mod registry;
 pub mod retry;
 mod shutdown;
 pub mod text;
+pub mod tls;
 mod topology;
 mod trace;
 pub mod uuid;

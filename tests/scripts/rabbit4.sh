@@ -6,10 +6,15 @@
 #
 #   node rabbit4@localhost, AMQP on 5673, management API on 15673, distribution port 25673,
 #   guest/guest from anywhere (loopback_users = none); it shares the host's epmd.
+#   TLS (the `tls` tests): AMQPS on 5674 and management HTTPS on 15674, both requiring a
+#   client certificate (verify_peer, fail_if_no_peer_cert). The PKI is made once under
+#   $TLS_DIR: ca.pem, server.pem/server.key (localhost and 127.0.0.1), client.pem/client.key
+#   (signed by ca.pem), wrong-ca.pem (an unrelated CA); kept between runs.
 #
 #   rabbit4.sh start          builds the root if it is missing (debootstrap, ~1 min, 370 MB,
-#                             kept between runs), starts the node if it is down (or adopts the
-#                             running one), starts its application if a test left it stopped,
+#                             kept between runs), makes the test PKI if it is missing, starts
+#                             the node if it is down (or adopts the running one; a node
+#                             running without the TLS listeners is restarted once with them), starts its application if a test left it stopped,
 #                             enables the management plugin, restores the memory watermark and
 #                             the dead-letter retry interval, waits until the management API
 #                             answers. Idempotent.
@@ -28,7 +33,10 @@ ROOT=${RABBIT4_ROOT:-/var/lib/rmq-consumer-tests/rabbit4-root}
 NODE=rabbit4@localhost
 AMQP_PORT=5673
 MANAGEMENT_PORT=15673
+AMQPS_PORT=5674
+MANAGEMENT_TLS_PORT=15674
 DIST_PORT=25673
+TLS_DIR=${RMQ_TEST_TLS_DIR:-/var/lib/rmq-consumer-tests/tls}
 MIRROR=${RABBIT4_MIRROR:-http://deb.debian.org/debian}
 MANAGEMENT=http://127.0.0.1:$MANAGEMENT_PORT
 # Quorum queues' at-least-once dead-lettering retries an unconfirmed hop after this many ms
@@ -45,6 +53,8 @@ in_root() { chroot "$ROOT" env HOME=/root "$@"; }
 ctl() { in_root rabbitmqctl -n "$NODE" "$@"; }
 plugins() { in_root rabbitmq-plugins -n "$NODE" "$@"; }
 api_up() { curl -fsS -m 5 -u guest:guest "$MANAGEMENT/api/overview" >/dev/null 2>&1; }
+# Whether the node's AMQPS listener accepts connections.
+tls_up() { (exec 3<>"/dev/tcp/127.0.0.1/$AMQPS_PORT") 2>/dev/null; }
 need_root() { [ "$(id -u)" = 0 ] || die "needs root (debootstrap, chroot, mount)"; }
 
 # Unmounts whatever is mounted at or below $1 (deepest first).
@@ -110,6 +120,46 @@ pkill_root_nodes() {
   done
 }
 
+# The test PKI: a CA, a server certificate for localhost and 127.0.0.1, a client certificate,
+# and a second, unrelated CA. Made once (files written to a temporary directory, renamed when
+# complete); P-256 keys, valid for ten years.
+make_pki() {
+  [ -s "$TLS_DIR/wrong-ca.pem" ] && return 0
+  if ! command -v openssl >/dev/null 2>&1; then
+    log "installing openssl"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null
+  fi
+  log "making the test PKI in $TLS_DIR"
+  local tmp="$TLS_DIR.partial.$$" name
+  rm -rf "$tmp"
+  mkdir -p "$tmp"
+  (
+    set -e
+    cd "$tmp"
+    for name in ca wrong-ca; do
+      openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 3650 \
+        -subj "/CN=rmq-consumer test $name" -keyout "$name.key" -out "$name.pem" \
+        -addext "basicConstraints=critical,CA:TRUE" \
+        -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
+    done
+    printf '%s\n' "basicConstraints=CA:FALSE" "keyUsage=critical,digitalSignature" \
+      "extendedKeyUsage=serverAuth" "subjectAltName=DNS:localhost,IP:127.0.0.1" >server.ext
+    printf '%s\n' "basicConstraints=CA:FALSE" "keyUsage=critical,digitalSignature" \
+      "extendedKeyUsage=clientAuth" >client.ext
+    for name in server client; do
+      openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+        -subj "/CN=rmq-consumer test $name" -keyout "$name.key" -out "$name.csr" 2>/dev/null
+      openssl x509 -req -in "$name.csr" -CA ca.pem -CAkey ca.key -CAcreateserial -days 3650 \
+        -extfile "$name.ext" -out "$name.pem" 2>/dev/null
+    done
+    rm -f ./*.csr ./*.ext ./*.srl
+    chmod 644 ./*.pem ./*.key
+  ) || die "openssl could not make the test PKI"
+  rm -rf "$TLS_DIR"
+  mv "$tmp" "$TLS_DIR"
+}
+
 # Host files the node needs, its mounts and its configuration. Rewritten on every start.
 prepare() {
   cp /etc/hosts "$ROOT/etc/hosts"
@@ -118,7 +168,25 @@ prepare() {
 listeners.tcp.default = $AMQP_PORT
 management.tcp.port = $MANAGEMENT_PORT
 loopback_users = none
+listeners.ssl.default = $AMQPS_PORT
+ssl_options.cacertfile = /etc/rabbitmq/tls/ca.pem
+ssl_options.certfile = /etc/rabbitmq/tls/server.pem
+ssl_options.keyfile = /etc/rabbitmq/tls/server.key
+ssl_options.verify = verify_peer
+ssl_options.fail_if_no_peer_cert = true
+management.ssl.port = $MANAGEMENT_TLS_PORT
+management.ssl.cacertfile = /etc/rabbitmq/tls/ca.pem
+management.ssl.certfile = /etc/rabbitmq/tls/server.pem
+management.ssl.keyfile = /etc/rabbitmq/tls/server.key
+management.ssl.verify = verify_peer
+management.ssl.fail_if_no_peer_cert = true
 CONF
+  # The node runs as the root's rabbitmq user: it must read the certificates and the key.
+  mkdir -p "$ROOT/etc/rabbitmq/tls"
+  cp "$TLS_DIR/ca.pem" "$TLS_DIR/server.pem" "$TLS_DIR/server.key" "$ROOT/etc/rabbitmq/tls/"
+  in_root chown -R rabbitmq:rabbitmq /etc/rabbitmq/tls
+  chmod 750 "$ROOT/etc/rabbitmq/tls"
+  chmod 640 "$ROOT/etc/rabbitmq/tls/"*
   cat >"$ROOT/etc/rabbitmq/rabbit4-advanced.config" <<CONF
 [{rabbit, [{dead_letter_worker_publisher_confirm_timeout, $DLX_CONFIRM_TIMEOUT_MS}]}].
 CONF
@@ -155,8 +223,19 @@ launch() {
 start() {
   need_root
   build_root
+  make_pki
   prepare
   if ! ctl ping >/dev/null 2>&1; then
+    launch
+  elif ! tls_up; then
+    # Started by an older version of this script (or by hand): restart it once with the
+    # TLS listeners. Tests running against the node meanwhile see a broker restart.
+    log "node $NODE runs without its TLS listeners: restarting it with them"
+    ctl stop >/dev/null 2>&1 || true
+    for _ in $(seq 1 60); do
+      [ -z "$(root_pids beam.smp)" ] && break
+      sleep 0.5
+    done
     launch
   fi
   # A fault test may have left the app stopped.
@@ -178,7 +257,8 @@ start() {
   fi
   for _ in $(seq 1 60); do
     if api_up; then
-      log "RabbitMQ $(ctl version 2>/dev/null || echo '?') ready on $AMQP_PORT, management on $MANAGEMENT_PORT"
+      tls_up || die "the AMQPS listener does not answer on $AMQPS_PORT (log: $0 logs)"
+      log "RabbitMQ $(ctl version 2>/dev/null || echo '?') ready on $AMQP_PORT, management on $MANAGEMENT_PORT, AMQPS on $AMQPS_PORT, management HTTPS on $MANAGEMENT_TLS_PORT"
       return 0
     fi
     sleep 1
@@ -192,6 +272,7 @@ check() {
   ctl await_startup --timeout 5 >/dev/null 2>&1 ||
     die "node $NODE is not running (or its application is stopped)"
   api_up || die "the management API does not answer on $MANAGEMENT"
+  tls_up || die "the AMQPS listener does not answer on $AMQPS_PORT"
   log "RabbitMQ $(ctl version 2>/dev/null || echo '?') running as $NODE"
 }
 

@@ -139,6 +139,9 @@ fn origin(global: &Global) -> String {
     if global.management_url.is_some() {
         flags.push("--management-url");
     }
+    if global.password_file.is_some() {
+        flags.push("--password-file");
+    }
     if !flags.is_empty() {
         parts.push(flags.join(", "));
     }
@@ -236,6 +239,11 @@ fn view(config: &Config) -> Table {
                 .collect(),
         ),
     );
+    t.put("password", json!(config.password.as_ref().map(|_| "****")));
+    let path = |p: &Option<std::path::PathBuf>| json!(p.as_ref().map(|p| p.display().to_string()));
+    t.put("tls_ca_file", path(&config.tls.ca_file));
+    t.put("tls_cert_file", path(&config.tls.cert_file));
+    t.put("tls_key_file", path(&config.tls.key_file));
     t.put("exchange", json!(config.exchange));
     t.put("queue", json!(config.queue));
     t.put("reply_queue", json!(config.reply_queue));
@@ -244,6 +252,7 @@ fn view(config: &Config) -> Table {
         "management_url",
         json!(config.management_url.as_ref().map(SecretUrl::masked)),
     );
+    t.put("management_allow_http", json!(config.management_allow_http));
     t.put("prefetch_count", json!(config.prefetch_count));
     t.put("concurrency", json!(config.concurrency));
     t.put("read_ahead", json!(config.read_ahead));
@@ -365,7 +374,8 @@ mod tests {
     fn the_view_masks_passwords() {
         let mut config = Config::from_toml_str(
             r#"
-            url = ["amqp://app:hunter2@a:5672/%2f", "amqp://app:hunter2@b:5672/%2f"]
+            url = ["amqp://app@a:5672/%2f", "amqp://app@b:5672/%2f"]
+            password = "hunter2"
             management_url = "http://ops:hunter3@m:15672"
             [consumers.x]
             queue = "q"
@@ -378,6 +388,9 @@ mod tests {
         let text = String::from_utf8(text).unwrap();
         assert!(!text.contains("hunter"), "{text}");
         assert!(text.contains("amqp://app:****@a:5672/%2f"), "{text}");
+        assert!(text.contains("password = \"****\""), "{text}");
+        assert!(text.contains("management_allow_http = false"), "{text}");
+        assert!(text.contains("# tls_ca_file = (unset)"), "{text}");
         assert!(text.contains("[consumers.x]\nqueue = \"q\""), "{text}");
         assert!(text.contains("retry_delays = [\"10s\"]"), "{text}");
     }

@@ -2,9 +2,14 @@
 //! blocking pool (ureq is a small blocking client; the CLI makes a handful of requests).
 //!
 //! Address and credentials: the configured `management_url` (its userinfo, when present, is
-//! the login), else `http://<broker host>:15672`; the login defaults to the broker URL's user
-//! and password, percent-decoded. The password only ever goes into the `Authorization` header,
+//! the login), else `https://<broker host>:15671` for an `amqps://` broker URL and
+//! `http://<broker host>:15672` otherwise; the login defaults to the broker URL's user and
+//! password, percent-decoded. The password only ever goes into the `Authorization` header,
 //! never into a URL that could be printed.
+//!
+//! HTTPS uses the broker's TLS settings: `tls_ca_file` (replacing the system roots) and the
+//! client certificate. The login is never sent over plain `http://` to a host that is not
+//! loopback unless `management_allow_http = true`.
 
 use std::{str::FromStr, time::Duration};
 
@@ -17,6 +22,8 @@ use crate::config::{Config, SecretUrl};
 
 /// The management API's default port.
 pub(crate) const DEFAULT_MANAGEMENT_PORT: u16 = 15672;
+/// The management API's default HTTPS port, used for an `amqps://` broker.
+pub(crate) const DEFAULT_MANAGEMENT_TLS_PORT: u16 = 15671;
 /// How long one management request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -36,7 +43,24 @@ pub(crate) enum ManagementError {
     /// The broker URL does not parse, so no management address can be derived from it.
     #[error("cannot derive the management URL from broker URL {url}")]
     NoBrokerUrl { url: String },
-    /// The request failed (connection refused, timeout, TLS).
+    /// The login would go over plain http to a host that is not loopback.
+    #[error(
+        "refusing to send the management login to {base} over plain http (not a loopback \
+         host): use an https:// management_url, or set management_allow_http = true"
+    )]
+    PlainHttp { base: String },
+    /// The TLS settings cannot be used for the management API.
+    #[error("the TLS settings cannot be used for the management API")]
+    TlsSettings(#[source] crate::tls::TlsError),
+    /// The TLS handshake failed; `problem` says why in words.
+    #[error("management API at {base}: {problem}")]
+    Tls {
+        base: String,
+        problem: String,
+        #[source]
+        source: ureq::Error,
+    },
+    /// The request failed (connection refused, timeout).
     #[error("management API at {base} is unreachable")]
     Unreachable {
         base: String,
@@ -79,6 +103,8 @@ pub(crate) struct Management {
     user: String,
     authorization: String,
     vhost: String,
+    /// Whether a client certificate is configured (for the words of a TLS failure).
+    client_cert: bool,
 }
 
 impl std::fmt::Debug for Management {
@@ -106,11 +132,12 @@ impl Management {
                 } else {
                     uri.authority.host.clone()
                 };
-                (
-                    format!("http://{host}:{DEFAULT_MANAGEMENT_PORT}"),
-                    None,
-                    None,
-                )
+                let base = if uri.scheme == lapin::uri::AMQPScheme::AMQPS {
+                    format!("https://{host}:{DEFAULT_MANAGEMENT_TLS_PORT}")
+                } else {
+                    format!("http://{host}:{DEFAULT_MANAGEMENT_PORT}")
+                };
+                (base, None, None)
             }
         };
         if user.is_none()
@@ -125,19 +152,24 @@ impl Management {
         let user = user.unwrap_or_else(|| "guest".to_owned());
         let password = password.unwrap_or_default();
         let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
-        let agent = ureq::Agent::new_with_config(
-            ureq::Agent::config_builder()
-                .http_status_as_error(false)
-                .timeout_global(Some(REQUEST_TIMEOUT))
-                .max_redirects(0)
-                .build(),
-        );
+        if !config.management_allow_http && !loopback_or_https(&base) {
+            return Err(ManagementError::PlainHttp { base });
+        }
+        let mut builder = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(REQUEST_TIMEOUT))
+            .max_redirects(0);
+        if config.tls.is_set() {
+            builder = builder.tls_config(tls_config(&config.tls)?);
+        }
+        let agent = ureq::Agent::new_with_config(builder.build());
         Ok(Self {
             agent,
             base,
             user,
             authorization: format!("Basic {token}"),
             vhost: amqp.map_or_else(|| "/".to_owned(), |uri| uri.vhost),
+            client_cert: config.tls.cert_file.is_some(),
         })
     }
 
@@ -208,9 +240,23 @@ impl Management {
             .header("Authorization", &self.authorization)
             .header("Accept", "application/json")
             .call()
-            .map_err(|source| ManagementError::Unreachable {
-                base: self.base.clone(),
-                source,
+            .map_err(|source| {
+                let problem = match &source {
+                    ureq::Error::Io(error) => crate::tls::describe(error, self.client_cert),
+                    ureq::Error::Rustls(error) => crate::tls::describe(error, self.client_cert),
+                    _ => None,
+                };
+                match problem {
+                    Some(problem) => ManagementError::Tls {
+                        base: self.base.clone(),
+                        problem,
+                        source,
+                    },
+                    None => ManagementError::Unreachable {
+                        base: self.base.clone(),
+                        source,
+                    },
+                }
             })?;
         let status = response.status().as_u16();
         match status {
@@ -258,6 +304,57 @@ fn from_management_url(
     Ok((parsed.to_string(), user, password))
 }
 
+/// Whether `base` is https, or http to a loopback host (`localhost`, 127.0.0.0/8, `::1`).
+fn loopback_or_https(base: &str) -> bool {
+    let Ok(url) = url::Url::parse(base) else {
+        return false;
+    };
+    if url.scheme() == "https" {
+        return true;
+    }
+    match url.host() {
+        Some(url::Host::Domain(host)) => host.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+/// ureq's TLS settings from ours: the CA bundle replaces the roots, the client certificate
+/// is presented.
+fn tls_config(files: &crate::tls::TlsFiles) -> Result<ureq::tls::TlsConfig, ManagementError> {
+    let (roots, identity) = files.material().map_err(ManagementError::TlsSettings)?;
+    let mut builder = ureq::tls::TlsConfig::builder();
+    if let Some(roots) = roots {
+        let certs: Vec<ureq::tls::Certificate<'static>> = roots
+            .iter()
+            .map(|cert| ureq::tls::Certificate::from_der(cert.as_ref()).to_owned())
+            .collect();
+        builder = builder.root_certs(ureq::tls::RootCerts::new_with_certs(&certs));
+    }
+    if let Some((chain, key)) = identity {
+        let certs: Vec<ureq::tls::Certificate<'static>> = chain
+            .iter()
+            .map(|cert| ureq::tls::Certificate::from_der(cert.as_ref()).to_owned())
+            .collect();
+        // ureq takes the key as PEM (its key kinds are private): read the checked file again.
+        let _ = key;
+        let path = files.key_file.clone().unwrap_or_default();
+        let unreadable = |what| {
+            ManagementError::TlsSettings(crate::tls::TlsError::Pem {
+                key: "tls_key_file",
+                path: path.clone(),
+                what,
+            })
+        };
+        let pem = std::fs::read(&path).map_err(|_| unreadable("cannot be read again"))?;
+        let key = ureq::tls::PrivateKey::from_pem(&pem)
+            .map_err(|_| unreadable("holds no PEM private key"))?;
+        builder = builder.client_cert(Some(ureq::tls::ClientCert::new_with_certs(&certs, key)));
+    }
+    Ok(builder.build())
+}
+
 /// One URL path segment, percent-encoded (`/` → `%2F`).
 fn segment(text: &str) -> String {
     utf8_percent_encode(text, SEGMENT).to_string()
@@ -270,7 +367,45 @@ mod tests {
     fn config(management: Option<&str>) -> Config {
         Config {
             management_url: management.map(SecretUrl::new),
+            management_allow_http: true,
             ..Config::default()
+        }
+    }
+
+    #[test]
+    fn an_amqps_broker_means_https_on_15671() {
+        let broker = SecretUrl::new("amqps://app:secret@rabbit.local:5671/prod");
+        let m = Management::new(&config(None), &broker).unwrap();
+        assert_eq!(m.base(), "https://rabbit.local:15671");
+    }
+
+    #[test]
+    fn no_login_over_plain_http_to_another_host() {
+        let strict = |management: Option<&str>, broker: &str| {
+            let config = Config {
+                management_allow_http: false,
+                ..config(management)
+            };
+            Management::new(&config, &SecretUrl::new(broker))
+        };
+        let error = strict(None, "amqp://app:secret@rabbit.local:5672/%2f").unwrap_err();
+        assert!(
+            matches!(error, ManagementError::PlainHttp { .. }),
+            "{error}"
+        );
+        assert!(
+            error.to_string().contains("management_allow_http"),
+            "{error}"
+        );
+        assert!(!error.to_string().contains("secret"), "{error}");
+        assert!(strict(Some("http://ops:x@10.0.0.1:15672"), "amqp://a@h/%2f").is_err());
+        for fine in [
+            "http://localhost:15672",
+            "http://127.0.0.2:15672",
+            "http://[::1]:15672",
+            "https://mgmt.example:443",
+        ] {
+            assert!(strict(Some(fine), "amqp://a:b@h/%2f").is_ok(), "{fine}");
         }
     }
 

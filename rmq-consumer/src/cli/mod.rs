@@ -13,8 +13,9 @@
 //!
 //! Every command reads the configuration the way [`crate::run`] does (`rmq-consumer.toml` or
 //! `$RMQ_CONSUMER_CONFIG`, then `RMQ_CONSUMER_*` variables); the global flags `--config`,
-//! `--url` and `--management-url` win over both. Passwords are never printed: URLs are shown
-//! with the password masked.
+//! `--url`, `--management-url` and `--password-file` win over both. Passwords are never
+//! printed: URLs are shown with the password masked. A password in `--url` works but draws a
+//! warning (other users see it in `ps`).
 //!
 //! Exit codes: [`EXIT_OK`] (0) success; [`EXIT_FAILURE`] (1) the command ran but something
 //! needs attention (`status` warnings, messages returned or nacked by `publish`, a `dlq replay`
@@ -42,7 +43,7 @@ use clap::{Parser, Subcommand};
 use lapin::{Channel, Connection, uri::AMQPUri};
 
 use crate::{
-    config::{Config, ConfigError, ENV_PREFIX, SecretUrl},
+    config::{Config, ConfigError, ENV_PREFIX, SecretUrl, url_has_password, with_password},
     error::{ConnectError, SetupError},
 };
 
@@ -156,6 +157,20 @@ where
 }
 
 async fn dispatch(cli: Cli, io: &mut Io<'_>) -> i32 {
+    let in_args = cli
+        .global
+        .urls
+        .iter()
+        .chain(cli.global.management_url.as_ref())
+        .any(|url| url_has_password(url));
+    if in_args {
+        let _ = writeln!(
+            io.err,
+            "warning: a password given in --url or --management-url is visible to other users \
+             (ps, /proc) and kept in shell history; use --password-file PATH or \
+             RMQ_CONSUMER_PASSWORD instead"
+        );
+    }
     let result = match cli.command {
         Command::Publish(args) => publish::run(&cli.global, args, io).await,
         Command::Status(args) => status::run(&cli.global, args, io).await,
@@ -192,9 +207,14 @@ pub(crate) struct Global {
     #[arg(long, global = true, value_name = "PATH")]
     pub(crate) config: Option<PathBuf>,
     /// RabbitMQ management API base URL; default: the config's `management_url`, else
-    /// `http://<broker host>:15672` with the broker URL's user and password.
+    /// `https://<broker host>:15671` for an amqps:// broker and `http://<broker host>:15672`
+    /// otherwise, with the broker URL's user and password.
     #[arg(long, global = true, value_name = "HTTP_URL")]
     pub(crate) management_url: Option<String>,
+    /// File holding the broker password (one line), put into every broker URL; wins over
+    /// `$RMQ_CONSUMER_PASSWORD` and the config's `password`.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub(crate) password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -238,6 +258,13 @@ pub(crate) enum CliError {
     /// The configuration file named by `--config` cannot be read.
     #[error("cannot read config file {path}")]
     ReadConfig {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file named by `--password-file` cannot be read.
+    #[error("cannot read password file {path}")]
+    ReadPasswordFile {
         path: PathBuf,
         #[source]
         source: std::io::Error,
@@ -290,6 +317,7 @@ impl CliError {
             Self::Amqp { .. } | Self::Output(_) | Self::Json(_) => EXIT_FAILURE,
             Self::Config(_)
             | Self::ReadConfig { .. }
+            | Self::ReadPasswordFile { .. }
             | Self::Setup(_)
             | Self::Connect(_)
             | Self::MissingQueue(_)
@@ -318,24 +346,53 @@ fn describe_connect(errors: &[ConnectError]) -> String {
 
 /// Loads the configuration like `run()` does, then applies the global flags.
 pub(crate) fn load_config(global: &Global) -> Result<Config, CliError> {
+    let mut overrides = Vec::new();
+    if let Some(path) = &global.password_file {
+        let text = std::fs::read_to_string(path).map_err(|source| CliError::ReadPasswordFile {
+            path: path.clone(),
+            source,
+        })?;
+        let password = text
+            .strip_suffix('\n')
+            .map_or(text.as_str(), |t| t.strip_suffix('\r').unwrap_or(t));
+        if password.is_empty() {
+            return Err(CliError::Usage(format!(
+                "password file {} is empty",
+                path.display()
+            )));
+        }
+        overrides.push((format!("{ENV_PREFIX}PASSWORD"), password.to_owned()));
+    }
     let mut config = match &global.config {
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|source| CliError::ReadConfig {
                 path: path.clone(),
                 source,
             })?;
-            let env = std::env::vars_os().filter_map(|(name, value)| {
-                let name = name.into_string().ok()?;
-                name.starts_with(ENV_PREFIX)
-                    .then(|| value.into_string().ok().map(|value| (name, value)))
-                    .flatten()
-            });
-            Config::from_sources(Some(&text), env)?
+            let env = std::env::vars_os()
+                .filter_map(|(name, value)| {
+                    let name = name.into_string().ok()?;
+                    (name.starts_with(ENV_PREFIX) && !overrides.iter().any(|(n, _)| *n == name))
+                        .then(|| value.into_string().ok().map(|value| (name, value)))
+                        .flatten()
+                })
+                .collect::<Vec<_>>();
+            Config::from_sources(Some(&text), env.into_iter().chain(overrides))?
         }
-        None => Config::load()?,
+        None => Config::load_with(overrides)?,
     };
     if !global.urls.is_empty() {
-        config.urls = global.urls.iter().map(SecretUrl::new).collect();
+        let urls: Vec<SecretUrl> = global.urls.iter().map(SecretUrl::new).collect();
+        config.urls = match &config.password {
+            Some(password) => with_password(&urls, password).map_err(|masked| {
+                CliError::Usage(format!(
+                    "--url {masked} has a password, and a password is also given \
+                     (--password-file, RMQ_CONSUMER_PASSWORD or the config's `password`): \
+                     give it in one place"
+                ))
+            })?,
+            None => urls,
+        };
     }
     if let Some(url) = &global.management_url {
         config.management_url = Some(SecretUrl::new(url.clone()));
@@ -350,9 +407,10 @@ pub(crate) async fn connect(
     purpose: &str,
 ) -> Result<(Connection, SecretUrl), CliError> {
     let name = format!("rmq-consumer-cli {purpose}");
-    let (connection, index) = crate::connection::connect_any(&config.urls, 0, CLI_HEARTBEAT, &name)
-        .await
-        .map_err(CliError::Connect)?;
+    let (connection, index) =
+        crate::connection::connect_any(&config.urls, &config.tls, 0, CLI_HEARTBEAT, &name)
+            .await
+            .map_err(CliError::Connect)?;
     Ok((connection, config.urls[index].clone()))
 }
 

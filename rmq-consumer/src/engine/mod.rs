@@ -282,6 +282,7 @@ impl Engine {
             }
             let connecting = connection::connect_any(
                 &self.config.urls,
+                &self.config.tls,
                 url_index,
                 self.config.heartbeat_interval,
                 &connection_name,
