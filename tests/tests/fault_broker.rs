@@ -403,7 +403,7 @@ async fn f11_memory_alarm_blocks_then_work_resumes() {
 async fn f11_shutdown_during_a_memory_alarm_is_bounded() {
     const TASKS: usize = 24;
     const SHUTDOWN: Duration = Duration::from_secs(3);
-    const CLOSE_BOUND: Duration = Duration::from_secs(3);
+    const CLOSE_BOUND: Duration = Duration::from_secs(2);
     let _global = GLOBAL.lock().await;
     let mut broker = Broker::connect().await;
     let exchange = unique("ex");

@@ -227,9 +227,9 @@ impl Engine {
         }
         let _stop_http = stop_http.drop_guard();
         let tracker = TaskTracker::new();
-        let expired = shutdown_deadline(self.shutdown.clone(), self.config.shutdown_timeout);
-        let _stop_deadline = expired.clone().drop_guard();
-        let result = self.supervise(&tracker, &expired).await;
+        let deadline = Deadline::start(self.shutdown.clone(), self.config.shutdown_timeout);
+        let _stop_deadline = deadline.over.clone().drop_guard();
+        let result = self.supervise(&tracker, &deadline).await;
         self.health
             .draining
             .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -240,7 +240,7 @@ impl Engine {
         self.shutdown.cancel();
         let drained = tokio::select! {
             () = tracker.wait() => true,
-            () = expired.cancelled() => false,
+            () = deadline.expired.cancelled() => false,
         };
         if !drained {
             let left: usize = self
@@ -258,11 +258,7 @@ impl Engine {
         result
     }
 
-    async fn supervise(
-        &self,
-        tracker: &TaskTracker,
-        expired: &CancellationToken,
-    ) -> Result<(), Error> {
+    async fn supervise(&self, tracker: &TaskTracker, deadline: &Deadline) -> Result<(), Error> {
         let names: Vec<&str> = self
             .workers
             .iter()
@@ -303,7 +299,7 @@ impl Engine {
                     info!(url = %self.config.urls[index], "connected");
                     let opened = tokio::time::Instant::now();
                     let opened_ms = self.health.now_ms();
-                    match self.session(connection, tracker, expired).await? {
+                    match self.session(connection, tracker, deadline).await? {
                         SessionEnd::Shutdown => return Ok(()),
                         SessionEnd::Lost => {}
                     }
@@ -360,7 +356,7 @@ impl Engine {
         &self,
         connection: Connection,
         tracker: &TaskTracker,
-        expired: &CancellationToken,
+        deadline: &Deadline,
     ) -> Result<SessionEnd, Error> {
         let lost = CancellationToken::new();
         let health = Arc::clone(&self.health);
@@ -389,7 +385,9 @@ impl Engine {
             lost.clone(),
             stop_watchdog.clone(),
         ));
-        let end = self.consume_all(&connection, tracker, &lost, expired).await;
+        let end = self
+            .consume_all(&connection, tracker, &lost, deadline)
+            .await;
         // The watchdog may be waiting on a probe the broker does not answer (a blocked
         // connection): it holds nothing that needs an orderly end.
         stop_watchdog.cancel();
@@ -408,7 +406,7 @@ impl Engine {
         connection: &Arc<Connection>,
         tracker: &TaskTracker,
         lost: &CancellationToken,
-        expired: &CancellationToken,
+        deadline: &Deadline,
     ) -> Result<SessionEnd, Error> {
         // With `declare = false`, every missing object of every handler in one error, before
         // anything consumes. (Declaring handlers declare their topology as they subscribe.)
@@ -505,7 +503,7 @@ impl Engine {
             tracker.close();
             let drained = tokio::select! {
                 () = tracker.wait() => true,
-                () = expired.cancelled() => false,
+                () = deadline.expired.cancelled() => false,
             };
             if drained {
                 info!("in-flight deliveries drained");
@@ -514,25 +512,27 @@ impl Engine {
                     "shutdown timeout reached; closing with deliveries in flight (the broker requeues them)"
                 );
             }
-            within_deadline("closing the publish channels", publisher.close(), expired).await;
+            deadline
+                .close("closing the publish channels", publisher.close())
+                .await;
             let reason = if fatal.is_some() {
                 "topology refused"
             } else {
                 "shutdown"
             };
-            within_deadline(
-                "closing the connection",
-                connection.close(200, reason.into()),
-                expired,
-            )
-            .await;
+            deadline
+                .close(
+                    "closing the connection",
+                    connection.close(200, reason.into()),
+                )
+                .await;
         } else {
-            within_deadline(
-                "closing the connection",
+            // A connection that is going away anyway: do not wait long for its close-ok.
+            let close = tokio::time::timeout(
+                RECONNECT_CLOSE_WAIT,
                 connection.close(200, "reconnecting".into()),
-                expired,
-            )
-            .await;
+            );
+            deadline.close("closing the lost connection", close).await;
         }
         match fatal {
             Some(error) => Err(error),
@@ -541,42 +541,53 @@ impl Engine {
     }
 }
 
-/// A token cancelled `shutdown_timeout` after `shutdown` is: the one deadline of a shutdown,
-/// shared by every drain and close on its path (issue 14, A7/A10/A11).
-fn shutdown_deadline(shutdown: CancellationToken, timeout: Duration) -> CancellationToken {
-    let expired = CancellationToken::new();
-    let cancel = expired.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            () = shutdown.cancelled() => {}
-            () = cancel.cancelled() => return,
-        }
-        tokio::select! {
-            () = tokio::time::sleep(timeout) => cancel.cancel(),
-            () = cancel.cancelled() => {}
-        }
-    });
-    expired
+/// The one deadline of a shutdown, shared by every drain and close on its path (issue 14,
+/// A7/A10/A11): `expired` is cancelled `shutdown_timeout` after the shutdown began, `over`
+/// [`CLOSE_GRACE`] later. Dropping it stops its timer.
+#[derive(Debug, Clone)]
+struct Deadline {
+    expired: CancellationToken,
+    over: CancellationToken,
 }
 
-/// How long a close may still take once the shutdown deadline has passed. While the broker
-/// blocks the connection (a resource alarm) nothing the engine writes gets out, so a close
-/// would wait for as long as the alarm lasts.
+/// How long closing may still take, in all, once the shutdown deadline has passed. While the
+/// broker blocks the connection (a resource alarm) nothing the engine writes gets out, so a
+/// close would wait for as long as the alarm lasts.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
-/// Runs `close` until it ends or [`CLOSE_GRACE`] after `expired`, whichever is first.
-async fn within_deadline<T>(
-    what: &str,
-    close: impl std::future::Future<Output = T>,
-    expired: &CancellationToken,
-) {
-    let late = async {
-        expired.cancelled().await;
-        tokio::time::sleep(CLOSE_GRACE).await;
-    };
-    tokio::select! {
-        _ = close => {}
-        () = late => warn!("{what} did not complete within the shutdown deadline; leaving it to the broker"),
+/// How long closing a connection that is being replaced may take.
+const RECONNECT_CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+impl Deadline {
+    fn start(shutdown: CancellationToken, timeout: Duration) -> Self {
+        let deadline = Self {
+            expired: CancellationToken::new(),
+            over: CancellationToken::new(),
+        };
+        let timer = deadline.clone();
+        tokio::spawn(async move {
+            let wait = async {
+                shutdown.cancelled().await;
+                tokio::time::sleep(timeout).await;
+                timer.expired.cancel();
+                tokio::time::sleep(CLOSE_GRACE).await;
+            };
+            tokio::select! {
+                () = wait => {}
+                () = timer.over.cancelled() => {}
+            }
+            timer.expired.cancel();
+            timer.over.cancel();
+        });
+        deadline
+    }
+
+    /// Runs `close` until it ends or the deadline's grace is over, whichever is first.
+    async fn close<T>(&self, what: &str, close: impl std::future::Future<Output = T>) {
+        tokio::select! {
+            _ = close => {}
+            () = self.over.cancelled() => warn!("{what} did not complete within the shutdown deadline; leaving it to the broker"),
+        }
     }
 }
 
