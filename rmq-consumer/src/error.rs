@@ -1,5 +1,6 @@
 //! Error types. One enum per concern, wrapped by the top-level [`Error`].
 
+use lapin::protocol::AMQPSoftError;
 use std::time::Duration;
 
 pub use crate::config::ConfigError;
@@ -139,16 +140,41 @@ pub struct TopologyError {
 }
 
 impl TopologyError {
-    /// `true` when the broker answered with a channel-level refusal (wrong arguments,
-    /// permissions), which retrying cannot fix; `false` for connection trouble.
+    /// `true` when the broker refused in a way that retrying cannot fix: 406
+    /// PRECONDITION_FAILED (a queue exists with other arguments) or 403 ACCESS_REFUSED (a
+    /// permission is missing). `false` for connection trouble and for refusals that can pass
+    /// by themselves, which are retried with backoff: 404 NOT_FOUND (an exchange deleted while
+    /// a queue was being bound to it, a classic queue whose node is down) and 405
+    /// RESOURCE_LOCKED (an exclusive queue another connection still holds).
     #[must_use]
     pub fn is_refusal(&self) -> bool {
         matches!(
-            self.source.kind(),
-            lapin::ErrorKind::ProtocolError(e)
-                if matches!(e.kind(), lapin::protocol::AMQPErrorKind::Soft(_))
+            soft_error(&self.source),
+            Some(AMQPSoftError::PRECONDITIONFAILED | AMQPSoftError::ACCESSREFUSED)
         )
     }
+}
+
+/// The channel-level error the broker answered with, if it was one.
+pub(crate) fn soft_error(error: &lapin::Error) -> Option<&AMQPSoftError> {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(e) => match e.kind() {
+            lapin::protocol::AMQPErrorKind::Soft(soft) => Some(soft),
+            lapin::protocol::AMQPErrorKind::Hard(_) => None,
+        },
+        _ => None,
+    }
+}
+
+/// The broker's 404 NOT_FOUND (e.g. a passive declare of an object that does not exist).
+pub(crate) fn is_not_found(error: &lapin::Error) -> bool {
+    matches!(soft_error(error), Some(AMQPSoftError::NOTFOUND))
+}
+
+/// The broker's 406 PRECONDITION_FAILED (e.g. a declare whose arguments differ from the
+/// queue's).
+pub(crate) fn is_precondition_failed(error: &lapin::Error) -> bool {
+    matches!(soft_error(error), Some(AMQPSoftError::PRECONDITIONFAILED))
 }
 
 /// An exchange or queue a handler needs that a passive declare did not find

@@ -13,7 +13,7 @@ use crate::{
     amqp::{long, short},
     config::{PublishVia, QueueType},
     engine::settings::Settings,
-    error::{Error, MissingObject, TopologyError},
+    error::{Error, MissingObject, TopologyError, is_not_found, is_precondition_failed},
 };
 use tracing::warn;
 
@@ -398,24 +398,6 @@ fn describe(value: &AMQPValue) -> String {
         AMQPValue::LongLongInt(n) => n.to_string(),
         other => format!("{other:?}"),
     }
-}
-
-/// The broker's 404 NOT_FOUND: a passive declare of an object that does not exist.
-fn is_not_found(error: &lapin::Error) -> bool {
-    matches!(
-        error.kind(),
-        lapin::ErrorKind::ProtocolError(e)
-            if matches!(e.kind(), lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::NOTFOUND))
-    )
-}
-
-/// The broker's 406 PRECONDITION_FAILED: a declare whose arguments differ from the queue's.
-fn is_precondition_failed(error: &lapin::Error) -> bool {
-    matches!(
-        error.kind(),
-        lapin::ErrorKind::ProtocolError(e)
-            if matches!(e.kind(), lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::PRECONDITIONFAILED))
-    )
 }
 
 async fn declare_queue(

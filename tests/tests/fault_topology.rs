@@ -191,6 +191,123 @@ async fn f13_queue_deleted_under_the_consumer() {
     broker.cleanup().await;
 }
 
+/// A5: the exchange is deleted, then the work queue. The re-subscription declares the
+/// exchange again before it binds the queue (it was declared only when a session started: the
+/// bind got a 404 and `run()` returned an error), and the engine goes on on the same
+/// connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a5_exchange_then_queue_deleted_are_declared_again() {
+    let mut broker = Broker::connect().await;
+    let exchange = unique("ex");
+    broker.track_exchange(&exchange);
+    let mut config = test_config(&exchange);
+    let route = Route::new(&mut config, "relay", &mut broker);
+    let _cleanup = broker.cleanup_on_panic();
+    let running = Running::start(config, &["relay"]).await;
+    let mut ledger = Ledger::new("A5");
+    let batch = tasks(&ledger, 20);
+    ledger
+        .publish(&broker, &exchange, &route.queue, &batch)
+        .await;
+    eventually("the batch is processed", Duration::from_secs(20), || {
+        handler(&running, "relay").succeeded == 20
+    })
+    .await;
+
+    broker
+        .channel
+        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+        .await
+        .unwrap();
+    broker
+        .channel
+        .queue_delete(route.queue.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    eventually_async(
+        "the queue re-declared with one consumer",
+        Duration::from_secs(15),
+        || async { broker.consumers(&route.queue).await == Some(1) },
+    )
+    .await;
+    assert!(
+        !running.task.is_finished(),
+        "the engine stopped: {:?}",
+        running.health.snapshot()
+    );
+    // Published through the exchange: exchange and binding are back.
+    let batch = tasks(&ledger, 20);
+    ledger
+        .publish(&broker, &exchange, &route.queue, &batch)
+        .await;
+    drain(&mut ledger, &broker, &route).await;
+    let report = ledger.assert_nothing_lost();
+    assert_eq!(report.results_unique, 40);
+    assert_eq!(running.health.snapshot().reconnects, 0);
+    running.stop().await.unwrap();
+    broker.cleanup().await;
+}
+
+/// A5: a refusal that passes by itself is retried, not fatal. Another connection holds the
+/// work queue as an exclusive queue: declaring it is refused with 405 RESOURCE_LOCKED (every
+/// soft error used to stop the engine). The engine keeps trying, with backoff, and consumes
+/// once the holder is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a5_a_queue_locked_by_another_connection_is_waited_for() {
+    let mut broker = Broker::connect().await;
+    let exchange = unique("ex");
+    broker.track_exchange(&exchange);
+    let mut config = test_config(&exchange);
+    config.retry_connect_interval = Duration::from_millis(200);
+    config.retry_connect_max = Duration::from_secs(1);
+    let route = Route::new(&mut config, "relay", &mut broker);
+    let _cleanup = broker.cleanup_on_panic();
+    let holder = Broker::connect().await;
+    holder
+        .channel
+        .queue_declare(
+            route.queue.as_str().into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let engine = rmq_consumer::Engine::builder(config)
+        .only(["relay"])
+        .build()
+        .unwrap();
+    let stop = engine.shutdown_token();
+    let health = engine.health();
+    let task = tokio::spawn(engine.run());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !task.is_finished(),
+        "the engine stopped on a locked queue: {:?}",
+        task.await
+    );
+    assert!(!health.snapshot().handlers[0].consuming);
+    holder
+        .connection
+        .close(200, "done".into())
+        .await
+        .unwrap();
+    let running = Running { stop, health, task };
+    running.wait_consuming(Duration::from_secs(20)).await;
+    let mut ledger = Ledger::new("A5-locked");
+    let batch = tasks(&ledger, 10);
+    ledger
+        .publish(&broker, &exchange, &route.queue, &batch)
+        .await;
+    drain(&mut ledger, &broker, &route).await;
+    let report = ledger.assert_nothing_lost();
+    assert_eq!(report.results_unique, 10);
+    running.stop().await.unwrap();
+    broker.cleanup().await;
+}
+
 /// F14: the exchange results are published to is deleted while the engine runs. The input is
 /// not acked as a success; it is retried through its delay queue at the configured pace (no
 /// hot loop); another handler whose results go elsewhere keeps working; once the exchange is

@@ -466,19 +466,8 @@ pub(crate) async fn probe_queue(
     }
 }
 
-/// Whether the broker answered 404 NOT_FOUND.
-pub(crate) fn is_not_found(error: &lapin::Error) -> bool {
-    matches!(
-        error.kind(),
-        lapin::ErrorKind::ProtocolError(e)
-            if matches!(
-                e.kind(),
-                lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::NOTFOUND)
-            )
-    )
-}
-
 pub(crate) use crate::error::chain;
+pub(crate) use crate::error::is_not_found;
 
 /// `1234567` → `1,234,567`.
 pub(crate) fn thousands(n: u64) -> String {
