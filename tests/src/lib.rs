@@ -1,1 +1,55 @@
-//! Integration tests against a real RabbitMQ live in `tests/tests`.
+//! Helpers for the integration tests in `tests/tests/*.rs`, which run against a real
+//! RabbitMQ (the one `$RMQ_TEST_BROKER` selects, see [`env`](mod@env)). The test binaries
+//! link this library instead of each compiling a copy of the helpers, as tokio's
+//! `tests/support` does.
+//!
+//! - [`env`](mod@env): which broker, its URLs, unique names for queues and exchanges.
+//! - [`broker`]: the test's own connection ([`Broker`]): confirmed publishing, reading back
+//!   ([`Received`]), queue probes, cleanup (also when a test panics).
+//! - [`engine`]: a base [`Config`](rmq_consumer::Config) ([`test_config`]) and a spawned
+//!   engine ([`Running`]).
+//! - [`route`]: one handler's queues for one test ([`Route`]).
+//! - [`ledger`]: the checker of `tests/RELIABILITY.md` ([`Ledger`]): nothing confirmed may be
+//!   lost, duplicates are counted.
+//! - [`rabbitmqctl`](mod@rabbitmqctl): `rabbitmqctl` on the test broker's node, and guards
+//!   that undo what a fault test changed on the broker ([`PolicyGuard`], [`StoppedApp`]).
+//! - [`users`]: broker users made for one test ([`TestUser`]).
+//! - [`proxy`]: a TCP proxy that cuts, freezes or resets the engine's connections ([`Proxy`]).
+//! - [`wait`]: polling until something holds ([`eventually`], [`eventually_async`]).
+//!
+//! Every item is also re-exported at the root: a test writes
+//! `use rmq_consumer_tests::{Broker, Route, Running, test_config, unique};`.
+//!
+//! The handlers stay in the test files: `#[consumer]` registers them in the test binary,
+//! and [`Running::start`] picks them by name.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test helpers report a broken test environment by failing the test that called them"
+)]
+
+pub mod broker;
+pub mod engine;
+pub mod env;
+pub mod ledger;
+pub mod proxy;
+pub mod rabbitmqctl;
+pub mod route;
+pub mod users;
+pub mod wait;
+
+pub use broker::{Broker, CleanupOnPanic, Received};
+pub use engine::{Running, test_config};
+pub use env::{
+    TestBroker, broker_addr, broker_name, broker_url, cli_management_url, management_url,
+    test_broker, unique,
+};
+pub use ledger::{Ledger, LedgerReport, id_of, task};
+pub use proxy::Proxy;
+pub use rabbitmqctl::{
+    PolicyGuard, StoppedApp, host_rabbitmqctl, rabbitmqctl, rabbitmqctl_blocking,
+};
+pub use route::{Route, delay_queue};
+pub use users::TestUser;
+pub use wait::{eventually, eventually_async};

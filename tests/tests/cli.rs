@@ -8,8 +8,6 @@
     reason = "tests"
 )]
 
-mod common;
-
 use std::{
     io::{Read, Write},
     net::TcpStream,
@@ -17,9 +15,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{
-    Broker, broker_name, broker_url, cli_management_url, rabbitmqctl_blocking, test_broker, unique,
-};
 use lapin::{
     BasicProperties,
     options::{BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions},
@@ -30,6 +25,9 @@ use rmq_consumer::{
     HandlerError,
     cli::{EXIT_ERROR, EXIT_FAILURE, EXIT_OK},
     consumer,
+};
+use rmq_consumer_tests::{
+    Broker, broker_name, broker_url, cli_management_url, rabbitmqctl_blocking, test_broker, unique,
 };
 use serde_json::{Value, json};
 

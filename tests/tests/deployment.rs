@@ -45,8 +45,6 @@
     reason = "tests"
 )]
 
-mod common;
-
 use std::{
     collections::{BTreeMap, BTreeSet},
     os::unix::process::ExitStatusExt,
@@ -56,10 +54,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{
-    Broker, Ledger, Received, Route, Running, broker_url, eventually, eventually_async,
-    rabbitmqctl, rabbitmqctl_blocking, task, test_config, unique,
-};
 use futures_util::StreamExt;
 use lapin::{
     BasicProperties, Channel, Connection, ConnectionProperties,
@@ -71,6 +65,10 @@ use lapin::{
     types::{AMQPValue, FieldTable},
 };
 use rmq_consumer::{Config, Engine, HandlerError, HandlerSnapshot, config::QueueType, consumer};
+use rmq_consumer_tests::{
+    self as common, Broker, Ledger, Received, Route, Running, broker_url, eventually,
+    eventually_async, rabbitmqctl, rabbitmqctl_blocking, task, test_config, unique,
+};
 use serde_json::{Value, json};
 
 // ---------------------------------------------------------------------------------------------

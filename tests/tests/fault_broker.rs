@@ -2,7 +2,7 @@
 //! and F02 (the broker application is stopped and started mid-run).
 //!
 //! They disturb every client of the broker, so they live in this one test binary and take
-//! [`GLOBAL`] one at a time. Each run checks the ledger of ../shared/RELIABILITY.md: every
+//! [`GLOBAL`] one at a time. Each run checks the ledger of tests/RELIABILITY.md: every
 //! confirmed task id ends as a result or in the dead-letter queue; duplicates are printed.
 #![allow(
     clippy::unwrap_used,
@@ -12,17 +12,16 @@
     reason = "tests"
 )]
 
-mod common;
-
 use std::{
     sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
-use common::{
-    Broker, Ledger, Route, Running, StoppedApp, eventually, rabbitmqctl, task, test_config, unique,
-};
 use rmq_consumer::consumer;
+use rmq_consumer_tests::{
+    self as common, Broker, Ledger, Route, Running, StoppedApp, eventually, rabbitmqctl, task,
+    test_config, unique,
+};
 use serde_json::{Value, json};
 
 /// Held by every test of this binary: a broker-wide fault must not hit a neighbour test.

@@ -6,7 +6,7 @@
 //! have their leader there. A few thousand tasks are published with confirms through c2, and
 //! while the engine works, c1's Erlang VM is killed with `kill -9`: an abrupt node loss, with
 //! a leader election on every queue. The engine must fail over to another node and resume,
-//! and the ledger of ../shared/RELIABILITY.md must lose nothing. The cluster is removed at the
+//! and the ledger of tests/RELIABILITY.md must lose nothing. The cluster is removed at the
 //! end, also when the test fails.
 #![allow(
     clippy::unwrap_used,
@@ -16,17 +16,17 @@
     reason = "tests"
 )]
 
-mod common;
-
 use std::{
     path::PathBuf,
     time::{Duration, Instant},
 };
 
-use common::{Broker, Ledger, Route, Running, eventually, host_rabbitmqctl, test_config, unique};
 use rmq_consumer::{
     config::{QueueType, SecretUrl},
     consumer,
+};
+use rmq_consumer_tests::{
+    Broker, Ledger, Route, Running, eventually, host_rabbitmqctl, test_config, unique,
 };
 use serde_json::{Value, json};
 

@@ -2,7 +2,7 @@
 //! the delay queues then dead-lettered, F20 a hanging handler, F09 a blocking handler that
 //! outlives three heartbeats, F25 the same task twice with the result cache on, a panicking
 //! handler, forged `x-retry-count` headers, and another user's message with a TTL. Each run
-//! checks the ledger of ../shared/RELIABILITY.md.
+//! checks the ledger of tests/RELIABILITY.md.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -11,20 +11,20 @@
     reason = "tests"
 )]
 
-mod common;
-
 use std::{
     collections::BTreeMap,
     sync::{LazyLock, Mutex},
     time::{Duration, Instant, SystemTime},
 };
 
-use common::{Broker, Ledger, Route, Running, TestUser, eventually, task, test_config, unique};
 use lapin::{
     BasicProperties,
     types::{AMQPValue, FieldTable},
 };
 use rmq_consumer::{Config, HandlerError, HandlerSnapshot, consumer};
+use rmq_consumer_tests::{
+    self as common, Broker, Ledger, Route, Running, TestUser, eventually, task, test_config, unique,
+};
 use serde_json::{Value, json};
 
 /// Handler runs per task id, across the tests of this binary (ids are unique per test).

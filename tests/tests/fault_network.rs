@@ -1,7 +1,7 @@
 //! Network faults between the engine and the broker, made by a TCP proxy (the test's own
 //! publisher and reader connect to the broker directly): F07, repeated connection resets.
 //!
-//! The run checks the ledger of ../shared/RELIABILITY.md (every confirmed task id ends as a
+//! The run checks the ledger of tests/RELIABILITY.md (every confirmed task id ends as a
 //! result or in the dead-letter queue; duplicates are printed and bounded) and that nothing
 //! leaks across the reconnects: broker connections and channels, file descriptors, threads,
 //! tokio tasks.
@@ -13,12 +13,13 @@
     reason = "tests"
 )]
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{Broker, Ledger, Proxy, Route, Running, eventually, rabbitmqctl, test_config, unique};
 use rmq_consumer::{config::SecretUrl, consumer, publisher::DEFAULT_PUBLISH_CHANNELS};
+use rmq_consumer_tests::{
+    self as common, Broker, Ledger, Proxy, Route, Running, eventually, rabbitmqctl, test_config,
+    unique,
+};
 use serde_json::{Value, json};
 
 const PREFETCH: u16 = 8;

@@ -1,6 +1,6 @@
 //! Process-level faults on a real worker process (the `fault-worker` binary, configured with
 //! `RMQ_CONSUMER_*` variables like a deployed worker): F04 `kill -9` mid-run and a restart,
-//! F05 SIGTERM under load. Each run checks the ledger of ../shared/RELIABILITY.md.
+//! F05 SIGTERM under load. Each run checks the ledger of tests/RELIABILITY.md.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -9,8 +9,6 @@
     reason = "tests"
 )]
 
-mod common;
-
 use std::{
     os::unix::process::ExitStatusExt,
     path::PathBuf,
@@ -18,7 +16,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Broker, Ledger, Route, broker_url, eventually_async, test_config, unique};
+use rmq_consumer_tests::{
+    Broker, Ledger, Route, broker_url, eventually_async, test_config, unique,
+};
 use serde_json::json;
 
 /// The shutdown timeout the workers are given.

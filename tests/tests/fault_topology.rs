@@ -2,7 +2,7 @@
 //! F14 the result exchange deleted, F15 the result queue unbound (mandatory return), F16 the
 //! broker nacking results (a `max-length 0, reject-publish` policy) for good, and for a
 //! moment shorter than `result_publish_retry`. Each run checks the
-//! ledger of ../shared/RELIABILITY.md and restores whatever it changed on the broker.
+//! ledger of tests/RELIABILITY.md and restores whatever it changed on the broker.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -11,17 +11,11 @@
     reason = "tests"
 )]
 
-mod common;
-
 use std::{
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use common::{
-    Broker, Ledger, PolicyGuard, Route, Running, eventually, eventually_async, task, test_config,
-    unique,
-};
 use lapin::{
     BasicProperties, ExchangeKind,
     options::{
@@ -31,6 +25,10 @@ use lapin::{
     types::{AMQPValue, FieldTable},
 };
 use rmq_consumer::{HandlerSnapshot, consumer, error::PublishError, publisher::Publisher};
+use rmq_consumer_tests::{
+    self as common, Broker, Ledger, PolicyGuard, Route, Running, eventually, eventually_async,
+    task, test_config, unique,
+};
 use serde_json::{Value, json};
 
 /// Answers with the task id (after `sleep_ms`, if given).
@@ -289,11 +287,7 @@ async fn a5_a_queue_locked_by_another_connection_is_waited_for() {
         task.await
     );
     assert!(!health.snapshot().handlers[0].consuming);
-    holder
-        .connection
-        .close(200, "done".into())
-        .await
-        .unwrap();
+    holder.connection.close(200, "done".into()).await.unwrap();
     let running = Running { stop, health, task };
     running.wait_consuming(Duration::from_secs(20)).await;
     let mut ledger = Ledger::new("A5-locked");

@@ -20,13 +20,13 @@
     reason = "tests"
 )]
 
-mod common;
-
 use std::time::Duration;
 
-use common::{Broker, Ledger, Received, Route, Running, eventually, task, test_config, unique};
 use lapin::types::AMQPValue;
 use rmq_consumer::{Config, HandlerError, consumer};
+use rmq_consumer_tests::{
+    self as common, Broker, Ledger, Received, Route, Running, eventually, task, test_config, unique,
+};
 use serde_json::{Value, json};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},

@@ -22,8 +22,6 @@
     reason = "tests"
 )]
 
-mod common;
-
 use std::{
     collections::BTreeMap,
     sync::{
@@ -33,9 +31,11 @@ use std::{
     time::Duration,
 };
 
-use common::{Broker, Route, Running, eventually, task, test_config, unique};
 use lapin::BasicProperties;
 use rmq_consumer::{Config, HandlerSnapshot, config::ReplyToPolicy, consumer};
+use rmq_consumer_tests::{
+    self as common, Broker, Route, Running, eventually, task, test_config, unique,
+};
 use serde_json::{Value, json};
 
 /// Handler runs per task id.

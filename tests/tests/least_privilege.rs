@@ -14,15 +14,12 @@
     reason = "tests"
 )]
 
-mod common;
-
 use std::{
     collections::BTreeMap,
     sync::{LazyLock, Mutex},
     time::Duration,
 };
 
-use common::{Broker, Route, Running, TestUser, eventually, task, test_config, unique};
 use lapin::{
     BasicProperties,
     options::{ExchangeDeclareOptions, QueueDeclareOptions, QueueDeleteOptions},
@@ -32,6 +29,9 @@ use rmq_consumer::{
     Config, Engine, HandlerError, HandlerSnapshot,
     config::{PublishVia, SecretUrl},
     consumer,
+};
+use rmq_consumer_tests::{
+    self as common, Broker, Route, Running, TestUser, eventually, task, test_config, unique,
 };
 use serde_json::{Value, json};
 

@@ -8,15 +8,13 @@
     reason = "tests"
 )]
 
-mod common;
-
 use std::{
     net::SocketAddr,
     time::{Duration, Instant},
 };
 
-use common::{Broker, Proxy, Route, Running, eventually, test_config, unique};
 use rmq_consumer::{config::SecretUrl, consumer};
+use rmq_consumer_tests::{Broker, Proxy, Route, Running, eventually, test_config, unique};
 use serde_json::{Value, json};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},

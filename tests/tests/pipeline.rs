@@ -7,16 +7,14 @@
     reason = "tests"
 )]
 
-mod common;
-
 use std::{
     collections::BTreeSet,
     sync::atomic::{AtomicUsize, Ordering},
     time::Duration,
 };
 
-use common::{Broker, Route, Running, eventually, test_config, unique};
 use rmq_consumer::{HandlerError, consumer};
+use rmq_consumer_tests::{self as common, Broker, Route, Running, eventually, test_config, unique};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 

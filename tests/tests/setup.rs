@@ -8,16 +8,14 @@
     reason = "tests"
 )]
 
-mod common;
-
 use std::{
     io::Write,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use common::{test_config, unique};
 use rmq_consumer::{Config, Engine, Error, config::SecretUrl, consumer, error::SetupError};
+use rmq_consumer_tests::{self as common, test_config, unique};
 use serde_json::Value;
 
 #[consumer(queue = "tests.setup.shared")]

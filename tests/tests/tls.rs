@@ -13,16 +13,14 @@
     reason = "tests"
 )]
 
-mod common;
-
 use std::{path::PathBuf, time::Duration};
 
-use common::{Broker, Route, Running, unique};
 use rmq_consumer::{
     Config, HandlerError,
     config::{ConfigError, ConfigProblem},
     consumer,
 };
+use rmq_consumer_tests::{Broker, Route, Running, unique};
 use serde_json::{Value, json};
 
 /// The 4.0 node's plain AMQP listener, for publishing and reading back.

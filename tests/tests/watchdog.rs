@@ -13,15 +13,13 @@
     reason = "tests"
 )]
 
-mod common;
-
 use std::{
     sync::atomic::{AtomicBool, Ordering},
     time::Duration,
 };
 
-use common::{Broker, Route, Running, task, test_config, unique};
 use rmq_consumer::consumer;
+use rmq_consumer_tests::{self as common, Broker, Route, Running, task, test_config, unique};
 use serde_json::{Value, json};
 
 /// Works `sleep_ms` and answers with the task id.
