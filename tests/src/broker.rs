@@ -9,7 +9,7 @@ use std::{
 
 use futures_util::StreamExt;
 use lapin::{
-    BasicProperties, Channel, Connection, ConnectionProperties,
+    BasicProperties, Channel, Connection, ConnectionProperties, PublisherConfirm,
     options::{
         BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
         ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
@@ -106,7 +106,27 @@ impl Broker {
         properties: BasicProperties,
     ) {
         let confirm = self
-            .channel
+            .send(exchange, routing_key, body, properties)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(
+            matches!(confirm, lapin::Confirmation::Ack(None)),
+            "publish to {exchange}/{routing_key} not confirmed: {confirm:?}"
+        );
+    }
+
+    /// Starts a mandatory, persistent publish on the confirming channel; the caller awaits
+    /// the confirm (several can be in flight).
+    pub(crate) async fn send(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> lapin::Result<PublisherConfirm> {
+        self.channel
             .basic_publish(
                 exchange.into(),
                 routing_key.into(),
@@ -118,25 +138,13 @@ impl Broker {
                 properties.with_delivery_mode(2),
             )
             .await
-            .unwrap()
-            .await
-            .unwrap();
-        assert!(
-            matches!(confirm, lapin::Confirmation::Ack(None)),
-            "publish to {exchange}/{routing_key} not confirmed: {confirm:?}"
-        );
     }
 
     /// Publishes `value` as a persistent `application/json` message, with confirms.
     pub async fn publish_json(&self, exchange: &str, routing_key: &str, value: &Value) {
         let body = serde_json::to_vec(value).unwrap();
-        self.publish_raw(
-            exchange,
-            routing_key,
-            &body,
-            BasicProperties::default().with_content_type("application/json".into()),
-        )
-        .await;
+        self.publish_raw(exchange, routing_key, &body, json_properties())
+            .await;
     }
 
     /// Publishes many JSON messages with pipelined confirms.
@@ -145,19 +153,7 @@ impl Broker {
         for value in values {
             let body = serde_json::to_vec(value).unwrap();
             let confirm = self
-                .channel
-                .basic_publish(
-                    exchange.into(),
-                    routing_key.into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    &body,
-                    BasicProperties::default()
-                        .with_content_type("application/json".into())
-                        .with_delivery_mode(2),
-                )
+                .send(exchange, routing_key, &body, json_properties())
                 .await
                 .unwrap();
             pending.push(confirm);
@@ -215,8 +211,18 @@ impl Broker {
         out
     }
 
-    /// Ready messages in `queue` (passive declare on a throwaway channel).
+    /// Ready messages in `queue`, `None` when the queue does not exist.
     pub async fn depth(&self, queue: &str) -> Option<u32> {
+        Some(self.declare_passive(queue).await?.message_count())
+    }
+
+    /// Consumers on `queue`, `None` when the queue does not exist.
+    pub async fn consumers(&self, queue: &str) -> Option<u32> {
+        Some(self.declare_passive(queue).await?.consumer_count())
+    }
+
+    /// A passive declare of `queue` on a throwaway channel (a refusal closes the channel).
+    async fn declare_passive(&self, queue: &str) -> Option<lapin::Queue> {
         let channel = self.connection.create_channel().await.ok()?;
         let declared = channel
             .queue_declare(
@@ -230,7 +236,7 @@ impl Broker {
             .await
             .ok()?;
         let _ = channel.close(200, "done".into()).await;
-        Some(declared.message_count())
+        Some(declared)
     }
 
     /// Deletes every tracked queue and exchange.
@@ -278,24 +284,6 @@ impl Broker {
             .extend(other.created_exchanges.iter().cloned());
     }
 
-    /// Consumers on `queue` (passive declare), `None` when the queue does not exist.
-    pub async fn consumers(&self, queue: &str) -> Option<u32> {
-        let channel = self.connection.create_channel().await.ok()?;
-        let declared = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .ok()?;
-        let _ = channel.close(200, "done".into()).await;
-        Some(declared.consumer_count())
-    }
-
     /// A [`CleanupOnPanic`] for the names tracked so far.
     pub fn cleanup_on_panic(&self) -> CleanupOnPanic {
         CleanupOnPanic {
@@ -303,6 +291,11 @@ impl Broker {
             exchanges: self.created_exchanges.clone(),
         }
     }
+}
+
+/// The properties of a JSON task: `content_type` `application/json`.
+pub(crate) fn json_properties() -> BasicProperties {
+    BasicProperties::default().with_content_type("application/json".into())
 }
 
 /// A message read back by a test.

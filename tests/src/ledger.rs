@@ -11,13 +11,13 @@ use std::{
 use futures_util::StreamExt;
 use lapin::{
     BasicProperties,
-    options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions},
+    options::{BasicAckOptions, BasicConsumeOptions},
     types::FieldTable,
 };
 use serde_json::Value;
 
 use crate::{
-    broker::{Broker, Received},
+    broker::{Broker, Received, json_properties},
     env::unique,
     route::Route,
 };
@@ -123,19 +123,7 @@ impl Ledger {
                 self.published.insert(id.clone());
                 let body = serde_json::to_vec(task).unwrap();
                 let sent = broker
-                    .channel
-                    .basic_publish(
-                        exchange.into(),
-                        routing_key.into(),
-                        BasicPublishOptions {
-                            mandatory: true,
-                            ..BasicPublishOptions::default()
-                        },
-                        &body,
-                        BasicProperties::default()
-                            .with_content_type("application/json".into())
-                            .with_delivery_mode(2),
-                    )
+                    .send(exchange, routing_key, &body, json_properties())
                     .await;
                 pending.push((id, sent));
             }
@@ -184,20 +172,9 @@ impl Ledger {
             .to_owned();
         self.published.insert(id.clone());
         let body = serde_json::to_vec(task).unwrap();
+        let properties = properties.with_content_type("application/json".into());
         let confirm = broker
-            .channel
-            .basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                &body,
-                properties
-                    .with_content_type("application/json".into())
-                    .with_delivery_mode(2),
-            )
+            .send(exchange, routing_key, &body, properties)
             .await
             .unwrap()
             .await
