@@ -171,7 +171,12 @@ async fn f13_queue_deleted_under_the_consumer() {
             "[F13] round {round}: queue back with its consumer {:?} after the delete",
             deleted.elapsed()
         );
-        assert!(handler(&running, "relay").consuming);
+        // The broker lists the work queue's consumer as soon as it is registered; the
+        // engine reports `consuming` once the suspect queue's consumer is registered too.
+        eventually("the handler consuming again", Duration::from_secs(10), || {
+            handler(&running, "relay").consuming
+        })
+        .await;
     }
     // Published through the exchange: the binding was restored too.
     let batch = tasks(&ledger, 20);
