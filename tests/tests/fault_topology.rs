@@ -173,9 +173,11 @@ async fn f13_queue_deleted_under_the_consumer() {
         );
         // The broker lists the work queue's consumer as soon as it is registered; the
         // engine reports `consuming` once the suspect queue's consumer is registered too.
-        eventually("the handler consuming again", Duration::from_secs(10), || {
-            handler(&running, "relay").consuming
-        })
+        eventually(
+            "the handler consuming again",
+            Duration::from_secs(10),
+            || handler(&running, "relay").consuming,
+        )
         .await;
     }
     // Published through the exchange: the binding was restored too.
@@ -294,11 +296,7 @@ async fn a5_a_queue_locked_by_another_connection_is_waited_for() {
         task.await
     );
     assert!(!health.snapshot().handlers[0].consuming);
-    holder
-        .connection
-        .close(200, "done".into())
-        .await
-        .unwrap();
+    holder.connection.close(200, "done".into()).await.unwrap();
     let running = Running { stop, health, task };
     running.wait_consuming(Duration::from_secs(20)).await;
     let mut ledger = Ledger::new("A5-locked");
