@@ -212,6 +212,14 @@ pub enum PublishError {
 }
 
 impl PublishError {
+    /// Whether the broker may have kept the message all the same: it was sent, but its
+    /// confirm did not come in time ([`Self::ConfirmTimeout`]) or its channel failed before
+    /// the confirm ([`Self::Channel`]). A returned, nacked or unsent message was not kept.
+    #[must_use]
+    pub fn may_have_been_kept(&self) -> bool {
+        matches!(self, Self::Channel { .. } | Self::ConfirmTimeout { .. })
+    }
+
     /// A short machine-readable kind, for headers and metrics.
     #[must_use]
     pub fn kind(&self) -> &'static str {
@@ -268,4 +276,45 @@ pub(crate) fn chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_sent_but_unconfirmed_publish_may_have_been_kept() {
+        let (exchange, routing_key) = (String::new(), "q".to_owned());
+        let lost = lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Closed, "gone");
+        let kept = [
+            PublishError::Channel {
+                exchange: exchange.clone(),
+                routing_key: routing_key.clone(),
+                source: lost.into(),
+            },
+            PublishError::ConfirmTimeout {
+                exchange: exchange.clone(),
+                routing_key: routing_key.clone(),
+                after: Duration::from_secs(1),
+            },
+        ];
+        let not_kept = [
+            PublishError::Unroutable {
+                exchange: exchange.clone(),
+                routing_key: routing_key.clone(),
+                reply_code: 312,
+                reply_text: "NO_ROUTE".to_owned(),
+            },
+            PublishError::Nacked {
+                exchange: exchange.clone(),
+                routing_key: routing_key.clone(),
+            },
+            PublishError::Closed {
+                exchange,
+                routing_key,
+            },
+        ];
+        assert!(kept.iter().all(PublishError::may_have_been_kept));
+        assert!(!not_kept.iter().any(PublishError::may_have_been_kept));
+    }
 }

@@ -397,6 +397,11 @@ async fn a4_a_missing_result_exchange_does_not_disturb_a_healthy_handler() {
     assert_eq!(side.retried, 0, "the healthy handler retried nothing");
     assert_eq!(side.dead_lettered, 0);
     assert_eq!(
+        (side.uncertain_copies, relay.uncertain_copies),
+        (0, 0),
+        "no retry copy failed for the 404"
+    );
+    assert_eq!(
         side.handler_runs, TASKS as u64,
         "each healthy task ran once"
     );

@@ -779,7 +779,11 @@ impl Worker {
     }
 
     /// The retry or DLQ copy could not be published: give the message back to the broker
-    /// (after a pause), so it is redelivered rather than lost.
+    /// (after a pause), so it is redelivered rather than lost. A copy of unknown fate
+    /// ([`PublishError::may_have_been_kept`]) is counted in `uncertain_copies`: the broker may
+    /// then hold it beside the requeued original. (A copy that failed only because another
+    /// publish of its lane's batch named a missing exchange never gets here: the publisher
+    /// sends it again.)
     async fn hand_back(
         &self,
         settler: &Settler,
@@ -787,8 +791,16 @@ impl Worker {
         failure: &HandlerError,
         error: &PublishError,
     ) {
-        error!(error = %failure, publish_error = %crate::error::chain(error),
-            "processing failed and the retry/dead-letter copy could not be published; returning the message to the queue");
+        if error.may_have_been_kept() {
+            // The copy may be in its queue too: at-least-once keeps the original (requeued
+            // below) rather than risk losing both, at the cost of one more run, counted.
+            self.stats().uncertain_copies.fetch_add(1, Relaxed);
+            error!(error = %failure, publish_error = %crate::error::chain(error),
+                "processing failed and the retry/dead-letter copy was not confirmed (the broker may hold it); returning the message to the queue, so the task may run once more");
+        } else {
+            error!(error = %failure, publish_error = %crate::error::chain(error),
+                "processing failed and the retry/dead-letter copy could not be published; returning the message to the queue");
+        }
         tokio::time::sleep(REQUEUE_PAUSE).await;
         self.abandon(delivery);
         let nacked = settler.settle(delivery.delivery_tag, How::Requeue).await;
