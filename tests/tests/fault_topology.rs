@@ -440,6 +440,55 @@ async fn a4_a_missing_result_exchange_does_not_disturb_a_healthy_handler() {
     broker.cleanup().await;
 }
 
+/// A4 (issue 14): the result exchange is missing for a moment shorter than
+/// `result_publish_retry` (deleted, then declared again, as an operator or a redeploy does).
+/// The results refused meanwhile (404) are published again until the exchange is back: a
+/// missing exchange costs a re-publish, not a handler run, an attempt or a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a4_a_briefly_missing_result_exchange_costs_no_handler_run() {
+    const TASKS: usize = 10;
+    let mut broker = Broker::connect().await;
+    let exchange = unique("ex");
+    broker.track_exchange(&exchange);
+    let mut config = test_config(&exchange);
+    config.result_publish_retry = Duration::from_secs(20);
+    let route = Route::new(&mut config, "relay", &mut broker);
+    let _cleanup = broker.cleanup_on_panic();
+    let running = Running::start(config, &["relay"]).await;
+    let mut ledger = Ledger::new("A4b");
+
+    broker
+        .channel
+        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+        .await
+        .unwrap();
+    ledger
+        .publish(&broker, "", &route.queue, &tasks(&ledger, TASKS))
+        .await;
+    eventually("every task ran", Duration::from_secs(10), || {
+        handler(&running, "relay").handler_runs >= TASKS as u64
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    declare_exchange(&broker, &exchange).await;
+    bind(&broker, &route.reply_queue, &exchange, &route.reply_key).await;
+
+    drain(&mut ledger, &broker, &route).await;
+    let report = ledger.assert_nothing_lost();
+    let h = handler(&running, "relay");
+    println!(
+        "[A4b] runs={} retried={} dead_lettered={} succeeded={} duplicates={}",
+        h.handler_runs, h.retried, h.dead_lettered, h.succeeded, report.duplicates
+    );
+    assert_eq!((report.results_unique, report.dead_lettered), (TASKS, 0));
+    assert_eq!(report.duplicates, 0);
+    assert_eq!((h.retried, h.dead_lettered), (0, 0), "no attempt counted");
+    assert_eq!(h.handler_runs, TASKS as u64, "no handler ran twice");
+    assert_eq!(h.succeeded, TASKS as u64);
+    running.stop().await.unwrap();
+    broker.cleanup().await;
+}
+
 /// Publishes tasks straight to `queue` with `reply_to` set (confirms pipelined), recording
 /// them in the ledger.
 async fn publish_reply_to(
