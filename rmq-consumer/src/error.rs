@@ -163,6 +163,21 @@ pub enum PublishError {
         #[source]
         source: lapin::Error,
     },
+    /// The exchange does not exist: the broker refused a publish to it (404) and closed the
+    /// channel, failing every unconfirmed publish of the channel to that exchange (one of
+    /// them may have been routed before the exchange went away).
+    #[error(
+        "exchange `{exchange}` does not exist: publishing with routing key `{routing_key}` failed"
+    )]
+    ExchangeNotFound {
+        /// The exchange.
+        exchange: String,
+        /// The routing key.
+        routing_key: String,
+        /// The broker's channel close.
+        #[source]
+        source: lapin::Error,
+    },
     /// The broker returned the message: no queue is bound for the routing key.
     #[error(
         "message to exchange `{exchange}` with routing key `{routing_key}` was returned as unroutable ({reply_code} {reply_text})"
@@ -214,10 +229,14 @@ pub enum PublishError {
 impl PublishError {
     /// Whether the broker may have kept the message all the same: it was sent, but its
     /// confirm did not come in time ([`Self::ConfirmTimeout`]) or its channel failed before
-    /// the confirm ([`Self::Channel`]). A returned, nacked or unsent message was not kept.
+    /// the confirm ([`Self::Channel`], [`Self::ExchangeNotFound`]: the close may have come for
+    /// a later publish). A returned, nacked or unsent message was not kept.
     #[must_use]
     pub fn may_have_been_kept(&self) -> bool {
-        matches!(self, Self::Channel { .. } | Self::ConfirmTimeout { .. })
+        matches!(
+            self,
+            Self::Channel { .. } | Self::ConfirmTimeout { .. } | Self::ExchangeNotFound { .. }
+        )
     }
 
     /// A short machine-readable kind, for headers and metrics.
@@ -225,6 +244,7 @@ impl PublishError {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Channel { .. } => "publish_failed",
+            Self::ExchangeNotFound { .. } => "exchange_not_found",
             Self::Unroutable { .. } => "result_unroutable",
             Self::Nacked { .. } => "result_nacked",
             Self::ConfirmTimeout { .. } => "confirm_timeout",
@@ -296,6 +316,12 @@ mod tests {
                 exchange: exchange.clone(),
                 routing_key: routing_key.clone(),
                 after: Duration::from_secs(1),
+            },
+            PublishError::ExchangeNotFound {
+                exchange: exchange.clone(),
+                routing_key: routing_key.clone(),
+                source: lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Closed, "404")
+                    .into(),
             },
         ];
         let not_kept = [

@@ -47,6 +47,7 @@ pub(crate) struct HandlerStats {
     pub(crate) results_returned: AtomicU64,
     pub(crate) results_nacked: AtomicU64,
     pub(crate) uncertain_copies: AtomicU64,
+    pub(crate) results_exchange_missing: AtomicU64,
     pub(crate) handler_runs: AtomicU64,
     pub(crate) handler_duration: prometheus_client::metrics::histogram::Histogram,
     pub(crate) end_to_end: prometheus_client::metrics::histogram::Histogram,
@@ -129,6 +130,7 @@ impl HandlerStats {
             results_returned: AtomicU64::new(0),
             results_nacked: AtomicU64::new(0),
             uncertain_copies: AtomicU64::new(0),
+            results_exchange_missing: AtomicU64::new(0),
             handler_runs: AtomicU64::new(0),
             handler_duration: crate::metrics::duration_histogram(),
             end_to_end: crate::metrics::duration_histogram(),
@@ -185,6 +187,7 @@ impl HandlerStats {
             results_returned: self.results_returned.load(Relaxed),
             results_nacked: self.results_nacked.load(Relaxed),
             uncertain_copies: self.uncertain_copies.load(Relaxed),
+            results_exchange_missing: self.results_exchange_missing.load(Relaxed),
             handler_runs: self.handler_runs.load(Relaxed),
         }
     }
@@ -268,6 +271,9 @@ pub struct HandlerSnapshot {
     /// channel failed after they were sent) while their original went back to the queue: the
     /// broker may hold both, and the task then runs once more (one extra run per count).
     pub uncertain_copies: u64,
+    /// Result publishes refused because the result exchange did not exist (404); each is
+    /// published again within `result_publish_retry`.
+    pub results_exchange_missing: u64,
     /// Times the handler function was called.
     pub handler_runs: u64,
 }

@@ -27,8 +27,10 @@
 //!   default exchange (retry, dead-letter and suspect copies, `reply_to` results) last: the
 //!   default exchange always exists, so after a 404 the default-exchange publishes that failed
 //!   with the channel were discarded, never routed, and the lane sends them again on a fresh
-//!   channel; only the named-exchange publishes that got no confirm fail (their callers retry;
-//!   one that was routed before the refused one is then a duplicate). A handler whose result
+//!   channel; only the named-exchange publishes that got no confirm fail, with
+//!   [`PublishError::ExchangeNotFound`] (the engine publishes such a result again for up to
+//!   `result_publish_retry`; one that was routed before the refused one is then a
+//!   duplicate). A handler whose result
 //!   exchange is missing thus costs the other handlers nothing, and no retry or dead-letter
 //!   copy the broker kept is reported failed for another publish's 404 (which would also
 //!   requeue its original). (Issue 14, A4.)
@@ -171,6 +173,13 @@ impl Publisher {
                 routing_key,
                 after: inner.confirm_timeout,
             },
+            Outcome::Failed(source) if is_missing_exchange(&source) => {
+                PublishError::ExchangeNotFound {
+                    exchange,
+                    routing_key,
+                    source,
+                }
+            }
             Outcome::Failed(source) => PublishError::Channel {
                 exchange,
                 routing_key,
@@ -235,21 +244,23 @@ enum Outcome {
 }
 
 impl Outcome {
-    /// Whether the publish failed because the broker closed the channel with 404 NOT_FOUND,
-    /// which on a lane's channel means a publish to a missing exchange.
+    /// Whether the publish failed because the broker closed the channel with 404 NOT_FOUND.
     fn is_missing_exchange(&self) -> bool {
-        match self {
-            Self::Failed(error) => matches!(
-                error.kind(),
-                lapin::ErrorKind::ProtocolError(e)
-                    if matches!(
-                        e.kind(),
-                        lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::NOTFOUND)
-                    )
-            ),
-            _ => false,
-        }
+        matches!(self, Self::Failed(error) if is_missing_exchange(error))
     }
+}
+
+/// Whether the broker closed the channel with 404 NOT_FOUND, which on a lane's channel (it
+/// only publishes) means a publish to a missing exchange.
+fn is_missing_exchange(error: &lapin::Error) -> bool {
+    matches!(
+        error.kind(),
+        lapin::ErrorKind::ProtocolError(e)
+            if matches!(
+                e.kind(),
+                lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::NOTFOUND)
+            )
+    )
 }
 
 /// How the broker answered a publish (its return, if any, is attributed separately).

@@ -191,7 +191,9 @@ async fn f13_queue_deleted_under_the_consumer() {
     broker.cleanup().await;
 }
 
-/// F14: the exchange results are published to is deleted while the engine runs. The input is
+/// F14: the exchange results are published to is deleted while the engine runs, for longer
+/// than `result_publish_retry` (0 here: a briefly missing exchange is
+/// `a4_a_briefly_missing_result_exchange_costs_no_handler_run`). The input is
 /// not acked as a success; it is retried through its delay queue at the configured pace (no
 /// hot loop); another handler whose results go elsewhere keeps working; once the exchange is
 /// back every task completes (or is dead-lettered): nothing lost.
@@ -204,6 +206,7 @@ async fn f14_result_exchange_missing() {
     let exchange = unique("ex");
     broker.track_exchange(&exchange);
     let mut config = test_config(&exchange);
+    config.result_publish_retry = Duration::ZERO;
     let section = config.consumers.entry("relay".to_owned()).or_default();
     section.max_retries = Some(30);
     section.retry_delays = Some(vec![delay]);
@@ -325,6 +328,9 @@ async fn a4_a_missing_result_exchange_does_not_disturb_a_healthy_handler() {
     broker.track_exchange(&exchange);
     let mut config = test_config(&exchange);
     config.prefetch_count = 32;
+    // Missing for longer than this: the broken handler's tasks go through retry copies,
+    // which share the lanes' batches with the healthy handler's results.
+    config.result_publish_retry = Duration::ZERO;
     let section = config.consumers.entry("relay".to_owned()).or_default();
     section.max_retries = Some(60);
     section.retry_delays = Some(vec![Duration::from_millis(500)]);
@@ -452,6 +458,8 @@ async fn a4_a_briefly_missing_result_exchange_costs_no_handler_run() {
     broker.track_exchange(&exchange);
     let mut config = test_config(&exchange);
     config.result_publish_retry = Duration::from_secs(20);
+    // A result waiting for its exchange holds its delivery's slot: room for every task.
+    config.prefetch_count = 16;
     let route = Route::new(&mut config, "relay", &mut broker);
     let _cleanup = broker.cleanup_on_panic();
     let running = Running::start(config, &["relay"]).await;
@@ -465,11 +473,13 @@ async fn a4_a_briefly_missing_result_exchange_costs_no_handler_run() {
     ledger
         .publish(&broker, "", &route.queue, &tasks(&ledger, TASKS))
         .await;
-    eventually("every task ran", Duration::from_secs(10), || {
-        handler(&running, "relay").handler_runs >= TASKS as u64
-    })
+    // Several refusals per result (the backoff starts at 50 ms), then the exchange is back.
+    eventually(
+        "results refused and published again",
+        Duration::from_secs(20),
+        || handler(&running, "relay").results_exchange_missing >= 2 * TASKS as u64,
+    )
     .await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
     declare_exchange(&broker, &exchange).await;
     bind(&broker, &route.reply_queue, &exchange, &route.reply_key).await;
 

@@ -649,10 +649,14 @@ impl Worker {
         })
     }
 
-    /// Publishes a result; one the broker nacks is published again, with backoff, for up to
-    /// `result_publish_retry`. A nack is the broker saying "not now" (a quorum queue between
-    /// leaders, a full queue with `reject-publish`): the handler's work is kept instead of
-    /// counting an attempt and running it again. Other failures return at once.
+    /// Publishes a result; one the broker nacks, or refuses because the result exchange does
+    /// not exist, is published again, with backoff, for up to `result_publish_retry`. A nack
+    /// is the broker saying "not now" (a quorum queue between leaders, a full queue with
+    /// `reject-publish`), and an exchange deleted under a running engine is usually declared
+    /// again soon (by an operator, a redeploy, this engine's next reconnect): the handler's
+    /// work is kept instead of counting an attempt and running it again. (A result refused
+    /// with its exchange may have been routed just before the delete: publishing it again
+    /// then duplicates it, as the handler's retry would.) Other failures return at once.
     async fn publish_result(
         &self,
         publisher: &Publisher,
@@ -668,23 +672,27 @@ impl Worker {
             let outcome = publisher
                 .publish(exchange, routing_key, body.clone(), properties.clone())
                 .await;
-            match &outcome {
+            let why = match &outcome {
                 Err(PublishError::Nacked { .. }) => {
                     stats.results_nacked.fetch_add(1, Relaxed);
-                    let now = std::time::Instant::now();
-                    if now + pause > deadline {
-                        return outcome;
-                    }
-                    debug!(pause = ?pause, "the broker nacked the result; publishing it again");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(RESULT_REPUBLISH_MAX_PAUSE);
+                    "the broker nacked the result"
+                }
+                Err(PublishError::ExchangeNotFound { .. }) => {
+                    stats.results_exchange_missing.fetch_add(1, Relaxed);
+                    "the result exchange does not exist"
                 }
                 Err(PublishError::Unroutable { .. }) => {
                     stats.results_returned.fetch_add(1, Relaxed);
                     return outcome;
                 }
                 _ => return outcome,
+            };
+            if std::time::Instant::now() + pause > deadline {
+                return outcome;
             }
+            debug!(pause = ?pause, "{why}; publishing it again");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(RESULT_REPUBLISH_MAX_PAUSE);
         }
     }
 
