@@ -190,10 +190,11 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Time to wait for a publisher confirm. Default [`DEFAULT_CONFIRM_TIMEOUT`].
     pub confirm_timeout: Duration,
-    /// How long a result the broker nacked (e.g. while a quorum queue elects a new leader) is
-    /// published again, with backoff, before the attempt counts as failed and the message is
-    /// retried; the handler does not run again meanwhile. `0` retries no publish. Default
-    /// [`DEFAULT_RESULT_PUBLISH_RETRY`].
+    /// How long a result the broker nacked (e.g. while a quorum queue elects a new leader), or
+    /// refused because the result exchange does not exist (deleted, not yet declared again),
+    /// is published again, with backoff, before the attempt counts as failed and the message
+    /// is retried; the handler does not run again meanwhile (the delivery keeps its slot).
+    /// `0` retries no publish. Default [`DEFAULT_RESULT_PUBLISH_RETRY`].
     pub result_publish_retry: Duration,
     /// Largest accepted message body in bytes (at most [`MAX_BODY_SIZE_LIMIT`]); a larger one
     /// is dead-lettered (`body_too_large`) without being decoded. Default

@@ -46,6 +46,8 @@ pub(crate) struct HandlerStats {
     pub(crate) suspected: AtomicU64,
     pub(crate) results_returned: AtomicU64,
     pub(crate) results_nacked: AtomicU64,
+    pub(crate) uncertain_copies: AtomicU64,
+    pub(crate) results_exchange_missing: AtomicU64,
     pub(crate) handler_runs: AtomicU64,
     pub(crate) handler_duration: prometheus_client::metrics::histogram::Histogram,
     pub(crate) end_to_end: prometheus_client::metrics::histogram::Histogram,
@@ -127,6 +129,8 @@ impl HandlerStats {
             suspected: AtomicU64::new(0),
             results_returned: AtomicU64::new(0),
             results_nacked: AtomicU64::new(0),
+            uncertain_copies: AtomicU64::new(0),
+            results_exchange_missing: AtomicU64::new(0),
             handler_runs: AtomicU64::new(0),
             handler_duration: crate::metrics::duration_histogram(),
             end_to_end: crate::metrics::duration_histogram(),
@@ -182,6 +186,8 @@ impl HandlerStats {
             suspected: self.suspected.load(Relaxed),
             results_returned: self.results_returned.load(Relaxed),
             results_nacked: self.results_nacked.load(Relaxed),
+            uncertain_copies: self.uncertain_copies.load(Relaxed),
+            results_exchange_missing: self.results_exchange_missing.load(Relaxed),
             handler_runs: self.handler_runs.load(Relaxed),
         }
     }
@@ -261,6 +267,13 @@ pub struct HandlerSnapshot {
     pub results_returned: u64,
     /// Results the broker nacked.
     pub results_nacked: u64,
+    /// Retry, dead-letter or suspect copies whose fate is unknown (no confirm in time, or the
+    /// channel failed after they were sent) while their original went back to the queue: the
+    /// broker may hold both, and the task then runs once more (one extra run per count).
+    pub uncertain_copies: u64,
+    /// Result publishes refused because the result exchange did not exist (404); each is
+    /// published again within `result_publish_retry`.
+    pub results_exchange_missing: u64,
     /// Times the handler function was called.
     pub handler_runs: u64,
 }

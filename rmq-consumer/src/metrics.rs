@@ -74,6 +74,16 @@ const COUNTERS: &[(&str, &str, Read)] = &[
         "Results the broker nacked.",
         |h| h.results_nacked.load(Relaxed),
     ),
+    (
+        "rmq_consumer_uncertain_copies",
+        "Retry/dead-letter/suspect copies of unknown fate whose original was requeued (the task may run once more).",
+        |h| h.uncertain_copies.load(Relaxed),
+    ),
+    (
+        "rmq_consumer_results_exchange_missing",
+        "Result publishes refused because the result exchange did not exist (published again within result_publish_retry).",
+        |h| h.results_exchange_missing.load(Relaxed),
+    ),
     ("rmq_consumer_handler_runs", "Handler invocations.", |h| {
         h.handler_runs.load(Relaxed)
     }),

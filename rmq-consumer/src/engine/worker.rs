@@ -655,10 +655,14 @@ impl Worker {
         })
     }
 
-    /// Publishes a result; one the broker nacks is published again, with backoff, for up to
-    /// `result_publish_retry`. A nack is the broker saying "not now" (a quorum queue between
-    /// leaders, a full queue with `reject-publish`): the handler's work is kept instead of
-    /// counting an attempt and running it again. Other failures return at once.
+    /// Publishes a result; one the broker nacks, or refuses because the result exchange does
+    /// not exist, is published again, with backoff, for up to `result_publish_retry`. A nack
+    /// is the broker saying "not now" (a quorum queue between leaders, a full queue with
+    /// `reject-publish`), and an exchange deleted under a running engine is usually declared
+    /// again soon (by an operator, a redeploy, this engine's next reconnect): the handler's
+    /// work is kept instead of counting an attempt and running it again. (A result refused
+    /// with its exchange may have been routed just before the delete: publishing it again
+    /// then duplicates it, as the handler's retry would.) Other failures return at once.
     async fn publish_result(
         &self,
         publisher: &Publisher,
@@ -674,23 +678,27 @@ impl Worker {
             let outcome = publisher
                 .publish(exchange, routing_key, body.clone(), properties.clone())
                 .await;
-            match &outcome {
+            let why = match &outcome {
                 Err(PublishError::Nacked { .. }) => {
                     stats.results_nacked.fetch_add(1, Relaxed);
-                    let now = std::time::Instant::now();
-                    if now + pause > deadline {
-                        return outcome;
-                    }
-                    debug!(pause = ?pause, "the broker nacked the result; publishing it again");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(RESULT_REPUBLISH_MAX_PAUSE);
+                    "the broker nacked the result"
+                }
+                Err(PublishError::ExchangeNotFound { .. }) => {
+                    stats.results_exchange_missing.fetch_add(1, Relaxed);
+                    "the result exchange does not exist"
                 }
                 Err(PublishError::Unroutable { .. }) => {
                     stats.results_returned.fetch_add(1, Relaxed);
                     return outcome;
                 }
                 _ => return outcome,
+            };
+            if std::time::Instant::now() + pause > deadline {
+                return outcome;
             }
+            debug!(pause = ?pause, "{why}; publishing it again");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(RESULT_REPUBLISH_MAX_PAUSE);
         }
     }
 
@@ -801,7 +809,11 @@ impl Worker {
     }
 
     /// The retry or DLQ copy could not be published: give the message back to the broker
-    /// (after a pause), so it is redelivered rather than lost.
+    /// (after a pause), so it is redelivered rather than lost. A copy of unknown fate
+    /// ([`PublishError::may_have_been_kept`]) is counted in `uncertain_copies`: the broker may
+    /// then hold it beside the requeued original. (A copy that failed only because another
+    /// publish of its lane's batch named a missing exchange never gets here: the publisher
+    /// sends it again.)
     async fn hand_back(
         &self,
         settler: &Settler,
@@ -809,8 +821,16 @@ impl Worker {
         failure: &HandlerError,
         error: &PublishError,
     ) {
-        error!(error = %failure, publish_error = %crate::error::chain(error),
-            "processing failed and the retry/dead-letter copy could not be published; returning the message to the queue");
+        if error.may_have_been_kept() {
+            // The copy may be in its queue too: at-least-once keeps the original (requeued
+            // below) rather than risk losing both, at the cost of one more run, counted.
+            self.stats().uncertain_copies.fetch_add(1, Relaxed);
+            error!(error = %failure, publish_error = %crate::error::chain(error),
+                "processing failed and the retry/dead-letter copy was not confirmed (the broker may hold it); returning the message to the queue, so the task may run once more");
+        } else {
+            error!(error = %failure, publish_error = %crate::error::chain(error),
+                "processing failed and the retry/dead-letter copy could not be published; returning the message to the queue");
+        }
         tokio::time::sleep(REQUEUE_PAUSE).await;
         self.abandon(delivery);
         let nacked = settler.settle(delivery.delivery_tag, How::Requeue).await;
