@@ -99,6 +99,7 @@ pub(crate) fn copy_properties(
     original: &BasicProperties,
     mut headers: FieldTable,
     dead_letter: bool,
+    frame_max: usize,
 ) -> BasicProperties {
     let mut copy = BasicProperties::default();
     let text = |value: &Option<ShortString>| value.clone();
@@ -144,7 +145,7 @@ pub(crate) fn copy_properties(
     }
     crate::hostile::fit_copy(
         copy.with_headers(without_routing_headers(&headers)),
-        crate::hostile::DEFAULT_FRAME_MAX,
+        frame_max,
     )
 }
 
@@ -175,7 +176,12 @@ mod tests {
         for key in ["CC", "BCC", "cc", "x-other"] {
             headers.insert(key.into(), long("elsewhere"));
         }
-        let copy = copy_properties(&BasicProperties::default(), headers, false);
+        let copy = copy_properties(
+            &BasicProperties::default(),
+            headers,
+            false,
+            crate::hostile::DEFAULT_FRAME_MAX,
+        );
         let keys: Vec<&str> = copy
             .headers()
             .iter()
@@ -196,7 +202,12 @@ mod tests {
             .with_priority(3)
             .with_delivery_mode(2)
             .with_headers(with(AMQPValue::LongLongInt(1)));
-        let retry = copy_properties(&original, FieldTable::default(), false);
+        let retry = copy_properties(
+            &original,
+            FieldTable::default(),
+            false,
+            crate::hostile::DEFAULT_FRAME_MAX,
+        );
         assert_eq!(retry.user_id(), &None);
         assert_eq!(retry.expiration(), &Some("60000".into()));
         assert_eq!(retry.message_id(), &Some("m-1".into()));
@@ -204,7 +215,12 @@ mod tests {
         assert_eq!(retry.priority(), &Some(3));
         assert_eq!(retry.delivery_mode(), &Some(2));
         assert_eq!(retry.headers(), &Some(FieldTable::default()));
-        let dead = copy_properties(&original, FieldTable::default(), true);
+        let dead = copy_properties(
+            &original,
+            FieldTable::default(),
+            true,
+            crate::hostile::DEFAULT_FRAME_MAX,
+        );
         assert_eq!(dead.user_id(), &None);
         assert_eq!(dead.expiration(), &None);
         assert_eq!(
@@ -213,7 +229,12 @@ mod tests {
         );
         let plain = BasicProperties::default().with_content_type("application/json".into());
         assert_eq!(
-            copy_properties(&plain, FieldTable::default(), true),
+            copy_properties(
+                &plain,
+                FieldTable::default(),
+                true,
+                crate::hostile::DEFAULT_FRAME_MAX
+            ),
             plain.with_headers(FieldTable::default())
         );
     }

@@ -49,8 +49,18 @@ pub(crate) const MAX_NESTING_DEPTH: usize = 64;
 /// the check keeps working (and keeps compiling) without the patch.
 pub(crate) const TOO_DEEP_MARKER: &str = "(nested deeper than 64 levels: dropped)";
 
-/// RabbitMQ's default `frame_max`, which the engine negotiates unless the broker sets another.
+/// RabbitMQ's default `frame_max`, which the engine negotiates unless the broker or the URL
+/// (`?frame_max=`) sets another.
 pub(crate) const DEFAULT_FRAME_MAX: usize = 131_072;
+
+/// The `frame_max` negotiated on `connection`, which every frame the engine writes must fit
+/// ([`DEFAULT_FRAME_MAX`] when the peers agreed on none).
+pub(crate) fn negotiated_frame_max(connection: &lapin::Connection) -> usize {
+    match usize::try_from(connection.configuration().frame_max()) {
+        Ok(0) | Err(_) => DEFAULT_FRAME_MAX,
+        Ok(frame_max) => frame_max,
+    }
+}
 
 /// The header of a copy that names the original's headers [`fit_copy`] dropped.
 pub(crate) const HEADERS_DROPPED: &str = "x-headers-dropped";

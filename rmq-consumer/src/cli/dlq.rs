@@ -536,6 +536,7 @@ async fn replay(
         )));
     }
     let budget = limit.map_or(u64::from(ready), |l| l.min(u64::from(ready)));
+    let frame_max = crate::hostile::negotiated_frame_max(connection);
     let channel = connection
         .create_channel()
         .await
@@ -577,7 +578,9 @@ async fn replay(
             }
         } else {
             match publisher.channel().await {
-                Ok(publishing) => replay_one(publishing, dlq, &delivery, target, config).await,
+                Ok(publishing) => {
+                    replay_one(publishing, dlq, &delivery, target, config, frame_max).await
+                }
                 Err(error) => {
                     problem = Some(chain(&error));
                     break;
@@ -688,6 +691,7 @@ async fn replay_one(
     delivery: &Delivery,
     target: &str,
     config: &crate::Config,
+    frame_max: usize,
 ) -> Outcome {
     let skip = |kind: SkipKind, reason: String| Outcome::Skipped {
         kind,
@@ -697,8 +701,12 @@ async fn replay_one(
     // Replayed with the operator's credentials: no routing headers (they would reach more
     // queues than the target) and no `user_id` (the broker refuses another user's).
     let headers = delivery.properties.headers().as_ref();
-    let properties: BasicProperties =
-        crate::amqp::copy_properties(&delivery.properties, replay_headers(headers, dlq), false);
+    let properties: BasicProperties = crate::amqp::copy_properties(
+        &delivery.properties,
+        replay_headers(headers, dlq),
+        false,
+        frame_max,
+    );
     let confirm = match channel
         .basic_publish(
             short(""),

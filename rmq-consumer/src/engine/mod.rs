@@ -136,6 +136,9 @@ impl EngineBuilder {
                     index,
                     resubscribe: tokio::sync::Notify::new(),
                     alone: tokio::sync::RwLock::new(()),
+                    frame_max: std::sync::atomic::AtomicUsize::new(
+                        crate::hostile::DEFAULT_FRAME_MAX,
+                    ),
                     abandoned: std::sync::Mutex::default(),
                 })
             })

@@ -68,6 +68,9 @@ pub(crate) struct Worker {
     /// Held shared by every delivery at work and alone by a suspect (see
     /// [`redelivery`]): a suspect runs with no other call of this handler beside it.
     pub(crate) alone: tokio::sync::RwLock<()>,
+    /// The `frame_max` negotiated on the connection of the latest subscription: copies are
+    /// fitted to it.
+    pub(crate) frame_max: std::sync::atomic::AtomicUsize,
     /// Deliveries this process gave up on itself (their redelivery is not counted).
     pub(crate) abandoned: std::sync::Mutex<Abandoned>,
 }
@@ -116,6 +119,8 @@ impl Worker {
         shutdown: CancellationToken,
     ) -> Stop {
         let name = &self.settings.name;
+        self.frame_max
+            .store(crate::hostile::negotiated_frame_max(&connection), Relaxed);
         loop {
             let subscription = match self.subscribe(&connection).await {
                 Ok(subscription) => subscription,
@@ -273,6 +278,11 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// The `frame_max` every copy must fit.
+    fn frame_max(&self) -> usize {
+        self.frame_max.load(Relaxed)
     }
 
     /// Declares the handler's topology (with `declare = false`: checks that it exists) and
@@ -737,7 +747,8 @@ impl Worker {
                     None => (self.settings.queue.clone(), "now".to_owned()),
                 };
                 let headers = self.failure_headers(&delivery, &failure, count, None);
-                let properties = amqp::copy_properties(&delivery.properties, headers, false);
+                let properties =
+                    amqp::copy_properties(&delivery.properties, headers, false, self.frame_max());
                 match self
                     .publish_copy(publisher, &routing_key, &delivery, properties)
                     .await
@@ -774,7 +785,8 @@ impl Worker {
                     amqp::RetryCount::Malformed => 0,
                 };
                 let headers = self.failure_headers(&delivery, &failure, count, Some(why));
-                let properties = amqp::copy_properties(&delivery.properties, headers, true);
+                let properties =
+                    amqp::copy_properties(&delivery.properties, headers, true, self.frame_max());
                 match self
                     .publish_copy(publisher, dlq, &delivery, properties)
                     .await
@@ -847,7 +859,8 @@ impl Worker {
         count: u32,
     ) {
         let headers = redelivery::counted(delivery.properties.headers().as_ref(), count);
-        let properties = amqp::copy_properties(&delivery.properties, headers, false);
+        let properties =
+            amqp::copy_properties(&delivery.properties, headers, false, self.frame_max());
         let suspect_queue = self.settings.suspect_queue();
         match self
             .publish_copy(publisher, &suspect_queue, &delivery, properties)
