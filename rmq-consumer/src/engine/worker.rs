@@ -399,12 +399,14 @@ impl Worker {
                     },
                 },
             };
+            let overrun = Overrun::default();
             let work = async {
                 // Boxed: the pipeline's future is several KiB, and an idle task should not
                 // hold one. A panic outside the handler (a bug: handler panics are caught
                 // where it runs) costs this delivery, which stays unsettled until its channel
                 // closes, not the task and its slot.
-                let pipeline = Box::pin(self.process(&publisher, &settler, delivery, &lost));
+                let pipeline =
+                    Box::pin(self.process(&publisher, &settler, delivery, &lost, &overrun));
                 if AssertUnwindSafe(pipeline).catch_unwind().await.is_err() {
                     error!(handler = %self.settings.name,
                         "the delivery pipeline panicked; the delivery stays unsettled until its channel closes");
@@ -418,6 +420,23 @@ impl Worker {
                 Lane::Suspect => {
                     let _alone = self.alone.write().await;
                     work.await;
+                }
+            }
+            // A blocking handler that overran `message_timeout` still runs on its thread
+            // (threads cannot be cancelled); its message was retried. This slot waits for it
+            // before taking another delivery: at most one handler thread per slot, never a
+            // pile of them growing by one per overrun until the blocking pool runs out.
+            let left = overrun
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+            if let Some(thread) = left {
+                warn!(handler = %self.settings.name,
+                    "a blocking handler overran message_timeout and cannot be stopped; its slot waits for it to return");
+                tokio::select! {
+                    biased;
+                    () = stop.cancelled() => return,
+                    _ = thread => {}
                 }
             }
         }
@@ -434,6 +453,7 @@ impl Worker {
         settler: &Settler,
         delivery: Delivery,
         lost: &CancellationToken,
+        overrun: &Overrun,
     ) {
         let stats = self.stats();
         stats.received.fetch_add(1, Relaxed);
@@ -463,7 +483,7 @@ impl Worker {
                 self.settings.max_redeliveries,
             );
             let handled = match verdict {
-                Verdict::Run => Some(self.handle(&delivery).await),
+                Verdict::Run => Some(self.handle(&delivery, overrun).await),
                 Verdict::Suspect { .. } | Verdict::Exhausted { .. } => None,
             };
             let finish = async {
@@ -527,7 +547,11 @@ impl Worker {
 
     /// Decodes and runs the handler; `Ok(Some)` is a result to publish before the ack,
     /// `Ok(None)` means the input may be acked as it is.
-    async fn handle(&self, delivery: &Delivery) -> Result<Option<Reply>, HandlerError> {
+    async fn handle(
+        &self,
+        delivery: &Delivery,
+        overrun: &Overrun,
+    ) -> Result<Option<Reply>, HandlerError> {
         crate::hostile::check(delivery)?;
         if delivery.data.len() > self.max_body_size {
             return Err(HandlerError::with_kind(
@@ -569,7 +593,7 @@ impl Worker {
         let run = || async move {
             stats.handler_runs.fetch_add(1, Relaxed);
             let started = std::time::Instant::now();
-            let output = run_call(prepared.call, timeout).await;
+            let output = run_call(prepared.call, timeout, overrun).await;
             stats
                 .handler_duration
                 .observe(started.elapsed().as_secs_f64());
@@ -959,36 +983,50 @@ struct Reply {
     properties: BasicProperties,
 }
 
-/// Runs the handler call under the timeout, turning panics into retryable errors.
-async fn run_call(call: Call, timeout: Duration) -> HandlerOutput {
-    let run = async move {
-        match call {
-            Call::Async(call) => AssertUnwindSafe(async move { call().await })
-                .catch_unwind()
-                .await
-                .unwrap_or_else(|panic| Err(panicked("the handler", &*panic))),
-            Call::Blocking(call) => match tokio::task::spawn_blocking(call).await {
-                Ok(output) => output,
-                Err(error) if error.is_panic() => {
+/// A blocking handler's thread that outlived its `message_timeout`, left for its slot to wait
+/// for.
+type Overrun = std::sync::Mutex<Option<tokio::task::JoinHandle<HandlerOutput>>>;
+
+/// Runs the handler call under the timeout, turning panics into retryable errors. A blocking
+/// call that times out leaves its thread in `overrun`.
+async fn run_call(call: Call, timeout: Duration, overrun: &Overrun) -> HandlerOutput {
+    let timed_out = || {
+        Err(HandlerError::with_kind(
+            FailureAction::Retry,
+            "timeout",
+            format_args!("the handler did not finish within {timeout:?}"),
+        ))
+    };
+    match call {
+        Call::Async(call) => {
+            let run = AssertUnwindSafe(async move { call().await }).catch_unwind();
+            match tokio::time::timeout(timeout, run).await {
+                Ok(Ok(output)) => output,
+                Ok(Err(panic)) => Err(panicked("the handler", &*panic)),
+                Err(_) => timed_out(),
+            }
+        }
+        Call::Blocking(call) => {
+            let mut thread = tokio::task::spawn_blocking(call);
+            match tokio::time::timeout(timeout, &mut thread).await {
+                Ok(Ok(output)) => output,
+                Ok(Err(error)) if error.is_panic() => {
                     Err(panicked("the handler", &*error.into_panic()))
                 }
-                Err(error) => Err(HandlerError::with_kind(
+                Ok(Err(error)) => Err(HandlerError::with_kind(
                     FailureAction::Retry,
                     "cancelled",
                     error,
                 )),
-            },
+                Err(_) => {
+                    *overrun
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(thread);
+                    timed_out()
+                }
+            }
         }
-    };
-    tokio::time::timeout(timeout, run)
-        .await
-        .unwrap_or_else(|_| {
-            Err(HandlerError::with_kind(
-                FailureAction::Retry,
-                "timeout",
-                format_args!("the handler did not finish within {timeout:?}"),
-            ))
-        })
+    }
 }
 
 fn panicked(what: &str, payload: &(dyn std::any::Any + Send)) -> HandlerError {
