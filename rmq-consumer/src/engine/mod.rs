@@ -131,7 +131,7 @@ impl EngineBuilder {
                     result_publish_retry: config.result_publish_retry,
                     cache: config
                         .enable_result_cache
-                        .then(|| ResultCache::new(cache_size)),
+                        .then(|| ResultCache::new(cache_size, config.result_cache_bytes)),
                     health: Arc::clone(&health),
                     index,
                     resubscribe: tokio::sync::Notify::new(),
