@@ -123,7 +123,7 @@ pub(crate) fn copy_properties(
     }
     if let Some(v) = text(original.expiration()) {
         if dead_letter {
-            headers.insert("x-original-expiration".into(), long(v.as_str()));
+            headers.insert(crate::headers::ORIGINAL_EXPIRATION.into(), long(v.as_str()));
         } else {
             copy = copy.with_expiration(v);
         }
@@ -149,11 +149,7 @@ pub(crate) fn copy_properties(
     )
 }
 
-/// Headers by which RabbitMQ routes a message to more queues than its routing key names
-/// (sender-selected distribution: `CC`, `BCC`, each a list of routing keys). A copy the engine
-/// or the CLI publishes of someone else's message never keeps them: a sender allowed to write
-/// only to the task exchange could otherwise make the worker write into any queue.
-pub(crate) const ROUTING_HEADERS: &[&str] = &["CC", "BCC"];
+pub(crate) use crate::headers::ROUTING_HEADERS;
 
 /// `headers` without [`ROUTING_HEADERS`].
 pub(crate) fn without_routing_headers(headers: &FieldTable) -> FieldTable {

@@ -48,6 +48,7 @@ mod connection;
 mod engine;
 pub mod error;
 pub mod handler;
+pub mod headers;
 pub mod health;
 mod hostile;
 mod http;

@@ -60,33 +60,13 @@ use super::{
 use crate::{
     amqp::{header_str, long, short},
     engine::settings::DEAD_LETTER_SUFFIX,
-    retry::{ORIGINAL_QUEUE_HEADER, RETRY_COUNT_HEADER},
+    retry::ORIGINAL_QUEUE_HEADER,
 };
 
-/// Headers the engine writes when a message fails; shown first by `peek`, moved into
-/// `x-replayed-failure` by `replay`.
-const FAILURE_HEADERS: &[&str] = &[
-    "x-death-reason",
-    "x-error-kind",
-    "x-last-error",
-    RETRY_COUNT_HEADER,
-    ORIGINAL_QUEUE_HEADER,
-    "x-original-exchange",
-    "x-original-routing-key",
-    "x-handler",
-    "x-first-failure-at",
-    "x-last-failure-at",
-];
-/// The broker's own dead-lettering headers, dropped on replay.
-const BROKER_DEATH_HEADERS: &[&str] = &[
-    "x-death",
-    "x-first-death-queue",
-    "x-first-death-reason",
-    "x-first-death-exchange",
-    "x-last-death-queue",
-    "x-last-death-reason",
-    "x-last-death-exchange",
-];
+use crate::headers::{
+    BROKER_DEATH_HEADERS, FAILURE_HEADERS, REPLAY_COUNT, REPLAYED_AT, REPLAYED_FAILURE,
+    REPLAYED_FROM,
+};
 /// Default number of messages `peek` shows.
 const DEFAULT_PEEK_COUNT: u32 = 10;
 /// Default body bytes `peek` prints per message.
@@ -776,24 +756,25 @@ fn replay_headers(original: Option<&FieldTable>, dlq: &str) -> FieldTable {
             let name = key.as_str();
             if FAILURE_HEADERS.contains(&name) {
                 failure.insert(key.clone(), value.clone());
-            } else if name == "x-replay-count" {
+            } else if name == REPLAY_COUNT {
                 if let AMQPValue::LongLongInt(n) = value {
                     previous_replays = *n;
                 }
-            } else if name == "x-replayed-failure" {
+            } else if name == REPLAYED_FAILURE {
                 previous_failure = Some(value.clone());
             } else if !BROKER_DEATH_HEADERS.contains(&name)
-                && !matches!(name, "x-replayed-from" | "x-replayed-at")
+                && name != REPLAYED_FROM
+                && name != REPLAYED_AT
             {
                 headers.insert(key.clone(), value.clone());
             }
         }
     }
     let now = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
-    headers.insert("x-replayed-from".into(), long(dlq));
-    headers.insert("x-replayed-at".into(), long(&now));
+    headers.insert(REPLAYED_FROM.into(), long(dlq));
+    headers.insert(REPLAYED_AT.into(), long(&now));
     headers.insert(
-        "x-replay-count".into(),
+        REPLAY_COUNT.into(),
         AMQPValue::LongLongInt(previous_replays.saturating_add(1)),
     );
     // The latest failure wins; a message replayed again without failing keeps the old one.
@@ -803,7 +784,7 @@ fn replay_headers(original: Option<&FieldTable>, dlq: &str) -> FieldTable {
         Some(AMQPValue::FieldTable(failure))
     };
     if let Some(failure) = failure {
-        headers.insert("x-replayed-failure".into(), failure);
+        headers.insert(REPLAYED_FAILURE.into(), failure);
     }
     headers
 }

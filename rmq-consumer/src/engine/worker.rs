@@ -30,7 +30,7 @@ use crate::{
     health::{HandlerStats, Health},
     publisher::Publisher,
     registry::Call,
-    retry::{self, Decision, RETRY_COUNT_HEADER},
+    retry::{self, Decision},
     topology,
     trace::{TRACEPARENT, TraceParent},
 };
@@ -947,31 +947,26 @@ impl Worker {
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();
         let now = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
         let reason = amqp::truncate(failure.message(), MAX_REASON_BYTES);
-        headers.insert(
-            RETRY_COUNT_HEADER.into(),
-            AMQPValue::LongLongInt(count.into()),
-        );
-        if !headers.contains_key("x-first-failure-at") {
-            headers.insert("x-first-failure-at".into(), long(&now));
+        use crate::headers as h;
+        headers.insert(h::RETRY_COUNT.into(), AMQPValue::LongLongInt(count.into()));
+        if !headers.contains_key(h::FIRST_FAILURE_AT) {
+            headers.insert(h::FIRST_FAILURE_AT.into(), long(&now));
         }
-        headers.insert("x-last-failure-at".into(), long(&now));
-        headers.insert("x-last-error".into(), long(reason));
-        headers.insert("x-error-kind".into(), long(failure.kind()));
+        headers.insert(h::LAST_FAILURE_AT.into(), long(&now));
+        headers.insert(h::LAST_ERROR.into(), long(reason));
+        headers.insert(h::ERROR_KIND.into(), long(failure.kind()));
         if let Some(why) = dead_letter_reason {
-            headers.insert("x-death-reason".into(), long(&format!("{why}: {reason}")));
+            headers.insert(h::DEATH_REASON.into(), long(&format!("{why}: {reason}")));
+            headers.insert(h::ORIGINAL_QUEUE.into(), long(&self.settings.queue));
             headers.insert(
-                crate::retry::ORIGINAL_QUEUE_HEADER.into(),
-                long(&self.settings.queue),
-            );
-            headers.insert(
-                "x-original-exchange".into(),
+                h::ORIGINAL_EXCHANGE.into(),
                 long(delivery.exchange.as_str()),
             );
             headers.insert(
-                "x-original-routing-key".into(),
+                h::ORIGINAL_ROUTING_KEY.into(),
                 long(delivery.routing_key.as_str()),
             );
-            headers.insert("x-handler".into(), long(&self.settings.name));
+            headers.insert(h::HANDLER.into(), long(&self.settings.name));
         }
         headers
     }
