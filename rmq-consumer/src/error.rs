@@ -126,11 +126,13 @@ pub enum SetupError {
     },
 }
 
-/// The broker refused part of the topology.
+/// The broker refused a step of setting up a handler's topology or subscription.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot declare {what} `{name}`")]
+#[error("cannot {what} `{name}`")]
 pub struct TopologyError {
-    /// What was being declared (exchange, queue, binding).
+    /// The step that failed: `declare exchange`, `declare queue`, `check queue`, `bind`,
+    /// `open a channel for`, `open the publish channels of`, `set basic.qos on queue`,
+    /// `consume from queue`.
     pub what: &'static str,
     /// Its name.
     pub name: String,

@@ -456,8 +456,8 @@ impl Engine {
             )
             .await
             .map_err(|source| crate::error::TopologyError {
-                what: "channel",
-                name: "publisher".to_owned(),
+                what: "open the publish channels of",
+                name: "the publisher".to_owned(),
                 source,
             })
         };

@@ -318,11 +318,11 @@ impl Worker {
         let channel = connection
             .create_channel()
             .await
-            .map_err(|source| topology_error("channel", queue, source))?;
+            .map_err(|source| topology_error("open a channel for", queue, source))?;
         channel
             .basic_qos(qos, BasicQosOptions::default())
             .await
-            .map_err(|source| topology_error("qos", queue, source))?;
+            .map_err(|source| topology_error("set basic.qos on queue", queue, source))?;
         let consumer = channel
             .basic_consume(
                 short(queue),
@@ -331,7 +331,7 @@ impl Worker {
                 FieldTable::default(),
             )
             .await
-            .map_err(|source| topology_error("consumer", queue, source))?;
+            .map_err(|source| topology_error("consume from queue", queue, source))?;
         Ok((channel, consumer))
     }
 
