@@ -99,6 +99,7 @@ pub(crate) fn copy_properties(
     original: &BasicProperties,
     mut headers: FieldTable,
     dead_letter: bool,
+    frame_max: usize,
 ) -> BasicProperties {
     let mut copy = BasicProperties::default();
     let text = |value: &Option<ShortString>| value.clone();
@@ -122,7 +123,7 @@ pub(crate) fn copy_properties(
     }
     if let Some(v) = text(original.expiration()) {
         if dead_letter {
-            headers.insert("x-original-expiration".into(), long(v.as_str()));
+            headers.insert(crate::headers::ORIGINAL_EXPIRATION.into(), long(v.as_str()));
         } else {
             copy = copy.with_expiration(v);
         }
@@ -144,15 +145,11 @@ pub(crate) fn copy_properties(
     }
     crate::hostile::fit_copy(
         copy.with_headers(without_routing_headers(&headers)),
-        crate::hostile::DEFAULT_FRAME_MAX,
+        frame_max,
     )
 }
 
-/// Headers by which RabbitMQ routes a message to more queues than its routing key names
-/// (sender-selected distribution: `CC`, `BCC`, each a list of routing keys). A copy the engine
-/// or the CLI publishes of someone else's message never keeps them: a sender allowed to write
-/// only to the task exchange could otherwise make the worker write into any queue.
-pub(crate) const ROUTING_HEADERS: &[&str] = &["CC", "BCC"];
+pub(crate) use crate::headers::ROUTING_HEADERS;
 
 /// `headers` without [`ROUTING_HEADERS`].
 pub(crate) fn without_routing_headers(headers: &FieldTable) -> FieldTable {
@@ -175,7 +172,12 @@ mod tests {
         for key in ["CC", "BCC", "cc", "x-other"] {
             headers.insert(key.into(), long("elsewhere"));
         }
-        let copy = copy_properties(&BasicProperties::default(), headers, false);
+        let copy = copy_properties(
+            &BasicProperties::default(),
+            headers,
+            false,
+            crate::hostile::DEFAULT_FRAME_MAX,
+        );
         let keys: Vec<&str> = copy
             .headers()
             .iter()
@@ -196,7 +198,12 @@ mod tests {
             .with_priority(3)
             .with_delivery_mode(2)
             .with_headers(with(AMQPValue::LongLongInt(1)));
-        let retry = copy_properties(&original, FieldTable::default(), false);
+        let retry = copy_properties(
+            &original,
+            FieldTable::default(),
+            false,
+            crate::hostile::DEFAULT_FRAME_MAX,
+        );
         assert_eq!(retry.user_id(), &None);
         assert_eq!(retry.expiration(), &Some("60000".into()));
         assert_eq!(retry.message_id(), &Some("m-1".into()));
@@ -204,7 +211,12 @@ mod tests {
         assert_eq!(retry.priority(), &Some(3));
         assert_eq!(retry.delivery_mode(), &Some(2));
         assert_eq!(retry.headers(), &Some(FieldTable::default()));
-        let dead = copy_properties(&original, FieldTable::default(), true);
+        let dead = copy_properties(
+            &original,
+            FieldTable::default(),
+            true,
+            crate::hostile::DEFAULT_FRAME_MAX,
+        );
         assert_eq!(dead.user_id(), &None);
         assert_eq!(dead.expiration(), &None);
         assert_eq!(
@@ -213,7 +225,12 @@ mod tests {
         );
         let plain = BasicProperties::default().with_content_type("application/json".into());
         assert_eq!(
-            copy_properties(&plain, FieldTable::default(), true),
+            copy_properties(
+                &plain,
+                FieldTable::default(),
+                true,
+                crate::hostile::DEFAULT_FRAME_MAX
+            ),
             plain.with_headers(FieldTable::default())
         );
     }

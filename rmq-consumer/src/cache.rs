@@ -6,7 +6,9 @@
 //! retried or dead-lettered on its own count) instead of running the handler again one after
 //! another, and none waits longer than `message_timeout` (issue 14, A12: N waiting
 //! deliveries of a failing task took N × `message_timeout`, past the broker's delivery-ack
-//! timeout). Only successes are kept.
+//! timeout). Only successes are kept, bounded by count (`result_cache_size`) and by the bytes
+//! of their JSON (`result_cache_bytes`): the least recently used go first, and a result larger
+//! than the whole budget is not kept.
 
 use std::{
     num::NonZeroUsize,
@@ -26,8 +28,8 @@ type Shared = Result<Option<Value>, (FailureAction, &'static str, String)>;
 /// One task uuid's entry.
 #[derive(Debug)]
 enum Entry {
-    /// A successful result.
-    Done(Option<Value>),
+    /// A successful result and the bytes of its JSON.
+    Done(Option<Value>, usize),
     /// A run in progress: its outcome arrives here (`None` until then). A closed channel
     /// means the run was dropped unfinished.
     Running(watch::Receiver<Option<Shared>>),
@@ -37,7 +39,45 @@ enum Entry {
 /// share it.
 #[derive(Debug)]
 pub(crate) struct ResultCache {
-    entries: Mutex<LruCache<String, Entry>>,
+    entries: Mutex<Entries>,
+}
+
+/// The entries and the bytes their results take.
+#[derive(Debug)]
+struct Entries {
+    lru: LruCache<String, Entry>,
+    bytes: usize,
+    max_bytes: usize,
+}
+
+impl Entries {
+    /// Inserts `entry`, keeping count of the bytes of what it replaces or pushes out.
+    fn put(&mut self, key: String, entry: Entry) {
+        if let Entry::Done(_, size) = &entry {
+            self.bytes = self.bytes.saturating_add(*size);
+        }
+        if let Some((_, Entry::Done(_, size))) = self.lru.push(key, entry) {
+            self.bytes = self.bytes.saturating_sub(size);
+        }
+        // Over the byte budget: the least recently used results go (runs in progress stay).
+        let mut left = self.lru.len();
+        while self.bytes > self.max_bytes && left > 0 {
+            left -= 1;
+            match self.lru.pop_lru() {
+                Some((_, Entry::Done(_, size))) => self.bytes = self.bytes.saturating_sub(size),
+                Some((key, running)) => {
+                    self.lru.push(key, running);
+                }
+                None => break,
+            }
+        }
+    }
+
+    fn remove(&mut self, key: &str) {
+        if let Some(Entry::Done(_, size)) = self.lru.pop(key) {
+            self.bytes = self.bytes.saturating_sub(size);
+        }
+    }
 }
 
 /// Whether a result came from the cache.
@@ -59,20 +99,25 @@ enum Claim {
 }
 
 impl ResultCache {
-    pub(crate) fn new(capacity: NonZeroUsize) -> Self {
+    /// At most `capacity` results, taking at most `max_bytes` bytes of JSON.
+    pub(crate) fn new(capacity: NonZeroUsize, max_bytes: usize) -> Self {
         Self {
-            entries: Mutex::new(LruCache::new(capacity)),
+            entries: Mutex::new(Entries {
+                lru: LruCache::new(capacity),
+                bytes: 0,
+                max_bytes,
+            }),
         }
     }
 
-    fn entries(&self) -> std::sync::MutexGuard<'_, LruCache<String, Entry>> {
+    fn entries(&self) -> std::sync::MutexGuard<'_, Entries> {
         self.entries.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn claim(&self, key: &str) -> Claim {
         let mut entries = self.entries();
-        match entries.get(key) {
-            Some(Entry::Done(value)) => return Claim::Done(value.clone()),
+        match entries.lru.get(key) {
+            Some(Entry::Done(value, _)) => return Claim::Done(value.clone()),
             // A run whose owner was dropped unfinished is no run: take it over.
             Some(Entry::Running(outcome)) if outcome.has_changed().is_ok() => {
                 return Claim::Wait(outcome.clone());
@@ -88,16 +133,22 @@ impl ResultCache {
     fn finish(&self, key: &str, sender: &watch::Sender<Option<Shared>>, output: &HandlerOutput) {
         {
             let mut entries = self.entries();
-            let ours = matches!(entries.peek(key),
+            let ours = matches!(entries.lru.peek(key),
                 Some(Entry::Running(outcome)) if outcome.same_channel(&sender.subscribe()));
             if ours {
                 match output {
                     Ok(value) => {
-                        entries.put(key.to_owned(), Entry::Done(value.clone()));
+                        // The bytes of its JSON: what the result costs, near enough.
+                        let size = value
+                            .as_ref()
+                            .map_or(0, |v| serde_json::to_vec(v).map_or(usize::MAX, |b| b.len()));
+                        if size <= entries.max_bytes {
+                            entries.put(key.to_owned(), Entry::Done(value.clone(), size));
+                        } else {
+                            entries.remove(key);
+                        }
                     }
-                    Err(_) => {
-                        entries.pop(key);
-                    }
+                    Err(_) => entries.remove(key),
                 }
             }
         }
@@ -176,7 +227,10 @@ mod tests {
     const WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
     fn cache(size: usize) -> ResultCache {
-        ResultCache::new(NonZeroUsize::new(size).unwrap_or(NonZeroUsize::MIN))
+        ResultCache::new(
+            NonZeroUsize::new(size).unwrap_or(NonZeroUsize::MIN),
+            usize::MAX,
+        )
     }
 
     #[tokio::test]
@@ -301,5 +355,25 @@ mod tests {
         let _ = lead.await;
         let (_, source) = cache.get_or_run("k", WAIT, || async { Ok(None) }).await;
         assert_eq!(source, Source::Ran);
+    }
+
+    #[tokio::test]
+    async fn results_are_bounded_by_bytes_too() {
+        // Each result is `"xxxxxxxx"`: 10 bytes of JSON; room for two.
+        let cache = ResultCache::new(NonZeroUsize::new(100).unwrap_or(NonZeroUsize::MIN), 25);
+        let ten = || async { Ok(Some(json!("xxxxxxxx"))) };
+        for key in ["a", "b", "c"] {
+            let (_, source) = cache.get_or_run(key, WAIT, ten).await;
+            assert_eq!(source, Source::Ran);
+        }
+        assert_eq!(cache.entries().bytes, 20);
+        // "a" went first; "b" and "c" are kept.
+        assert_eq!(cache.get_or_run("a", WAIT, ten).await.1, Source::Ran);
+        assert_eq!(cache.get_or_run("c", WAIT, ten).await.1, Source::Cached);
+        // A result larger than the whole budget is not kept.
+        let big = || async { Ok(Some(json!("x".repeat(40)))) };
+        assert_eq!(cache.get_or_run("big", WAIT, big).await.1, Source::Ran);
+        assert_eq!(cache.get_or_run("big", WAIT, big).await.1, Source::Ran);
+        assert!(cache.entries().bytes <= 25);
     }
 }

@@ -98,6 +98,8 @@ pub const DEFAULT_MAX_CONSECUTIVE_FAILURES: u32 = 3;
 pub const DEFAULT_RESULT_CACHE_SIZE: usize = 1000;
 /// Largest `result_cache_size` accepted (the cache is allocated up front).
 pub const MAX_RESULT_CACHE_SIZE: usize = 10_000_000;
+/// Default `result_cache_bytes` (64 MiB of results' JSON, per handler).
+pub const DEFAULT_RESULT_CACHE_BYTES: usize = 64 * 1024 * 1024;
 /// Default `shutdown_timeout`.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default `confirm_timeout`.
@@ -170,6 +172,9 @@ pub struct Config {
     pub enable_result_cache: bool,
     /// Result cache capacity, at least 1. Default [`DEFAULT_RESULT_CACHE_SIZE`].
     pub result_cache_size: usize,
+    /// Bytes of JSON the cached results of one handler may take; the least recently used go
+    /// first, a larger result is not kept. Default [`DEFAULT_RESULT_CACHE_BYTES`].
+    pub result_cache_bytes: usize,
     /// The type of declared queues. Default [`QueueType::Classic`].
     pub queue_type: QueueType,
     /// What a request's `reply_to` may do. Default [`ReplyToPolicy::Honour`].
@@ -190,10 +195,11 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Time to wait for a publisher confirm. Default [`DEFAULT_CONFIRM_TIMEOUT`].
     pub confirm_timeout: Duration,
-    /// How long a result the broker nacked (e.g. while a quorum queue elects a new leader) is
-    /// published again, with backoff, before the attempt counts as failed and the message is
-    /// retried; the handler does not run again meanwhile. `0` retries no publish. Default
-    /// [`DEFAULT_RESULT_PUBLISH_RETRY`].
+    /// How long a result the broker nacked (e.g. while a quorum queue elects a new leader), or
+    /// refused because the result exchange does not exist (deleted, not yet declared again),
+    /// is published again, with backoff, before the attempt counts as failed and the message
+    /// is retried; the handler does not run again meanwhile (the delivery keeps its slot).
+    /// `0` retries no publish. Default [`DEFAULT_RESULT_PUBLISH_RETRY`].
     pub result_publish_retry: Duration,
     /// Largest accepted message body in bytes (at most [`MAX_BODY_SIZE_LIMIT`]); a larger one
     /// is dead-lettered (`body_too_large`) without being decoded. Default
@@ -251,6 +257,7 @@ impl Default for Config {
             max_consecutive_failures: DEFAULT_MAX_CONSECUTIVE_FAILURES,
             enable_result_cache: false,
             result_cache_size: DEFAULT_RESULT_CACHE_SIZE,
+            result_cache_bytes: DEFAULT_RESULT_CACHE_BYTES,
             queue_type: QueueType::Classic,
             reply_to: ReplyToPolicy::Honour,
             bind_reply_queue: true,
@@ -1017,6 +1024,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "max_consecutive_failures",
     "enable_result_cache",
     "result_cache_size",
+    "result_cache_bytes",
     "queue_type",
     "reply_to",
     "bind_reply_queue",
@@ -1260,6 +1268,9 @@ impl Scope {
         let result_cache_size = self
             .size(&["result_cache_size"], MAX_RESULT_CACHE_SIZE)
             .unwrap_or(defaults.result_cache_size);
+        let result_cache_bytes = self
+            .size(&["result_cache_bytes"], usize::MAX)
+            .unwrap_or(defaults.result_cache_bytes);
         let queue_type = self.get(&["queue_type"]).unwrap_or(defaults.queue_type);
         let reply_to = self.get(&["reply_to"]).unwrap_or(defaults.reply_to);
         let bind_reply_queue = self
@@ -1322,6 +1333,7 @@ impl Scope {
             max_consecutive_failures,
             enable_result_cache,
             result_cache_size,
+            result_cache_bytes,
             queue_type,
             reply_to,
             bind_reply_queue,

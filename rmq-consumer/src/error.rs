@@ -126,11 +126,13 @@ pub enum SetupError {
     },
 }
 
-/// The broker refused part of the topology.
+/// The broker refused a step of setting up a handler's topology or subscription.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot declare {what} `{name}`")]
+#[error("cannot {what} `{name}`")]
 pub struct TopologyError {
-    /// What was being declared (exchange, queue, binding).
+    /// The step that failed: `declare exchange`, `declare queue`, `check queue`, `bind`,
+    /// `open a channel for`, `open the publish channels of`, `set basic.qos on queue`,
+    /// `consume from queue`.
     pub what: &'static str,
     /// Its name.
     pub name: String,
@@ -227,6 +229,21 @@ pub enum PublishError {
         #[source]
         source: lapin::Error,
     },
+    /// The exchange does not exist: the broker refused a publish to it (404) and closed the
+    /// channel, failing every unconfirmed publish of the channel to that exchange (one of
+    /// them may have been routed before the exchange went away).
+    #[error(
+        "exchange `{exchange}` does not exist: publishing with routing key `{routing_key}` failed"
+    )]
+    ExchangeNotFound {
+        /// The exchange.
+        exchange: String,
+        /// The routing key.
+        routing_key: String,
+        /// The broker's channel close.
+        #[source]
+        source: lapin::Error,
+    },
     /// The broker returned the message: no queue is bound for the routing key.
     #[error(
         "message to exchange `{exchange}` with routing key `{routing_key}` was returned as unroutable ({reply_code} {reply_text})"
@@ -276,11 +293,24 @@ pub enum PublishError {
 }
 
 impl PublishError {
+    /// Whether the broker may have kept the message all the same: it was sent, but its
+    /// confirm did not come in time ([`Self::ConfirmTimeout`]) or its channel failed before
+    /// the confirm ([`Self::Channel`], [`Self::ExchangeNotFound`]: the close may have come for
+    /// a later publish). A returned, nacked or unsent message was not kept.
+    #[must_use]
+    pub fn may_have_been_kept(&self) -> bool {
+        matches!(
+            self,
+            Self::Channel { .. } | Self::ConfirmTimeout { .. } | Self::ExchangeNotFound { .. }
+        )
+    }
+
     /// A short machine-readable kind, for headers and metrics.
     #[must_use]
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Channel { .. } => "publish_failed",
+            Self::ExchangeNotFound { .. } => "exchange_not_found",
             Self::Unroutable { .. } => "result_unroutable",
             Self::Nacked { .. } => "result_nacked",
             Self::ConfirmTimeout { .. } => "confirm_timeout",
@@ -351,4 +381,51 @@ pub(crate) fn chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_sent_but_unconfirmed_publish_may_have_been_kept() {
+        let (exchange, routing_key) = (String::new(), "q".to_owned());
+        let lost = lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Closed, "gone");
+        let kept = [
+            PublishError::Channel {
+                exchange: exchange.clone(),
+                routing_key: routing_key.clone(),
+                source: lost.into(),
+            },
+            PublishError::ConfirmTimeout {
+                exchange: exchange.clone(),
+                routing_key: routing_key.clone(),
+                after: Duration::from_secs(1),
+            },
+            PublishError::ExchangeNotFound {
+                exchange: exchange.clone(),
+                routing_key: routing_key.clone(),
+                source: lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Closed, "404")
+                    .into(),
+            },
+        ];
+        let not_kept = [
+            PublishError::Unroutable {
+                exchange: exchange.clone(),
+                routing_key: routing_key.clone(),
+                reply_code: 312,
+                reply_text: "NO_ROUTE".to_owned(),
+            },
+            PublishError::Nacked {
+                exchange: exchange.clone(),
+                routing_key: routing_key.clone(),
+            },
+            PublishError::Closed {
+                exchange,
+                routing_key,
+            },
+        ];
+        assert!(kept.iter().all(PublishError::may_have_been_kept));
+        assert!(!not_kept.iter().any(PublishError::may_have_been_kept));
+    }
 }

@@ -23,32 +23,117 @@ pub(crate) struct Health {
     pub(crate) handlers: Vec<HandlerStats>,
 }
 
-/// Counters and gauges of one handler.
-#[derive(Debug)]
-pub(crate) struct HandlerStats {
-    pub(crate) name: String,
-    pub(crate) queue: String,
-    pub(crate) consuming: AtomicBool,
-    pub(crate) in_flight: AtomicUsize,
-    /// Milliseconds since start of the last completed delivery, plus one (0 = never).
-    last_completed_ms: AtomicU64,
-    /// Milliseconds since start of the last (re)subscription.
-    subscribed_ms: AtomicU64,
-    pub(crate) stuck: AtomicBool,
-    pub(crate) queue_depth: AtomicU64,
-    pub(crate) received: AtomicU64,
-    pub(crate) succeeded: AtomicU64,
-    pub(crate) retried: AtomicU64,
-    pub(crate) dead_lettered: AtomicU64,
-    pub(crate) rejected: AtomicU64,
-    pub(crate) cache_hits: AtomicU64,
-    pub(crate) stale_acks: AtomicU64,
-    pub(crate) suspected: AtomicU64,
-    pub(crate) results_returned: AtomicU64,
-    pub(crate) results_nacked: AtomicU64,
-    pub(crate) handler_runs: AtomicU64,
-    pub(crate) handler_duration: prometheus_client::metrics::histogram::Histogram,
-    pub(crate) end_to_end: prometheus_client::metrics::histogram::Histogram,
+/// Buckets of the duration histograms, in seconds: 1 ms to about 10 min.
+fn duration_histogram() -> prometheus_client::metrics::histogram::Histogram {
+    prometheus_client::metrics::histogram::Histogram::new(
+        prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.5, 15),
+    )
+}
+
+/// Declares each monotonic counter of a handler once: its field in [`HandlerStats`] and in
+/// [`HandlerSnapshot`], its Prometheus name and its help text ([`COUNTERS`], which the metrics
+/// endpoint reads). A new counter is one line here, plus the places that count it.
+macro_rules! handler_counters {
+    ($($field:ident => $metric:literal, $help:literal;)*) => {
+        /// Counters and gauges of one handler.
+        #[derive(Debug)]
+        pub(crate) struct HandlerStats {
+            pub(crate) name: String,
+            pub(crate) queue: String,
+            pub(crate) consuming: AtomicBool,
+            pub(crate) in_flight: AtomicUsize,
+            /// Milliseconds since start of the last completed delivery, plus one (0 = never).
+            last_completed_ms: AtomicU64,
+            /// Milliseconds since start of the last (re)subscription.
+            subscribed_ms: AtomicU64,
+            pub(crate) stuck: AtomicBool,
+            pub(crate) queue_depth: AtomicU64,
+            $(
+                #[doc = $help]
+                pub(crate) $field: AtomicU64,
+            )*
+            pub(crate) handler_duration: prometheus_client::metrics::histogram::Histogram,
+            pub(crate) end_to_end: prometheus_client::metrics::histogram::Histogram,
+        }
+
+        impl HandlerStats {
+            fn new(name: String, queue: String) -> Self {
+                Self {
+                    name,
+                    queue,
+                    consuming: AtomicBool::new(false),
+                    in_flight: AtomicUsize::new(0),
+                    last_completed_ms: AtomicU64::new(0),
+                    subscribed_ms: AtomicU64::new(0),
+                    stuck: AtomicBool::new(false),
+                    queue_depth: AtomicU64::new(0),
+                    $($field: AtomicU64::new(0),)*
+                    handler_duration: duration_histogram(),
+                    end_to_end: duration_histogram(),
+                }
+            }
+
+            fn snapshot(&self, now: u64) -> HandlerSnapshot {
+                HandlerSnapshot {
+                    name: self.name.clone(),
+                    queue: self.queue.clone(),
+                    consuming: self.consuming.load(Relaxed),
+                    in_flight: self.in_flight.load(Relaxed),
+                    since_last_completed: self
+                        .last_completed_ms()
+                        .map(|at| Duration::from_millis(now.saturating_sub(at))),
+                    stuck: self.stuck.load(Relaxed),
+                    queue_depth: self.queue_depth.load(Relaxed),
+                    $($field: self.$field.load(Relaxed),)*
+                }
+            }
+        }
+
+        /// One handler's state and counters.
+        #[derive(Debug, Clone)]
+        #[non_exhaustive]
+        pub struct HandlerSnapshot {
+            /// The handler's name.
+            pub name: String,
+            /// Its queue.
+            pub queue: String,
+            /// Whether its consumer is subscribed.
+            pub consuming: bool,
+            /// Deliveries being processed now.
+            pub in_flight: usize,
+            /// Time since the last delivery was settled (`None`: never).
+            pub since_last_completed: Option<Duration>,
+            /// Whether the watchdog considers it stuck.
+            pub stuck: bool,
+            /// Ready messages in its queue at the last watchdog probe.
+            pub queue_depth: u64,
+            $(
+                #[doc = $help]
+                pub $field: u64,
+            )*
+        }
+
+        /// Every handler counter: its Prometheus name, help text and reader.
+        pub(crate) const COUNTERS: &[(&str, &str, fn(&HandlerStats) -> u64)] = &[
+            $(($metric, $help, |h: &HandlerStats| h.$field.load(Relaxed)),)*
+        ];
+    };
+}
+
+handler_counters! {
+    received => "rmq_consumer_deliveries_received", "Deliveries received.";
+    succeeded => "rmq_consumer_deliveries_succeeded", "Deliveries processed successfully (result confirmed, input acked).";
+    retried => "rmq_consumer_deliveries_retried", "Deliveries sent for another attempt.";
+    dead_lettered => "rmq_consumer_deliveries_dead_lettered", "Deliveries sent to the dead-letter queue.";
+    rejected => "rmq_consumer_deliveries_rejected", "Deliveries rejected without requeue (dead-lettering off) or nacked back to the queue.";
+    cache_hits => "rmq_consumer_cache_hits", "Results answered from the result cache.";
+    stale_acks => "rmq_consumer_stale_acks", "Settlements not sent because the delivery's channel had died (the broker redelivers).";
+    suspected => "rmq_consumer_suspected", "Redelivered tasks moved to the suspect queue to run alone (an earlier delivery ended unsettled).";
+    results_returned => "rmq_consumer_results_returned", "Results the broker returned as unroutable.";
+    results_nacked => "rmq_consumer_results_nacked", "Results the broker nacked.";
+    uncertain_copies => "rmq_consumer_uncertain_copies", "Retry, dead-letter or suspect copies whose fate is unknown (no confirm in time, or the channel failed after they were sent) while their original went back to the queue: the broker may hold both, and the task then runs once more (one extra run per count).";
+    results_exchange_missing => "rmq_consumer_results_exchange_missing", "Result publishes refused because the result exchange did not exist (404); each is published again within `result_publish_retry`.";
+    handler_runs => "rmq_consumer_handler_runs", "Times the handler function was called.";
 }
 
 impl Health {
@@ -107,34 +192,9 @@ impl Health {
 }
 
 impl HandlerStats {
-    fn new(name: String, queue: String) -> Self {
-        Self {
-            name,
-            queue,
-            consuming: AtomicBool::new(false),
-            in_flight: AtomicUsize::new(0),
-            last_completed_ms: AtomicU64::new(0),
-            subscribed_ms: AtomicU64::new(0),
-            stuck: AtomicBool::new(false),
-            queue_depth: AtomicU64::new(0),
-            received: AtomicU64::new(0),
-            succeeded: AtomicU64::new(0),
-            retried: AtomicU64::new(0),
-            dead_lettered: AtomicU64::new(0),
-            rejected: AtomicU64::new(0),
-            cache_hits: AtomicU64::new(0),
-            stale_acks: AtomicU64::new(0),
-            suspected: AtomicU64::new(0),
-            results_returned: AtomicU64::new(0),
-            results_nacked: AtomicU64::new(0),
-            handler_runs: AtomicU64::new(0),
-            handler_duration: crate::metrics::duration_histogram(),
-            end_to_end: crate::metrics::duration_histogram(),
-        }
-    }
-
     pub(crate) fn completed(&self, now_ms: u64) {
-        self.last_completed_ms.store(now_ms + 1, Relaxed);
+        self.last_completed_ms
+            .store(now_ms.saturating_add(1), Relaxed);
     }
 
     pub(crate) fn subscribed(&self, now_ms: u64) {
@@ -158,31 +218,6 @@ impl HandlerStats {
         match self.last_completed_ms.load(Relaxed) {
             0 => None,
             n => Some(n - 1),
-        }
-    }
-
-    fn snapshot(&self, now: u64) -> HandlerSnapshot {
-        HandlerSnapshot {
-            name: self.name.clone(),
-            queue: self.queue.clone(),
-            consuming: self.consuming.load(Relaxed),
-            in_flight: self.in_flight.load(Relaxed),
-            since_last_completed: self
-                .last_completed_ms()
-                .map(|at| Duration::from_millis(now.saturating_sub(at))),
-            stuck: self.stuck.load(Relaxed),
-            queue_depth: self.queue_depth.load(Relaxed),
-            received: self.received.load(Relaxed),
-            succeeded: self.succeeded.load(Relaxed),
-            retried: self.retried.load(Relaxed),
-            dead_lettered: self.dead_lettered.load(Relaxed),
-            rejected: self.rejected.load(Relaxed),
-            cache_hits: self.cache_hits.load(Relaxed),
-            stale_acks: self.stale_acks.load(Relaxed),
-            suspected: self.suspected.load(Relaxed),
-            results_returned: self.results_returned.load(Relaxed),
-            results_nacked: self.results_nacked.load(Relaxed),
-            handler_runs: self.handler_runs.load(Relaxed),
         }
     }
 }
@@ -221,46 +256,4 @@ pub struct HealthSnapshot {
     pub healing_failed: bool,
     /// Per handler.
     pub handlers: Vec<HandlerSnapshot>,
-}
-
-/// One handler's state and counters.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct HandlerSnapshot {
-    /// The handler's name.
-    pub name: String,
-    /// Its queue.
-    pub queue: String,
-    /// Whether its consumer is subscribed.
-    pub consuming: bool,
-    /// Deliveries being processed now.
-    pub in_flight: usize,
-    /// Time since the last delivery was settled (`None`: never).
-    pub since_last_completed: Option<Duration>,
-    /// Whether the watchdog considers it stuck.
-    pub stuck: bool,
-    /// Ready messages in its queue at the last watchdog probe.
-    pub queue_depth: u64,
-    /// Deliveries received.
-    pub received: u64,
-    /// Deliveries processed successfully (result confirmed, input acked).
-    pub succeeded: u64,
-    /// Deliveries sent for another attempt.
-    pub retried: u64,
-    /// Deliveries sent to the dead-letter queue.
-    pub dead_lettered: u64,
-    /// Deliveries rejected without requeue (dead-lettering off) or nacked back to the queue.
-    pub rejected: u64,
-    /// Results answered from the cache.
-    pub cache_hits: u64,
-    /// Acks that could not be sent because their channel had died (the broker redelivers).
-    pub stale_acks: u64,
-    /// Redelivered tasks moved to the suspect queue (an earlier delivery ended unsettled).
-    pub suspected: u64,
-    /// Results the broker returned as unroutable.
-    pub results_returned: u64,
-    /// Results the broker nacked.
-    pub results_nacked: u64,
-    /// Times the handler function was called.
-    pub handler_runs: u64,
 }

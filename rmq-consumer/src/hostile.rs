@@ -49,11 +49,21 @@ pub(crate) const MAX_NESTING_DEPTH: usize = 64;
 /// the check keeps working (and keeps compiling) without the patch.
 pub(crate) const TOO_DEEP_MARKER: &str = "(nested deeper than 64 levels: dropped)";
 
-/// RabbitMQ's default `frame_max`, which the engine negotiates unless the broker sets another.
+/// RabbitMQ's default `frame_max`, which the engine negotiates unless the broker or the URL
+/// (`?frame_max=`) sets another.
 pub(crate) const DEFAULT_FRAME_MAX: usize = 131_072;
 
+/// The `frame_max` negotiated on `connection`, which every frame the engine writes must fit
+/// ([`DEFAULT_FRAME_MAX`] when the peers agreed on none).
+pub(crate) fn negotiated_frame_max(connection: &lapin::Connection) -> usize {
+    match usize::try_from(connection.configuration().frame_max()) {
+        Ok(0) | Err(_) => DEFAULT_FRAME_MAX,
+        Ok(frame_max) => frame_max,
+    }
+}
+
 /// The header of a copy that names the original's headers [`fit_copy`] dropped.
-pub(crate) const HEADERS_DROPPED: &str = "x-headers-dropped";
+pub(crate) use crate::headers::HEADERS_DROPPED;
 
 /// A frame's bytes around its payload: type, channel, size, frame-end.
 const FRAME_OVERHEAD: usize = 8;
@@ -67,24 +77,7 @@ const MAX_DROPPED_NOTE_BYTES: usize = 1024;
 
 /// Headers the engine writes into its copies ([`fit_copy`] keeps them while they are this
 /// small; a larger one came from the sender and may be dropped).
-const ENGINE_HEADERS: &[&str] = &[
-    crate::retry::RETRY_COUNT_HEADER,
-    "x-first-failure-at",
-    "x-last-failure-at",
-    "x-last-error",
-    "x-error-kind",
-    "x-death-reason",
-    crate::retry::ORIGINAL_QUEUE_HEADER,
-    "x-original-exchange",
-    "x-original-routing-key",
-    "x-original-expiration",
-    "x-handler",
-    crate::retry::LOST_DELIVERIES_HEADER,
-    "x-replayed-at",
-    "x-replayed-failure",
-    "x-replayed-from",
-    crate::trace::TRACEPARENT,
-];
+use crate::headers::ENGINE_HEADERS;
 
 /// The largest engine header [`fit_copy`] always keeps (the engine's own are at most ~1.1 KB).
 const MAX_KEPT_HEADER_BYTES: usize = 2048;

@@ -34,6 +34,9 @@
 //!
 //! Configuration comes from `rmq-consumer.toml` (or `$RMQ_CONSUMER_CONFIG`) and
 //! `RMQ_CONSUMER_*` environment variables; see [`Config`].
+//!
+//! How the crate is put together (the path of one delivery, where each concept lives, the
+//! invariants and why) is described in `ARCHITECTURE.md` at the repository root.
 
 mod amqp;
 mod body;
@@ -45,6 +48,7 @@ mod connection;
 mod engine;
 pub mod error;
 pub mod handler;
+pub mod headers;
 pub mod health;
 mod hostile;
 mod http;

@@ -5,79 +5,13 @@ use std::sync::{Arc, atomic::Ordering::Relaxed};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
-    metrics::{
-        MetricType,
-        counter::ConstCounter,
-        gauge::ConstGauge,
-        histogram::{Histogram, exponential_buckets},
-    },
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge, histogram::Histogram},
     registry::Registry,
 };
 
-use crate::health::{HandlerStats, Health};
-
-/// Buckets of the duration histograms, in seconds: 1 ms to about 10 min.
-pub(crate) fn duration_histogram() -> Histogram {
-    Histogram::new(exponential_buckets(0.001, 2.5, 15))
-}
+use crate::health::{COUNTERS, HandlerStats, Health};
 
 type Read = fn(&HandlerStats) -> u64;
-
-const COUNTERS: &[(&str, &str, Read)] = &[
-    (
-        "rmq_consumer_deliveries_received",
-        "Deliveries received.",
-        |h| h.received.load(Relaxed),
-    ),
-    (
-        "rmq_consumer_deliveries_succeeded",
-        "Deliveries processed, result confirmed, input acked.",
-        |h| h.succeeded.load(Relaxed),
-    ),
-    (
-        "rmq_consumer_deliveries_retried",
-        "Deliveries sent for another attempt.",
-        |h| h.retried.load(Relaxed),
-    ),
-    (
-        "rmq_consumer_deliveries_dead_lettered",
-        "Deliveries sent to the dead-letter queue.",
-        |h| h.dead_lettered.load(Relaxed),
-    ),
-    (
-        "rmq_consumer_deliveries_rejected",
-        "Deliveries rejected without requeue (dead-lettering off).",
-        |h| h.rejected.load(Relaxed),
-    ),
-    (
-        "rmq_consumer_cache_hits",
-        "Results answered from the result cache.",
-        |h| h.cache_hits.load(Relaxed),
-    ),
-    (
-        "rmq_consumer_stale_acks",
-        "Settlements not sent because the delivery's channel had died (redelivered).",
-        |h| h.stale_acks.load(Relaxed),
-    ),
-    (
-        "rmq_consumer_suspected",
-        "Redelivered tasks moved to the suspect queue to run alone (an earlier delivery ended unsettled).",
-        |h| h.suspected.load(Relaxed),
-    ),
-    (
-        "rmq_consumer_results_returned",
-        "Results the broker returned as unroutable.",
-        |h| h.results_returned.load(Relaxed),
-    ),
-    (
-        "rmq_consumer_results_nacked",
-        "Results the broker nacked.",
-        |h| h.results_nacked.load(Relaxed),
-    ),
-    ("rmq_consumer_handler_runs", "Handler invocations.", |h| {
-        h.handler_runs.load(Relaxed)
-    }),
-];
 
 const GAUGES: &[(&str, &str, Read)] = &[
     (

@@ -8,7 +8,7 @@
 //! under load each batch holds consecutive requests, so the confirms, and the input acks that
 //! follow them, come back close to delivery order (which lets the consumer side ack in
 //! `multiple` runs; one queue per lane, filled in turn, scattered them: 40 % more broker work
-//! per result). Three lapin 4 behaviours shape this:
+//! per result). These lapin 4 and broker behaviours shape this:
 //!
 //! - lapin numbers a publish and queues its frames in one step, but two tasks publishing on
 //!   one channel from two threads can interleave those steps, so the broker's numbering and
@@ -19,12 +19,27 @@
 //!   confirm. The broker sends a message's return before its ack, so once every confirm of a
 //!   batch is in, every return of the batch has been seen; the lane matches each one to its
 //!   own publish by content (exchange, routing key, properties, body; oldest first).
-//! - lapin answers a broker's `channel.close` (e.g. after a publish to a deleted exchange)
-//!   with `close-ok` ahead of publish frames still queued for that channel; those then reach
-//!   the broker on a closed channel and it closes the whole connection. While a lane waits for
-//!   confirms nothing of its is queued, so such an error fails that lane's batch (its callers
-//!   retry) and nothing else. (Pipelining publishes without batches measured ~25 % less
-//!   consumer CPU in S2, but reset every consumer's connection in one F14 run out of two.)
+//! - lapin fails every pending confirm of a channel the broker closes, and the broker closes
+//!   a lane's channel for one publish to an exchange that does not exist (a 404, e.g. a
+//!   deleted result exchange). The broker handles a channel's publishes in order and discards
+//!   all that follow the refused one, but those before it were routed and only their confirms
+//!   are lost. So a lane writes a batch's publishes to named exchanges first and those to the
+//!   default exchange (retry, dead-letter and suspect copies, `reply_to` results) last: the
+//!   default exchange always exists, so after a 404 the default-exchange publishes that failed
+//!   with the channel were discarded, never routed, and the lane sends them again on a fresh
+//!   channel; only the named-exchange publishes that got no confirm fail, with
+//!   [`PublishError::ExchangeNotFound`] (the engine publishes such a result again for up to
+//!   `result_publish_retry`; one that was routed before the refused one is then a
+//!   duplicate). A handler whose result
+//!   exchange is missing thus costs the other handlers nothing, and no retry or dead-letter
+//!   copy the broker kept is reported failed for another publish's 404 (which would also
+//!   requeue its original). (Issue 14, A4.)
+//! - lapin answered a broker's `channel.close` with `close-ok` ahead of publish frames still
+//!   queued for that channel, which then reached the broker on a closed channel and it closed
+//!   the whole connection; the patched lapin (`patches/lapin-4.12.3/PATCHED.md`) drops them.
+//!   A lane also waits for its batch's confirms with nothing of its queued. (Pipelining
+//!   publishes without batches measured ~25 % less consumer CPU in S2, but reset every
+//!   consumer's connection in one F14 run out of two, before that patch.)
 
 use std::{
     future::Future,
@@ -45,7 +60,7 @@ use tokio::{
     time::Instant,
 };
 use tokio_util::sync::CancellationToken;
-use tracing::error;
+use tracing::{debug, error};
 
 use crate::{amqp::short, error::PublishError};
 
@@ -158,6 +173,13 @@ impl Publisher {
                 routing_key,
                 after: inner.confirm_timeout,
             },
+            Outcome::Failed(source) if is_missing_exchange(&source) => {
+                PublishError::ExchangeNotFound {
+                    exchange,
+                    routing_key,
+                    source,
+                }
+            }
             Outcome::Failed(source) => PublishError::Channel {
                 exchange,
                 routing_key,
@@ -221,6 +243,26 @@ enum Outcome {
     Closed,
 }
 
+impl Outcome {
+    /// Whether the publish failed because the broker closed the channel with 404 NOT_FOUND.
+    fn is_missing_exchange(&self) -> bool {
+        matches!(self, Self::Failed(error) if is_missing_exchange(error))
+    }
+}
+
+/// Whether the broker closed the channel with 404 NOT_FOUND, which on a lane's channel (it
+/// only publishes) means a publish to a missing exchange.
+fn is_missing_exchange(error: &lapin::Error) -> bool {
+    matches!(
+        error.kind(),
+        lapin::ErrorKind::ProtocolError(e)
+            if matches!(
+                e.kind(),
+                lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::NOTFOUND)
+            )
+    )
+}
+
 /// How the broker answered a publish (its return, if any, is attributed separately).
 enum Done {
     Acked,
@@ -264,7 +306,7 @@ impl Lane {
                     }
                 }
             }
-            let outcomes = self.send(&batch).await;
+            let outcomes = self.send(&mut batch).await;
             for (request, outcome) in batch.drain(..).zip(outcomes) {
                 let _ = request.reply.send(outcome);
             }
@@ -276,12 +318,62 @@ impl Lane {
         }
     }
 
-    /// Publishes a batch, waits for every confirm, and returns the outcomes in order.
+    /// Publishes a batch, waits for every confirm, and returns the outcomes in the order the
+    /// batch is left in: publishes to a named exchange first, then those to the default
+    /// exchange (each group in its own order).
+    ///
+    /// The default exchange always exists, so only a publish to a named exchange can make the
+    /// broker close the channel with a 404 (the exchange is missing). The broker handles a
+    /// channel's publishes in order and discards whatever follows the one it refused, so the
+    /// default-exchange publishes, all behind the named ones, never reached a queue: they are
+    /// sent again on a fresh channel instead of failing with the batch. (A named-exchange
+    /// publish that was not confirmed may have been routed before the refused one: it fails,
+    /// and its caller's retry may duplicate it.)
     ///
     /// Every wait on the broker (opening the channel, writing, confirming) ends by the confirm
     /// timeout, so a lane never hangs on a connection that died under it.
-    async fn send(&mut self, batch: &[Request]) -> Vec<Outcome> {
+    async fn send(&mut self, batch: &mut [Request]) -> Vec<Outcome> {
         let deadline = Instant::now() + self.confirm_timeout;
+        named_exchanges_first(batch);
+        let all: Vec<&Request> = batch.iter().collect();
+        let mut outcomes = self.attempt(&all, deadline).await;
+        // The 404 came from a named-exchange publish (the only kind that can cause one).
+        let refused = batch
+            .iter()
+            .any(|request| !request.exchange.as_str().is_empty())
+            && outcomes.iter().any(Outcome::is_missing_exchange);
+        if !refused {
+            return outcomes;
+        }
+        let dropped: Vec<(usize, &Request)> = batch
+            .iter()
+            .zip(&outcomes)
+            .enumerate()
+            .filter(|(_, (request, outcome))| {
+                request.exchange.as_str().is_empty() && matches!(outcome, Outcome::Failed(_))
+            })
+            .map(|(index, (request, _))| (index, request))
+            .collect();
+        if dropped.is_empty() {
+            return outcomes;
+        }
+        debug!(
+            dropped = dropped.len(),
+            "a publish to a missing exchange closed the lane's channel; sending the publishes the broker discarded after it again"
+        );
+        let again: Vec<&Request> = dropped.iter().map(|(_, request)| *request).collect();
+        let retried = self.attempt(&again, deadline).await;
+        for ((index, _), outcome) in dropped.into_iter().zip(retried) {
+            if let Some(slot) = outcomes.get_mut(index) {
+                *slot = outcome;
+            }
+        }
+        outcomes
+    }
+
+    /// Publishes `batch` back to back on the lane's channel (opened first if need be), waits
+    /// for every confirm until `deadline`, and returns the outcomes in order.
+    async fn attempt(&mut self, batch: &[&Request], deadline: Instant) -> Vec<Outcome> {
         let channel = match self.channel.take() {
             Some(channel) if channel.status().connected() => channel,
             _ => match tokio::time::timeout_at(deadline, open_confirm_channel(&self.connection))
@@ -369,6 +461,13 @@ impl Lane {
     }
 }
 
+/// Puts the publishes to named exchanges (which may not exist) before those to the default
+/// exchange (which always does), keeping each group's order: one caller's publishes keep
+/// theirs.
+fn named_exchanges_first(batch: &mut [Request]) {
+    batch.sort_by_key(|request| request.exchange.as_str().is_empty());
+}
+
 /// The prefix of RabbitMQ's direct reply-to pseudo-queue names (`amq.rabbitmq.reply-to`, and
 /// the `amq.rabbitmq.reply-to.<token>` a requester's `reply_to` turns into).
 const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
@@ -382,9 +481,13 @@ fn is_direct_reply_to(exchange: &str, routing_key: &str) -> bool {
 }
 
 /// Marks the oldest publish of the batch this returned message is a copy of.
-fn attribute(batch: &[Request], marks: &mut [Option<(u16, String)>], message: &BasicReturnMessage) {
+fn attribute(
+    batch: &[&Request],
+    marks: &mut [Option<(u16, String)>],
+    message: &BasicReturnMessage,
+) {
     let returned = &message.delivery;
-    let same_route = |(request, mark): &(&Request, &mut Option<(u16, String)>)| {
+    let same_route = |(request, mark): &(&&Request, &mut Option<(u16, String)>)| {
         mark.is_none()
             && request.exchange == returned.exchange
             && request.routing_key == returned.routing_key
@@ -426,5 +529,66 @@ fn settle(result: lapin::Result<Confirmation>, returned: &mut Vec<BasicReturnMes
             Done::Nacked
         }
         Err(error) => Done::Failed(error),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lapin::protocol::{AMQPError, AMQPErrorKind, AMQPSoftError};
+
+    use super::*;
+
+    fn request(exchange: &str, routing_key: &str) -> Request {
+        Request {
+            exchange: short(exchange),
+            routing_key: short(routing_key),
+            body: Vec::new(),
+            properties: BasicProperties::default(),
+            reply: oneshot::channel().0,
+        }
+    }
+
+    fn closed_with(code: AMQPSoftError) -> Outcome {
+        let error = AMQPError::new(AMQPErrorKind::Soft(code), "closed".into());
+        Outcome::Failed(lapin::ErrorKind::ProtocolError(error).into())
+    }
+
+    #[test]
+    fn named_exchange_publishes_go_first_each_group_in_order() {
+        let mut batch = vec![
+            request("", "retry.1"),
+            request("results", "a.1"),
+            request("", "reply.1"),
+            request("other", "b.1"),
+            request("results", "a.2"),
+            request("", "retry.2"),
+        ];
+        named_exchanges_first(&mut batch);
+        let order: Vec<_> = batch
+            .iter()
+            .map(|r| (r.exchange.as_str(), r.routing_key.as_str()))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                ("results", "a.1"),
+                ("other", "b.1"),
+                ("results", "a.2"),
+                ("", "retry.1"),
+                ("", "reply.1"),
+                ("", "retry.2"),
+            ]
+        );
+    }
+
+    #[test]
+    fn only_a_404_channel_close_counts_as_a_missing_exchange() {
+        assert!(closed_with(AMQPSoftError::NOTFOUND).is_missing_exchange());
+        assert!(!closed_with(AMQPSoftError::PRECONDITIONFAILED).is_missing_exchange());
+        assert!(!closed_with(AMQPSoftError::ACCESSREFUSED).is_missing_exchange());
+        assert!(!Outcome::Nacked.is_missing_exchange());
+        assert!(!Outcome::TimedOut.is_missing_exchange());
+        let lost = lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Closed, "gone");
+        assert!(!Outcome::Failed(lost.into()).is_missing_exchange());
     }
 }

@@ -5,12 +5,12 @@ use std::time::Duration;
 
 use crate::{amqp::RetryCount, handler::FailureAction};
 
-/// The header that counts retries. Always written as a 64-bit signed integer (`l`).
-pub const RETRY_COUNT_HEADER: &str = "x-retry-count";
+/// The header that counts retries ([`crate::headers::RETRY_COUNT`]).
+pub use crate::headers::RETRY_COUNT as RETRY_COUNT_HEADER;
 
-/// The header naming the queue a dead-lettered message failed on; written by the engine when
-/// it dead-letters, read by `dlq replay` to check that a message belongs where it is sent.
-pub const ORIGINAL_QUEUE_HEADER: &str = "x-original-queue";
+/// The header naming the queue a dead-lettered message failed on
+/// ([`crate::headers::ORIGINAL_QUEUE`]).
+pub use crate::headers::ORIGINAL_QUEUE as ORIGINAL_QUEUE_HEADER;
 
 pub use crate::engine::redelivery::LOST_DELIVERIES_HEADER;
 

@@ -44,7 +44,7 @@ async fn declare_exchange_on(channel: &Channel, exchange: &str) -> Result<(), To
         )
         .await
         .map_err(|source| TopologyError {
-            what: "exchange",
+            what: "declare exchange",
             name: exchange.to_owned(),
             source,
         })
@@ -253,7 +253,11 @@ pub(crate) async fn check(
                 Err(source) if is_not_found(&source) => missing.push(object),
                 Err(source) => {
                     return Err(TopologyError {
-                        what,
+                        what: if what == "exchange" {
+                            "check exchange"
+                        } else {
+                            "check queue"
+                        },
                         name: object.name,
                         source,
                     }
@@ -335,8 +339,8 @@ impl Declarer<'_> {
                 .create_channel()
                 .await
                 .map_err(|source| TopologyError {
-                    what: "channel",
-                    name: "topology".to_owned(),
+                    what: "open a channel for",
+                    name: "the topology".to_owned(),
                     source,
                 })?,
         };
@@ -410,7 +414,7 @@ async fn declare_queue(
         .await
         .map(drop)
         .map_err(|source| TopologyError {
-            what: "queue",
+            what: "declare queue",
             name: name.to_owned(),
             source,
         })
@@ -432,7 +436,7 @@ async fn bind(
         )
         .await
         .map_err(|source| TopologyError {
-            what: "binding",
+            what: "bind",
             name: format!("{exchange} -> {queue} ({routing_key})"),
             source,
         })

@@ -6,8 +6,7 @@ use std::{
     sync::atomic::{AtomicU64, Ordering::Relaxed},
 };
 
-/// The header name.
-pub(crate) const TRACEPARENT: &str = "traceparent";
+pub(crate) use crate::headers::TRACEPARENT;
 
 /// A parsed `traceparent`: version 00, 32-hex trace id, 16-hex parent id, 2-hex flags.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -66,6 +66,13 @@ async fn steady(task: Value) -> Value {
     json!({"id": task["id"]})
 }
 
+/// Works `sleep_ms` and publishes nothing (no `reply_key`).
+#[consumer(queue = "tests.fault_broker.sink")]
+async fn sink(task: Value) {
+    let ms = task["sleep_ms"].as_u64().unwrap_or(0);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+}
+
 fn succeeded(running: &Running) -> u64 {
     running.health.snapshot().handlers[0].succeeded
 }
@@ -383,12 +390,15 @@ async fn f11_memory_alarm_blocks_then_work_resumes() {
         )
         .await;
     let report = ledger.assert_nothing_lost();
+    let snapshot = running.health.snapshot();
     println!(
-        "[F11] duplicates={} dead_lettered={} blocked_for={:?}",
-        report.duplicates,
-        report.dead_lettered,
-        running.health.snapshot().blocked_for
+        "[F11] duplicates={} dead_lettered={} blocked_for={:?} reconnects={}",
+        report.duplicates, report.dead_lettered, snapshot.blocked_for, snapshot.reconnects
     );
+    // Lanes whose confirms timed out during the alarm replaced their channels; nothing of
+    // theirs may reach the broker out of order when it unblocks (which would close the
+    // connection).
+    assert_eq!(snapshot.reconnects, 0, "{snapshot:?}");
     running.stop().await.unwrap();
     broker.cleanup().await;
 }
@@ -473,5 +483,72 @@ async fn f11_shutdown_during_a_memory_alarm_is_bounded() {
         report.duplicates, report.dead_lettered
     );
     again.stop().await.unwrap();
+    broker.cleanup().await;
+}
+
+/// A memory alarm that lasts five heartbeats, for a handler that publishes nothing (issue 14,
+/// "to verify"): lapin writes no frame while the broker blocks the connection, heartbeats
+/// and acks included, so the broker could judge the connection dead after two heartbeats and
+/// close it. The engine must come through without a reconnect, and every task is acked once
+/// the alarm clears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f11_a_long_alarm_does_not_reset_a_worker_that_publishes_nothing() {
+    const TASKS: usize = 40;
+    let _global = GLOBAL.lock().await;
+    let mut broker = Broker::connect().await;
+    let exchange = unique("ex");
+    broker.track_exchange(&exchange);
+    let mut config = test_config(&exchange);
+    config.prefetch_count = 4;
+    config.heartbeat_interval = 2;
+    let section = config.consumers.entry("sink".to_owned()).or_default();
+    let queue = unique("sink");
+    section.queue = Some(queue.clone());
+    broker.track_queue(&queue);
+    broker.track_queue(&format!("{queue}.suspect"));
+    broker.track_queue(&format!("{queue}.dlq"));
+    let _cleanup = broker.cleanup_on_panic();
+    let running = Running::start(config, &["sink"]).await;
+    for i in 0..TASKS {
+        let body = serde_json::to_vec(&task(&format!("t{i}"), json!({"sleep_ms": 200}))).unwrap();
+        broker
+            .publish_raw(&exchange, &queue, &body, Default::default())
+            .await;
+    }
+    eventually("some work done", Duration::from_secs(20), || {
+        succeeded(&running) >= 1
+    })
+    .await;
+    // RabbitMQ blocks (and tells `connection.blocked` to) only connections that publish: this
+    // one is never blocked, so lapin keeps sending heartbeats and acks.
+    let alarm = MemoryAlarm::raise().await;
+    let at_alarm = succeeded(&running);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let during = running.health.snapshot();
+    println!(
+        "[F11-sink] blocked {}, tasks acked during the alarm {}",
+        during.blocked,
+        during.handlers[0].succeeded - at_alarm
+    );
+    drop(alarm);
+    eventually("every task acked", Duration::from_secs(60), || {
+        succeeded(&running) >= TASKS as u64
+    })
+    .await;
+    let after = running.health.snapshot();
+    println!(
+        "[F11-sink] reconnects during the alarm {}, after {}; succeeded {}",
+        during.reconnects, after.reconnects, after.handlers[0].succeeded
+    );
+    assert_eq!(
+        during.reconnects, 0,
+        "the connection was reset during the alarm"
+    );
+    assert_eq!(
+        after.reconnects, 0,
+        "the connection was reset after the alarm"
+    );
+    assert_eq!(broker.depth(&queue).await, Some(0));
+    running.stop().await.unwrap();
     broker.cleanup().await;
 }

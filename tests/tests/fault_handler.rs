@@ -97,6 +97,28 @@ fn crunch(task: Value) -> Value {
     json!({"id": id})
 }
 
+/// Handler threads of `overrun` alive now, and the most seen at once.
+static OVERRUN_ALIVE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static OVERRUN_MOST: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A blocking handler that holds its thread for `block_ms`, counting the threads alive.
+#[consumer(
+    queue = "tests.fault_handler.overrun",
+    reply_key = "tests.fault_handler.overrun.result",
+    blocking = true
+)]
+fn overrun(task: Value) -> Value {
+    use std::sync::atomic::Ordering::SeqCst;
+    let id = count_run(&task);
+    let alive = OVERRUN_ALIVE.fetch_add(1, SeqCst) + 1;
+    OVERRUN_MOST.fetch_max(alive, SeqCst);
+    std::thread::sleep(Duration::from_millis(
+        task["block_ms"].as_u64().unwrap_or(0),
+    ));
+    OVERRUN_ALIVE.fetch_sub(1, SeqCst);
+    json!({"id": id})
+}
+
 fn handler(running: &Running) -> HandlerSnapshot {
     running.health.snapshot().handlers[0].clone()
 }
@@ -327,6 +349,54 @@ async fn f09_blocking_handler_does_not_starve_heartbeats() {
     assert_eq!(s.reconnects, 0, "the heartbeat kept the connection");
     assert_eq!(report.duplicates, 0);
     assert_eq!(s.handlers[0].handler_runs, 4);
+    running.stop().await.unwrap();
+    broker.cleanup().await;
+}
+
+/// A blocking handler that overruns `message_timeout` cannot be stopped (a thread cannot be
+/// cancelled): its message is retried, but its thread runs on. The slot it ran in waits for
+/// that thread before it takes the next delivery, so a handler never has more threads alive
+/// than delivery slots (they used to pile up, one more per overrun, until tokio's pool of
+/// 512 blocking threads ran out). Here: one slot, tasks that block 2.5 s against a 1 s
+/// timeout, then quick ones; at most one handler thread alive at any time, every task
+/// answered or dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overrun_blocking_handler_holds_its_slot() {
+    let mut broker = Broker::connect().await;
+    let (exchange, mut config, route) = setup(&mut broker, "overrun", |c| {
+        c.prefetch_count = 1;
+        c.max_retry_count = 0;
+    });
+    config
+        .consumers
+        .entry("overrun".to_owned())
+        .or_default()
+        .timeout = Some(Duration::from_secs(1));
+    let _cleanup = broker.cleanup_on_panic();
+    let running = Running::start(config, &["overrun"]).await;
+    let mut ledger = Ledger::new("overrun");
+    let ids = ledger.ids(6);
+    let tasks: Vec<Value> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| task(id, json!({"block_ms": if i < 2 { 2500 } else { 10 }})))
+        .collect();
+    ledger
+        .publish(&broker, &exchange, &route.queue, &tasks)
+        .await;
+    drain(&mut ledger, &broker, &route, Duration::from_secs(30)).await;
+    let report = ledger.assert_nothing_lost();
+    let most = OVERRUN_MOST.load(std::sync::atomic::Ordering::SeqCst);
+    println!(
+        "[overrun] most handler threads alive at once: {most}; results {} dead-lettered {}",
+        report.results_unique, report.dead_lettered
+    );
+    assert_eq!(
+        report.dead_lettered, 2,
+        "the two overruns timed out: {report:?}"
+    );
+    assert_eq!(report.results_unique, 4);
+    assert_eq!(most, 1, "an overrun thread ran beside the next delivery");
     running.stop().await.unwrap();
     broker.cleanup().await;
 }

@@ -169,7 +169,14 @@ async fn f13_queue_deleted_under_the_consumer() {
             "[F13] round {round}: queue back with its consumer {:?} after the delete",
             deleted.elapsed()
         );
-        assert!(handler(&running, "relay").consuming);
+        // The broker lists the work queue's consumer as soon as it is registered; the
+        // engine reports `consuming` once the suspect queue's consumer is registered too.
+        eventually(
+            "the handler consuming again",
+            Duration::from_secs(10),
+            || handler(&running, "relay").consuming,
+        )
+        .await;
     }
     // Published through the exchange: the binding was restored too.
     let batch = tasks(&ledger, 20);
@@ -302,7 +309,9 @@ async fn a5_a_queue_locked_by_another_connection_is_waited_for() {
     broker.cleanup().await;
 }
 
-/// F14: the exchange results are published to is deleted while the engine runs. The input is
+/// F14: the exchange results are published to is deleted while the engine runs, for longer
+/// than `result_publish_retry` (0 here: a briefly missing exchange is
+/// `a4_a_briefly_missing_result_exchange_costs_no_handler_run`). The input is
 /// not acked as a success; it is retried through its delay queue at the configured pace (no
 /// hot loop); another handler whose results go elsewhere keeps working; once the exchange is
 /// back every task completes (or is dead-lettered): nothing lost.
@@ -315,6 +324,7 @@ async fn f14_result_exchange_missing() {
     let exchange = unique("ex");
     broker.track_exchange(&exchange);
     let mut config = test_config(&exchange);
+    config.result_publish_retry = Duration::ZERO;
     let section = config.consumers.entry("relay".to_owned()).or_default();
     section.max_retries = Some(30);
     section.retry_delays = Some(vec![delay]);
@@ -418,6 +428,232 @@ async fn f14_result_exchange_missing() {
     );
     running.stop().await.unwrap();
     broker.cleanup().await;
+}
+
+/// A4 (issue 14): F14 under load beside a healthy handler. Both handlers publish through the
+/// engine's one publisher, so a lane's batch mixes their results; when the broker closes a
+/// lane's channel for the 404 of a result to the deleted exchange, the healthy handler's
+/// publishes in that batch must not fail with it: it retries nothing, runs each task once and
+/// answers each once. The handler whose exchange is missing loses nothing; its duplicates
+/// (results the broker routed just before the delete, then published again) stay few.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a4_a_missing_result_exchange_does_not_disturb_a_healthy_handler() {
+    const WAVES: usize = 8;
+    const EACH: usize = 50;
+    const TASKS: usize = WAVES * EACH;
+    let mut broker = Broker::connect().await;
+    let exchange = unique("ex");
+    broker.track_exchange(&exchange);
+    let mut config = test_config(&exchange);
+    config.prefetch_count = 32;
+    // Missing for longer than this: the broken handler's tasks go through retry copies,
+    // which share the lanes' batches with the healthy handler's results.
+    config.result_publish_retry = Duration::ZERO;
+    let section = config.consumers.entry("relay".to_owned()).or_default();
+    section.max_retries = Some(60);
+    section.retry_delays = Some(vec![Duration::from_millis(500)]);
+    let relay_route = Route::new(&mut config, "relay", &mut broker);
+    let side_route = Route::new(&mut config, "side", &mut broker);
+    let _cleanup = broker.cleanup_on_panic();
+    let running = Running::start(config, &["relay", "side"]).await;
+    let side_broker = Broker::connect().await;
+    let mut relay_ledger = Ledger::new("A4.relay");
+    let mut side_ledger = Ledger::new("A4.side");
+
+    // Both handlers under load; the exchange disappears after the second wave.
+    let relay_load = async {
+        for _ in 0..WAVES {
+            let wave = tasks(&relay_ledger, EACH);
+            relay_ledger
+                .publish(&broker, "", &relay_route.queue, &wave)
+                .await;
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+    };
+    let side_load = async {
+        for _ in 0..WAVES {
+            let wave = tasks(&side_ledger, EACH);
+            publish_reply_to(
+                &mut side_ledger,
+                &side_broker,
+                &side_route.queue,
+                &side_route.reply_queue,
+                &wave,
+            )
+            .await;
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+    };
+    let delete = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let channel = broker.connection.create_channel().await.unwrap();
+        channel
+            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .await
+            .unwrap();
+        let _ = channel.close(200, "deleted".into()).await;
+    };
+    tokio::join!(relay_load, side_load, delete);
+
+    side_ledger
+        .drain_route(
+            &broker,
+            &side_route,
+            Duration::from_millis(500),
+            Duration::from_secs(30),
+        )
+        .await;
+    let side_report = side_ledger.assert_nothing_lost();
+    let side = handler(&running, "side");
+    let relay = handler(&running, "relay");
+    println!(
+        "[A4] side: runs={} retried={} dead_lettered={} duplicates={}; relay (exchange missing): runs={} retried={} dead_lettered={}; reconnects={}",
+        side.handler_runs,
+        side.retried,
+        side.dead_lettered,
+        side_report.duplicates,
+        relay.handler_runs,
+        relay.retried,
+        relay.dead_lettered,
+        running.health.snapshot().reconnects
+    );
+    assert!(relay.retried > 0, "the missing exchange was hit");
+    assert_eq!(side.retried, 0, "the healthy handler retried nothing");
+    assert_eq!(side.dead_lettered, 0);
+    assert_eq!(
+        (side.uncertain_copies, relay.uncertain_copies),
+        (0, 0),
+        "no retry copy failed for the 404"
+    );
+    assert_eq!(
+        side.handler_runs, TASKS as u64,
+        "each healthy task ran once"
+    );
+    assert_eq!(side_report.results_unique, TASKS);
+    assert_eq!(side_report.duplicates, 0, "no healthy result twice");
+    assert_eq!(
+        running.health.snapshot().reconnects,
+        0,
+        "a 404 on a publish channel is not a connection loss"
+    );
+
+    // The exchange comes back: every task of the other handler completes, once or a few
+    // times over (the results routed before the delete whose confirms the close swallowed).
+    declare_exchange(&broker, &exchange).await;
+    bind(
+        &broker,
+        &relay_route.reply_queue,
+        &exchange,
+        &relay_route.reply_key,
+    )
+    .await;
+    drain(&mut relay_ledger, &broker, &relay_route).await;
+    let report = relay_ledger.assert_nothing_lost();
+    assert_eq!(report.results_unique + report.dead_lettered, TASKS);
+    assert_eq!(
+        report.dead_total, report.dead_lettered,
+        "no dead letter twice"
+    );
+    assert!(
+        report.duplicates <= TASKS / 4,
+        "duplicates unbounded: {}",
+        report.duplicates
+    );
+    running.stop().await.unwrap();
+    side_broker.cleanup().await;
+    broker.cleanup().await;
+}
+
+/// A4 (issue 14): the result exchange is missing for a moment shorter than
+/// `result_publish_retry` (deleted, then declared again, as an operator or a redeploy does).
+/// The results refused meanwhile (404) are published again until the exchange is back: a
+/// missing exchange costs a re-publish, not a handler run, an attempt or a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a4_a_briefly_missing_result_exchange_costs_no_handler_run() {
+    const TASKS: usize = 10;
+    let mut broker = Broker::connect().await;
+    let exchange = unique("ex");
+    broker.track_exchange(&exchange);
+    let mut config = test_config(&exchange);
+    config.result_publish_retry = Duration::from_secs(20);
+    // A result waiting for its exchange holds its delivery's slot: room for every task.
+    config.prefetch_count = 16;
+    let route = Route::new(&mut config, "relay", &mut broker);
+    let _cleanup = broker.cleanup_on_panic();
+    let running = Running::start(config, &["relay"]).await;
+    let mut ledger = Ledger::new("A4b");
+
+    broker
+        .channel
+        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+        .await
+        .unwrap();
+    ledger
+        .publish(&broker, "", &route.queue, &tasks(&ledger, TASKS))
+        .await;
+    // Several refusals per result (the backoff starts at 50 ms), then the exchange is back.
+    eventually(
+        "results refused and published again",
+        Duration::from_secs(20),
+        || handler(&running, "relay").results_exchange_missing >= 2 * TASKS as u64,
+    )
+    .await;
+    declare_exchange(&broker, &exchange).await;
+    bind(&broker, &route.reply_queue, &exchange, &route.reply_key).await;
+
+    drain(&mut ledger, &broker, &route).await;
+    let report = ledger.assert_nothing_lost();
+    let h = handler(&running, "relay");
+    println!(
+        "[A4b] runs={} retried={} dead_lettered={} succeeded={} duplicates={}",
+        h.handler_runs, h.retried, h.dead_lettered, h.succeeded, report.duplicates
+    );
+    assert_eq!((report.results_unique, report.dead_lettered), (TASKS, 0));
+    assert_eq!(report.duplicates, 0);
+    assert_eq!((h.retried, h.dead_lettered), (0, 0), "no attempt counted");
+    assert_eq!(h.handler_runs, TASKS as u64, "no handler ran twice");
+    assert_eq!(h.succeeded, TASKS as u64);
+    running.stop().await.unwrap();
+    broker.cleanup().await;
+}
+
+/// Publishes tasks straight to `queue` with `reply_to` set (confirms pipelined), recording
+/// them in the ledger.
+async fn publish_reply_to(
+    ledger: &mut Ledger,
+    broker: &Broker,
+    queue: &str,
+    reply_to: &str,
+    tasks: &[Value],
+) {
+    let mut pending = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        let id = task["id"].as_str().unwrap().to_owned();
+        ledger.published.insert(id.clone());
+        let confirm = broker
+            .channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &serde_json::to_vec(task).unwrap(),
+                BasicProperties::default()
+                    .with_content_type("application/json".into())
+                    .with_delivery_mode(2)
+                    .with_reply_to(reply_to.into()),
+            )
+            .await
+            .unwrap();
+        pending.push((id, confirm));
+    }
+    for (id, confirm) in pending {
+        if let Ok(lapin::Confirmation::Ack(None)) = confirm.await {
+            ledger.confirmed.insert(id);
+        }
+    }
 }
 
 /// F15: the result queue is unbound while the engine runs. Every result is returned

@@ -641,6 +641,77 @@ async fn a_rejected_task_with_a_header_frame_near_frame_max_is_dead_lettered() {
     broker.cleanup().await;
 }
 
+/// The same with a `frame_max` of 16 KiB asked for in the engine's URL: the copy is fitted to
+/// the negotiated size, not to RabbitMQ's default (a 16,000-byte header frame that the engine
+/// reads fine grew past 16 KiB with the failure headers, and the broker closed the engine's
+/// connection for it, again and again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_fit_the_negotiated_frame_max() {
+    const SMALL_FRAME_MAX: usize = 16_384;
+    let mut broker = Broker::connect().await;
+    let (exchange, config, route) = setup(&mut broker, |config| {
+        let url = common::broker_url();
+        let separator = if url.contains('?') { '&' } else { '?' };
+        config.urls = vec![rmq_consumer::config::SecretUrl::new(format!(
+            "{url}{separator}frame_max={SMALL_FRAME_MAX}"
+        ))];
+    });
+    let _cleanup = broker.cleanup_on_panic();
+    let running = Running::start(config, &["echo"]).await;
+
+    let mut ledger = Ledger::new("small-frame-max");
+    let ids = ledger.ids(3);
+    let mut raw = Raw::connect().await;
+    ledger
+        .publish(
+            &broker,
+            &exchange,
+            &route.queue,
+            &[task(&ids[0], json!({}))],
+        )
+        .await;
+    let body = json_body(&task(&ids[1], json!({"mode": "reject"})));
+    let props = properties_of_size(SMALL_FRAME_MAX - 400, body.len(), &ids[1]);
+    ledger.published.insert(ids[1].clone());
+    assert_eq!(
+        raw.publish(&exchange, &route.queue, FLAGS, &props, &body)
+            .await,
+        Published::Confirmed
+    );
+    ledger.confirmed.insert(ids[1].clone());
+    ledger
+        .publish(
+            &broker,
+            &exchange,
+            &route.queue,
+            &[task(&ids[2], json!({}))],
+        )
+        .await;
+    raw.close().await;
+
+    let stats = || running.health.snapshot().handlers[0].clone();
+    eventually("the rejected task dead-lettered", SETTLE, || {
+        stats().dead_lettered >= 1
+    })
+    .await;
+    eventually("the good tasks answered", SETTLE, || stats().succeeded >= 2).await;
+    ledger
+        .drain_route(&broker, &route, Duration::from_millis(500), SETTLE)
+        .await;
+    let report = ledger.assert_nothing_lost();
+    assert_eq!(
+        (report.results_unique, report.dead_lettered),
+        (2, 1),
+        "{report:?}"
+    );
+    let h = &ledger.dead_messages[0].headers;
+    assert!(h["x-headers-dropped"].starts_with("pad ("), "{h:?}");
+    let snapshot = running.health.snapshot();
+    assert_eq!(snapshot.reconnects, 0, "{snapshot:?}");
+    running.stop().await.unwrap();
+    broker.cleanup().await;
+}
+
 /// Short strings that are not UTF-8 (RabbitMQ passes them on unchecked): a header key, a
 /// message-id. lapin's parser failed the whole frame on them (the connection died, the
 /// message came back on the next one, forever); the patched one decodes them lossily, and the

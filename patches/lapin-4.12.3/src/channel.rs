@@ -1054,6 +1054,16 @@ impl Channel {
                 Error::from(ErrorKind::ProtocolError(error))
             }).map_err(|error| info!(channel=%self.id, ?method, code_to_error=%error, "Channel closed with a non-error code")).ok();
         self.set_closing(error.clone());
+        // rmq-consumer patch: frames still queued for this channel would go out after the
+        // close-ok below (it is sent first), on a channel the broker has then forgotten, and
+        // the broker would close the whole connection. It discards them anyway: drop them.
+        self.frames.drop_frames_for_channel(
+            self.id,
+            error.clone().unwrap_or_else(|| {
+                ErrorKind::InvalidChannelState(ChannelState::Closing, "channel.close received")
+                    .into()
+            }),
+        );
         let channel = self.clone();
         self.internal_rpc
             .spawn(async move { channel.channel_close_ok(error).await });

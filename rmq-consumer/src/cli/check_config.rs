@@ -295,6 +295,7 @@ fn view(config: &Config) -> Table {
     );
     t.put("enable_result_cache", json!(config.enable_result_cache));
     t.put("result_cache_size", json!(config.result_cache_size));
+    t.put("result_cache_bytes", json!(config.result_cache_bytes));
     t.put("shutdown_timeout", json!(duration(config.shutdown_timeout)));
     t.put("confirm_timeout", json!(duration(config.confirm_timeout)));
     t.put(

@@ -60,33 +60,13 @@ use super::{
 use crate::{
     amqp::{header_str, long, short},
     engine::settings::DEAD_LETTER_SUFFIX,
-    retry::{ORIGINAL_QUEUE_HEADER, RETRY_COUNT_HEADER},
+    retry::ORIGINAL_QUEUE_HEADER,
 };
 
-/// Headers the engine writes when a message fails; shown first by `peek`, moved into
-/// `x-replayed-failure` by `replay`.
-const FAILURE_HEADERS: &[&str] = &[
-    "x-death-reason",
-    "x-error-kind",
-    "x-last-error",
-    RETRY_COUNT_HEADER,
-    ORIGINAL_QUEUE_HEADER,
-    "x-original-exchange",
-    "x-original-routing-key",
-    "x-handler",
-    "x-first-failure-at",
-    "x-last-failure-at",
-];
-/// The broker's own dead-lettering headers, dropped on replay.
-const BROKER_DEATH_HEADERS: &[&str] = &[
-    "x-death",
-    "x-first-death-queue",
-    "x-first-death-reason",
-    "x-first-death-exchange",
-    "x-last-death-queue",
-    "x-last-death-reason",
-    "x-last-death-exchange",
-];
+use crate::headers::{
+    BROKER_DEATH_HEADERS, FAILURE_HEADERS, REPLAY_COUNT, REPLAYED_AT, REPLAYED_FAILURE,
+    REPLAYED_FROM,
+};
 /// Default number of messages `peek` shows.
 const DEFAULT_PEEK_COUNT: u32 = 10;
 /// Default body bytes `peek` prints per message.
@@ -536,6 +516,7 @@ async fn replay(
         )));
     }
     let budget = limit.map_or(u64::from(ready), |l| l.min(u64::from(ready)));
+    let frame_max = crate::hostile::negotiated_frame_max(connection);
     let channel = connection
         .create_channel()
         .await
@@ -577,7 +558,9 @@ async fn replay(
             }
         } else {
             match publisher.channel().await {
-                Ok(publishing) => replay_one(publishing, dlq, &delivery, target, config).await,
+                Ok(publishing) => {
+                    replay_one(publishing, dlq, &delivery, target, config, frame_max).await
+                }
                 Err(error) => {
                     problem = Some(chain(&error));
                     break;
@@ -688,6 +671,7 @@ async fn replay_one(
     delivery: &Delivery,
     target: &str,
     config: &crate::Config,
+    frame_max: usize,
 ) -> Outcome {
     let skip = |kind: SkipKind, reason: String| Outcome::Skipped {
         kind,
@@ -697,8 +681,12 @@ async fn replay_one(
     // Replayed with the operator's credentials: no routing headers (they would reach more
     // queues than the target) and no `user_id` (the broker refuses another user's).
     let headers = delivery.properties.headers().as_ref();
-    let properties: BasicProperties =
-        crate::amqp::copy_properties(&delivery.properties, replay_headers(headers, dlq), false);
+    let properties: BasicProperties = crate::amqp::copy_properties(
+        &delivery.properties,
+        replay_headers(headers, dlq),
+        false,
+        frame_max,
+    );
     let confirm = match channel
         .basic_publish(
             short(""),
@@ -768,24 +756,25 @@ fn replay_headers(original: Option<&FieldTable>, dlq: &str) -> FieldTable {
             let name = key.as_str();
             if FAILURE_HEADERS.contains(&name) {
                 failure.insert(key.clone(), value.clone());
-            } else if name == "x-replay-count" {
+            } else if name == REPLAY_COUNT {
                 if let AMQPValue::LongLongInt(n) = value {
                     previous_replays = *n;
                 }
-            } else if name == "x-replayed-failure" {
+            } else if name == REPLAYED_FAILURE {
                 previous_failure = Some(value.clone());
             } else if !BROKER_DEATH_HEADERS.contains(&name)
-                && !matches!(name, "x-replayed-from" | "x-replayed-at")
+                && name != REPLAYED_FROM
+                && name != REPLAYED_AT
             {
                 headers.insert(key.clone(), value.clone());
             }
         }
     }
     let now = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
-    headers.insert("x-replayed-from".into(), long(dlq));
-    headers.insert("x-replayed-at".into(), long(&now));
+    headers.insert(REPLAYED_FROM.into(), long(dlq));
+    headers.insert(REPLAYED_AT.into(), long(&now));
     headers.insert(
-        "x-replay-count".into(),
+        REPLAY_COUNT.into(),
         AMQPValue::LongLongInt(previous_replays.saturating_add(1)),
     );
     // The latest failure wins; a message replayed again without failing keeps the old one.
@@ -795,7 +784,7 @@ fn replay_headers(original: Option<&FieldTable>, dlq: &str) -> FieldTable {
         Some(AMQPValue::FieldTable(failure))
     };
     if let Some(failure) = failure {
-        headers.insert("x-replayed-failure".into(), failure);
+        headers.insert(REPLAYED_FAILURE.into(), failure);
     }
     headers
 }

@@ -131,11 +131,14 @@ impl EngineBuilder {
                     result_publish_retry: config.result_publish_retry,
                     cache: config
                         .enable_result_cache
-                        .then(|| ResultCache::new(cache_size)),
+                        .then(|| ResultCache::new(cache_size, config.result_cache_bytes)),
                     health: Arc::clone(&health),
                     index,
                     resubscribe: tokio::sync::Notify::new(),
                     alone: tokio::sync::RwLock::new(()),
+                    frame_max: std::sync::atomic::AtomicUsize::new(
+                        crate::hostile::DEFAULT_FRAME_MAX,
+                    ),
                     abandoned: std::sync::Mutex::default(),
                 })
             })
@@ -453,8 +456,8 @@ impl Engine {
             )
             .await
             .map_err(|source| crate::error::TopologyError {
-                what: "channel",
-                name: "publisher".to_owned(),
+                what: "open the publish channels of",
+                name: "the publisher".to_owned(),
                 source,
             })
         };

@@ -31,12 +31,11 @@ use lapin::{
 
 use crate::amqp::{self, RetryCount};
 
-/// The header counting a task's deliveries that ended without a settlement. Written as a
-/// 64-bit signed integer.
-pub const LOST_DELIVERIES_HEADER: &str = "x-lost-deliveries";
+/// The header counting a task's deliveries that ended without a settlement
+/// ([`crate::headers::LOST_DELIVERIES`]).
+pub use crate::headers::LOST_DELIVERIES as LOST_DELIVERIES_HEADER;
 
-/// The quorum queue's own count of a message's earlier deliveries.
-const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
+use crate::headers::DELIVERY_COUNT as DELIVERY_COUNT_HEADER;
 
 /// The error kind (and dead-letter reason) of a task dead-lettered by the guard.
 pub(crate) const WORKER_LOST: &str = "worker_lost";

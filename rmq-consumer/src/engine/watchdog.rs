@@ -106,7 +106,13 @@ pub(crate) async fn run(
             return;
         }
         for worker in &workers {
-            let depth = probe_depth(&connection, &mut probe, &worker.settings.queue).await;
+            let depth = probe_depth(
+                &connection,
+                &mut probe,
+                &worker.settings.queue,
+                settings.period,
+            )
+            .await;
             let stats = &health.handlers[worker.index];
             if let Some(depth) = depth {
                 stats.queue_depth.store(depth.into(), Relaxed);
@@ -176,30 +182,54 @@ pub(crate) struct WatchdogSettings {
 }
 
 /// Ready messages in `queue`, by a passive declare on the probe channel (reopened when a
-/// failed probe closed it).
+/// failed probe closed it). Bounded by `wait`: a blocked connection (a resource alarm) answers
+/// nothing, and the watchdog must not hang on it. A probe that timed out leaves its channel
+/// (a late answer there would be read as the next probe's), which is closed in the background.
 async fn probe_depth(
     connection: &Connection,
     probe: &mut Option<Channel>,
     queue: &str,
+    wait: Duration,
 ) -> Option<u32> {
     if !probe.as_ref().is_some_and(|c| c.status().connected()) {
-        *probe = connection.create_channel().await.ok();
+        *probe = match tokio::time::timeout(wait, connection.create_channel()).await {
+            Ok(Ok(channel)) => Some(channel),
+            Ok(Err(error)) => {
+                debug!(error = %error, "watchdog: cannot open the probe channel");
+                None
+            }
+            Err(_) => {
+                debug!("watchdog: opening the probe channel timed out");
+                None
+            }
+        };
     }
     let channel = probe.as_ref()?;
-    let declared = channel
-        .queue_declare(
+    let declared = tokio::time::timeout(
+        wait,
+        channel.queue_declare(
             short(queue),
             QueueDeclareOptions {
                 passive: true,
                 ..QueueDeclareOptions::default()
             },
             FieldTable::default(),
-        )
-        .await;
+        ),
+    )
+    .await;
     match declared {
-        Ok(queue) => Some(queue.message_count()),
-        Err(error) => {
+        Ok(Ok(queue)) => Some(queue.message_count()),
+        Ok(Err(error)) => {
             debug!(queue, error = %error, "watchdog: probe failed");
+            None
+        }
+        Err(_) => {
+            debug!(queue, "watchdog: probe timed out");
+            if let Some(stale) = probe.take() {
+                tokio::spawn(async move {
+                    let _ = stale.close(200, "probe timed out".into()).await;
+                });
+            }
             None
         }
     }

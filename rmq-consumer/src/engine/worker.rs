@@ -30,7 +30,7 @@ use crate::{
     health::{HandlerStats, Health},
     publisher::Publisher,
     registry::Call,
-    retry::{self, Decision, RETRY_COUNT_HEADER},
+    retry::{self, Decision},
     topology,
     trace::{TRACEPARENT, TraceParent},
 };
@@ -68,6 +68,9 @@ pub(crate) struct Worker {
     /// Held shared by every delivery at work and alone by a suspect (see
     /// [`redelivery`]): a suspect runs with no other call of this handler beside it.
     pub(crate) alone: tokio::sync::RwLock<()>,
+    /// The `frame_max` negotiated on the connection of the latest subscription: copies are
+    /// fitted to it.
+    pub(crate) frame_max: std::sync::atomic::AtomicUsize,
     /// Deliveries this process gave up on itself (their redelivery is not counted).
     pub(crate) abandoned: std::sync::Mutex<Abandoned>,
 }
@@ -116,6 +119,8 @@ impl Worker {
         shutdown: CancellationToken,
     ) -> Stop {
         let name = &self.settings.name;
+        self.frame_max
+            .store(crate::hostile::negotiated_frame_max(&connection), Relaxed);
         loop {
             let subscription = match self.subscribe(&connection).await {
                 Ok(subscription) => subscription,
@@ -275,6 +280,11 @@ impl Worker {
         }
     }
 
+    /// The `frame_max` every copy must fit.
+    fn frame_max(&self) -> usize {
+        self.frame_max.load(Relaxed)
+    }
+
     /// Declares the handler's topology (with `declare = false`: checks that it exists) and
     /// consumes its work queue (`basic.qos` as set) and
     /// its suspect queue (`basic.qos` 1), each on a channel of its own: a channel's acks run
@@ -308,11 +318,11 @@ impl Worker {
         let channel = connection
             .create_channel()
             .await
-            .map_err(|source| topology_error("channel", queue, source))?;
+            .map_err(|source| topology_error("open a channel for", queue, source))?;
         channel
             .basic_qos(qos, BasicQosOptions::default())
             .await
-            .map_err(|source| topology_error("qos", queue, source))?;
+            .map_err(|source| topology_error("set basic.qos on queue", queue, source))?;
         let consumer = channel
             .basic_consume(
                 short(queue),
@@ -321,7 +331,7 @@ impl Worker {
                 FieldTable::default(),
             )
             .await
-            .map_err(|source| topology_error("consumer", queue, source))?;
+            .map_err(|source| topology_error("consume from queue", queue, source))?;
         Ok((channel, consumer))
     }
 
@@ -389,12 +399,14 @@ impl Worker {
                     },
                 },
             };
+            let overrun = Overrun::default();
             let work = async {
                 // Boxed: the pipeline's future is several KiB, and an idle task should not
                 // hold one. A panic outside the handler (a bug: handler panics are caught
                 // where it runs) costs this delivery, which stays unsettled until its channel
                 // closes, not the task and its slot.
-                let pipeline = Box::pin(self.process(&publisher, &settler, delivery, &lost));
+                let pipeline =
+                    Box::pin(self.process(&publisher, &settler, delivery, &lost, &overrun));
                 if AssertUnwindSafe(pipeline).catch_unwind().await.is_err() {
                     error!(handler = %self.settings.name,
                         "the delivery pipeline panicked; the delivery stays unsettled until its channel closes");
@@ -408,6 +420,23 @@ impl Worker {
                 Lane::Suspect => {
                     let _alone = self.alone.write().await;
                     work.await;
+                }
+            }
+            // A blocking handler that overran `message_timeout` still runs on its thread
+            // (threads cannot be cancelled); its message was retried. This slot waits for it
+            // before taking another delivery: at most one handler thread per slot, never a
+            // pile of them growing by one per overrun until the blocking pool runs out.
+            let left = overrun
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+            if let Some(thread) = left {
+                warn!(handler = %self.settings.name,
+                    "a blocking handler overran message_timeout and cannot be stopped; its slot waits for it to return");
+                tokio::select! {
+                    biased;
+                    () = stop.cancelled() => return,
+                    _ = thread => {}
                 }
             }
         }
@@ -424,6 +453,7 @@ impl Worker {
         settler: &Settler,
         delivery: Delivery,
         lost: &CancellationToken,
+        overrun: &Overrun,
     ) {
         let stats = self.stats();
         stats.received.fetch_add(1, Relaxed);
@@ -453,7 +483,7 @@ impl Worker {
                 self.settings.max_redeliveries,
             );
             let handled = match verdict {
-                Verdict::Run => Some(self.handle(&delivery).await),
+                Verdict::Run => Some(self.handle(&delivery, overrun).await),
                 Verdict::Suspect { .. } | Verdict::Exhausted { .. } => None,
             };
             let finish = async {
@@ -517,7 +547,11 @@ impl Worker {
 
     /// Decodes and runs the handler; `Ok(Some)` is a result to publish before the ack,
     /// `Ok(None)` means the input may be acked as it is.
-    async fn handle(&self, delivery: &Delivery) -> Result<Option<Reply>, HandlerError> {
+    async fn handle(
+        &self,
+        delivery: &Delivery,
+        overrun: &Overrun,
+    ) -> Result<Option<Reply>, HandlerError> {
         crate::hostile::check(delivery)?;
         if delivery.data.len() > self.max_body_size {
             return Err(HandlerError::with_kind(
@@ -559,7 +593,7 @@ impl Worker {
         let run = || async move {
             stats.handler_runs.fetch_add(1, Relaxed);
             let started = std::time::Instant::now();
-            let output = run_call(prepared.call, timeout).await;
+            let output = run_call(prepared.call, timeout, overrun).await;
             stats
                 .handler_duration
                 .observe(started.elapsed().as_secs_f64());
@@ -655,10 +689,14 @@ impl Worker {
         })
     }
 
-    /// Publishes a result; one the broker nacks is published again, with backoff, for up to
-    /// `result_publish_retry`. A nack is the broker saying "not now" (a quorum queue between
-    /// leaders, a full queue with `reject-publish`): the handler's work is kept instead of
-    /// counting an attempt and running it again. Other failures return at once.
+    /// Publishes a result; one the broker nacks, or refuses because the result exchange does
+    /// not exist, is published again, with backoff, for up to `result_publish_retry`. A nack
+    /// is the broker saying "not now" (a quorum queue between leaders, a full queue with
+    /// `reject-publish`), and an exchange deleted under a running engine is usually declared
+    /// again soon (by an operator, a redeploy, this engine's next reconnect): the handler's
+    /// work is kept instead of counting an attempt and running it again. (A result refused
+    /// with its exchange may have been routed just before the delete: publishing it again
+    /// then duplicates it, as the handler's retry would.) Other failures return at once.
     async fn publish_result(
         &self,
         publisher: &Publisher,
@@ -674,23 +712,27 @@ impl Worker {
             let outcome = publisher
                 .publish(exchange, routing_key, body.clone(), properties.clone())
                 .await;
-            match &outcome {
+            let why = match &outcome {
                 Err(PublishError::Nacked { .. }) => {
                     stats.results_nacked.fetch_add(1, Relaxed);
-                    let now = std::time::Instant::now();
-                    if now + pause > deadline {
-                        return outcome;
-                    }
-                    debug!(pause = ?pause, "the broker nacked the result; publishing it again");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(RESULT_REPUBLISH_MAX_PAUSE);
+                    "the broker nacked the result"
+                }
+                Err(PublishError::ExchangeNotFound { .. }) => {
+                    stats.results_exchange_missing.fetch_add(1, Relaxed);
+                    "the result exchange does not exist"
                 }
                 Err(PublishError::Unroutable { .. }) => {
                     stats.results_returned.fetch_add(1, Relaxed);
                     return outcome;
                 }
                 _ => return outcome,
+            };
+            if std::time::Instant::now() + pause > deadline {
+                return outcome;
             }
+            debug!(pause = ?pause, "{why}; publishing it again");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(RESULT_REPUBLISH_MAX_PAUSE);
         }
     }
 
@@ -729,7 +771,8 @@ impl Worker {
                     None => (self.settings.queue.clone(), "now".to_owned()),
                 };
                 let headers = self.failure_headers(&delivery, &failure, count, None);
-                let properties = amqp::copy_properties(&delivery.properties, headers, false);
+                let properties =
+                    amqp::copy_properties(&delivery.properties, headers, false, self.frame_max());
                 match self
                     .publish_copy(publisher, &routing_key, &delivery, properties)
                     .await
@@ -766,7 +809,8 @@ impl Worker {
                     amqp::RetryCount::Malformed => 0,
                 };
                 let headers = self.failure_headers(&delivery, &failure, count, Some(why));
-                let properties = amqp::copy_properties(&delivery.properties, headers, true);
+                let properties =
+                    amqp::copy_properties(&delivery.properties, headers, true, self.frame_max());
                 match self
                     .publish_copy(publisher, dlq, &delivery, properties)
                     .await
@@ -801,7 +845,11 @@ impl Worker {
     }
 
     /// The retry or DLQ copy could not be published: give the message back to the broker
-    /// (after a pause), so it is redelivered rather than lost.
+    /// (after a pause), so it is redelivered rather than lost. A copy of unknown fate
+    /// ([`PublishError::may_have_been_kept`]) is counted in `uncertain_copies`: the broker may
+    /// then hold it beside the requeued original. (A copy that failed only because another
+    /// publish of its lane's batch named a missing exchange never gets here: the publisher
+    /// sends it again.)
     async fn hand_back(
         &self,
         settler: &Settler,
@@ -809,8 +857,16 @@ impl Worker {
         failure: &HandlerError,
         error: &PublishError,
     ) {
-        error!(error = %failure, publish_error = %crate::error::chain(error),
-            "processing failed and the retry/dead-letter copy could not be published; returning the message to the queue");
+        if error.may_have_been_kept() {
+            // The copy may be in its queue too: at-least-once keeps the original (requeued
+            // below) rather than risk losing both, at the cost of one more run, counted.
+            self.stats().uncertain_copies.fetch_add(1, Relaxed);
+            error!(error = %failure, publish_error = %crate::error::chain(error),
+                "processing failed and the retry/dead-letter copy was not confirmed (the broker may hold it); returning the message to the queue, so the task may run once more");
+        } else {
+            error!(error = %failure, publish_error = %crate::error::chain(error),
+                "processing failed and the retry/dead-letter copy could not be published; returning the message to the queue");
+        }
         tokio::time::sleep(REQUEUE_PAUSE).await;
         self.abandon(delivery);
         let nacked = settler.settle(delivery.delivery_tag, How::Requeue).await;
@@ -827,7 +883,8 @@ impl Worker {
         count: u32,
     ) {
         let headers = redelivery::counted(delivery.properties.headers().as_ref(), count);
-        let properties = amqp::copy_properties(&delivery.properties, headers, false);
+        let properties =
+            amqp::copy_properties(&delivery.properties, headers, false, self.frame_max());
         let suspect_queue = self.settings.suspect_queue();
         match self
             .publish_copy(publisher, &suspect_queue, &delivery, properties)
@@ -890,31 +947,26 @@ impl Worker {
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();
         let now = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
         let reason = amqp::truncate(failure.message(), MAX_REASON_BYTES);
-        headers.insert(
-            RETRY_COUNT_HEADER.into(),
-            AMQPValue::LongLongInt(count.into()),
-        );
-        if !headers.contains_key("x-first-failure-at") {
-            headers.insert("x-first-failure-at".into(), long(&now));
+        use crate::headers as h;
+        headers.insert(h::RETRY_COUNT.into(), AMQPValue::LongLongInt(count.into()));
+        if !headers.contains_key(h::FIRST_FAILURE_AT) {
+            headers.insert(h::FIRST_FAILURE_AT.into(), long(&now));
         }
-        headers.insert("x-last-failure-at".into(), long(&now));
-        headers.insert("x-last-error".into(), long(reason));
-        headers.insert("x-error-kind".into(), long(failure.kind()));
+        headers.insert(h::LAST_FAILURE_AT.into(), long(&now));
+        headers.insert(h::LAST_ERROR.into(), long(reason));
+        headers.insert(h::ERROR_KIND.into(), long(failure.kind()));
         if let Some(why) = dead_letter_reason {
-            headers.insert("x-death-reason".into(), long(&format!("{why}: {reason}")));
+            headers.insert(h::DEATH_REASON.into(), long(&format!("{why}: {reason}")));
+            headers.insert(h::ORIGINAL_QUEUE.into(), long(&self.settings.queue));
             headers.insert(
-                crate::retry::ORIGINAL_QUEUE_HEADER.into(),
-                long(&self.settings.queue),
-            );
-            headers.insert(
-                "x-original-exchange".into(),
+                h::ORIGINAL_EXCHANGE.into(),
                 long(delivery.exchange.as_str()),
             );
             headers.insert(
-                "x-original-routing-key".into(),
+                h::ORIGINAL_ROUTING_KEY.into(),
                 long(delivery.routing_key.as_str()),
             );
-            headers.insert("x-handler".into(), long(&self.settings.name));
+            headers.insert(h::HANDLER.into(), long(&self.settings.name));
         }
         headers
     }
@@ -926,36 +978,50 @@ struct Reply {
     properties: BasicProperties,
 }
 
-/// Runs the handler call under the timeout, turning panics into retryable errors.
-async fn run_call(call: Call, timeout: Duration) -> HandlerOutput {
-    let run = async move {
-        match call {
-            Call::Async(call) => AssertUnwindSafe(async move { call().await })
-                .catch_unwind()
-                .await
-                .unwrap_or_else(|panic| Err(panicked("the handler", &*panic))),
-            Call::Blocking(call) => match tokio::task::spawn_blocking(call).await {
-                Ok(output) => output,
-                Err(error) if error.is_panic() => {
+/// A blocking handler's thread that outlived its `message_timeout`, left for its slot to wait
+/// for.
+type Overrun = std::sync::Mutex<Option<tokio::task::JoinHandle<HandlerOutput>>>;
+
+/// Runs the handler call under the timeout, turning panics into retryable errors. A blocking
+/// call that times out leaves its thread in `overrun`.
+async fn run_call(call: Call, timeout: Duration, overrun: &Overrun) -> HandlerOutput {
+    let timed_out = || {
+        Err(HandlerError::with_kind(
+            FailureAction::Retry,
+            "timeout",
+            format_args!("the handler did not finish within {timeout:?}"),
+        ))
+    };
+    match call {
+        Call::Async(call) => {
+            let run = AssertUnwindSafe(async move { call().await }).catch_unwind();
+            match tokio::time::timeout(timeout, run).await {
+                Ok(Ok(output)) => output,
+                Ok(Err(panic)) => Err(panicked("the handler", &*panic)),
+                Err(_) => timed_out(),
+            }
+        }
+        Call::Blocking(call) => {
+            let mut thread = tokio::task::spawn_blocking(call);
+            match tokio::time::timeout(timeout, &mut thread).await {
+                Ok(Ok(output)) => output,
+                Ok(Err(error)) if error.is_panic() => {
                     Err(panicked("the handler", &*error.into_panic()))
                 }
-                Err(error) => Err(HandlerError::with_kind(
+                Ok(Err(error)) => Err(HandlerError::with_kind(
                     FailureAction::Retry,
                     "cancelled",
                     error,
                 )),
-            },
+                Err(_) => {
+                    *overrun
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(thread);
+                    timed_out()
+                }
+            }
         }
-    };
-    tokio::time::timeout(timeout, run)
-        .await
-        .unwrap_or_else(|_| {
-            Err(HandlerError::with_kind(
-                FailureAction::Retry,
-                "timeout",
-                format_args!("the handler did not finish within {timeout:?}"),
-            ))
-        })
+    }
 }
 
 fn panicked(what: &str, payload: &(dyn std::any::Any + Send)) -> HandlerError {
