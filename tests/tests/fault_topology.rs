@@ -289,11 +289,7 @@ async fn a5_a_queue_locked_by_another_connection_is_waited_for() {
         task.await
     );
     assert!(!health.snapshot().handlers[0].consuming);
-    holder
-        .connection
-        .close(200, "done".into())
-        .await
-        .unwrap();
+    holder.connection.close(200, "done".into()).await.unwrap();
     let running = Running { stop, health, task };
     running.wait_consuming(Duration::from_secs(20)).await;
     let mut ledger = Ledger::new("A5-locked");
