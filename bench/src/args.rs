@@ -112,3 +112,48 @@ pub(crate) fn parse_args(args: &[String]) -> Res<Args> {
         prefetch,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Res<Args> {
+        parse_args(&args.iter().map(|&a| a.to_owned()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn no_scenario_means_all_at_full_size() {
+        let args = parse(&[]).unwrap();
+        assert_eq!(args.scenarios, ["S1", "S2", "S3", "L", "M", "H"]);
+        assert_eq!(args.sizes.s1, FULL.s1);
+        assert_eq!((args.runs, args.runs_low), (9, 1));
+    }
+
+    #[test]
+    fn quick_runs_and_filters_are_read() {
+        let args = parse(&[
+            "s1",
+            "S2",
+            "--quick",
+            "--runs",
+            "3",
+            "--only",
+            "raw",
+            "--prefetch",
+            "256",
+        ])
+        .unwrap();
+        assert_eq!(args.scenarios, ["S1", "S2"]);
+        assert_eq!(args.sizes.s1, QUICK.s1);
+        assert_eq!((args.runs_for(4), args.runs_for(256)), (3, 3));
+        assert_eq!(args.only, Some(Imp::Raw));
+        assert_eq!(args.prefetch, Some(256));
+    }
+
+    #[test]
+    fn unknown_arguments_are_refused() {
+        assert!(parse(&["S4"]).is_err());
+        assert!(parse(&["--only", "both"]).is_err());
+        assert!(parse(&["--runs"]).is_err());
+    }
+}

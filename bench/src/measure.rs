@@ -567,3 +567,29 @@ pub(crate) struct Latency {
     /// `None` for the broker-only baseline.
     pub(crate) report: Option<Report>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_task_body_is_padded_to_its_size() {
+        assert_eq!(task_body(42, 7).unwrap().len(), BODY_SIZE);
+    }
+
+    #[test]
+    fn a_bomb_body_is_json_of_about_its_size() {
+        let body = bomb_body(7_000);
+        assert_eq!(body.len(), 7_000 + 1);
+        let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(value.as_array().map(Vec::len), Some(1_000));
+    }
+
+    #[test]
+    fn percentiles_are_nearest_rank_in_ms() {
+        let us: Vec<u64> = (1..=100).map(|ms| ms * 1000).collect();
+        assert_eq!(percentile(&us, 0.50), 50.0);
+        assert_eq!(percentile(&us, 0.99), 99.0);
+        assert!(percentile(&[], 0.5).is_nan());
+    }
+}

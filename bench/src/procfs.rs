@@ -101,3 +101,26 @@ pub(crate) fn load_average() -> String {
         .and_then(|text| text.split_whitespace().next().map(str::to_owned))
         .unwrap_or_else(|| "?".to_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_port_comes_from_the_url_or_the_scheme() {
+        assert_eq!(
+            url_port("amqp://guest:guest@127.0.0.1:5673/%2f"),
+            Some(5673)
+        );
+        assert_eq!(url_port("amqp://localhost/%2f"), Some(5672));
+        assert_eq!(url_port("amqps://user:pw@host"), Some(5671));
+        assert_eq!(url_port("amqp://[::1]/%2f"), Some(5672));
+        assert_eq!(url_port("localhost"), None);
+    }
+
+    #[test]
+    fn this_process_has_cpu_time_and_a_peak_rss() {
+        assert!(cpu_seconds().unwrap() >= 0.0);
+        assert!(peak_rss_kib().unwrap() > 0);
+    }
+}

@@ -211,3 +211,24 @@ pub(crate) fn print_outcome(out: &Outcome, args: &Args, elapsed: Duration) {
     println!();
     println!("total time {:.0?}", elapsed);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thousands_are_separated() {
+        assert_eq!(thousands(0.0), "0");
+        assert_eq!(thousands(999.4), "999");
+        assert_eq!(thousands(12_955.0), "12,955");
+        assert_eq!(thousands(1_234_567.0), "1,234,567");
+        assert_eq!(thousands(f64::NAN), "-");
+    }
+
+    #[test]
+    fn the_median_of_an_even_count_is_the_midpoint() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(Vec::new()).is_nan());
+    }
+}
