@@ -1,0 +1,595 @@
+//! The parent's side of a measurement: its broker connection and names, the prefill, a child
+//! drained queue, hostile bodies, and request → result latency.
+
+use std::{
+    collections::VecDeque,
+    time::{Duration, Instant},
+};
+
+use futures_util::StreamExt;
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+    options::{
+        BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+        ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    },
+    types::FieldTable,
+};
+use rmq_consumer::config::SecretUrl;
+use serde::Serialize;
+
+use crate::{
+    Res,
+    child::{Child, Imp, Reply, Report, Spec, Work},
+    procfs::{broker_pid, cpu_seconds_of},
+    report::thousands,
+};
+
+/// Size of every task body, in bytes.
+const BODY_SIZE: usize = 200;
+/// Publishes in flight while prefilling.
+const PREFILL_WINDOW: usize = 2_000;
+
+/// The broker counts as idle when it used at most this share of one core over a window.
+const SETTLE_IDLE_SHARE: f64 = 0.05;
+const SETTLE_WINDOW: Duration = Duration::from_millis(250);
+const SETTLE_MAX: Duration = Duration::from_secs(10);
+/// A task as the bench publishes it: ~200 bytes of JSON.
+#[derive(Debug, Serialize)]
+struct TaskBody<'a> {
+    id: u64,
+    sent_us: u64,
+    kind: &'a str,
+    user: &'a str,
+    payload: &'a str,
+}
+
+/// The parent's broker connection, and every name it created (deleted at the end).
+pub(crate) struct Bench {
+    pub(crate) url: String,
+    pub(crate) connection: Connection,
+    pub(crate) channel: Channel,
+    pub(crate) exchange: String,
+    pub(crate) run_id: String,
+    pub(crate) seq: u32,
+    pub(crate) queues: Vec<String>,
+    pub(crate) started: Instant,
+    /// The broker's process, to measure its CPU time per measurement.
+    pub(crate) broker: Option<String>,
+}
+
+impl Bench {
+    pub(crate) async fn connect(url: String) -> Res<Self> {
+        let connection = Connection::connect(&url, ConnectionProperties::default())
+            .await
+            .map_err(|e| {
+                format!(
+                    "the bench needs a running RabbitMQ at {} (set RMQ_CONSUMER_URL): {e}",
+                    SecretUrl::new(url.clone())
+                )
+            })?;
+        let channel = connection.create_channel().await?;
+        let run_id = format!(
+            "{}.{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+        );
+        let exchange = format!("rmq-consumer.bench.{run_id}");
+        channel
+            .exchange_declare(
+                exchange.as_str().into(),
+                ExchangeKind::Direct,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let broker = broker_pid(&url);
+        Ok(Self {
+            url,
+            connection,
+            channel,
+            exchange,
+            run_id,
+            seq: 0,
+            queues: Vec::new(),
+            started: Instant::now(),
+            broker,
+        })
+    }
+
+    /// A fresh durable queue, plus its bound result queue for the request-result work.
+    pub(crate) async fn fresh_queues(
+        &mut self,
+        tag: &str,
+        work: Work,
+    ) -> Res<(String, String, String)> {
+        self.seq += 1;
+        let queue = format!("bench.{tag}.{}.{}", self.run_id, self.seq);
+        let results = format!("{queue}.results");
+        let reply_key = format!("{queue}.done");
+        // The engine declares `<queue>.dlq`; it is deleted with the rest.
+        self.queues.extend([
+            queue.clone(),
+            results.clone(),
+            format!("{queue}.dlq"),
+            format!("{queue}.suspect"),
+        ]);
+        self.declare(&queue).await?;
+        if work == Work::Request {
+            self.declare(&results).await?;
+            self.channel
+                .queue_bind(
+                    results.as_str().into(),
+                    self.exchange.as_str().into(),
+                    reply_key.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        Ok((queue, results, reply_key))
+    }
+
+    pub(crate) async fn declare(&self, queue: &str) -> Res<()> {
+        self.channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions::durable(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes the queues created so far.
+    pub(crate) async fn delete_queues(&mut self) -> Res<()> {
+        for queue in std::mem::take(&mut self.queues) {
+            self.channel
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await?;
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn cleanup(mut self) -> Res<()> {
+        // A measurement can fail because the broker closed the connection (e.g. another
+        // process ran `rabbitmqctl close_all_connections`): clean up on a fresh one.
+        if !self.connection.status().connected() {
+            self.connection =
+                Connection::connect(&self.url, ConnectionProperties::default()).await?;
+        }
+        if !self.channel.status().connected() {
+            self.channel = self.connection.create_channel().await?;
+        }
+        self.delete_queues().await?;
+        self.channel
+            .exchange_delete(
+                self.exchange.as_str().into(),
+                ExchangeDeleteOptions::default(),
+            )
+            .await?;
+        self.connection.close(200, "bench done".into()).await?;
+        Ok(())
+    }
+
+    pub(crate) fn broker_cpu(&self) -> Option<f64> {
+        self.broker
+            .as_deref()
+            .and_then(|pid| cpu_seconds_of(pid).ok())
+    }
+
+    /// Waits until the broker is idle: deleting a queue of persistent messages, or taking a
+    /// prefill, leaves it writing and compacting for a while, and that work would otherwise land
+    /// in the next measurement (either implementation's, at random). At most [`SETTLE_MAX`].
+    pub(crate) async fn settle(&self) -> Duration {
+        let started = Instant::now();
+        let Some(mut before) = self.broker_cpu() else {
+            return Duration::ZERO;
+        };
+        while started.elapsed() < SETTLE_MAX {
+            tokio::time::sleep(SETTLE_WINDOW).await;
+            let Some(now) = self.broker_cpu() else {
+                break;
+            };
+            if now - before <= SETTLE_WINDOW.as_secs_f64() * SETTLE_IDLE_SHARE {
+                break;
+            }
+            before = now;
+        }
+        started.elapsed()
+    }
+
+    pub(crate) fn now_us(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// Publishes `count` persistent tasks to `queue` with pipelined confirms.
+    pub(crate) async fn prefill(&self, queue: &str, count: u64) -> Res<()> {
+        let channel = self.connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let mut pending = VecDeque::with_capacity(PREFILL_WINDOW);
+        for id in 0..count {
+            let confirm = publish_task(&channel, queue, id, 0).await?;
+            pending.push_back(confirm);
+            if pending.len() >= PREFILL_WINDOW
+                && let Some(oldest) = pending.pop_front()
+            {
+                confirmed(oldest.await?)?;
+            }
+        }
+        for confirm in pending {
+            confirmed(confirm.await?)?;
+        }
+        channel.close(200, "prefilled".into()).await?;
+        Ok(())
+    }
+
+    pub(crate) fn spec(
+        &self,
+        imp: Imp,
+        work: Work,
+        names: &(String, String, String),
+        prefetch: u16,
+        count: u64,
+    ) -> Spec {
+        Spec {
+            imp,
+            work,
+            queue: names.0.clone(),
+            exchange: self.exchange.clone(),
+            reply_key: names.2.clone(),
+            results: names.1.clone(),
+            prefetch,
+            count,
+            timeout_s: 120 + count / 200,
+            budget: None,
+        }
+    }
+
+    /// Prefills a fresh queue with `count` tasks and drains it with one child.
+    pub(crate) async fn measure(
+        &mut self,
+        tag: &str,
+        imp: Imp,
+        work: Work,
+        prefetch: u16,
+        count: u64,
+    ) -> Res<Report> {
+        let names = self.fresh_queues(tag, work).await?;
+        let prefill_started = Instant::now();
+        self.prefill(&names.0, count).await?;
+        let prefill = prefill_started.elapsed();
+        let spec = self.spec(imp, work, &names, prefetch, count);
+        let settle = self.settle().await;
+        let broker_before = self.broker_cpu();
+        let mut child = Child::spawn(&spec, &self.url)?;
+        let pid = child.process.id().unwrap_or(0);
+        let mut report = child
+            .report(Duration::from_secs(spec.timeout_s + 30))
+            .await?;
+        report.broker_cpu_s = broker_before.zip(self.broker_cpu()).map(|(a, b)| b - a);
+        self.delete_queues().await?;
+        if report.processed < count {
+            return Err(format!(
+                "{tag} {}: only {} of {count} messages were processed before the timeout",
+                imp.label(),
+                report.processed
+            )
+            .into());
+        }
+        let slots = report.slots.map_or_else(String::new, |slots| {
+            format!(
+                "; wait {:.2} ms, slots busy {:.1} %, gap {:.3} ms",
+                slots.wait_ms,
+                slots.busy * 100.0,
+                slots.gap_ms
+            )
+        });
+        eprintln!(
+            "  {tag:<3} prefetch {prefetch:>3} {:<9}: {:>7} msg/s, {:.3} CPU s/10k \
+             (broker {:.3}), peak RSS {:.1} MiB, max in flight {} (prefill {:.1?}, drain {:.1?}, \
+             settle {settle:.1?}, pid {pid}){slots}",
+            imp.label(),
+            thousands(report.rate()),
+            report.cpu_per_10k(),
+            report.broker_cpu_per_10k(),
+            report.rss_mib(),
+            report.max_in_flight,
+            prefill,
+            Duration::from_secs_f64(report.secs),
+        );
+        Ok(report)
+    }
+
+    /// H: `count` copies of a hostile body of about `body_bytes` (`[{"":0},...]`, ~100 times
+    /// its size as a `Value`) drained by the framework at prefetch 4 with the handler budget
+    /// `budget` (`None`: the default); the consumer's peak RSS is the point.
+    pub(crate) async fn measure_bombs(
+        &mut self,
+        body_bytes: usize,
+        budget: Option<u64>,
+        count: u64,
+    ) -> Res<Report> {
+        let names = self.fresh_queues("h", Work::Bomb).await?;
+        let body = bomb_body(body_bytes);
+        let channel = self.connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        for _ in 0..count {
+            let confirm = channel
+                .basic_publish(
+                    "".into(),
+                    names.0.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await?;
+            confirmed(confirm.await?)?;
+        }
+        channel.close(200, "prefilled".into()).await?;
+        let mut spec = self.spec(Imp::Framework, Work::Bomb, &names, 4, count);
+        spec.budget = budget;
+        self.settle().await;
+        let mut child = Child::spawn(&spec, &self.url)?;
+        let report = child
+            .report(Duration::from_secs(spec.timeout_s + 30))
+            .await?;
+        self.delete_queues().await?;
+        if report.processed < count {
+            return Err(format!(
+                "H: only {} of {count} bodies were settled before the timeout",
+                report.processed
+            )
+            .into());
+        }
+        eprintln!(
+            "  h   {:.1} MiB bodies, budget {}: peak RSS {:.1} MiB",
+            body_bytes as f64 / 1_048_576.0,
+            budget.map_or("default".to_owned(), |b| format!("{b}")),
+            report.rss_mib()
+        );
+        Ok(report)
+    }
+
+    /// Publishes `rate` tasks per second for `secs` seconds to a consumer started on an empty
+    /// queue; measures request → result latency at the result queue. Without a consumer
+    /// (`imp` is `None`) the tasks go straight to the result queue: the broker's own floor.
+    pub(crate) async fn latency(
+        &mut self,
+        imp: Option<Imp>,
+        prefetch: u16,
+        rate: u64,
+        secs: u64,
+    ) -> Res<Latency> {
+        let names = self.fresh_queues("l", Work::Request).await?;
+        let total = rate * secs;
+        let spec = self.spec(
+            imp.unwrap_or(Imp::Raw),
+            Work::Request,
+            &names,
+            prefetch,
+            total,
+        );
+        let mut child = match imp {
+            Some(_) => {
+                let mut child = Child::spawn(&spec, &self.url)?;
+                child.ready(Duration::from_secs(60)).await?;
+                Some(child)
+            }
+            None => None,
+        };
+        let target = if imp.is_some() { &names.0 } else { &names.1 };
+
+        let results_channel = self.connection.create_channel().await?;
+        let mut results = results_channel
+            .basic_consume(
+                names.1.as_str().into(),
+                "bench-latency".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let started = self.started;
+        let want = usize::try_from(total)?;
+        let collector = tokio::spawn(async move {
+            let mut latencies_us = Vec::with_capacity(want);
+            while latencies_us.len() < want {
+                let next = tokio::time::timeout(Duration::from_secs(10), results.next()).await;
+                let Ok(Some(Ok(delivery))) = next else { break };
+                let now = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                if let Ok(reply) = serde_json::from_slice::<Reply>(&delivery.data) {
+                    latencies_us.push(now.saturating_sub(reply.sent_us));
+                }
+            }
+            latencies_us
+        });
+
+        let publisher = self.connection.create_channel().await?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let interval = Duration::from_secs(1).as_nanos() / u128::from(rate);
+        let begin = tokio::time::Instant::now();
+        let mut confirms = Vec::with_capacity(want);
+        for id in 0..total {
+            let offset = Duration::from_nanos(u64::try_from(interval * u128::from(id))?);
+            tokio::time::sleep_until(begin + offset).await;
+            let confirm = publish_task(&publisher, target, id, self.now_us()).await?;
+            let sent = Instant::now();
+            // Awaited concurrently, to time the broker's confirms of these persistent tasks.
+            confirms.push(tokio::spawn(async move {
+                let confirmation = confirm.await;
+                (confirmation, sent.elapsed())
+            }));
+        }
+        let mut confirm_us = Vec::with_capacity(want);
+        for confirm in confirms {
+            let (confirmation, took) = confirm.await?;
+            confirmed(confirmation?)?;
+            confirm_us.push(u64::try_from(took.as_micros()).unwrap_or(u64::MAX));
+        }
+        confirm_us.sort_unstable();
+        let _ = publisher.close(200, "published".into()).await;
+        let mut latencies_us = collector.await?;
+        let _ = results_channel.close(200, "collected".into()).await;
+        let report = match &mut child {
+            Some(child) => Some(child.report(Duration::from_secs(60)).await?),
+            None => None,
+        };
+        self.delete_queues().await?;
+        latencies_us.sort_unstable();
+        let received = latencies_us.len() as u64;
+        let latency = Latency {
+            sent: total,
+            received,
+            p50_ms: percentile(&latencies_us, 0.50),
+            p99_ms: percentile(&latencies_us, 0.99),
+            max_ms: latencies_us
+                .last()
+                .map_or(f64::NAN, |&us| us as f64 / 1000.0),
+            over_20ms: latencies_us.iter().filter(|&&us| us > 20_000).count(),
+            confirm_p99_ms: percentile(&confirm_us, 0.99),
+            confirm_max_ms: confirm_us.last().map_or(f64::NAN, |&us| us as f64 / 1000.0),
+            report,
+        };
+        eprintln!(
+            "  L   prefetch {prefetch:>3} {:<9}: p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms, \
+             {} over 20 ms, {received}/{total} results, max in flight {}, task confirms p99 \
+             {:.1} ms max {:.1} ms",
+            imp.map_or("no consumer", Imp::label),
+            latency.p50_ms,
+            latency.p99_ms,
+            latency.max_ms,
+            latency.over_20ms,
+            report.map_or(0, |r| r.max_in_flight),
+            latency.confirm_p99_ms,
+            latency.confirm_max_ms,
+        );
+        Ok(latency)
+    }
+}
+
+async fn publish_task(
+    channel: &Channel,
+    queue: &str,
+    id: u64,
+    sent_us: u64,
+) -> Res<lapin::PublisherConfirm> {
+    let body = task_body(id, sent_us)?;
+    Ok(channel
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            &body,
+            BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_delivery_mode(2),
+        )
+        .await?)
+}
+
+fn confirmed(confirmation: Confirmation) -> Res<()> {
+    match confirmation {
+        Confirmation::Ack(None) => Ok(()),
+        other => Err(format!("prefill publish not confirmed: {other:?}").into()),
+    }
+}
+
+/// `[{"":0},{"":0},...]` of about `bytes` bytes: the cheapest body to send and one of the
+/// dearest to decode (each one-key object is a B-tree node of ~600 bytes in a `Value`).
+fn bomb_body(bytes: usize) -> Vec<u8> {
+    let objects = (bytes / 7).max(1);
+    let mut body = Vec::with_capacity(objects * 7 + 1);
+    body.push(b'[');
+    for index in 0..objects {
+        if index > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(br#"{"":0}"#);
+    }
+    body.push(b']');
+    body
+}
+
+/// A JSON task padded to [`BODY_SIZE`] bytes.
+fn task_body(id: u64, sent_us: u64) -> Res<Vec<u8>> {
+    const PAD: &str = "lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod \
+                       tempor incididunt ut labore et dolore magna aliqua. ut enim ad minim veniam";
+    let mut task = TaskBody {
+        id,
+        sent_us,
+        kind: "bench.task",
+        user: "user-00042",
+        payload: "",
+    };
+    let bare = serde_json::to_vec(&task)?.len();
+    let pad = BODY_SIZE.saturating_sub(bare).min(PAD.len());
+    task.payload = &PAD[..pad];
+    Ok(serde_json::to_vec(&task)?)
+}
+
+fn percentile(sorted_us: &[u64], q: f64) -> f64 {
+    if sorted_us.is_empty() {
+        return f64::NAN;
+    }
+    let rank = (q * sorted_us.len() as f64).ceil() as usize;
+    let index = rank.clamp(1, sorted_us.len()) - 1;
+    sorted_us[index] as f64 / 1000.0
+}
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Latency {
+    pub(crate) sent: u64,
+    pub(crate) received: u64,
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
+    pub(crate) max_ms: f64,
+    pub(crate) over_20ms: usize,
+    /// Publisher-confirm latency of the tasks (persistent, durable queue): the broker's
+    /// persistence, which a result's confirm waits for as well.
+    pub(crate) confirm_p99_ms: f64,
+    pub(crate) confirm_max_ms: f64,
+    /// `None` for the broker-only baseline.
+    pub(crate) report: Option<Report>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_task_body_is_padded_to_its_size() {
+        assert_eq!(task_body(42, 7).unwrap().len(), BODY_SIZE);
+    }
+
+    #[test]
+    fn a_bomb_body_is_json_of_about_its_size() {
+        let body = bomb_body(7_000);
+        assert_eq!(body.len(), 7_000 + 1);
+        let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(value.as_array().map(Vec::len), Some(1_000));
+    }
+
+    #[test]
+    fn percentiles_are_nearest_rank_in_ms() {
+        let us: Vec<u64> = (1..=100).map(|ms| ms * 1000).collect();
+        assert_eq!(percentile(&us, 0.50), 50.0);
+        assert_eq!(percentile(&us, 0.99), 99.0);
+        assert!(percentile(&[], 0.5).is_nan());
+    }
+}

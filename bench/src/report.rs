@@ -1,0 +1,234 @@
+//! Medians of the runs, number formats, and the tables printed at the end.
+
+use std::time::Duration;
+
+use crate::{
+    args::Args,
+    child::{Report, Slots},
+    scenarios::Outcome,
+};
+
+/// The medians of one table row.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Cell {
+    pub(crate) rate: f64,
+    pub(crate) cpu_per_10k: f64,
+    pub(crate) broker_cpu_per_10k: f64,
+    pub(crate) rss_mib: f64,
+    /// Medians of the runs' [`Slots`] (S3).
+    pub(crate) wait_ms: f64,
+    pub(crate) busy: f64,
+    pub(crate) gap_ms: f64,
+}
+
+pub(crate) fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => f64::midpoint(values[n / 2 - 1], values[n / 2]),
+    }
+}
+
+pub(crate) fn cell(reports: &[Report]) -> Cell {
+    let of = |value: fn(&Report) -> f64| median(reports.iter().map(value).collect());
+    let of_slots = |value: fn(&Slots) -> f64| {
+        median(
+            reports
+                .iter()
+                .filter_map(|r| r.slots.as_ref())
+                .map(value)
+                .collect(),
+        )
+    };
+    Cell {
+        rate: of(Report::rate),
+        cpu_per_10k: of(Report::cpu_per_10k),
+        broker_cpu_per_10k: of(Report::broker_cpu_per_10k),
+        rss_mib: of(Report::rss_mib),
+        wait_ms: of_slots(|s| s.wait_ms),
+        busy: of_slots(|s| s.busy),
+        gap_ms: of_slots(|s| s.gap_ms),
+    }
+}
+
+/// `value` with `places` decimals, `-` when unknown.
+pub(crate) fn decimals(value: f64, places: usize) -> String {
+    if value.is_finite() {
+        format!("{value:.places$}")
+    } else {
+        "-".to_owned()
+    }
+}
+
+pub(crate) fn thousands(value: f64) -> String {
+    if !value.is_finite() {
+        return "-".to_owned();
+    }
+    let digits = format!("{:.0}", value.max(0.0));
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// S3's wait, slot use and gap between handlers, framework / raw.
+pub(crate) fn slots_note(framework: &Cell, raw: &Cell) -> String {
+    format!(
+        "wait {:.2} / {:.2} ms, slots busy {:.1} / {:.1} %, gap between handlers {:.2} / {:.2} ms",
+        framework.wait_ms,
+        raw.wait_ms,
+        framework.busy * 100.0,
+        raw.busy * 100.0,
+        framework.gap_ms,
+        raw.gap_ms,
+    )
+}
+
+pub(crate) fn verdict(ok: bool) -> &'static str {
+    if ok { "PASS" } else { "MISS" }
+}
+
+pub(crate) fn print_outcome(out: &Outcome, args: &Args, elapsed: Duration) {
+    println!();
+    println!(
+        "Throughput: medians of `runs` alternating runs; ratio: the median of the per-run \
+         framework/raw ratios (each pair measured back to back), with their range; CPU time and \
+         peak RSS of the consumer process"
+    );
+    println!();
+    println!(
+        "| scenario | prefetch | runs | framework msg/s | raw lapin msg/s | ratio | ratio range \
+         | CPU s/10k framework / raw | broker CPU s/10k framework / raw | peak RSS framework / raw \
+         | note |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    for row in &out.rows {
+        let (fw, raw) = (&row.framework, row.raw.as_ref());
+        let or_dash = |f: &dyn Fn(&Cell) -> String| raw.map_or("-".to_owned(), f);
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {:.3} / {} | {} / {} | {:.1} / {} MiB | {} |",
+            row.scenario,
+            row.prefetch,
+            row.runs,
+            thousands(fw.rate),
+            or_dash(&|c| thousands(c.rate)),
+            or_dash(&|_| format!("{:.2}", row.ratio)),
+            or_dash(&|_| row.spread.clone()),
+            fw.cpu_per_10k,
+            or_dash(&|c| format!("{:.3}", c.cpu_per_10k)),
+            decimals(fw.broker_cpu_per_10k, 3),
+            or_dash(&|c| decimals(c.broker_cpu_per_10k, 3)),
+            fw.rss_mib,
+            or_dash(&|c| format!("{:.1}", c.rss_mib)),
+            row.note
+        );
+    }
+    if !out.latency.is_empty() {
+        let sizes = args.sizes;
+        println!();
+        println!(
+            "Latency, request → result (L: {} tasks/s for {} s through S2's path)",
+            thousands(sizes.latency_rate as f64),
+            sizes.latency_secs
+        );
+        println!();
+        println!(
+            "| consumer | prefetch | p50 | p99 | max | over 20 ms | results | task confirm p99 / max \
+             | CPU s/10k | peak RSS |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for (imp, prefetch, l) in &out.latency {
+            let (who, prefetch) = match imp {
+                Some(imp) => (imp.label(), prefetch.to_string()),
+                None => ("no consumer (broker floor)", "-".to_owned()),
+            };
+            println!(
+                "| {who} | {prefetch} | {:.2} ms | {:.2} ms | {:.1} ms | {} | {}/{} | {:.1} / {:.1} ms \
+                 | {} | {} |",
+                l.p50_ms,
+                l.p99_ms,
+                l.max_ms,
+                l.over_20ms,
+                l.received,
+                l.sent,
+                l.confirm_p99_ms,
+                l.confirm_max_ms,
+                l.report
+                    .map_or("-".to_owned(), |r| format!("{:.3}", r.cpu_per_10k())),
+                l.report
+                    .map_or("-".to_owned(), |r| format!("{:.1} MiB", r.rss_mib())),
+            );
+        }
+    }
+    if !out.memory.is_empty() {
+        println!();
+        println!("Memory (M: framework, drain-ack, prefetch 256)");
+        println!();
+        println!("| backlog | msg/s | CPU s/10k | peak RSS |");
+        println!("|---:|---:|---:|---:|");
+        for (backlog, report) in &out.memory {
+            println!(
+                "| {} | {} | {:.3} | {:.1} MiB |",
+                thousands(*backlog as f64),
+                thousands(report.rate()),
+                report.cpu_per_10k(),
+                report.rss_mib()
+            );
+        }
+    }
+    if !out.hostile.is_empty() {
+        println!();
+        println!(
+            "Hostile bodies (H: framework, `[{{\"\":0}},...]` decoded as a `Value`, prefetch 4, \
+             8 bodies, default max_body_size {} MiB)",
+            rmq_consumer::config::DEFAULT_MAX_BODY_SIZE / 1_048_576
+        );
+        println!();
+        println!("| body | max_in_flight_bytes | decoded / dead-lettered | peak RSS |");
+        println!("|---:|---|---:|---:|");
+        for (bytes, label, report) in &out.hostile {
+            println!(
+                "| {:.2} MiB | {label} | {} / {} | {:.1} MiB |",
+                *bytes as f64 / 1_048_576.0,
+                report.processed.saturating_sub(report.dead_lettered),
+                report.dead_lettered,
+                report.rss_mib()
+            );
+        }
+    }
+    if !out.verdicts.is_empty() {
+        println!();
+        println!("Targets:");
+        for line in &out.verdicts {
+            println!("- {line}");
+        }
+    }
+    println!();
+    println!("total time {:.0?}", elapsed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thousands_are_separated() {
+        assert_eq!(thousands(0.0), "0");
+        assert_eq!(thousands(999.4), "999");
+        assert_eq!(thousands(12_955.0), "12,955");
+        assert_eq!(thousands(1_234_567.0), "1,234,567");
+        assert_eq!(thousands(f64::NAN), "-");
+    }
+
+    #[test]
+    fn the_median_of_an_even_count_is_the_midpoint() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(Vec::new()).is_nan());
+    }
+}
