@@ -305,7 +305,13 @@ async fn the_watchdog_heals_a_stuck_consumer_step_by_step() {
         }
     })
     .await
-    .expect("the watchdog never reported healing failed");
+    .unwrap_or_else(|_| {
+        panic!(
+            "the watchdog never reported healing failed: {:?}\n{}",
+            running.health.snapshot(),
+            logs.text()
+        )
+    });
     assert!(
         failed.reconnects >= 1,
         "no reconnect before failing: {failed:?}"
@@ -318,6 +324,14 @@ async fn the_watchdog_heals_a_stuck_consumer_step_by_step() {
         livez(http).await,
         503,
         "/livez passes though healing failed"
+    );
+    // It stays failed through the reconnects that follow: a new subscription is no progress.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(running.health.snapshot().healing_failed);
+    assert_eq!(
+        livez(http).await,
+        503,
+        "/livez passes again without progress"
     );
     let text = logs.text();
     let resubscribed = text

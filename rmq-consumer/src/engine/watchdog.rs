@@ -25,6 +25,8 @@ pub(crate) struct Observation {
     pub(crate) capacity: usize,
     /// Time since the last settled delivery or (re)subscription.
     pub(crate) idle: Duration,
+    /// When the last delivery completed (milliseconds since start; `None`: never).
+    pub(crate) completed: Option<u64>,
 }
 
 /// The watchdog's memory for one handler.
@@ -34,7 +36,21 @@ pub(crate) struct Tracker {
     strikes: u32,
     /// Healing steps taken since the handler last made progress.
     heals: u32,
+    /// The last completed delivery when the latest healing step was taken: only a delivery
+    /// completed since then is progress. A (re)subscription is not (the watchdog's own
+    /// re-subscription or reconnect would reset the escalation and it would never fail).
+    completed_at_heal: Option<u64>,
 }
+
+impl Tracker {
+    /// Whether every healing step was taken and the handler has not made progress since.
+    fn failed(&self) -> bool {
+        self.heals >= FAILED_AFTER
+    }
+}
+
+/// Healing steps after which healing has failed: re-subscribe, reconnect, then this.
+const FAILED_AFTER: u32 = 3;
 
 /// What to do after an observation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,7 +78,7 @@ pub(crate) fn assess(
         && seen.in_flight < seen.capacity
         && seen.idle >= threshold;
     if !stuck {
-        if seen.idle < threshold {
+        if seen.completed != tracker.completed_at_heal {
             tracker.heals = 0;
         }
         tracker.strikes = 0;
@@ -73,7 +89,8 @@ pub(crate) fn assess(
         return Verdict::Suspect;
     }
     tracker.strikes = 0;
-    tracker.heals += 1;
+    tracker.heals = tracker.heals.saturating_add(1);
+    tracker.completed_at_heal = seen.completed;
     match tracker.heals {
         1 => Verdict::Resubscribe,
         2 => Verdict::Reconnect,
@@ -110,7 +127,7 @@ pub(crate) async fn run(
                 &connection,
                 &mut probe,
                 &worker.settings.queue,
-                settings.period,
+                settings.period.max(MIN_PROBE_WAIT),
             )
             .await;
             let stats = &health.handlers[worker.index];
@@ -133,25 +150,29 @@ pub(crate) async fn run(
                 },
                 capacity,
                 idle,
+                completed: stats.last_completed_ms(),
             };
-            let verdict = {
+            let (verdict, any_failed) = {
                 let mut trackers = trackers
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
-                match trackers.get_mut(worker.index) {
+                let verdict = match trackers.get_mut(worker.index) {
                     Some(tracker) => {
                         assess(tracker, seen, settings.threshold, settings.max_failures)
                     }
                     None => Verdict::Healthy,
-                }
+                };
+                (verdict, trackers.iter().any(Tracker::failed))
             };
+            // Liveness fails while any handler's healing has failed and it has made no
+            // progress since (a re-subscription or reconnect alone is no progress).
+            health.healing_failed.store(any_failed, Relaxed);
             debug!(handler = %worker.settings.name, ?seen, ?verdict, "watchdog check");
             stats
                 .stuck
                 .store(!matches!(verdict, Verdict::Healthy), Relaxed);
             match verdict {
-                Verdict::Healthy => health.healing_failed.store(false, Relaxed),
-                Verdict::Suspect => {}
+                Verdict::Healthy | Verdict::Suspect => {}
                 Verdict::Resubscribe => {
                     warn!(handler = %worker.settings.name, depth = ?depth, idle = ?idle,
                         "watchdog: consumer stuck (messages waiting, capacity free, no progress); re-subscribing");
@@ -164,7 +185,6 @@ pub(crate) async fn run(
                 }
                 Verdict::Failed => {
                     error!(handler = %worker.settings.name, "watchdog: still stuck after a reconnect; healing failed");
-                    health.healing_failed.store(true, Relaxed);
                     lost.cancel();
                     return;
                 }
@@ -172,6 +192,11 @@ pub(crate) async fn run(
         }
     }
 }
+
+/// The least a probe may take before it counts as unanswered: a loaded broker or machine can
+/// answer a passive declare in more than the watchdog's period, and a probe cut short reads
+/// as "depth unknown", which never judges a consumer stuck.
+const MIN_PROBE_WAIT: Duration = Duration::from_secs(5);
 
 /// The watchdog's timing.
 #[derive(Debug, Clone, Copy)]
@@ -247,6 +272,7 @@ mod tests {
             in_flight,
             capacity: 4,
             idle: Duration::from_secs(idle_secs),
+            completed: Some(0),
         }
     }
 
@@ -302,7 +328,15 @@ mod tests {
         for _ in 0..3 {
             assess(&mut t, stuck, T, 3);
         }
-        assert_eq!(assess(&mut t, seen(9, 0, 1), T, 3), Verdict::Healthy);
+        let progress = Observation {
+            completed: Some(1),
+            ..seen(9, 0, 1)
+        };
+        assert_eq!(assess(&mut t, progress, T, 3), Verdict::Healthy);
+        let stuck = Observation {
+            completed: Some(1),
+            ..stuck
+        };
         for _ in 0..2 {
             assert_eq!(assess(&mut t, stuck, T, 3), Verdict::Suspect);
         }
@@ -311,5 +345,35 @@ mod tests {
             Verdict::Resubscribe,
             "starts over at step 1"
         );
+    }
+
+    #[test]
+    fn a_resubscription_is_no_progress() {
+        let mut t = Tracker::default();
+        let stuck = seen(9, 0, 500);
+        let resubscribed = seen(9, 0, 1);
+        assert_eq!(assess(&mut t, stuck, T, 1), Verdict::Resubscribe);
+        assert_eq!(assess(&mut t, resubscribed, T, 1), Verdict::Healthy);
+        assert_eq!(assess(&mut t, stuck, T, 1), Verdict::Reconnect);
+        assert_eq!(assess(&mut t, resubscribed, T, 1), Verdict::Healthy);
+        assert_eq!(assess(&mut t, stuck, T, 1), Verdict::Failed);
+    }
+
+    #[test]
+    fn failed_lasts_until_progress() {
+        let mut t = Tracker::default();
+        let stuck = seen(9, 0, 500);
+        for _ in 0..3 {
+            assess(&mut t, stuck, T, 1);
+        }
+        assert!(t.failed());
+        assess(&mut t, seen(9, 0, 1), T, 1);
+        assert!(t.failed(), "a reconnect alone is no recovery");
+        let progress = Observation {
+            completed: Some(1),
+            ..seen(9, 0, 1)
+        };
+        assess(&mut t, progress, T, 1);
+        assert!(!t.failed());
     }
 }
