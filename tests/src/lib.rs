@@ -16,6 +16,7 @@
 //! - [`users`]: broker users made for one test ([`TestUser`]).
 //! - [`proxy`]: a TCP proxy that cuts, freezes or resets the engine's connections ([`Proxy`]).
 //! - [`wait`]: polling until something holds ([`eventually`], [`eventually_async`]).
+//! - [`worker`]: a worker process the test can SIGTERM or kill ([`WorkerProcess`]).
 //!
 //! Every item is also re-exported at the root: a test writes
 //! `use rmq_consumer_tests::{Broker, Route, Running, test_config, unique};`.
@@ -38,6 +39,7 @@ pub mod rabbitmqctl;
 pub mod route;
 pub mod users;
 pub mod wait;
+pub mod worker;
 
 pub use broker::{Broker, CleanupOnPanic, Received};
 pub use engine::{Running, test_config};
@@ -53,3 +55,4 @@ pub use rabbitmqctl::{
 pub use route::{Route, delay_queue};
 pub use users::TestUser;
 pub use wait::{eventually, eventually_async};
+pub use worker::WorkerProcess;

@@ -48,8 +48,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     os::unix::process::ExitStatusExt,
-    path::PathBuf,
-    process::{ExitStatus, Stdio},
+    process::ExitStatus,
     sync::{LazyLock, Mutex},
     time::{Duration, Instant},
 };
@@ -66,8 +65,8 @@ use lapin::{
 };
 use rmq_consumer::{Config, Engine, HandlerError, HandlerSnapshot, config::QueueType, consumer};
 use rmq_consumer_tests::{
-    self as common, Broker, Ledger, Received, Route, Running, broker_url, eventually,
-    eventually_async, rabbitmqctl, rabbitmqctl_blocking, task, test_config, unique,
+    self as common, Broker, Ledger, Received, Route, Running, WorkerProcess, broker_url,
+    eventually, eventually_async, rabbitmqctl, rabbitmqctl_blocking, task, test_config, unique,
 };
 use serde_json::{Value, json};
 
@@ -389,105 +388,29 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 /// SIGABRT, what `std::process::abort()` ends a process with.
 const SIGABRT: i32 = 6;
 
-/// A running `fault-worker` process; killed if the test drops it, its log kept when the
-/// test fails.
-struct WorkerProcess {
-    child: tokio::process::Child,
-    log: PathBuf,
+/// Starts a `fault-worker` for `route` (the `work` handler), with `env` on top of the
+/// defaults.
+fn spawn_worker(exchange: &str, route: &Route, env: &[(&str, String)]) -> WorkerProcess {
+    let mut all = vec![(
+        "RMQ_CONSUMER_SHUTDOWN_TIMEOUT",
+        format!("{}s", SHUTDOWN_TIMEOUT.as_secs()),
+    )];
+    all.extend(env.iter().map(|(k, v)| (*k, v.clone())));
+    WorkerProcess::spawn(
+        env!("CARGO_BIN_EXE_fault-worker"),
+        &broker_url(),
+        exchange,
+        route,
+        &all,
+    )
 }
 
-impl WorkerProcess {
-    /// Starts a worker for `route` (the `work` handler), with `env` on top of the defaults.
-    fn spawn(exchange: &str, route: &Route, env: &[(&str, String)]) -> Self {
-        let dir = std::env::temp_dir().join(unique("deployment-worker"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let log = dir.join("worker.log");
-        let file = std::fs::File::create(&log).unwrap();
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_fault-worker"));
-        for (name, _) in std::env::vars() {
-            if name.starts_with("RMQ_CONSUMER_") || name == "RUST_LOG" {
-                command.env_remove(name);
-            }
-        }
-        command
-            // No stray `rmq-consumer.toml` is picked up from an empty working directory.
-            .current_dir(&dir)
-            .env("RMQ_CONSUMER_URL", broker_url())
-            .env("RMQ_CONSUMER_EXCHANGE", exchange)
-            .env("RMQ_CONSUMER_RETRY_CONNECT_INTERVAL", "500ms")
-            .env(
-                "RMQ_CONSUMER_SHUTDOWN_TIMEOUT",
-                format!("{}s", SHUTDOWN_TIMEOUT.as_secs()),
-            )
-            .env("RMQ_CONSUMER_LOG_LEVEL", "info")
-            .env("RMQ_CONSUMER_LOG_FORMAT", "human")
-            .env("RMQ_CONSUMER_CONSUMERS__WORK__QUEUE", &route.queue)
-            .env("RMQ_CONSUMER_CONSUMERS__WORK__REPLY_KEY", &route.reply_key)
-            .env(
-                "RMQ_CONSUMER_CONSUMERS__WORK__REPLY_QUEUE",
-                &route.reply_queue,
-            )
-            .env("FAULT_WORKER_SLEEP_MS", "5")
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(file.try_clone().unwrap()))
-            .stderr(Stdio::from(file))
-            .kill_on_drop(true);
-        let child = command
-            .spawn()
-            .expect("cannot start the fault-worker binary");
-        Self { child, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Sends SIGTERM and waits for the exit.
-    async fn terminate(&mut self) -> ExitStatus {
-        if let Some(pid) = self.child.id() {
-            let sent = std::process::Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status()
-                .unwrap();
-            assert!(sent.success(), "kill -TERM failed");
-        }
-        let within = SHUTDOWN_TIMEOUT + Duration::from_secs(5);
-        tokio::time::timeout(within, self.child.wait())
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "the worker did not exit within {within:?} of SIGTERM; its log:\n{}",
-                    self.log()
-                )
-            })
-            .unwrap()
-    }
-
-    /// Waits until `queue` has one consumer (the worker subscribed).
-    async fn wait_consuming(&mut self, broker: &Broker, queue: &str) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while broker.consumers(queue).await != Some(1) {
-            let exited = self.child.try_wait().unwrap();
-            assert!(
-                exited.is_none() && Instant::now() < deadline,
-                "the worker never consumed from {queue} (exit: {exited:?}); its log:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-impl Drop for WorkerProcess {
-    /// The process is killed by `kill_on_drop`; its log is kept only when the test failed.
-    fn drop(&mut self) {
-        if !std::thread::panicking()
-            && let Some(dir) = self.log.parent()
-        {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
+/// Sends SIGTERM and waits for the exit.
+async fn terminate(worker: &mut WorkerProcess) -> ExitStatus {
+    worker
+        .terminate(SHUTDOWN_TIMEOUT + Duration::from_secs(5))
+        .await
+        .0
 }
 
 /// The log lines that contain `canary` as text or as the `Debug` of its bytes (lapin logs a
@@ -517,9 +440,9 @@ async fn declare_with_worker(
     route: &Route,
     env: &[(&str, String)],
 ) {
-    let mut worker = WorkerProcess::spawn(exchange, route, env);
-    worker.wait_consuming(broker, &route.queue).await;
-    let status = worker.terminate().await;
+    let mut worker = spawn_worker(exchange, route, env);
+    worker.wait_consumers(broker, &route.queue, 1).await;
+    let status = terminate(&mut worker).await;
     assert_eq!(status.code(), Some(0), "log:\n{}", worker.log());
 }
 
@@ -692,8 +615,8 @@ async fn returned_results_log_no_body() {
     .await;
     gone.close().await;
 
-    let mut worker = WorkerProcess::spawn(&exchange, &route, &[]);
-    worker.wait_consuming(&broker, &route.queue).await;
+    let mut worker = spawn_worker(&exchange, &route, &[]);
+    worker.wait_consumers(&broker, &route.queue, 1).await;
     ledger
         .drain_route(
             &broker,
@@ -706,7 +629,7 @@ async fn returned_results_log_no_body() {
         broker.depth(&route.queue).await == Some(0)
     })
     .await;
-    let status = worker.terminate().await;
+    let status = terminate(&mut worker).await;
     let log = worker.log();
     eprintln!(
         "[no-body-in-logs] worker {status}; log {} bytes; unroutable task dead-lettered {} \
@@ -1085,7 +1008,7 @@ async fn task_that_kills_the_worker_is_dead_lettered(queue_type: QueueType) {
     let good: Vec<&String> = ids.iter().filter(|id| **id != killer).collect();
 
     let started = Instant::now();
-    let mut workers = vec![WorkerProcess::spawn(&exchange, &route, &env)];
+    let mut workers = vec![spawn_worker(&exchange, &route, &env)];
     let mut exits = Vec::new();
     loop {
         ledger.record_results(&broker.drain(&route.reply_queue).await);
@@ -1106,7 +1029,7 @@ async fn task_that_kills_the_worker_is_dead_lettered(queue_type: QueueType) {
             ledger.dead.contains_key(&killer),
             worker.log()
         );
-        if let Some(status) = worker.child.try_wait().unwrap() {
+        if let Some(status) = worker.exited() {
             assert_eq!(
                 status.signal(),
                 Some(SIGABRT),
@@ -1120,13 +1043,13 @@ async fn task_that_kills_the_worker_is_dead_lettered(queue_type: QueueType) {
                  {MAX_REDELIVERIES}): it is not dead-lettered",
                 exits.len()
             );
-            workers.push(WorkerProcess::spawn(&exchange, &route, &env));
+            workers.push(spawn_worker(&exchange, &route, &env));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let took = started.elapsed();
     let last = workers.last_mut().unwrap();
-    let status = last.terminate().await;
+    let status = terminate(last).await;
     assert_eq!(status.code(), Some(0), "log:\n{}", last.log());
     let mut inputs = route.input_queues();
     inputs.push(suspect_queue(&route));

@@ -11,120 +11,33 @@
 
 use std::{
     os::unix::process::ExitStatusExt,
-    path::PathBuf,
-    process::{ExitStatus, Stdio},
     time::{Duration, Instant},
 };
 
 use rmq_consumer_tests::{
-    Broker, Ledger, Route, broker_url, eventually_async, test_config, unique,
+    Broker, Ledger, Route, WorkerProcess, broker_url, eventually_async, test_config, unique,
 };
 use serde_json::json;
 
 /// The shutdown timeout the workers are given.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A running `fault-worker` process; killed if the test drops it.
-struct WorkerProcess {
-    child: tokio::process::Child,
-    log: PathBuf,
-}
-
-impl WorkerProcess {
-    /// Starts a worker for `route` whose handler works `sleep_ms` per task.
-    fn spawn(exchange: &str, route: &Route, prefetch: u16, sleep_ms: u64) -> Self {
-        let dir = std::env::temp_dir().join(unique("fault-worker"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let log = dir.join("worker.log");
-        let file = std::fs::File::create(&log).unwrap();
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_fault-worker"));
-        for (name, _) in std::env::vars() {
-            if name.starts_with("RMQ_CONSUMER_") {
-                command.env_remove(name);
-            }
-        }
-        command
-            // No stray `rmq-consumer.toml` is picked up from an empty working directory.
-            .current_dir(&dir)
-            .env("RMQ_CONSUMER_URL", broker_url())
-            .env("RMQ_CONSUMER_EXCHANGE", exchange)
-            .env("RMQ_CONSUMER_PREFETCH_COUNT", prefetch.to_string())
-            .env("RMQ_CONSUMER_RETRY_CONNECT_INTERVAL", "500ms")
-            .env(
+/// Starts a `fault-worker` for `route` whose handler works `sleep_ms` per task.
+fn spawn_worker(exchange: &str, route: &Route, prefetch: u16, sleep_ms: u64) -> WorkerProcess {
+    WorkerProcess::spawn(
+        env!("CARGO_BIN_EXE_fault-worker"),
+        &broker_url(),
+        exchange,
+        route,
+        &[
+            ("RMQ_CONSUMER_PREFETCH_COUNT", prefetch.to_string()),
+            (
                 "RMQ_CONSUMER_SHUTDOWN_TIMEOUT",
                 format!("{}s", SHUTDOWN_TIMEOUT.as_secs()),
-            )
-            .env("RMQ_CONSUMER_LOG_LEVEL", "info")
-            .env("RMQ_CONSUMER_LOG_FORMAT", "human")
-            .env("RMQ_CONSUMER_CONSUMERS__WORK__QUEUE", &route.queue)
-            .env("RMQ_CONSUMER_CONSUMERS__WORK__REPLY_KEY", &route.reply_key)
-            .env(
-                "RMQ_CONSUMER_CONSUMERS__WORK__REPLY_QUEUE",
-                &route.reply_queue,
-            )
-            .env("FAULT_WORKER_SLEEP_MS", sleep_ms.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(file.try_clone().unwrap()))
-            .stderr(Stdio::from(file))
-            .kill_on_drop(true);
-        let child = command
-            .spawn()
-            .expect("cannot start the fault-worker binary");
-        Self { child, log }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id().expect("the worker is running")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Sends SIGTERM and waits for the exit, at most `within`.
-    async fn terminate(&mut self, within: Duration) -> (ExitStatus, Duration) {
-        let sent = std::process::Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status()
-            .unwrap();
-        assert!(sent.success(), "kill -TERM failed");
-        let start = Instant::now();
-        let status = tokio::time::timeout(within, self.child.wait())
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "the worker did not exit within {within:?} of SIGTERM; its log:\n{}",
-                    self.log()
-                )
-            })
-            .unwrap();
-        (status, start.elapsed())
-    }
-
-    fn signal(&self, name: &str) {
-        let sent = std::process::Command::new("kill")
-            .args([name, &self.pid().to_string()])
-            .status()
-            .unwrap();
-        assert!(sent.success(), "kill {name} failed");
-    }
-
-    /// Sends SIGKILL and reaps the process (a `kill -9`).
-    async fn kill9(&mut self) -> ExitStatus {
-        self.child.start_kill().unwrap();
-        self.child.wait().await.unwrap()
-    }
-}
-
-impl Drop for WorkerProcess {
-    /// The process is killed by `kill_on_drop`; its log is kept only when the test failed.
-    fn drop(&mut self) {
-        if !std::thread::panicking()
-            && let Some(dir) = self.log.parent()
-        {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
+            ),
+            ("FAULT_WORKER_SLEEP_MS", sleep_ms.to_string()),
+        ],
+    )
 }
 
 /// Waits until `queue` has `count` consumers.
@@ -166,7 +79,7 @@ async fn f04_worker_killed_and_restarted() {
     let (exchange, route) = preload(&mut broker, &mut ledger, TASKS).await;
     let _cleanup = broker.cleanup_on_panic();
 
-    let mut first = WorkerProcess::spawn(&exchange, &route, PREFETCH, 5);
+    let mut first = spawn_worker(&exchange, &route, PREFETCH, 5);
     wait_consumers(&broker, &route.queue, 1, &first).await;
     eventually_async(
         "a fifth of the results",
@@ -189,7 +102,7 @@ async fn f04_worker_killed_and_restarted() {
     )
     .await;
 
-    let mut second = WorkerProcess::spawn(&exchange, &route, PREFETCH, 5);
+    let mut second = spawn_worker(&exchange, &route, PREFETCH, 5);
     wait_consumers(&broker, &route.queue, 1, &second).await;
     ledger
         .drain_route(
@@ -230,7 +143,7 @@ async fn f05_sigterm_under_load_drains_in_flight_and_exits_0() {
     let _cleanup = broker.cleanup_on_panic();
 
     // 200 ms per task, 10 at a time: 50 tasks/s, so SIGTERM lands with 10 in flight.
-    let mut first = WorkerProcess::spawn(&exchange, &route, PREFETCH, 200);
+    let mut first = spawn_worker(&exchange, &route, PREFETCH, 200);
     wait_consumers(&broker, &route.queue, 1, &first).await;
     eventually_async("50 results", Duration::from_secs(30), || async {
         broker.depth(&route.reply_queue).await.unwrap_or(0) >= 50
@@ -278,7 +191,7 @@ async fn f05_sigterm_under_load_drains_in_flight_and_exits_0() {
     assert_eq!(first_report.duplicates, 0, "no result twice");
     assert!(waiting > 0, "the shutdown came after the run");
 
-    let mut second = WorkerProcess::spawn(&exchange, &route, PREFETCH * 4, 1);
+    let mut second = spawn_worker(&exchange, &route, PREFETCH * 4, 1);
     wait_consumers(&broker, &route.queue, 1, &second).await;
     ledger
         .drain_route(
@@ -313,7 +226,7 @@ async fn second_signal_exits_at_once_and_loses_nothing() {
     let _cleanup = broker.cleanup_on_panic();
 
     // Each task takes 60 s: the drain after the first SIGTERM would outlast the test.
-    let mut worker = WorkerProcess::spawn(&exchange, &route, 2, 60_000);
+    let mut worker = spawn_worker(&exchange, &route, 2, 60_000);
     wait_consumers(&broker, &route.queue, 1, &worker).await;
     // Prefetch 2 plus the default read-ahead of 1: three deliveries leave the queue.
     eventually_async("two tasks in flight", Duration::from_secs(20), || async {
@@ -324,10 +237,9 @@ async fn second_signal_exits_at_once_and_loses_nothing() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let start = Instant::now();
     worker.signal("-TERM");
-    let status = tokio::time::timeout(Duration::from_secs(5), worker.child.wait())
+    let status = tokio::time::timeout(Duration::from_secs(5), worker.wait())
         .await
-        .expect("the second signal must end the process at once")
-        .unwrap();
+        .expect("the second signal must end the process at once");
     println!(
         "[second-signal] {status} {:?} after the second SIGTERM",
         start.elapsed()
