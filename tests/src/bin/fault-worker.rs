@@ -7,6 +7,8 @@
 //!   also the task uuid. A task's `"echo"` field, when present, is copied into the result
 //!   (`tests/tests/deployment.rs` puts a canary there to check that no log line carries a
 //!   message or result body).
+//! - A task with `"fail": true` fails (retryable: retried, then dead-lettered), one with
+//!   `"fail": "dead"` is dead-lettered at once (`tests/tests/chaos.rs`).
 //! - A task with `"abort": true` kills the process from inside the handler
 //!   (`std::process::abort()`: no drain, no ack, no flush), as a task that crashes its
 //!   worker does (`tests/tests/deployment.rs`, the worker-lost guard).
@@ -50,6 +52,13 @@ async fn work(task: Value) -> Result<Value, HandlerError> {
         std::process::abort();
     }
     tokio::time::sleep(work_time()).await;
+    match &task["fail"] {
+        Value::Bool(true) => return Err(HandlerError::retry("asked to fail")),
+        Value::String(how) if how == "dead" => {
+            return Err(HandlerError::dead_letter("asked to fail for good"));
+        }
+        _ => {}
+    }
     let mut result = json!({"id": task["id"], "pid": std::process::id()});
     if let Some(echo) = task.get("echo") {
         result["echo"] = echo.clone();
