@@ -309,6 +309,80 @@ async fn a5_a_queue_locked_by_another_connection_is_waited_for() {
     broker.cleanup().await;
 }
 
+/// A10: a refusal that stops the engine (one handler's queue re-created with other
+/// arguments: 406 PRECONDITION_FAILED on its re-subscription) still lets the other handler's
+/// deliveries at work finish: their results are published and they are acked before the
+/// connection closes (it used to close at once under them: redelivered, run twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a10_a_refused_topology_drains_the_other_handlers_work() {
+    const SLOW: usize = 4;
+    let mut broker = Broker::connect().await;
+    let exchange = unique("ex");
+    broker.track_exchange(&exchange);
+    let mut config = test_config(&exchange);
+    config.prefetch_count = SLOW as u16;
+    let relay = Route::new(&mut config, "relay", &mut broker);
+    let side = Route::new(&mut config, "side", &mut broker);
+    let _cleanup = broker.cleanup_on_panic();
+    let running = Running::start(config, &["relay", "side"]).await;
+    let mut ledger = Ledger::new("A10");
+    let slow: Vec<Value> = ledger
+        .ids(SLOW)
+        .iter()
+        .map(|id| task(id, json!({"sleep_ms": 3000})))
+        .collect();
+    ledger
+        .publish(&broker, &exchange, &relay.queue, &slow)
+        .await;
+    eventually("the slow tasks at work", Duration::from_secs(10), || {
+        handler(&running, "relay").in_flight == SLOW
+    })
+    .await;
+    // The side handler's queue comes back with other arguments: its re-subscription is
+    // refused for good.
+    broker
+        .channel
+        .queue_delete(side.queue.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(7));
+    broker
+        .channel
+        .queue_declare(
+            side.queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            args,
+        )
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(30), running.task)
+        .await
+        .expect("the engine did not stop")
+        .expect("the engine task panicked");
+    assert!(
+        matches!(ended, Err(rmq_consumer::Error::Topology(_))),
+        "{ended:?}"
+    );
+    let results = broker
+        .collect(&relay.reply_queue, SLOW, Duration::from_secs(5))
+        .await;
+    assert_eq!(
+        results.len(),
+        SLOW,
+        "the deliveries at work were not finished before the connection closed"
+    );
+    assert_eq!(
+        broker.depth(&relay.queue).await,
+        Some(0),
+        "a delivery at work went back to the queue"
+    );
+    broker.cleanup().await;
+}
+
 /// F14: the exchange results are published to is deleted while the engine runs, for longer
 /// than `result_publish_retry` (0 here: a briefly missing exchange is
 /// `a4_a_briefly_missing_result_exchange_costs_no_handler_run`). The input is
