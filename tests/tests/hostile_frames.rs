@@ -20,7 +20,7 @@
     reason = "tests"
 )]
 
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
 use lapin::types::AMQPValue;
 use rmq_consumer::{Config, HandlerError, consumer};
@@ -574,18 +574,21 @@ async fn header_frames_up_to_frame_max_are_consumed() {
     broker.cleanup().await;
 }
 
-/// A task with a 131,065-byte content header frame that the handler rejects: its dead-letter
-/// copy (the original headers plus the engine's `x-*` headers) would not fit one frame, which
-/// the broker answers by closing the engine's connection. It must still end in the DLQ, with
-/// no reconnect, and the tasks around it answered.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rejected_task_with_a_header_frame_near_frame_max_is_dead_lettered() {
+/// Publishes, between two good tasks, a task whose content header frame is `header_bytes`
+/// and which the handler rejects, to an engine `tune` configures; checks that it ends in the
+/// dead-letter queue without its padding header (and says so in `x-headers-dropped`), with
+/// the good tasks answered and no reconnect.
+async fn reject_a_task_with_large_headers(
+    name: &str,
+    header_bytes: usize,
+    tune: impl FnOnce(&mut Config),
+) -> BTreeMap<String, String> {
     let mut broker = Broker::connect().await;
-    let (exchange, config, route) = setup(&mut broker, |_| {});
+    let (exchange, config, route) = setup(&mut broker, tune);
     let _cleanup = broker.cleanup_on_panic();
     let running = Running::start(config, &["echo"]).await;
 
-    let mut ledger = Ledger::new("large-reject");
+    let mut ledger = Ledger::new(name);
     let ids = ledger.ids(3);
     let mut raw = Raw::connect().await;
     ledger
@@ -597,7 +600,7 @@ async fn a_rejected_task_with_a_header_frame_near_frame_max_is_dead_lettered() {
         )
         .await;
     let body = json_body(&task(&ids[1], json!({"mode": "reject"})));
-    let props = properties_of_size(131_065, body.len(), &ids[1]);
+    let props = properties_of_size(header_bytes, body.len(), &ids[1]);
     ledger.published.insert(ids[1].clone());
     assert_eq!(
         raw.publish(&exchange, &route.queue, FLAGS, &props, &body)
@@ -630,8 +633,7 @@ async fn a_rejected_task_with_a_header_frame_near_frame_max_is_dead_lettered() {
         (2, 1),
         "{report:?}"
     );
-    let h = &ledger.dead_messages[0].headers;
-    assert_eq!(h["x-error-kind"], "handler_rejected", "{h:?}");
+    let h = ledger.dead_messages[0].headers.clone();
     // The copy left out the padding header, and says so.
     assert!(!h.contains_key("pad"), "{:?}", h.keys());
     assert!(h["x-headers-dropped"].starts_with("pad ("), "{h:?}");
@@ -639,6 +641,17 @@ async fn a_rejected_task_with_a_header_frame_near_frame_max_is_dead_lettered() {
     assert_eq!(snapshot.reconnects, 0, "{snapshot:?}");
     running.stop().await.unwrap();
     broker.cleanup().await;
+    h
+}
+
+/// A task with a 131,065-byte content header frame that the handler rejects: its dead-letter
+/// copy (the original headers plus the engine's `x-*` headers) would not fit one frame, which
+/// the broker answers by closing the engine's connection. It must still end in the DLQ, with
+/// no reconnect, and the tasks around it answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_task_with_a_header_frame_near_frame_max_is_dead_lettered() {
+    let h = reject_a_task_with_large_headers("large-reject", 131_065, |_| {}).await;
+    assert_eq!(h["x-error-kind"], "handler_rejected", "{h:?}");
 }
 
 /// The same with a `frame_max` of 16 KiB asked for in the engine's URL: the copy is fitted to
@@ -648,68 +661,14 @@ async fn a_rejected_task_with_a_header_frame_near_frame_max_is_dead_lettered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copies_fit_the_negotiated_frame_max() {
     const SMALL_FRAME_MAX: usize = 16_384;
-    let mut broker = Broker::connect().await;
-    let (exchange, config, route) = setup(&mut broker, |config| {
+    reject_a_task_with_large_headers("small-frame-max", SMALL_FRAME_MAX - 400, |config| {
         let url = common::broker_url();
         let separator = if url.contains('?') { '&' } else { '?' };
         config.urls = vec![rmq_consumer::config::SecretUrl::new(format!(
             "{url}{separator}frame_max={SMALL_FRAME_MAX}"
         ))];
-    });
-    let _cleanup = broker.cleanup_on_panic();
-    let running = Running::start(config, &["echo"]).await;
-
-    let mut ledger = Ledger::new("small-frame-max");
-    let ids = ledger.ids(3);
-    let mut raw = Raw::connect().await;
-    ledger
-        .publish(
-            &broker,
-            &exchange,
-            &route.queue,
-            &[task(&ids[0], json!({}))],
-        )
-        .await;
-    let body = json_body(&task(&ids[1], json!({"mode": "reject"})));
-    let props = properties_of_size(SMALL_FRAME_MAX - 400, body.len(), &ids[1]);
-    ledger.published.insert(ids[1].clone());
-    assert_eq!(
-        raw.publish(&exchange, &route.queue, FLAGS, &props, &body)
-            .await,
-        Published::Confirmed
-    );
-    ledger.confirmed.insert(ids[1].clone());
-    ledger
-        .publish(
-            &broker,
-            &exchange,
-            &route.queue,
-            &[task(&ids[2], json!({}))],
-        )
-        .await;
-    raw.close().await;
-
-    let stats = || running.health.snapshot().handlers[0].clone();
-    eventually("the rejected task dead-lettered", SETTLE, || {
-        stats().dead_lettered >= 1
     })
     .await;
-    eventually("the good tasks answered", SETTLE, || stats().succeeded >= 2).await;
-    ledger
-        .drain_route(&broker, &route, Duration::from_millis(500), SETTLE)
-        .await;
-    let report = ledger.assert_nothing_lost();
-    assert_eq!(
-        (report.results_unique, report.dead_lettered),
-        (2, 1),
-        "{report:?}"
-    );
-    let h = &ledger.dead_messages[0].headers;
-    assert!(h["x-headers-dropped"].starts_with("pad ("), "{h:?}");
-    let snapshot = running.health.snapshot();
-    assert_eq!(snapshot.reconnects, 0, "{snapshot:?}");
-    running.stop().await.unwrap();
-    broker.cleanup().await;
 }
 
 /// Short strings that are not UTF-8 (RabbitMQ passes them on unchecked): a header key, a
