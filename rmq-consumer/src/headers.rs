@@ -1,7 +1,7 @@
 //! Every message header the engine and the CLI read or write: one home for each name, and the
 //! lists built from them (issue 15). A new failure header is added here, to
 //! [`FAILURE_HEADERS`] if it describes a failure, and written where the failure is handled
-//! (`engine::worker::Worker::failure_headers`).
+//! (`engine/settle.rs`, `Worker::failure_headers`).
 
 /// Counts retries. Always written as a 64-bit signed integer (`l`).
 pub const RETRY_COUNT: &str = "x-retry-count";

@@ -2,8 +2,10 @@
 //! shutdown. Only the engine settles deliveries.
 
 mod acks;
+mod pipeline;
 pub(crate) mod redelivery;
 pub(crate) mod settings;
+mod settle;
 mod watchdog;
 mod worker;
 

@@ -1,0 +1,410 @@
+//! The per-delivery pipeline of a [`Worker`]: the delivery tasks that take deliveries from a
+//! subscription (`serve`), and each delivery's run (`process`, `handle`): the worker-lost
+//! guard, size, UTF-8 and decoded-size checks, the task uuid, the cache, the handler call
+//! under its timeout, and the result to publish.
+
+use std::{
+    panic::AssertUnwindSafe,
+    sync::{Arc, atomic::Ordering::Relaxed},
+    time::{Duration, SystemTime},
+};
+
+use futures_util::FutureExt;
+use lapin::{BasicProperties, message::Delivery, types::FieldTable};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, field, info_span, warn};
+
+use crate::{
+    amqp::{self, long, short},
+    body::not_json,
+    cache::Source,
+    engine::acks::Settler,
+    engine::redelivery::{self, Verdict, WORKER_LOST},
+    handler::{FailureAction, HandlerError, HandlerOutput},
+    publisher::Publisher,
+    registry::Call,
+    trace::{TRACEPARENT, TraceParent},
+};
+
+use super::worker::{Lane, Worker};
+
+impl Worker {
+    /// One of the handler's `concurrency` delivery tasks for one subscription: takes the next
+    /// delivery from the queue and runs it to its settlement, until the subscription `stop`s
+    /// (or the queue closes). It holds one of the handler's permits while it lives, so a new
+    /// subscription's tasks never run more deliveries at once than `concurrency` beside the
+    /// old one's last ones.
+    ///
+    /// The suspect lane's one task takes no permit (it runs alone instead: every delivery of
+    /// the work lane holds [`Worker::alone`] shared, a suspect holds it exclusively).
+    pub(super) async fn serve(
+        self: Arc<Self>,
+        lane: Lane,
+        deliveries: async_channel::Receiver<Delivery>,
+        publisher: Publisher,
+        settler: Settler,
+        lost: Arc<CancellationToken>,
+        stop: CancellationToken,
+    ) {
+        let _permit = match lane {
+            Lane::Suspect => None,
+            Lane::Work => {
+                let permit = tokio::select! {
+                    biased;
+                    () = stop.cancelled() => return,
+                    permit = Arc::clone(&self.semaphore).acquire_owned() => permit,
+                };
+                let Ok(permit) = permit else {
+                    return;
+                };
+                Some(permit)
+            }
+        };
+        loop {
+            // A delivery of a lost connection is not started: the broker redelivers it.
+            if stop.is_cancelled() || lost.is_cancelled() {
+                return;
+            }
+            // The next delivery is usually queued already: no wait, no wakeup.
+            let delivery = match deliveries.try_recv() {
+                Ok(delivery) => delivery,
+                Err(async_channel::TryRecvError::Closed) => return,
+                Err(async_channel::TryRecvError::Empty) => tokio::select! {
+                    biased;
+                    () = stop.cancelled() => return,
+                    delivery = deliveries.recv() => match delivery {
+                        Ok(delivery) => delivery,
+                        Err(_) => return,
+                    },
+                },
+            };
+            let overrun = Overrun::default();
+            let work = async {
+                // Boxed: the pipeline's future is several KiB, and an idle task should not
+                // hold one. A panic outside the handler (a bug: handler panics are caught
+                // where it runs) costs this delivery, which stays unsettled until its channel
+                // closes, not the task and its slot.
+                let pipeline =
+                    Box::pin(self.process(&publisher, &settler, delivery, &lost, &overrun));
+                if AssertUnwindSafe(pipeline).catch_unwind().await.is_err() {
+                    error!(handler = %self.settings.name,
+                        "the delivery pipeline panicked; the delivery stays unsettled until its channel closes");
+                }
+            };
+            match lane {
+                Lane::Work => {
+                    let _shared = self.alone.read().await;
+                    work.await;
+                }
+                Lane::Suspect => {
+                    let _alone = self.alone.write().await;
+                    work.await;
+                }
+            }
+            // A blocking handler that overran `message_timeout` still runs on its thread
+            // (threads cannot be cancelled); its message was retried. This slot waits for it
+            // before taking another delivery: at most one handler thread per slot, never a
+            // pile of them growing by one per overrun until the blocking pool runs out.
+            let left = overrun
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+            if let Some(thread) = left {
+                warn!(handler = %self.settings.name,
+                    "a blocking handler overran message_timeout and cannot be stopped; its slot waits for it to return");
+                tokio::select! {
+                    biased;
+                    () = stop.cancelled() => return,
+                    _ = thread => {}
+                }
+            }
+        }
+    }
+
+    /// Runs one delivery to its settlement. Once the connection it came on is `lost`, its
+    /// result and settlement are abandoned: nothing sent on that connection can be confirmed
+    /// any more, the broker requeues the delivery, and waiting for a dead connection's
+    /// answers would hold the slot (and shutdown) for the confirm timeout or longer. The
+    /// handler itself runs to its end (its result may be cached for the redelivery).
+    pub(super) async fn process(
+        &self,
+        publisher: &Publisher,
+        settler: &Settler,
+        delivery: Delivery,
+        lost: &CancellationToken,
+        overrun: &Overrun,
+    ) {
+        let stats = self.stats();
+        stats.received.fetch_add(1, Relaxed);
+        stats.in_flight.fetch_add(1, Relaxed);
+        let span = info_span!(
+            "delivery",
+            queue = %self.settings.queue,
+            handler = %self.settings.name,
+            delivery_tag = delivery.delivery_tag,
+            message_id = field::Empty,
+            task_uuid = field::Empty,
+            trace_id = field::Empty,
+            attempt = field::Empty,
+        );
+        let timestamp = *delivery.properties.timestamp();
+        if let Some(id) = delivery.properties.message_id() {
+            span.record("message_id", id.as_str());
+        }
+        async {
+            // Hashed once per delivery (~0.1 µs for a 200-byte body): the loss below needs
+            // it after the delivery has moved into the settlement.
+            let print = redelivery::fingerprint(&delivery);
+            let verdict = redelivery::judge(
+                delivery.redelivered,
+                delivery.properties.headers().as_ref(),
+                delivery.redelivered && self.abandoned_set().take(print),
+                self.settings.max_redeliveries,
+            );
+            let handled = match verdict {
+                Verdict::Run => Some(self.handle(&delivery, overrun).await),
+                Verdict::Suspect { .. } | Verdict::Exhausted { .. } => None,
+            };
+            let finish = async {
+                match (verdict, handled) {
+                    (Verdict::Suspect { count }, _) => {
+                        self.suspect(publisher, settler, delivery, count).await;
+                    }
+                    (Verdict::Exhausted { count }, _) => {
+                        let mut delivery = delivery;
+                        delivery.properties = delivery.properties.clone().with_headers(
+                            redelivery::counted(delivery.properties.headers().as_ref(), count),
+                        );
+                        let failure = HandlerError::with_kind(
+                            FailureAction::DeadLetter,
+                            WORKER_LOST,
+                            format_args!(
+                                "{count} deliveries of this task ended unsettled (the worker died or lost its connection while holding it), above max_redeliveries ({})",
+                                self.settings.max_redeliveries
+                            ),
+                        );
+                        self.settle(publisher, settler, delivery, Err(failure)).await;
+                    }
+                    (Verdict::Run, handled) => {
+                        let outcome = match handled {
+                            Some(Ok(Some(reply))) => {
+                                self.publish_reply(publisher, &delivery, reply).await
+                            }
+                            Some(Ok(None)) | None => Ok(()),
+                            Some(Err(failure)) => Err(failure),
+                        };
+                        self.settle(publisher, settler, delivery, outcome).await;
+                    }
+                }
+            };
+            tokio::select! {
+                biased;
+                () = lost.cancelled() => {
+                    stats.stale_acks.fetch_add(1, Relaxed);
+                    self.abandon_print(print);
+                    debug!("the connection was lost before this delivery was settled; the broker redelivers it");
+                }
+                () = finish => {}
+            }
+        }
+        .instrument(span)
+        .await;
+        if let Some(sent) = timestamp {
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            #[expect(
+                clippy::cast_precision_loss,
+                reason = "seconds since 1970 fit an f64 exactly"
+            )]
+            let sent = sent as f64;
+            stats.end_to_end.observe((now - sent).max(0.0));
+        }
+        stats.in_flight.fetch_sub(1, Relaxed);
+        stats.completed(self.health.now_ms());
+    }
+
+    /// Decodes and runs the handler; `Ok(Some)` is a result to publish before the ack,
+    /// `Ok(None)` means the input may be acked as it is.
+    pub(super) async fn handle(
+        &self,
+        delivery: &Delivery,
+        overrun: &Overrun,
+    ) -> Result<Option<Reply>, HandlerError> {
+        crate::hostile::check(delivery)?;
+        if delivery.data.len() > self.max_body_size {
+            return Err(HandlerError::with_kind(
+                FailureAction::DeadLetter,
+                "body_too_large",
+                format_args!(
+                    "the body is {} bytes, above max_body_size ({})",
+                    delivery.data.len(),
+                    self.max_body_size
+                ),
+            ));
+        }
+        std::str::from_utf8(&delivery.data).map_err(|error| {
+            HandlerError::with_kind(
+                FailureAction::DeadLetter,
+                "invalid_utf8",
+                format_args!("the body is not UTF-8: {error}"),
+            )
+        })?;
+        // What decoding will cost, known without decoding: the message waits for room in the
+        // handler's budget, so what senders can make the worker hold is configured, not chosen
+        // by them.
+        let decoded = crate::body::decoded_cost(&delivery.data).map_err(not_json)?;
+        let _reserved = self
+            .memory
+            .reserve(delivery.data.len(), decoded)
+            .await
+            .map_err(|over| {
+                HandlerError::with_kind(FailureAction::DeadLetter, "body_too_large", over)
+            })?;
+        let prepare = self.settings.prepare;
+        let body = &delivery.data;
+        let prepared = std::panic::catch_unwind(move || prepare(body))
+            .map_err(|panic| panicked("the task uuid function", &*panic))??;
+        let task_uuid = prepared.task_uuid;
+        tracing::Span::current().record("task_uuid", task_uuid.as_str());
+        let stats = self.stats();
+        let timeout = self.settings.timeout;
+        let run = || async move {
+            stats.handler_runs.fetch_add(1, Relaxed);
+            let started = std::time::Instant::now();
+            let output = run_call(prepared.call, timeout, overrun).await;
+            stats
+                .handler_duration
+                .observe(started.elapsed().as_secs_f64());
+            output
+        };
+        let output = match &self.cache {
+            Some(cache) => {
+                let (output, source) = cache.get_or_run(&task_uuid, timeout, run).await;
+                if source == Source::Cached {
+                    stats.cache_hits.fetch_add(1, Relaxed);
+                    debug!("result answered from the cache");
+                }
+                output
+            }
+            None => run().await,
+        }?;
+        let Some(result) = output else {
+            return Ok(None);
+        };
+        if self.reply_route(delivery).is_none() {
+            debug!("the handler returned a result but no reply_key is set; nothing published");
+            return Ok(None);
+        }
+        let body = serde_json::to_vec(&result).map_err(|error| {
+            HandlerError::with_kind(FailureAction::DeadLetter, "result_not_serializable", error)
+        })?;
+        let mut properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_message_id(short(&task_uuid))
+            .with_timestamp(unix_now());
+        let parent = amqp::header_str(delivery.properties.headers().as_ref(), TRACEPARENT)
+            .and_then(TraceParent::parse);
+        // Continue a trace the request carries; do not start one (a headers table on every
+        // result costs the broker more than the rest of the result).
+        if let Some(parent) = parent {
+            let context = parent.child();
+            tracing::Span::current().record("trace_id", context.trace_id.as_str());
+            let mut headers = FieldTable::default();
+            headers.insert(TRACEPARENT.into(), long(&context.header()));
+            properties = properties.with_headers(headers);
+        }
+        if let Some(correlation_id) = delivery.properties.correlation_id() {
+            properties = properties.with_correlation_id(correlation_id.clone());
+        }
+        Ok(Some(Reply { body, properties }))
+    }
+
+    /// Where a result goes: the request's `reply_to` (default exchange) when the handler's
+    /// `reply_to` policy allows it, else the exchange with the handler's reply key; `None`
+    /// when neither applies.
+    pub(super) fn reply_route<'a>(&'a self, delivery: &'a Delivery) -> Option<(&'a str, &'a str)> {
+        let reply_to = delivery
+            .properties
+            .reply_to()
+            .as_ref()
+            .filter(|reply_to| self.settings.reply_to.allows(reply_to.as_str()));
+        match (reply_to, &self.settings.reply_key) {
+            (Some(reply_to), _) => Some(("", reply_to.as_str())),
+            (None, Some(reply_key)) => Some((self.exchange.as_str(), reply_key.as_str())),
+            (None, None) => None,
+        }
+    }
+}
+
+/// A handler's result, serialized, with the properties it is published with.
+pub(super) struct Reply {
+    pub(super) body: Vec<u8>,
+    pub(super) properties: BasicProperties,
+}
+
+/// A blocking handler's thread that outlived its `message_timeout`, left for its slot to wait
+/// for.
+type Overrun = std::sync::Mutex<Option<tokio::task::JoinHandle<HandlerOutput>>>;
+
+/// Runs the handler call under the timeout, turning panics into retryable errors. A blocking
+/// call that times out leaves its thread in `overrun`.
+async fn run_call(call: Call, timeout: Duration, overrun: &Overrun) -> HandlerOutput {
+    let timed_out = || {
+        Err(HandlerError::with_kind(
+            FailureAction::Retry,
+            "timeout",
+            format_args!("the handler did not finish within {timeout:?}"),
+        ))
+    };
+    match call {
+        Call::Async(call) => {
+            let run = AssertUnwindSafe(async move { call().await }).catch_unwind();
+            match tokio::time::timeout(timeout, run).await {
+                Ok(Ok(output)) => output,
+                Ok(Err(panic)) => Err(panicked("the handler", &*panic)),
+                Err(_) => timed_out(),
+            }
+        }
+        Call::Blocking(call) => {
+            let mut thread = tokio::task::spawn_blocking(call);
+            match tokio::time::timeout(timeout, &mut thread).await {
+                Ok(Ok(output)) => output,
+                Ok(Err(error)) if error.is_panic() => {
+                    Err(panicked("the handler", &*error.into_panic()))
+                }
+                Ok(Err(error)) => Err(HandlerError::with_kind(
+                    FailureAction::Retry,
+                    "cancelled",
+                    error,
+                )),
+                Err(_) => {
+                    *overrun
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(thread);
+                    timed_out()
+                }
+            }
+        }
+    }
+}
+
+fn panicked(what: &str, payload: &(dyn std::any::Any + Send)) -> HandlerError {
+    let message = payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(non-text panic payload)");
+    HandlerError::with_kind(
+        FailureAction::Retry,
+        "handler_panicked",
+        format_args!("{what} panicked: {message}"),
+    )
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
