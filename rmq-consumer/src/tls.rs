@@ -122,6 +122,7 @@ impl TlsError {
 }
 
 /// The CA bundle, and the client certificate chain with its key.
+#[cfg_attr(not(feature = "cli"), expect(dead_code, reason = "read by the CLI"))]
 pub(crate) type Material = (
     Option<Vec<CertificateDer<'static>>>,
     Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
@@ -212,6 +213,7 @@ impl TlsFiles {
 
     /// The parsed CA bundle and client certificate with its key, for clients that take them
     /// apart (the management API's HTTP client).
+    #[cfg_attr(not(feature = "cli"), expect(dead_code, reason = "read by the CLI"))]
     pub(crate) fn material(&self) -> Result<Material, TlsError> {
         let roots = match &self.ca_file {
             Some(path) => Some(read_certs("tls_ca_file", path)?),
