@@ -122,7 +122,6 @@ impl TlsError {
 }
 
 /// The CA bundle, and the client certificate chain with its key.
-#[cfg_attr(not(feature = "cli"), expect(dead_code, reason = "read by the CLI"))]
 pub(crate) type Material = (
     Option<Vec<CertificateDer<'static>>>,
     Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
