@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use crate::{
     amqp::MAX_SHORT,
-    config::{Config, PublishVia, QueueType, ReplyToPolicy},
+    config::{Config, ConsumerConfig, PublishVia, QueueType, ReplyToPolicy},
     error::SetupError,
     registry::{HandlerSpec, PrepareFn},
 };
@@ -160,27 +160,77 @@ pub(crate) fn resolve(
     Ok(all)
 }
 
+/// The queues and routing of one handler: its `[consumers.<name>]` section, then the global
+/// keys, then what its `#[consumer]` attribute says (`spec`; the stand-alone CLI has none).
+/// The engine ([`resolve`]) and `rmq-consumer status` resolve names through this one place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct QueueNames {
+    pub(crate) queue: String,
+    pub(crate) reply_key: Option<String>,
+    pub(crate) reply_queue: Option<String>,
+    /// `None` when dead-lettering is off.
+    pub(crate) dead_letter_queue: Option<String>,
+    pub(crate) retry_delays: Vec<Duration>,
+}
+
+impl QueueNames {
+    /// `None` when neither the configuration nor `spec` names a queue.
+    pub(crate) fn resolve(
+        config: &Config,
+        section: &ConsumerConfig,
+        spec: Option<&HandlerSpec>,
+    ) -> Option<Self> {
+        let queue = section
+            .queue
+            .clone()
+            .or_else(|| config.queue.clone())
+            .or_else(|| spec.map(|s| s.queue.to_owned()))?;
+        let reply_key = section
+            .reply_key
+            .clone()
+            .or_else(|| config.reply_key.clone())
+            .or_else(|| spec.and_then(|s| s.reply_key).map(str::to_owned));
+        let reply_queue = section
+            .reply_queue
+            .clone()
+            .or_else(|| config.reply_queue.clone())
+            .or_else(|| spec.and_then(|s| s.reply_queue).map(str::to_owned));
+        let dead_letter_queue = section.dead_letter.unwrap_or(config.dead_letter).then(|| {
+            section
+                .dead_letter_queue
+                .clone()
+                .unwrap_or_else(|| dead_letter_queue_name(&queue))
+        });
+        let retry_delays = section
+            .retry_delays
+            .clone()
+            .unwrap_or_else(|| config.retry_delays.clone());
+        Some(Self {
+            queue,
+            reply_key,
+            reply_queue,
+            dead_letter_queue,
+            retry_delays,
+        })
+    }
+}
+
 fn resolve_one(config: &Config, spec: &HandlerSpec) -> Result<Settings, SetupError> {
     let section = config.consumer(spec.name);
     let invalid = |problem: String| SetupError::InvalidSetting {
         handler: spec.name.to_owned(),
         problem,
     };
-    let queue = section
-        .queue
-        .clone()
-        .or_else(|| config.queue.clone())
-        .unwrap_or_else(|| spec.queue.to_owned());
-    let reply_key = section
-        .reply_key
-        .clone()
-        .or_else(|| config.reply_key.clone())
-        .or_else(|| spec.reply_key.map(str::to_owned));
-    let reply_queue = section
-        .reply_queue
-        .clone()
-        .or_else(|| config.reply_queue.clone())
-        .or_else(|| spec.reply_queue.map(str::to_owned));
+    let Some(QueueNames {
+        queue,
+        reply_key,
+        reply_queue,
+        dead_letter_queue,
+        retry_delays,
+    }) = QueueNames::resolve(config, &section, Some(spec))
+    else {
+        return Err(invalid("no queue".to_owned()));
+    };
     let prefetch = section
         .prefetch
         .or(spec.prefetch)
@@ -203,13 +253,6 @@ fn resolve_one(config: &Config, spec: &HandlerSpec) -> Result<Settings, SetupErr
             .map_err(|_| invalid(format!("unknown queue_type `{text}`")))?,
         (None, None) => config.queue_type,
     };
-    let dead_letter = section.dead_letter.unwrap_or(config.dead_letter);
-    let dead_letter_queue = dead_letter.then(|| {
-        section
-            .dead_letter_queue
-            .clone()
-            .unwrap_or_else(|| dead_letter_queue_name(&queue))
-    });
     let settings = Settings {
         name: spec.name.to_owned(),
         reply_key,
@@ -230,10 +273,7 @@ fn resolve_one(config: &Config, spec: &HandlerSpec) -> Result<Settings, SetupErr
         max_in_flight_bytes: section
             .max_in_flight_bytes
             .unwrap_or(config.max_in_flight_bytes),
-        retry_delays: section
-            .retry_delays
-            .clone()
-            .unwrap_or_else(|| config.retry_delays.clone()),
+        retry_delays,
         queue_type,
         reply_to: section
             .reply_to

@@ -4,7 +4,7 @@
 use super::super::CliError;
 use crate::{
     config::{Config, ConsumerConfig},
-    engine::settings::{self, dead_letter_queue_name, delay_queue_name},
+    engine::settings::{self, delay_queue_name},
     registry,
 };
 
@@ -88,41 +88,24 @@ pub(super) fn configured_targets(config: &Config) -> Result<(Vec<Target>, Vec<St
             if section.enabled == Some(false) {
                 continue;
             }
-            let Some(queue) = section.queue.clone().or_else(|| config.queue.clone()) else {
+            let Some(names) = settings::QueueNames::resolve(config, &section, None) else {
                 notes.push(format!(
                     "[consumers.{name}] sets no `queue` and no handler `{name}` is registered in \
                      this binary: its queues are not checked"
                 ));
                 continue;
             };
-            let reply_key = section
-                .reply_key
-                .clone()
-                .or_else(|| config.reply_key.clone());
-            let reply_queue = section
-                .reply_queue
-                .clone()
-                .or_else(|| config.reply_queue.clone());
-            let dead_letter_queue = section.dead_letter.unwrap_or(config.dead_letter).then(|| {
-                section
-                    .dead_letter_queue
-                    .clone()
-                    .unwrap_or_else(|| dead_letter_queue_name(&queue))
-            });
-            let delays = section
+            let delay_queues = names
                 .retry_delays
-                .clone()
-                .unwrap_or_else(|| config.retry_delays.clone());
-            let delay_queues = delays
                 .iter()
-                .map(|d| delay_queue_name(&queue, *d))
+                .map(|d| delay_queue_name(&names.queue, *d))
                 .collect();
             for target in handler_targets(
                 &name,
-                queue,
-                reply_queue,
-                reply_key,
-                dead_letter_queue,
+                names.queue,
+                names.reply_queue,
+                names.reply_key,
+                names.dead_letter_queue,
                 delay_queues,
             ) {
                 push(target);
