@@ -5,7 +5,8 @@
 //! closes, a broker application restart, proxy resets, a memory alarm and `kill -9` of one
 //! worker (restarted each time). Then the ledger: nothing confirmed is lost, duplicates stay
 //! bounded per fault, every failing task is in the dead-letter queue; and the worker that
-//! was never killed has flat file descriptors, threads and resident memory.
+//! was never killed has flat file descriptors, threads and resident memory, and one broker
+//! connection with no more channels than at the start.
 //!
 //! `F26_SECONDS` sets how long faults are injected (default 90; e.g. 1800 for a 30-minute
 //! soak, which also prints the worker's resource curve), `F26_SEED` repeats a schedule.
@@ -93,6 +94,25 @@ impl Resources {
             rss_kib: field("VmRSS:"),
         }
     }
+}
+
+/// The channels of each broker connection the worker `pid` holds (its connection name carries
+/// its pid).
+async fn worker_channels(pid: u32) -> Vec<u32> {
+    let listing = rabbitmqctl(&[
+        "list_connections",
+        "-q",
+        "--no-table-headers",
+        "client_properties",
+        "channels",
+    ])
+    .await;
+    let name = format!("pid {pid}\"");
+    listing
+        .lines()
+        .filter(|line| line.contains(&name))
+        .filter_map(|line| line.split_whitespace().last()?.parse().ok())
+        .collect()
 }
 
 /// Restores the memory watermark even when the test fails.
@@ -222,7 +242,11 @@ async fn f26_chaos_under_load() {
         .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let before = Resources::of(steady.pid());
-    println!("[F26] steady worker at start: {before:?}");
+    let channels_before = worker_channels(steady.pid()).await;
+    println!(
+        "[F26] steady worker at start: {before:?}, channels per connection {channels_before:?}"
+    );
+    assert_eq!(channels_before.len(), 1, "one connection per worker");
 
     let mut injected: BTreeMap<Fault, u32> = BTreeMap::new();
     let mut bad = 0;
@@ -326,7 +350,24 @@ async fn f26_chaos_under_load() {
             );
         }
     }
-    println!("[F26] steady worker at the end: {after:?}");
+    // Settled again: one connection, no more channels than at the start (the watchdog's
+    // probe channel may be between a close and its reopening).
+    let most = channels_before.iter().copied().max().unwrap_or(0) + 1;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let channels_after = loop {
+        let channels = worker_channels(steady.pid()).await;
+        if channels.len() == 1 && channels.iter().all(|c| *c <= most) {
+            break channels;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the steady worker holds connections with channels {channels:?} (at the start: {channels_before:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    println!(
+        "[F26] steady worker at the end: {after:?}, channels per connection {channels_after:?}"
+    );
     assert!(
         after.fds <= before.fds + 8,
         "fds grew: {before:?} -> {after:?}"
