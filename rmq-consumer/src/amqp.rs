@@ -8,17 +8,7 @@ use lapin::{
 /// The longest AMQP short string.
 pub(crate) const MAX_SHORT: usize = 255;
 
-/// Cuts `text` to at most `max` bytes on a character boundary.
-pub(crate) fn truncate(text: &str, max: usize) -> &str {
-    if text.len() <= max {
-        return text;
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
-}
+pub(crate) use crate::text::truncate;
 
 /// A short string from untrusted text, truncated to 255 bytes (lapin's `From` panics on longer).
 pub(crate) fn short(text: &str) -> ShortString {
@@ -51,7 +41,7 @@ pub(crate) enum RetryCount {
 
 /// Reads `x-retry-count` tolerantly: any integer width, or a string of ASCII digits.
 pub(crate) fn retry_count(headers: Option<&FieldTable>) -> RetryCount {
-    count_header(headers, crate::retry::RETRY_COUNT_HEADER)
+    count_header(headers, crate::headers::RETRY_COUNT)
 }
 
 /// Reads a counting header (`x-retry-count`, `x-lost-deliveries`, `x-delivery-count`)

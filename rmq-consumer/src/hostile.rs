@@ -163,7 +163,7 @@ pub(crate) fn text_not_utf8(delivery: &Delivery) -> Option<String> {
     while let Some((key, value, parent)) = pending.pop() {
         let path = format!("{parent}{key}");
         if key.as_str().contains(REPLACEMENT) {
-            let path = crate::amqp::truncate(&path, MAX_PATH_BYTES);
+            let path = crate::text::truncate(&path, MAX_PATH_BYTES);
             return Some(format!(
                 "the header key {path} is not UTF-8 (the client library replaced the bad bytes with U+FFFD)"
             ));
@@ -325,7 +325,7 @@ pub(crate) fn fit_copy(properties: BasicProperties, frame_max: usize) -> BasicPr
         "{}: the copy's content header ({size} bytes) would not fit one frame (frame_max {frame_max})",
         dropped.join(", ")
     );
-    let note = crate::amqp::truncate(&note, MAX_DROPPED_NOTE_BYTES);
+    let note = crate::text::truncate(&note, MAX_DROPPED_NOTE_BYTES);
     warn!(dropped = %note, "the headers of this message are too large to copy whole; dropped the largest");
     kept.insert(
         HEADERS_DROPPED.into(),
@@ -335,7 +335,7 @@ pub(crate) fn fit_copy(properties: BasicProperties, frame_max: usize) -> BasicPr
 }
 
 fn reason(path: &str, what: &str) -> String {
-    let quoted = crate::amqp::truncate(path, MAX_PATH_BYTES);
+    let quoted = crate::text::truncate(path, MAX_PATH_BYTES);
     let cut = if quoted.len() < path.len() { "..." } else { "" };
     format!(
         "the header {quoted}{cut} {what} {MAX_NESTING_DEPTH} levels of tables and arrays; the levels below were dropped, so the message is not the one its sender published"

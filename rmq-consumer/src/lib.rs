@@ -57,6 +57,7 @@ mod metrics;
 pub mod publisher;
 pub mod registry;
 pub mod retry;
+pub(crate) mod settings;
 mod shutdown;
 pub mod text;
 pub mod tls;

@@ -12,7 +12,9 @@ pub use crate::headers::RETRY_COUNT as RETRY_COUNT_HEADER;
 /// ([`crate::headers::ORIGINAL_QUEUE`]).
 pub use crate::headers::ORIGINAL_QUEUE as ORIGINAL_QUEUE_HEADER;
 
-pub use crate::engine::redelivery::LOST_DELIVERIES_HEADER;
+/// The header counting a task's deliveries that ended without a settlement
+/// ([`crate::headers::LOST_DELIVERIES`]).
+pub use crate::headers::LOST_DELIVERIES as LOST_DELIVERIES_HEADER;
 
 /// What to do with a failed message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

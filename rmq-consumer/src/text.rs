@@ -15,6 +15,15 @@
 
 use std::borrow::Cow;
 
+/// Cuts `text` to at most `max` bytes on a character boundary.
+pub(crate) fn truncate(text: &str, max: usize) -> &str {
+    let mut end = max.min(text.len());
+    while !text.is_char_boundary(end) {
+        end = end.saturating_sub(1);
+    }
+    text.get(..end).unwrap_or_default()
+}
+
 /// Whether `c` is a control character a terminal or a line-oriented log may act on: C0, DEL
 /// or C1.
 #[must_use]

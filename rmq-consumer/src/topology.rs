@@ -12,8 +12,8 @@ use lapin::{
 use crate::{
     amqp::{long, short},
     config::{PublishVia, QueueType},
-    engine::settings::Settings,
     error::{Error, MissingObject, TopologyError, is_not_found, is_precondition_failed},
+    settings::Settings,
 };
 use tracing::warn;
 
@@ -449,9 +449,9 @@ mod tests {
     use super::*;
     use crate::{
         config::Config,
-        engine::settings,
         handler::HandlerError,
         registry::{HandlerSpec, Prepared},
+        settings,
     };
 
     fn never(_: &[u8]) -> Result<Prepared, HandlerError> {

@@ -12,8 +12,7 @@ use crate::{
         CONFIG_PATH_ENV, Config, ConsumerConfig, DEFAULT_CONFIG_FILE, ENV_PREFIX, PublishVia,
         QueueType, SecretUrl,
     },
-    engine::settings,
-    registry,
+    registry, settings,
 };
 
 /// Validate the configuration and print it with passwords masked.

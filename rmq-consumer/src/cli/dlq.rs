@@ -2,7 +2,7 @@
 //!
 //! A dead-letter queue belongs to one work queue: the handler's whose configured
 //! `dead_letter_queue` it is, else by the naming rule `<queue>.dlq` (one home:
-//! [`crate::engine::settings::source_of_dead_letter_queue`], which `status` reports as
+//! [`crate::settings::source_of_dead_letter_queue`], which `status` reports as
 //! `dead_letter_sources` too). `replay` and `purge` refuse a queue that is no dead-letter queue
 //! (exit 2); `purge --force` purges it anyway.
 //!
@@ -59,8 +59,8 @@ use super::{
 };
 use crate::{
     amqp::{header_str, long, short},
-    engine::settings::DEAD_LETTER_SUFFIX,
     retry::ORIGINAL_QUEUE_HEADER,
+    settings::DEAD_LETTER_SUFFIX,
 };
 
 use crate::headers::{

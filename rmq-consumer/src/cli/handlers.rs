@@ -6,7 +6,7 @@
 use serde::Serialize;
 
 use super::{CliError, EXIT_OK, Global, Io, chain, load_config};
-use crate::{engine::settings, registry};
+use crate::{registry, settings};
 
 /// List the registered handlers.
 #[derive(Debug, clap::Args)]

@@ -4,7 +4,6 @@
 mod acks;
 mod pipeline;
 pub(crate) mod redelivery;
-pub(crate) mod settings;
 mod settle;
 mod watchdog;
 mod worker;
@@ -25,7 +24,7 @@ use crate::{
     health::{Health, HealthHandle},
     publisher::Publisher,
     registry::{self, HandlerSpec},
-    topology,
+    settings, topology,
 };
 use worker::{Stop, Worker};
 

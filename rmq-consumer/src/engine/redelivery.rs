@@ -33,7 +33,7 @@ use crate::amqp::{self, RetryCount};
 
 /// The header counting a task's deliveries that ended without a settlement
 /// ([`crate::headers::LOST_DELIVERIES`]).
-pub use crate::headers::LOST_DELIVERIES as LOST_DELIVERIES_HEADER;
+pub(crate) use crate::headers::LOST_DELIVERIES as LOST_DELIVERIES_HEADER;
 
 use crate::headers::DELIVERY_COUNT as DELIVERY_COUNT_HEADER;
 

@@ -21,7 +21,7 @@ pub(crate) struct Observation {
     pub(crate) depth: Option<u32>,
     /// Deliveries in flight.
     pub(crate) in_flight: usize,
-    /// The delivery tasks the handler runs ([`Settings::slots`](crate::engine::settings::Settings::slots)).
+    /// The delivery tasks the handler runs ([`Settings::slots`](crate::settings::Settings::slots)).
     pub(crate) capacity: usize,
     /// Time since the last settled delivery or (re)subscription.
     pub(crate) idle: Duration,

@@ -26,9 +26,9 @@ use crate::{
     cache::ResultCache,
     engine::acks::Settler,
     engine::redelivery::{self, Abandoned},
-    engine::settings::Settings,
     health::{HandlerStats, Health},
     publisher::Publisher,
+    settings::Settings,
     topology,
 };
 

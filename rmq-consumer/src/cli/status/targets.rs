@@ -4,8 +4,8 @@
 use super::super::CliError;
 use crate::{
     config::{Config, ConsumerConfig},
-    engine::settings::{self, delay_queue_name},
     registry,
+    settings::{self, delay_queue_name},
 };
 
 use super::*;
