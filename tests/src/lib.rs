@@ -12,7 +12,8 @@
 //! - [`ledger`]: the checker of `tests/RELIABILITY.md` ([`Ledger`]): nothing confirmed may be
 //!   lost, duplicates are counted.
 //! - [`rabbitmqctl`](mod@rabbitmqctl): `rabbitmqctl` on the test broker's node, and guards
-//!   that undo what a fault test changed on the broker ([`PolicyGuard`], [`StoppedApp`]).
+//!   that undo what a fault test changed on the broker ([`PolicyGuard`], [`StoppedApp`],
+//!   [`MemoryAlarm`]).
 //! - [`users`]: broker users made for one test ([`TestUser`]).
 //! - [`proxy`]: a TCP proxy that cuts, freezes or resets the engine's connections ([`Proxy`]).
 //! - [`wait`]: polling until something holds ([`eventually`], [`eventually_async`]).
@@ -50,7 +51,7 @@ pub use env::{
 pub use ledger::{Ledger, LedgerReport, id_of, task};
 pub use proxy::Proxy;
 pub use rabbitmqctl::{
-    PolicyGuard, StoppedApp, host_rabbitmqctl, rabbitmqctl, rabbitmqctl_blocking,
+    MemoryAlarm, PolicyGuard, StoppedApp, host_rabbitmqctl, rabbitmqctl, rabbitmqctl_blocking,
 };
 pub use route::{Route, delay_queue};
 pub use users::TestUser;

@@ -134,3 +134,26 @@ impl Drop for StoppedApp {
         }
     }
 }
+
+/// A memory alarm (`set_vm_memory_high_watermark 0`): the broker blocks every publishing
+/// connection. The watermark goes back to 0.4 when the guard drops, also when the test fails.
+#[derive(Debug)]
+pub struct MemoryAlarm;
+
+impl MemoryAlarm {
+    /// Raises the alarm.
+    pub async fn raise() -> Self {
+        rabbitmqctl(&["set_vm_memory_high_watermark", "0"]).await;
+        Self
+    }
+}
+
+impl Drop for MemoryAlarm {
+    fn drop(&mut self) {
+        if let Err(e) = rabbitmqctl_blocking(&["set_vm_memory_high_watermark", "0.4"]) {
+            eprintln!(
+                "could not restore the memory watermark, run `rabbitmqctl set_vm_memory_high_watermark 0.4`: {e}"
+            );
+        }
+    }
+}

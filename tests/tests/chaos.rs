@@ -25,8 +25,8 @@ use std::{
 
 use lapin::{BasicProperties, options::BasicPublishOptions};
 use rmq_consumer_tests::{
-    Broker, Ledger, Proxy, Route, StoppedApp, WorkerProcess, rabbitmqctl, rabbitmqctl_blocking,
-    task, test_config, unique,
+    Broker, Ledger, MemoryAlarm, Proxy, Route, StoppedApp, WorkerProcess, rabbitmqctl, task,
+    test_config, unique,
 };
 use serde_json::{Value, json};
 
@@ -113,24 +113,6 @@ async fn worker_channels(pid: u32) -> Vec<u32> {
         .filter(|line| line.contains(&name))
         .filter_map(|line| line.split_whitespace().last()?.parse().ok())
         .collect()
-}
-
-/// Restores the memory watermark even when the test fails.
-struct MemoryAlarm;
-
-impl MemoryAlarm {
-    async fn raise() -> Self {
-        rabbitmqctl(&["set_vm_memory_high_watermark", "0"]).await;
-        Self
-    }
-}
-
-impl Drop for MemoryAlarm {
-    fn drop(&mut self) {
-        if let Err(e) = rabbitmqctl_blocking(&["set_vm_memory_high_watermark", "0.4"]) {
-            eprintln!("could not restore the memory watermark: {e}");
-        }
-    }
 }
 
 fn spawn(proxy: &Proxy, exchange: &str, route: &Route) -> WorkerProcess {

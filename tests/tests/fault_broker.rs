@@ -19,7 +19,7 @@ use std::{
 
 use rmq_consumer::consumer;
 use rmq_consumer_tests::{
-    self as common, Broker, Ledger, Route, Running, StoppedApp, eventually, rabbitmqctl, task,
+    Broker, Ledger, MemoryAlarm, Route, Running, StoppedApp, eventually, rabbitmqctl, task,
     test_config, unique,
 };
 use serde_json::{Value, json};
@@ -303,26 +303,6 @@ async fn f02_broker_app_restart_mid_run() {
     running.stop().await.unwrap();
     fresh.adopt(broker);
     fresh.cleanup().await;
-}
-
-/// Restores the memory watermark even when the test fails.
-struct MemoryAlarm;
-
-impl MemoryAlarm {
-    async fn raise() -> Self {
-        rabbitmqctl(&["set_vm_memory_high_watermark", "0"]).await;
-        Self
-    }
-}
-
-impl Drop for MemoryAlarm {
-    fn drop(&mut self) {
-        if let Err(e) = common::rabbitmqctl_blocking(&["set_vm_memory_high_watermark", "0.4"]) {
-            eprintln!(
-                "could not restore the memory watermark, run `rabbitmqctl set_vm_memory_high_watermark 0.4`: {e}"
-            );
-        }
-    }
 }
 
 /// F11: a memory alarm (`set_vm_memory_high_watermark 0`) blocks publishing. The engine
