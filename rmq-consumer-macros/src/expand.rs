@@ -110,6 +110,7 @@ fn registration(args: &Args, handler: &Handler<'_>, attrs: &[Attribute]) -> Opti
                     file: #file,
                     line: #line,
                     prepare: __rmq_prepare,
+                    batch: ::core::option::Option::None,
                 }
             }
         };

@@ -5,7 +5,10 @@ pub use inventory;
 pub use serde_json::Value;
 
 pub use crate::handler::{HandlerError, HandlerOutput};
-pub use crate::registry::{HandlerFuture, HandlerSpec, Prepared};
+pub use crate::registry::{
+    BatchFuture, BatchOutput, BatchRun, BatchSpec, HandlerFuture, HandlerSpec, Item, Prepared,
+    PreparedItem,
+};
 
 /// Not public API: the default task uuid (md5 of the canonical JSON of the body).
 #[must_use]
@@ -97,5 +100,116 @@ pub mod output {
         result
             .map_err(Into::into)
             .and_then(|r| r.map_or(Ok(None), encode))
+    }
+}
+
+/// Not public API: the items of one batch, back to the handler's argument type.
+///
+/// # Errors
+/// A retryable [`HandlerError`] of kind `batch_item_type` when an item is not a `T` (a bug:
+/// the engine only gathers items its handler's own `prepare` made).
+pub fn downcast_items<T: 'static>(items: Vec<Item>) -> Result<Vec<T>, HandlerError> {
+    items
+        .into_iter()
+        .map(|item| {
+            item.downcast::<T>().map(|item| *item).map_err(|_| {
+                HandlerError::with_kind(
+                    crate::handler::FailureAction::Retry,
+                    "batch_item_type",
+                    "a batch item is not of the handler's argument type",
+                )
+            })
+        })
+        .collect()
+}
+
+/// Not public API: conversions from each supported batch return shape to a [`BatchOutput`],
+/// and from a batch of one back to one message's [`HandlerOutput`].
+pub mod batch {
+    use serde::Serialize;
+
+    use crate::handler::{FailureAction, HandlerError, HandlerOutput, encode};
+    use crate::registry::BatchOutput;
+
+    /// Not public API: `Vec<R>`.
+    pub fn vec_value<R: Serialize>(results: Vec<R>) -> BatchOutput {
+        Ok(results.into_iter().map(encode).collect())
+    }
+
+    /// Not public API: `Vec<()>`: nothing to publish.
+    pub fn vec_unit(results: Vec<()>) -> BatchOutput {
+        Ok(results.into_iter().map(|()| Ok(None)).collect())
+    }
+
+    /// Not public API: `Vec<Option<R>>`; a `None` publishes nothing for its item.
+    pub fn vec_option<R: Serialize>(results: Vec<Option<R>>) -> BatchOutput {
+        Ok(results
+            .into_iter()
+            .map(|r| r.map_or(Ok(None), encode))
+            .collect())
+    }
+
+    /// Not public API: `Vec<Result<R, E>>`: an `Err` fails its item alone.
+    pub fn vec_result<R: Serialize, E: Into<HandlerError>>(
+        results: Vec<Result<R, E>>,
+    ) -> BatchOutput {
+        Ok(results
+            .into_iter()
+            .map(|r| r.map_err(Into::into).and_then(encode))
+            .collect())
+    }
+
+    /// Not public API: `Vec<Result<(), E>>`.
+    pub fn vec_result_unit<E: Into<HandlerError>>(results: Vec<Result<(), E>>) -> BatchOutput {
+        Ok(results
+            .into_iter()
+            .map(|r| r.map(|()| None).map_err(Into::into))
+            .collect())
+    }
+
+    /// Not public API: `Vec<Result<Option<R>, E>>`.
+    pub fn vec_result_option<R: Serialize, E: Into<HandlerError>>(
+        results: Vec<Result<Option<R>, E>>,
+    ) -> BatchOutput {
+        Ok(results
+            .into_iter()
+            .map(|r| {
+                r.map_err(Into::into)
+                    .and_then(|r| r.map_or(Ok(None), encode))
+            })
+            .collect())
+    }
+
+    /// Not public API: `Result<V, E>` around one of the shapes above: an `Err` fails every
+    /// item.
+    ///
+    /// # Errors
+    /// The handler's error, converted.
+    pub fn result<V, E: Into<HandlerError>>(
+        result: Result<V, E>,
+        inner: fn(V) -> BatchOutput,
+    ) -> BatchOutput {
+        result.map_err(Into::into).and_then(inner)
+    }
+
+    /// Not public API: the one output of a batch of one (the suspect queue runs each message
+    /// alone).
+    ///
+    /// # Errors
+    /// The batch's error, or a retryable `batch_size_mismatch` error when the handler did not
+    /// return exactly one output.
+    pub fn single(output: BatchOutput) -> HandlerOutput {
+        let mut outputs = output?;
+        match (outputs.pop(), outputs.is_empty()) {
+            (Some(output), true) => output,
+            (popped, _) => Err(HandlerError::with_kind(
+                FailureAction::Retry,
+                "batch_size_mismatch",
+                format_args!(
+                    "the batch handler returned {} results for 1 item",
+                    outputs.len().saturating_add(usize::from(popped.is_some()))
+                ),
+            )),
+        }
     }
 }

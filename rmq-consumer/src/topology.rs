@@ -472,6 +472,7 @@ mod tests {
         file: "topology.rs",
         line: 1,
         prepare: never,
+        batch: None,
     };
 
     fn settings_with(publish_via: PublishVia) -> Settings {
