@@ -159,26 +159,26 @@ impl ResultCache {
         sender.send_replace(Some(shared));
     }
 
-    /// Returns the cached result for `key`, or runs `run` once: concurrent callers with the
-    /// same key wait (at most `wait`) for that run and share its outcome, failures included.
-    pub(crate) async fn get_or_run<F, Fut>(
-        &self,
-        key: &str,
-        wait: Duration,
-        run: F,
-    ) -> (HandlerOutput, Source)
-    where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = HandlerOutput>,
-    {
-        let sender = loop {
+    /// Starts the work for `key`: its cached result, another run's outcome (waited for, at
+    /// most `wait`), or the right to run it ([`Started::Run`]), whose holder must
+    /// [`Run::finish`] it (dropping it unfinished lets the next caller take over).
+    pub(crate) async fn start(&self, key: &str, wait: Duration) -> Started<'_> {
+        loop {
             match self.claim(key) {
-                Claim::Done(value) => return (Ok(value), Source::Cached),
-                Claim::Run(sender) => break sender,
+                Claim::Done(value) => return Started::Answered(Ok(value), Source::Cached),
+                Claim::Run(sender) => {
+                    return Started::Run(Run {
+                        cache: self,
+                        key: key.to_owned(),
+                        sender,
+                    });
+                }
                 Claim::Wait(mut outcome) => {
                     match tokio::time::timeout(wait, outcome.wait_for(Option::is_some)).await {
                         Ok(Ok(seen)) => match seen.as_ref() {
-                            Some(Ok(value)) => return (Ok(value.clone()), Source::Cached),
+                            Some(Ok(value)) => {
+                                return Started::Answered(Ok(value.clone()), Source::Cached);
+                            }
                             Some(Err((action, kind, message))) => {
                                 let error = HandlerError::with_kind(
                                     *action,
@@ -187,7 +187,7 @@ impl ResultCache {
                                         "a concurrent delivery of this task failed: {message}"
                                     ),
                                 );
-                                return (Err(error), Source::SharedFailure);
+                                return Started::Answered(Err(error), Source::SharedFailure);
                             }
                             None => {}
                         },
@@ -201,15 +201,59 @@ impl ResultCache {
                                     "waited {wait:?} (message_timeout) for a concurrent delivery of this task"
                                 ),
                             );
-                            return (Err(error), Source::SharedFailure);
+                            return Started::Answered(Err(error), Source::SharedFailure);
                         }
                     }
                 }
             }
-        };
-        let output = run().await;
-        self.finish(key, &sender, &output);
-        (output, Source::Ran)
+        }
+    }
+
+    /// Returns the cached result for `key`, or runs `run` once: concurrent callers with the
+    /// same key wait (at most `wait`) for that run and share its outcome, failures included.
+    pub(crate) async fn get_or_run<F, Fut>(
+        &self,
+        key: &str,
+        wait: Duration,
+        run: F,
+    ) -> (HandlerOutput, Source)
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = HandlerOutput>,
+    {
+        match self.start(key, wait).await {
+            Started::Answered(output, source) => (output, source),
+            Started::Run(claimed) => {
+                let output = run().await;
+                claimed.finish(&output);
+                (output, Source::Ran)
+            }
+        }
+    }
+}
+
+/// What [`ResultCache::start`] found for a key.
+#[derive(Debug)]
+pub(crate) enum Started<'a> {
+    /// A result (or another run's failure) to answer with, without running.
+    Answered(HandlerOutput, Source),
+    /// This caller runs the task and then finishes the run.
+    Run(Run<'a>),
+}
+
+/// The right to run one key's task: other callers of that key wait for [`Run::finish`].
+/// Dropped unfinished, the run is abandoned and the next caller runs the task.
+#[derive(Debug)]
+pub(crate) struct Run<'a> {
+    cache: &'a ResultCache,
+    key: String,
+    sender: watch::Sender<Option<Shared>>,
+}
+
+impl Run<'_> {
+    /// Records the run's outcome (a success is kept) and hands it to the waiting callers.
+    pub(crate) fn finish(self, output: &HandlerOutput) {
+        self.cache.finish(&self.key, &self.sender, output);
     }
 }
 
