@@ -54,6 +54,10 @@ macro_rules! handler_counters {
             )*
             pub(crate) handler_duration: prometheus_client::metrics::histogram::Histogram,
             pub(crate) end_to_end: prometheus_client::metrics::histogram::Histogram,
+            /// A batch handler's items per call.
+            pub(crate) batch_size: prometheus_client::metrics::histogram::Histogram,
+            /// How long a batch handler's items waited for their batch to be handed over.
+            pub(crate) batch_wait: prometheus_client::metrics::histogram::Histogram,
         }
 
         impl HandlerStats {
@@ -70,6 +74,10 @@ macro_rules! handler_counters {
                     $($field: AtomicU64::new(0),)*
                     handler_duration: duration_histogram(),
                     end_to_end: duration_histogram(),
+                    batch_size: prometheus_client::metrics::histogram::Histogram::new(
+                        prometheus_client::metrics::histogram::exponential_buckets(1.0, 2.0, 11),
+                    ),
+                    batch_wait: duration_histogram(),
                 }
             }
 
@@ -133,8 +141,39 @@ handler_counters! {
     results_nacked => "rmq_consumer_results_nacked", "Results the broker nacked.";
     uncertain_copies => "rmq_consumer_uncertain_copies", "Retry, dead-letter or suspect copies whose fate is unknown (no confirm in time, or the channel failed after they were sent) while their original went back to the queue: the broker may hold both, and the task then runs once more (one extra run per count).";
     results_exchange_missing => "rmq_consumer_results_exchange_missing", "Result publishes refused because the result exchange did not exist (404); each is published again within `result_publish_retry`.";
-    handler_runs => "rmq_consumer_handler_runs", "Times the handler function was called.";
+    handler_runs => "rmq_consumer_handler_runs", "Times the handler function was called (a batch handler: once per batch).";
+    batches => "rmq_consumer_batches", "Batches handed to a batch handler.";
+    batch_items => "rmq_consumer_batch_items", "Items handed to a batch handler, in all its batches.";
 }
+
+/// Reads one histogram of a handler.
+pub(crate) type HistogramOf =
+    fn(&HandlerStats) -> &prometheus_client::metrics::histogram::Histogram;
+
+/// Every handler histogram: its Prometheus name, help text and reader (the metrics endpoint
+/// reads this list).
+pub(crate) const HISTOGRAMS: &[(&str, &str, HistogramOf)] = &[
+    (
+        "rmq_consumer_handler_duration_seconds",
+        "Time spent in the handler (a batch handler: per batch).",
+        |h| &h.handler_duration,
+    ),
+    (
+        "rmq_consumer_end_to_end_seconds",
+        "From the request's timestamp property to its settlement.",
+        |h| &h.end_to_end,
+    ),
+    (
+        "rmq_consumer_batch_size",
+        "Items per call of a batch handler.",
+        |h| &h.batch_size,
+    ),
+    (
+        "rmq_consumer_batch_wait_seconds",
+        "How long a batch handler's items waited for their batch to be handed over.",
+        |h| &h.batch_wait,
+    ),
+];
 
 impl Health {
     pub(crate) fn new(handlers: impl IntoIterator<Item = (String, String)>) -> Self {

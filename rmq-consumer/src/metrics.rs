@@ -5,7 +5,7 @@ use std::sync::{Arc, atomic::Ordering::Relaxed};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
-    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge, histogram::Histogram},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
     registry::Registry,
 };
 
@@ -63,18 +63,7 @@ impl Collector for EngineCollector {
                 }
             }
         }
-        for (name, help, pick) in [
-            (
-                "rmq_consumer_handler_duration_seconds",
-                "Time spent in the handler.",
-                (|h: &HandlerStats| &h.handler_duration) as fn(&HandlerStats) -> &Histogram,
-            ),
-            (
-                "rmq_consumer_end_to_end_seconds",
-                "From the request's timestamp property to its settlement.",
-                |h: &HandlerStats| &h.end_to_end,
-            ),
-        ] {
+        for &(name, help, pick) in crate::health::HISTOGRAMS {
             let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
             for handler in &health.handlers {
                 let labels = [

@@ -73,10 +73,6 @@ pub type PrepareFn = fn(&[u8]) -> Result<Prepared, HandlerError>;
 pub type Item = Box<dyn Any + Send>;
 
 /// One message of a batch handler, decoded: its task uuid and its item.
-#[allow(
-    dead_code,
-    reason = "read by the batch engine (issue 16), landing next"
-)]
 pub struct PreparedItem {
     pub(crate) task_uuid: String,
     pub(crate) item: Item,
@@ -114,10 +110,6 @@ pub type BatchOutput = Result<Vec<HandlerOutput>, HandlerError>;
 pub type BatchFuture = Pin<Box<dyn Future<Output = BatchOutput> + Send + 'static>>;
 
 /// How a batch handler's body runs.
-#[allow(
-    dead_code,
-    reason = "read by the batch engine (issue 16), landing next"
-)]
 pub(crate) enum BatchCall {
     /// An async fn, polled on the runtime.
     Async(BatchFuture),

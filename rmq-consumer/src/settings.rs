@@ -6,8 +6,23 @@ use crate::{
     amqp::MAX_SHORT,
     config::{Config, ConsumerConfig, PublishVia, QueueType, ReplyToPolicy},
     error::SetupError,
-    registry::{HandlerSpec, PrepareFn},
+    registry::{HandlerSpec, PrepareFn, PrepareItemFn, RunBatchFn},
 };
+
+/// How long the first item of a batch waits for more when neither the attribute nor the
+/// configuration says (`batch_wait`).
+pub(crate) const DEFAULT_BATCH_WAIT: Duration = Duration::from_millis(10);
+
+/// A batch handler's batching: how items are gathered and how a call is bound.
+#[derive(Debug, Clone)]
+pub(crate) struct Batching {
+    /// The most items per call.
+    pub(crate) size: usize,
+    /// How long a batch's first item waits for more.
+    pub(crate) wait: Duration,
+    pub(crate) prepare: PrepareItemFn,
+    pub(crate) run: RunBatchFn,
+}
 
 /// Everything the engine needs to run one handler.
 #[derive(Debug, Clone)]
@@ -45,20 +60,42 @@ pub(crate) struct Settings {
     pub(crate) blocking: bool,
     pub(crate) location: String,
     pub(crate) prepare: PrepareFn,
+    /// `Some` for a batch handler: `concurrency` then counts batches in flight.
+    pub(crate) batch: Option<Batching>,
 }
 
 impl Settings {
     /// The delivery tasks the worker runs side by side on the work queue:
     /// `min(concurrency, basic.qos)`, since more tasks than `basic.qos` would never get a
     /// delivery. The watchdog judges free capacity against this, not `concurrency`.
+    ///
+    /// A batch handler's deliveries each have a task from arrival to settlement (they wait
+    /// for their batch there): `basic.qos` tasks, and `concurrency` batches run at once.
     pub(crate) fn slots(&self) -> usize {
-        self.concurrency.min(usize::from(self.qos).max(1))
+        let qos = usize::from(self.qos).max(1);
+        match self.batch {
+            Some(_) => qos,
+            None => self.concurrency.min(qos),
+        }
     }
 
     /// The longest a delivery of this handler can stay unacked while the worker is healthy
     /// (see [`longest_unacked`]).
     pub(crate) fn longest_unacked(&self, confirm: Duration, republish: Duration) -> Duration {
-        longest_unacked(self.timeout, self.qos, self.slots(), confirm, republish)
+        match &self.batch {
+            None => longest_unacked(self.timeout, self.qos, self.slots(), confirm, republish),
+            // A delivery may wait for the batches ahead of it (the `basic.qos` deliveries in
+            // batches of `size`, `concurrency` at a time), its batch's wait, then its run.
+            Some(batch) => {
+                let per_round = batch.size.saturating_mul(self.concurrency).max(1);
+                let rounds = usize::from(self.qos).div_ceil(per_round).max(1);
+                self.timeout
+                    .saturating_mul(u32::try_from(rounds).unwrap_or(u32::MAX))
+                    .saturating_add(batch.wait)
+                    .saturating_add(confirm)
+                    .saturating_add(republish)
+            }
+        }
     }
 
     /// The queue where tasks whose delivery ended unsettled wait to run alone:
@@ -231,17 +268,24 @@ fn resolve_one(config: &Config, spec: &HandlerSpec) -> Result<Settings, SetupErr
     else {
         return Err(invalid("no queue".to_owned()));
     };
-    let prefetch = section
-        .prefetch
-        .or(spec.prefetch)
-        .unwrap_or(config.prefetch_count);
+    let batch = batching(&section, spec).map_err(invalid)?;
+    let (prefetch, concurrency) = match &batch {
+        None => {
+            let prefetch = section
+                .prefetch
+                .or(spec.prefetch)
+                .unwrap_or(config.prefetch_count);
+            let concurrency = section
+                .concurrency
+                .or(config.concurrency)
+                .unwrap_or(prefetch);
+            (prefetch, concurrency)
+        }
+        Some(batch) => batch_prefetch(config, &section, spec, batch.size).map_err(invalid)?,
+    };
     if prefetch == 0 {
         return Err(invalid("prefetch must be at least 1".to_owned()));
     }
-    let concurrency = section
-        .concurrency
-        .or(config.concurrency)
-        .unwrap_or(prefetch);
     if concurrency == 0 {
         return Err(invalid("concurrency must be at least 1".to_owned()));
     }
@@ -286,6 +330,7 @@ fn resolve_one(config: &Config, spec: &HandlerSpec) -> Result<Settings, SetupErr
         blocking: spec.blocking,
         location: spec.location(),
         prepare: spec.prepare,
+        batch,
         queue,
     };
     if settings.timeout.is_zero() {
@@ -318,6 +363,64 @@ fn resolve_one(config: &Config, spec: &HandlerSpec) -> Result<Settings, SetupErr
         }
     }
     Ok(settings)
+}
+
+/// A batch handler's batching from its attribute and its section; `None` for other handlers,
+/// which the `batch` keys cannot make batch handlers (their fn takes one message).
+fn batching(section: &ConsumerConfig, spec: &HandlerSpec) -> Result<Option<Batching>, String> {
+    let Some(declared) = spec.batch else {
+        return match (section.batch, section.batch_wait) {
+            (None, None) => Ok(None),
+            _ => Err(format!(
+                "`consumers.{}.batch` and `batch_wait` apply only to batch handlers (declared \
+                 with `#[consumer(batch = N)]` on a fn taking a `Vec`); this one takes one \
+                 message per call",
+                spec.name
+            )),
+        };
+    };
+    let size = section.batch.unwrap_or(declared.size);
+    if size == 0 {
+        return Err("batch must be at least 1".to_owned());
+    }
+    let wait = section
+        .batch_wait
+        .or(declared.wait_ms.map(Duration::from_millis))
+        .unwrap_or(DEFAULT_BATCH_WAIT);
+    Ok(Some(Batching {
+        size: usize::from(size),
+        wait,
+        prepare: declared.prepare,
+        run: declared.run,
+    }))
+}
+
+/// A batch handler's prefetch and concurrency. `concurrency` counts batches in flight (default
+/// 1); the prefetch defaults to enough deliveries to fill the next batch while
+/// `concurrency` run (`batch × (concurrency + 1)`, or the global `prefetch_count` when that is
+/// larger), and a prefetch set for the handler that can never fill one batch is an error.
+fn batch_prefetch(
+    config: &Config,
+    section: &ConsumerConfig,
+    spec: &HandlerSpec,
+    size: usize,
+) -> Result<(u16, u16), String> {
+    let concurrency = section.concurrency.or(config.concurrency).unwrap_or(1);
+    let fill = size.saturating_mul(usize::from(concurrency).saturating_add(1));
+    let fill = u16::try_from(fill).unwrap_or(u16::MAX);
+    let prefetch = match section.prefetch.or(spec.prefetch) {
+        Some(prefetch) if usize::from(prefetch) < size => {
+            return Err(format!(
+                "prefetch ({prefetch}) is below batch ({size}): a batch could never fill; \
+                 raise `consumers.{name}.prefetch` (at least {size}; {fill} lets the next batch \
+                 fill while one runs) or lower `consumers.{name}.batch`",
+                name = spec.name
+            ));
+        }
+        Some(prefetch) => prefetch,
+        None => fill.max(config.prefetch_count),
+    };
+    Ok((prefetch, concurrency))
 }
 
 /// RabbitMQ's default `consumer_timeout` (30 minutes): a delivery unacked for longer makes the

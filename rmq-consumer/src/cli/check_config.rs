@@ -73,6 +73,10 @@ pub(crate) fn run(global: &Global, args: &Args, io: &mut Io<'_>) -> Result<i32, 
             h.put("declare", json!(s.declare));
             h.put("publish_via", json!(s.publish_via.as_str()));
             h.put("blocking", json!(s.blocking));
+            if let Some(batch) = &s.batch {
+                h.put("batch", json!(batch.size));
+                h.put("batch_wait", json!(duration(batch.wait)));
+            }
             h.put("location", json!(s.location));
             handlers.put_table(&s.name, h);
         }
@@ -353,6 +357,8 @@ fn consumer_view(c: &ConsumerConfig) -> Table {
     t.put_set("declare", json!(c.declare));
     t.put_set("publish_via", json!(c.publish_via.map(PublishVia::as_str)));
     t.put_set("enabled", json!(c.enabled));
+    t.put_set("batch", json!(c.batch));
+    t.put_set("batch_wait", json!(c.batch_wait.map(duration)));
     t
 }
 

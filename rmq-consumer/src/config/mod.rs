@@ -340,6 +340,12 @@ pub struct ConsumerConfig {
     pub publish_via: Option<PublishVia>,
     /// Whether the handler runs at all.
     pub enabled: Option<bool>,
+    /// A batch handler's most items per call, at least 1 (overrides `batch = N` on its
+    /// `#[consumer]`; only for handlers declared with `batch`).
+    pub batch: Option<u16>,
+    /// How long the first item of a batch may wait for more before the batch is handed to
+    /// the handler (overrides `batch_wait` on its `#[consumer]`).
+    pub batch_wait: Option<Duration>,
 }
 
 /// The type of declared queues.

@@ -103,6 +103,8 @@ const CONSUMER_KEYS: &[&str] = &[
     "publish_via",
     "dead_letter_queue",
     "enabled",
+    "batch",
+    "batch_wait",
 ];
 
 const CONSUMERS_ENV: &str = "CONSUMERS__";
@@ -533,6 +535,8 @@ impl Scope {
             declare: self.get(&["declare"]),
             publish_via: self.get(&["publish_via"]),
             enabled: self.get(&["enabled"]),
+            batch: self.int(&["batch"], 1, u16::MAX),
+            batch_wait: self.get(&["batch_wait"]),
         }
     }
 

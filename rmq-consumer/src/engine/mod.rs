@@ -2,6 +2,7 @@
 //! shutdown. Only the engine settles deliveries.
 
 mod acks;
+mod batch;
 mod pipeline;
 pub(crate) mod redelivery;
 mod settle;

@@ -26,7 +26,10 @@ use crate::{
     trace::{TRACEPARENT, TraceParent},
 };
 
-use super::worker::{Lane, Worker};
+use super::{
+    batch::Batcher,
+    worker::{Lane, Worker},
+};
 
 impl Worker {
     /// One of the handler's `concurrency` delivery tasks for one subscription: takes the next
@@ -40,14 +43,19 @@ impl Worker {
     pub(super) async fn serve(
         self: Arc<Self>,
         lane: Lane,
-        deliveries: async_channel::Receiver<Delivery>,
+        Intake {
+            deliveries,
+            batcher,
+        }: Intake,
         publisher: Publisher,
         settler: Settler,
         lost: Arc<CancellationToken>,
         stop: CancellationToken,
     ) {
         let _permit = match lane {
+            // A batch handler's permits are taken by its batches, one per call.
             Lane::Suspect => None,
+            Lane::Work if batcher.is_some() => None,
             Lane::Work => {
                 let permit = tokio::select! {
                     biased;
@@ -84,8 +92,14 @@ impl Worker {
                 // hold one. A panic outside the handler (a bug: handler panics are caught
                 // where it runs) costs this delivery, which stays unsettled until its channel
                 // closes, not the task and its slot.
-                let pipeline =
-                    Box::pin(self.process(&publisher, &settler, delivery, &lost, &overrun));
+                let pipeline = Box::pin(self.process(
+                    &publisher,
+                    &settler,
+                    delivery,
+                    &lost,
+                    &overrun,
+                    batcher.as_ref(),
+                ));
                 if AssertUnwindSafe(pipeline).catch_unwind().await.is_err() {
                     error!(handler = %self.settings.name,
                         "the delivery pipeline panicked; the delivery stays unsettled until its channel closes");
@@ -133,6 +147,7 @@ impl Worker {
         delivery: Delivery,
         lost: &CancellationToken,
         overrun: &Overrun,
+        batcher: Option<&Batcher>,
     ) {
         let stats = self.stats();
         stats.received.fetch_add(1, Relaxed);
@@ -162,7 +177,7 @@ impl Worker {
                 self.settings.max_redeliveries,
             );
             let handled = match verdict {
-                Verdict::Run => Some(self.handle(&delivery, overrun).await),
+                Verdict::Run => Some(self.handle(&delivery, overrun, batcher).await),
                 Verdict::Suspect { .. } | Verdict::Exhausted { .. } => None,
             };
             let finish = async {
@@ -225,12 +240,62 @@ impl Worker {
     }
 
     /// Decodes and runs the handler; `Ok(Some)` is a result to publish before the ack,
-    /// `Ok(None)` means the input may be acked as it is.
+    /// `Ok(None)` means the input may be acked as it is. A batch handler's work-lane
+    /// deliveries (`batcher`) run in a batch with others; on the suspect lane they run alone,
+    /// in a batch of one.
     pub(super) async fn handle(
         &self,
         delivery: &Delivery,
         overrun: &Overrun,
+        batcher: Option<&Batcher>,
     ) -> Result<Option<Reply>, HandlerError> {
+        let _reserved = self.admit(delivery).await?;
+        let (task_uuid, output) = match (batcher, &self.settings.batch) {
+            (Some(batcher), Some(batching)) => {
+                let prepare = batching.prepare;
+                let body = &delivery.data;
+                let prepared = std::panic::catch_unwind(move || prepare(body))
+                    .map_err(|panic| panicked("the task uuid function", &*panic))??;
+                tracing::Span::current().record("task_uuid", prepared.task_uuid.as_str());
+                let output = self
+                    .cached(&prepared.task_uuid, || {
+                        batcher.run(prepared.task_uuid.clone(), prepared.item)
+                    })
+                    .await;
+                (prepared.task_uuid, output)
+            }
+            _ => {
+                let prepare = self.settings.prepare;
+                let body = &delivery.data;
+                let prepared = std::panic::catch_unwind(move || prepare(body))
+                    .map_err(|panic| panicked("the task uuid function", &*panic))??;
+                let task_uuid = prepared.task_uuid;
+                tracing::Span::current().record("task_uuid", task_uuid.as_str());
+                let stats = self.stats();
+                let timeout = self.settings.timeout;
+                let run = || async move {
+                    stats.handler_runs.fetch_add(1, Relaxed);
+                    let started = std::time::Instant::now();
+                    let output = run_call(prepared.call, timeout, overrun).await;
+                    stats
+                        .handler_duration
+                        .observe(started.elapsed().as_secs_f64());
+                    output
+                };
+                let output = self.cached(&task_uuid, run).await;
+                (task_uuid, output)
+            }
+        };
+        self.reply(delivery, &task_uuid, output?)
+    }
+
+    /// The checks every delivery passes before it is decoded: hostile frames, size, UTF-8,
+    /// and room in the handler's memory budget for its decoded size, reserved until the
+    /// returned permit is dropped.
+    async fn admit(
+        &self,
+        delivery: &Delivery,
+    ) -> Result<tokio::sync::SemaphorePermit<'_>, HandlerError> {
         crate::hostile::check(delivery)?;
         if delivery.data.len() > self.max_body_size {
             return Err(HandlerError::with_kind(
@@ -254,41 +319,42 @@ impl Worker {
         // handler's budget, so what senders can make the worker hold is configured, not chosen
         // by them.
         let decoded = crate::body::decoded_cost(&delivery.data).map_err(not_json)?;
-        let _reserved = self
-            .memory
+        self.memory
             .reserve(delivery.data.len(), decoded)
             .await
             .map_err(|over| {
                 HandlerError::with_kind(FailureAction::DeadLetter, "body_too_large", over)
-            })?;
-        let prepare = self.settings.prepare;
-        let body = &delivery.data;
-        let prepared = std::panic::catch_unwind(move || prepare(body))
-            .map_err(|panic| panicked("the task uuid function", &*panic))??;
-        let task_uuid = prepared.task_uuid;
-        tracing::Span::current().record("task_uuid", task_uuid.as_str());
-        let stats = self.stats();
-        let timeout = self.settings.timeout;
-        let run = || async move {
-            stats.handler_runs.fetch_add(1, Relaxed);
-            let started = std::time::Instant::now();
-            let output = run_call(prepared.call, timeout, overrun).await;
-            stats
-                .handler_duration
-                .observe(started.elapsed().as_secs_f64());
-            output
+            })
+    }
+
+    /// The task's output: from the result cache when it holds it (or another delivery of the
+    /// task is running: its outcome is shared), else from `run`.
+    async fn cached<F, Fut>(&self, task_uuid: &str, run: F) -> HandlerOutput
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = HandlerOutput>,
+    {
+        let Some(cache) = &self.cache else {
+            return run().await;
         };
-        let output = match &self.cache {
-            Some(cache) => {
-                let (output, source) = cache.get_or_run(&task_uuid, timeout, run).await;
-                if source == Source::Cached {
-                    stats.cache_hits.fetch_add(1, Relaxed);
-                    debug!("result answered from the cache");
-                }
-                output
-            }
-            None => run().await,
-        }?;
+        let (output, source) = cache
+            .get_or_run(task_uuid, self.settings.timeout, run)
+            .await;
+        if source == Source::Cached {
+            self.stats().cache_hits.fetch_add(1, Relaxed);
+            debug!("result answered from the cache");
+        }
+        output
+    }
+
+    /// The result to publish for a handler's output, with its properties: `None` when the
+    /// handler returned none or there is no route for it.
+    fn reply(
+        &self,
+        delivery: &Delivery,
+        task_uuid: &str,
+        output: Option<serde_json::Value>,
+    ) -> Result<Option<Reply>, HandlerError> {
         let Some(result) = output else {
             return Ok(None);
         };
@@ -302,7 +368,7 @@ impl Worker {
         let mut properties = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_delivery_mode(2)
-            .with_message_id(short(&task_uuid))
+            .with_message_id(short(task_uuid))
             .with_timestamp(unix_now());
         let parent = amqp::header_str(delivery.properties.headers().as_ref(), TRACEPARENT)
             .and_then(TraceParent::parse);
@@ -336,6 +402,15 @@ impl Worker {
             (None, None) => None,
         }
     }
+}
+
+/// Where a delivery task takes its deliveries from, and where a batch handler's work-lane
+/// items go to be run.
+#[derive(Debug)]
+pub(super) struct Intake {
+    pub(super) deliveries: async_channel::Receiver<Delivery>,
+    /// A batch handler's batcher (work lane only).
+    pub(super) batcher: Option<Batcher>,
 }
 
 /// A handler's result, serialized, with the properties it is published with.
@@ -390,7 +465,7 @@ async fn run_call(call: Call, timeout: Duration, overrun: &Overrun) -> HandlerOu
     }
 }
 
-fn panicked(what: &str, payload: &(dyn std::any::Any + Send)) -> HandlerError {
+pub(super) fn panicked(what: &str, payload: &(dyn std::any::Any + Send)) -> HandlerError {
     let message = payload
         .downcast_ref::<&str>()
         .copied()

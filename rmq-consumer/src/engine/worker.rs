@@ -25,6 +25,8 @@ use crate::{
     amqp::short,
     cache::ResultCache,
     engine::acks::Settler,
+    engine::batch::Batcher,
+    engine::pipeline::Intake,
     engine::redelivery::{self, Abandoned},
     health::{HandlerStats, Health},
     publisher::Publisher,
@@ -149,17 +151,26 @@ impl Worker {
             let window = usize::from(self.settings.qos).max(1);
             let (queue, deliveries) = async_channel::bounded(window);
             let stop = CancellationToken::new();
+            // A batch handler's items gather here, one call per batch (`batch.rs`).
+            let batcher = self
+                .settings
+                .batch
+                .as_ref()
+                .map(|batching| Batcher::spawn(&self, batching, &tracker, stop.clone()));
             for _ in 0..self.settings.slots() {
                 tracker.spawn(Arc::clone(&self).serve(
                     Lane::Work,
-                    deliveries.clone(),
+                    Intake {
+                        deliveries: deliveries.clone(),
+                        batcher: batcher.clone(),
+                    },
                     publisher.clone(),
                     settler.clone(),
                     Arc::clone(&delivery_lost),
                     stop.clone(),
                 ));
             }
-            drop(settler);
+            drop((settler, batcher));
             // The suspect queue: `basic.qos` 1, one task, each delivery alone.
             let acked = Arc::clone(&self);
             let suspect_settler = Settler::spawn(
@@ -171,7 +182,10 @@ impl Worker {
             let (suspect_queue, suspects) = async_channel::bounded(1);
             tracker.spawn(Arc::clone(&self).serve(
                 Lane::Suspect,
-                suspects.clone(),
+                Intake {
+                    deliveries: suspects.clone(),
+                    batcher: None,
+                },
                 publisher.clone(),
                 suspect_settler,
                 Arc::clone(&delivery_lost),

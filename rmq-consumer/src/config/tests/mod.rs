@@ -192,6 +192,8 @@ fn full_toml() {
             declare: None,
             publish_via: None,
             enabled: Some(false),
+            batch: None,
+            batch_wait: None,
         }
     );
 }
