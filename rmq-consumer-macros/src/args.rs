@@ -32,11 +32,13 @@ enum Setting {
     MaxRetries,
     QueueType,
     Blocking,
+    Batch,
+    BatchWait,
 }
 
 impl Setting {
     /// Every key, in the order the docs list them.
-    const ALL: [Self; 10] = [
+    const ALL: [Self; 12] = [
         Self::Queue,
         Self::ReplyKey,
         Self::ReplyQueue,
@@ -47,6 +49,8 @@ impl Setting {
         Self::MaxRetries,
         Self::QueueType,
         Self::Blocking,
+        Self::Batch,
+        Self::BatchWait,
     ];
 
     fn name(self) -> &'static str {
@@ -61,6 +65,8 @@ impl Setting {
             Self::MaxRetries => "max_retries",
             Self::QueueType => "queue_type",
             Self::Blocking => "blocking",
+            Self::Batch => "batch",
+            Self::BatchWait => "batch_wait",
         }
     }
 
@@ -80,6 +86,8 @@ impl Setting {
             Self::MaxRetries => "3",
             Self::QueueType => "\"quorum\"",
             Self::Blocking => "true",
+            Self::Batch => "32",
+            Self::BatchWait => "\"15ms\"",
         }
     }
 }
@@ -89,6 +97,11 @@ impl Display for Setting {
         f.write_str(self.name())
     }
 }
+
+/// The longest `batch_wait`: one hour, in milliseconds. A batch's first message stays unacked
+/// while it waits, so anything near this is a mistake; the bound keeps deadlines far from
+/// overflow.
+const MAX_BATCH_WAIT_MS: u64 = 3_600_000;
 
 /// AMQP short strings (queue names, routing keys) are at most 255 bytes.
 const SHORTSTR_MAX: usize = 255;
@@ -132,6 +145,13 @@ pub(crate) struct Args {
     /// `blocking` was given a value that is not a bool (reported); whether the handler may be
     /// a plain fn is unknown.
     pub(crate) blocking_invalid: bool,
+    /// `batch = N`: the most messages one call takes.
+    pub(crate) batch: Option<u16>,
+    /// The `batch` key is present, valid or not: the signature is checked as a batch
+    /// handler's.
+    pub(crate) batched: bool,
+    /// `batch_wait = "15ms"`, in milliseconds.
+    pub(crate) batch_wait: Option<u64>,
 }
 
 /// One `key` or `key = value`, before the value is checked.
@@ -144,6 +164,7 @@ struct RawArg {
 pub(crate) fn parse(attr: TokenStream, errors: &mut Errors) -> Args {
     let mut args = Args::default();
     let mut seen: Vec<Setting> = Vec::new();
+    let mut batch_wait_key = None;
     let chunks = split_at_commas(attr.clone());
     let last = chunks.len().saturating_sub(1);
     for (index, (chunk, comma)) in chunks.into_iter().enumerate() {
@@ -161,7 +182,13 @@ pub(crate) fn parse(attr: TokenStream, errors: &mut Errors) -> Args {
             _ => None,
         };
         match parse_raw.parse2(chunk) {
-            Ok(raw) => args.set(&raw, &mut seen, errors),
+            Ok(raw) => {
+                let key = Setting::from_name(&raw.key.unraw().to_string());
+                if key == Some(Setting::BatchWait) && batch_wait_key.is_none() {
+                    batch_wait_key = Some(raw.key.span());
+                }
+                args.set(&raw, &mut seen, errors);
+            }
             Err(error) => {
                 // `queue "tasks"` is a syntax error, not a missing `queue`.
                 seen.extend(first_key);
@@ -176,6 +203,16 @@ pub(crate) fn parse(attr: TokenStream, errors: &mut Errors) -> Args {
         } else {
             errors.spanned(attr, message);
         }
+    }
+    args.batched = seen.contains(&Setting::Batch);
+    if let Some(span) = batch_wait_key
+        && !args.batched
+    {
+        errors.at(
+            span,
+            "`batch_wait` applies to batch handlers only: add `batch = N` (the most messages \
+             one call takes), or remove `batch_wait`",
+        );
     }
     args
 }
@@ -286,6 +323,8 @@ impl Args {
                 self.blocking = boolean(key, value)?;
                 self.blocking_invalid = false;
             }
+            Setting::Batch => self.batch = Some(int(key, value, 1)?),
+            Setting::BatchWait => self.batch_wait = Some(batch_wait(value)?),
         }
         Ok(())
     }
@@ -470,6 +509,66 @@ fn boolean(key: Setting, value: &Expr) -> syn::Result<bool> {
             value,
             format!("{expects}; {}", found(value)),
         )),
+    }
+}
+
+/// `batch_wait = "15ms"`: a whole number of milliseconds (`ms`) or seconds (`s`), from 1 ms
+/// to one hour, in milliseconds.
+fn batch_wait(value: &Expr) -> syn::Result<u64> {
+    let key = Setting::BatchWait;
+    let expects = format!(
+        "`{key}` expects a duration: a whole number followed by `ms` or `s`, from \"1ms\" to \
+         \"3600s\", e.g. `{key} = {}`",
+        key.example()
+    );
+    let error = |detail: String| syn::Error::new_spanned(value, format!("{expects}; {detail}"));
+    match literal(value) {
+        Some(Lit::Str(lit)) => {
+            parse_wait(lit.value().trim()).map_err(|detail| error(format!("found {detail}")))
+        }
+        Some(Lit::Int(lit)) => Err(error(format!(
+            "found `{}` without a unit: write `{key} = \"{}ms\"` for milliseconds",
+            lit.base10_digits(),
+            lit.base10_digits()
+        ))),
+        _ => Err(error(found(value))),
+    }
+}
+
+/// The milliseconds of `15ms` or `2s`; `Err` describes what was found instead.
+fn parse_wait(text: &str) -> Result<u64, String> {
+    let digits = text.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, unit) = text.split_at(digits);
+    let factor = match unit.trim_start() {
+        "ms" => 1,
+        "s" => 1000,
+        _ if number.is_empty() => return Err(format!("\"{text}\"")),
+        "" => {
+            return Err(format!(
+                "\"{text}\" without a unit: write \"{text}ms\" for milliseconds"
+            ));
+        }
+        _ if unit.starts_with('.') || unit.starts_with(',') => {
+            return Err(format!(
+                "\"{text}\": fractions are not supported, write milliseconds (\"1500ms\" for \
+                 1.5 seconds)"
+            ));
+        }
+        _ => {
+            return Err(format!(
+                "\"{text}\": the unit must be `ms` or `s` (the wait is counted in whole \
+                 milliseconds)"
+            ));
+        }
+    };
+    let millis = number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(factor));
+    match millis {
+        Some(0) => Err(format!("\"{text}\": the wait must be at least 1ms")),
+        Some(millis) if millis <= MAX_BATCH_WAIT_MS => Ok(millis),
+        _ => Err(format!("\"{text}\": the wait must be at most one hour")),
     }
 }
 
@@ -688,5 +787,129 @@ mod tests {
         assert_eq!(edit_distance("queu", "queue"), 1);
         assert_eq!(edit_distance("", "abc"), 3);
         assert_eq!(edit_distance("prefecth", "prefetch"), 2);
+    }
+
+    #[test]
+    fn batch_keys() {
+        let args = parse_ok(quote!(queue = "q", batch = 32, batch_wait = "15ms"));
+        assert_eq!(args.batch, Some(32));
+        assert!(args.batched);
+        assert_eq!(args.batch_wait, Some(15));
+        let args = parse_ok(quote!(queue = "q", batch = 65535));
+        assert_eq!((args.batch, args.batch_wait), (Some(65535), None));
+        let args = parse_ok(quote!(queue = "q"));
+        assert_eq!(
+            (args.batch, args.batched, args.batch_wait),
+            (None, false, None)
+        );
+    }
+
+    #[test]
+    fn batch_sizes() {
+        assert_eq!(
+            parse_err(quote!(queue = "q", batch = 0)),
+            ["`batch` expects an integer from 1 to 65535, e.g. `batch = 32`; found `0`"]
+        );
+        assert_eq!(parse_err(quote!(queue = "q", batch = 65536)).len(), 1);
+        assert_eq!(
+            parse_err(quote!(queue = "q", batch)),
+            ["`batch` needs a value: `batch = 32`"]
+        );
+        // An invalid `batch` still makes the handler a batch handler (its signature is
+        // checked as one), and `batch_wait` is not reported as lacking it.
+        let mut errors = Errors::default();
+        let args = parse(
+            quote!(queue = "q", batch = 0, batch_wait = "1s"),
+            &mut errors,
+        );
+        assert_eq!(errors.finish().map_err(messages).unwrap_err().len(), 1);
+        assert!(args.batched && args.batch.is_none());
+    }
+
+    #[test]
+    fn batch_wait_needs_batch() {
+        let expected = "`batch_wait` applies to batch handlers only: add `batch = N` (the most \
+                        messages one call takes), or remove `batch_wait`";
+        assert_eq!(
+            parse_err(quote!(queue = "q", batch_wait = "15ms")),
+            [expected]
+        );
+        assert_eq!(
+            parse_err(quote!(queue = "q", r#batch_wait = "15ms")),
+            [expected]
+        );
+        // Also when its value is wrong: both are reported.
+        assert_eq!(parse_err(quote!(queue = "q", batch_wait = 15)).len(), 2);
+    }
+
+    #[test]
+    fn batch_wait_values() {
+        assert_eq!(parse_wait("1ms"), Ok(1));
+        assert_eq!(parse_wait("250ms"), Ok(250));
+        assert_eq!(parse_wait("15 ms"), Ok(15));
+        assert_eq!(parse_wait("2s"), Ok(2000));
+        assert_eq!(parse_wait("3600s"), Ok(3_600_000));
+        assert_eq!(parse_wait("3600000ms"), Ok(3_600_000));
+        for bad in [
+            "",
+            "ms",
+            "15",
+            "0ms",
+            "0s",
+            "1.5s",
+            "500us",
+            "1m",
+            "3601s",
+            "-1ms",
+            "15MS",
+            "99999999999999999999ms",
+            "18446744073709552s",
+        ] {
+            assert!(parse_wait(bad).is_err(), "{bad}");
+        }
+        assert!(
+            parse_wait("1.5s")
+                .unwrap_err()
+                .contains("fractions are not supported")
+        );
+        assert!(
+            parse_wait("500us")
+                .unwrap_err()
+                .contains("the unit must be `ms` or `s`")
+        );
+        assert!(
+            parse_wait("15")
+                .unwrap_err()
+                .contains("without a unit: write \"15ms\"")
+        );
+        assert!(parse_wait("0ms").unwrap_err().contains("at least 1ms"));
+        assert!(
+            parse_wait("3601s")
+                .unwrap_err()
+                .contains("at most one hour")
+        );
+    }
+
+    #[test]
+    fn batch_wait_errors() {
+        let expects = "`batch_wait` expects a duration: a whole number followed by `ms` or `s`, \
+                       from \"1ms\" to \"3600s\", e.g. `batch_wait = \"15ms\"`; found ";
+        assert_eq!(
+            parse_err(quote!(queue = "q", batch = 2, batch_wait = "1.5s")),
+            [format!(
+                "{expects}\"1.5s\": fractions are not supported, write milliseconds \
+                 (\"1500ms\" for 1.5 seconds)"
+            )]
+        );
+        assert_eq!(
+            parse_err(quote!(queue = "q", batch = 2, batch_wait = 15)),
+            [format!(
+                "{expects}`15` without a unit: write `batch_wait = \"15ms\"` for milliseconds"
+            )]
+        );
+        assert_eq!(
+            parse_err(quote!(queue = "q", batch = 2, batch_wait = fifteen)),
+            [format!("{expects}`fifteen`")]
+        );
     }
 }

@@ -7,18 +7,28 @@
 //!     inventory::submit! { HandlerSpec { name, queue, ..., prepare: __rmq_prepare } }
 //! };
 //! ```
+//!
+//! A batch handler (`batch = N`, `async fn h(items: Vec<T>) -> Vec<R>`) gets instead:
+//!
+//! ```text
+//! const _: () = {
+//!     fn __rmq_decode(body: &[u8]) -> Result<(String, T), HandlerError> { decode, uuid }
+//!     fn __rmq_prepare_item(body: &[u8]) -> Result<PreparedItem, HandlerError> { .. }
+//!     fn __rmq_run_batch(items: Vec<Item>) -> Result<BatchRun, HandlerError> { downcast, bind }
+//!     // A batch of one, converted back to one output (the suspect queue's way).
+//!     fn __rmq_prepare(body: &[u8]) -> Result<Prepared, HandlerError> { .. }
+//!     inventory::submit! { HandlerSpec { ..., batch: Some(BatchSpec { .. }) } }
+//! };
+//! ```
 
 use proc_macro2::{Span, TokenStream};
 use quote::{quote, quote_spanned};
-use syn::{
-    Attribute, GenericArgument, Ident, ItemFn, PathArguments, ReturnType, Type, ext::IdentExt,
-    spanned::Spanned,
-};
+use syn::{Attribute, Ident, ItemFn, ReturnType, Type, ext::IdentExt, spanned::Spanned};
 
 use crate::{
     args::{self, Args},
     paths,
-    validate::{self, Errors, Handler, strip},
+    validate::{self, Batch, Errors, Handler, Shape, strip},
 };
 
 /// The attribute: `attr` is what is inside `#[consumer(...)]`, `item` the annotated item.
@@ -37,7 +47,7 @@ pub(crate) fn consumer(attr: TokenStream, item: TokenStream) -> TokenStream {
         }
     };
     let blocking = (!args.blocking_invalid).then_some(args.blocking);
-    let handler = validate::handler(&func, blocking, &mut errors);
+    let handler = validate::handler(&func, blocking, args.batched, &mut errors);
     if let Err(error) = errors.finish() {
         return with_error(item, &error);
     }
@@ -68,7 +78,23 @@ fn registration(args: &Args, handler: &Handler<'_>, attrs: &[Attribute]) -> Opti
     let queue = args.queue.as_deref()?;
     let site = Span::call_site();
     let ident = handler.ident;
-    let prepare = prepare_fn(args, handler);
+    let (prepare, batch) = match &handler.batch {
+        None => (prepare_fn(args, handler), option(None::<TokenStream>)),
+        Some(batch) => {
+            let size = args.batch?;
+            let wait_ms = option(args.batch_wait);
+            let batch_spec = paths::batch_spec(site);
+            let spec = quote! {
+                ::core::option::Option::Some(#batch_spec {
+                    size: #size,
+                    wait_ms: #wait_ms,
+                    prepare: __rmq_prepare_item,
+                    run: __rmq_run_batch,
+                })
+            };
+            (batch_fns(args, handler, batch), spec)
+        }
+    };
 
     let name = args
         .name
@@ -110,26 +136,181 @@ fn registration(args: &Args, handler: &Handler<'_>, attrs: &[Attribute]) -> Opti
                     file: #file,
                     line: #line,
                     prepare: __rmq_prepare,
-                    batch: ::core::option::Option::None,
+                    batch: #batch,
                 }
             }
         };
     })
 }
 
+/// The local names the generated fns share. Locals get mixed-site hygiene: user code (the
+/// `uuid` path) cannot see or shadow them. Those an error may point at are located at the
+/// user's tokens instead, as rustc shows mixed-site spans at the attribute.
+struct Locals {
+    body: Ident,
+    arg: Ident,
+    task_uuid: Ident,
+}
+
+impl Locals {
+    fn new() -> Self {
+        Self {
+            body: Ident::new("__rmq_body", Span::call_site()),
+            arg: Ident::new("__rmq_arg", Span::mixed_site()),
+            task_uuid: Ident::new("__rmq_task_uuid", Span::mixed_site()),
+        }
+    }
+}
+
 /// `fn __rmq_prepare(&[u8]) -> Result<Prepared, HandlerError>`: computes the task uuid, decodes
 /// the argument and binds the handler call to it.
 fn prepare_fn(args: &Args, handler: &Handler<'_>) -> TokenStream {
     let site = Span::call_site();
-    let ty = handler.arg_ty;
-    let ty_span = ty.span();
+    let locals = Locals::new();
+    let Locals {
+        body,
+        arg,
+        task_uuid,
+    } = &locals;
+    let decode = decode(args, handler.arg_ty, &locals);
+    let (conversion, output_span) = conversion(handler.output, handler.ident.span());
+    let convert = paths::output(conversion.name(), output_span);
+    let converted = converted(
+        handler,
+        args.blocking,
+        arg,
+        conversion,
+        output_span,
+        |output| quote_spanned!(output_span=> #convert(#output)),
+    );
+    let bind = bind(args.blocking, handler, task_uuid, &converted);
+    let prepared = paths::prepared(site);
+    let handler_error = paths::handler_error(site);
+    quote! {
+        #[allow(deprecated, reason = "registering a deprecated handler is not a use of it")]
+        fn __rmq_prepare(
+            #body: &[u8],
+        ) -> ::core::result::Result<#prepared, #handler_error> {
+            #decode
+            ::core::result::Result::Ok(#bind)
+        }
+    }
+}
 
-    // Locals get mixed-site hygiene: user code (the `uuid` path) cannot see or shadow them.
-    // Those an error may point at are located at the user's tokens instead, as rustc shows
-    // mixed-site spans at the attribute.
-    let body = Ident::new("__rmq_body", site);
-    let arg = Ident::new("__rmq_arg", Span::mixed_site());
-    let task_uuid = Ident::new("__rmq_task_uuid", Span::mixed_site());
+/// The fns of a batch handler: `__rmq_decode` (one body to its task uuid and item),
+/// `__rmq_prepare_item`, `__rmq_run_batch` and `__rmq_prepare` (a batch of one).
+fn batch_fns(args: &Args, handler: &Handler<'_>, batch: &Batch<'_>) -> TokenStream {
+    let site = Span::call_site();
+    let locals = Locals::new();
+    let Locals {
+        body,
+        arg,
+        task_uuid,
+    } = &locals;
+    let item_ty = batch.item_ty;
+    let item_span = item_ty.span();
+    let items = Ident::new("__rmq_items", Span::mixed_site());
+    let decode = decode(args, item_ty, &locals);
+    let handler_error = paths::handler_error(site);
+    let prepared = paths::prepared(site);
+    let prepared_item = paths::prepared_item(site);
+    let item = paths::item(site);
+    let batch_run = paths::batch_run(site);
+    // At the item type, so `T: Send + 'static` failures point at it.
+    let new_item = paths::prepared_item(item_span);
+    let new_item = quote_spanned!(item_span=> #new_item::new(#task_uuid, #arg));
+    let downcast = paths::downcast_items(item_span);
+    let downcast = quote_spanned!(item_span=> #downcast::<#item_ty>(#items)?);
+
+    // `batch::vec_*(output)`, or `batch::result(output, batch::vec_*)` around a `Result`;
+    // at the return type, so `R: Serialize` and `E: Into<HandlerError>` failures point at it.
+    let output_span = batch.output_span;
+    let vec = paths::batch(&format!("vec_{}", batch.shape.name()), output_span);
+    let result = paths::batch("result", output_span);
+    let convert = |output: TokenStream| {
+        if batch.fallible {
+            quote_spanned!(output_span=> #result(#output, #vec))
+        } else {
+            quote_spanned!(output_span=> #vec(#output))
+        }
+    };
+    // Binding `Vec<()>` to a local is fine: treat every batch shape as a value.
+    let run = converted(
+        handler,
+        args.blocking,
+        arg,
+        Shape::Value,
+        output_span,
+        convert,
+    );
+    let run = if args.blocking {
+        quote!(#batch_run::blocking(move || { #run }))
+    } else {
+        let ident_span = handler.ident.span();
+        // At the fn's name, so a future that is not `Send` is reported there.
+        let boxed = quote_spanned! {ident_span=>
+            ::std::boxed::Box::pin(async move { #run })
+        };
+        quote!(#batch_run::new(#boxed))
+    };
+
+    let single = paths::batch("single", site);
+    let alone = converted(
+        handler,
+        args.blocking,
+        arg,
+        Shape::Value,
+        output_span,
+        |output| {
+            let converted = convert(output);
+            quote!(#single(#converted))
+        },
+    );
+    let alone = bind(args.blocking, handler, task_uuid, &alone);
+
+    quote! {
+        fn __rmq_decode(
+            #body: &[u8],
+        ) -> ::core::result::Result<(::std::string::String, #item_ty), #handler_error> {
+            #decode
+            ::core::result::Result::Ok((#task_uuid, #arg))
+        }
+
+        fn __rmq_prepare_item(
+            #body: &[u8],
+        ) -> ::core::result::Result<#prepared_item, #handler_error> {
+            let (#task_uuid, #arg) = __rmq_decode(#body)?;
+            ::core::result::Result::Ok(#new_item)
+        }
+
+        #[allow(deprecated, reason = "registering a deprecated handler is not a use of it")]
+        fn __rmq_run_batch(
+            #items: ::std::vec::Vec<#item>,
+        ) -> ::core::result::Result<#batch_run, #handler_error> {
+            let #arg = #downcast;
+            ::core::result::Result::Ok(#run)
+        }
+
+        #[allow(deprecated, reason = "registering a deprecated handler is not a use of it")]
+        fn __rmq_prepare(
+            #body: &[u8],
+        ) -> ::core::result::Result<#prepared, #handler_error> {
+            let (#task_uuid, #arg) = __rmq_decode(#body)?;
+            let #arg = ::std::vec![#arg];
+            ::core::result::Result::Ok(#alone)
+        }
+    }
+}
+
+/// Statements that decode `body` into `arg: ty` and compute `task_uuid`.
+fn decode(args: &Args, ty: &Type, locals: &Locals) -> TokenStream {
+    let site = Span::call_site();
+    let ty_span = ty.span();
+    let Locals {
+        body,
+        arg,
+        task_uuid,
+    } = locals;
     let uuid_fn = Ident::new("__rmq_uuid", Span::mixed_site());
     let json_value = is_json_value(ty);
 
@@ -169,27 +350,25 @@ fn prepare_fn(args: &Args, handler: &Handler<'_>) -> TokenStream {
         quote_spanned!(ty_span=> let #arg: #ty = #decode::<#ty>(#body)?;)
     };
 
-    let bind = bind(args.blocking, handler, &task_uuid, &arg);
-    let prepared = paths::prepared(site);
-    let handler_error = paths::handler_error(site);
     quote! {
-        #[allow(deprecated, reason = "registering a deprecated handler is not a use of it")]
-        fn __rmq_prepare(
-            #body: &[u8],
-        ) -> ::core::result::Result<#prepared, #handler_error> {
-            #uuid_before
-            #decode
-            #uuid_after
-            ::core::result::Result::Ok(#bind)
-        }
+        #uuid_before
+        #decode
+        #uuid_after
     }
 }
 
-/// `Prepared::new(uuid, || boxed future)` or `Prepared::blocking(uuid, || output)`.
-fn bind(blocking: bool, handler: &Handler<'_>, task_uuid: &Ident, arg: &Ident) -> TokenStream {
+/// The handler called on `arg` (awaited, blocked on, or plainly called) and its output
+/// converted by `convert`, as statements.
+fn converted(
+    handler: &Handler<'_>,
+    blocking: bool,
+    arg: &Ident,
+    shape: Shape,
+    output_span: Span,
+    convert: impl FnOnce(TokenStream) -> TokenStream,
+) -> TokenStream {
     let ident = handler.ident;
     let ident_span = ident.span();
-    let (conversion, output_span) = conversion(handler.output, ident_span);
     let call = quote_spanned!(ident_span=> #ident(#arg));
     let call = match (blocking, handler.is_async) {
         (false, _) => quote_spanned!(ident_span=> #call.await),
@@ -199,19 +378,30 @@ fn bind(blocking: bool, handler: &Handler<'_>, task_uuid: &Ident, arg: &Ident) -
         }
         (true, false) => call,
     };
-    let convert = paths::output(conversion, output_span);
-    let converted = if conversion == "unit" {
+    if shape == Shape::Unit {
         // Nothing to check, and binding `()` to a local would trip `clippy::let_unit_value`.
-        quote_spanned!(output_span=> #convert(#call))
+        convert(call)
     } else {
         // Bound to a local located at the return type and converted there, so `R: Serialize`
         // and `E: Into<HandlerError>` failures point at the return type alone.
         let output = Ident::new("__rmq_output", output_span);
+        let converted = convert(quote!(#output));
         quote_spanned! {output_span=>
             let #output = #call;
-            #convert(#output)
+            #converted
         }
-    };
+    }
+}
+
+/// `Prepared::new(uuid, || boxed future)` or `Prepared::blocking(uuid, || output)` around the
+/// `converted` statements.
+fn bind(
+    blocking: bool,
+    handler: &Handler<'_>,
+    task_uuid: &Ident,
+    converted: &TokenStream,
+) -> TokenStream {
+    let ident_span = handler.ident.span();
     let prepared = paths::prepared(Span::call_site());
     if blocking {
         quote!(#prepared::blocking(#task_uuid, move || { #converted }))
@@ -254,53 +444,11 @@ fn is_json_value(ty: &Type) -> bool {
 
 /// Picks the `__private::output` conversion from the declared return type, syntactically, and
 /// the span to report its trait bounds at.
-fn conversion(output: &ReturnType, fallback: Span) -> (&'static str, Span) {
-    let ReturnType::Type(_, ty) = output else {
-        return ("unit", fallback);
-    };
-    let name = match strip(ty) {
-        Type::Tuple(tuple) if tuple.elems.is_empty() => "unit",
-        ty => match generic_of(ty)
-            .as_ref()
-            .map(|(name, args)| (*name, args.as_slice()))
-        {
-            Some(("Option", [_])) => "option",
-            Some(("Result", [ok] | [ok, _])) => match strip(ok) {
-                Type::Tuple(tuple) if tuple.elems.is_empty() => "result_unit",
-                ok if generic_of(ok)
-                    .is_some_and(|(name, args)| name == "Option" && args.len() == 1) =>
-                {
-                    "result_option"
-                }
-                _ => "result",
-            },
-            _ => "value",
-        },
-    };
-    (name, ty.span())
-}
-
-/// For a path type like `a::Result<X, Y>`: `("Result", [X, Y])` (type arguments only).
-fn generic_of(ty: &Type) -> Option<(&'static str, Vec<&Type>)> {
-    let Type::Path(path) = ty else {
-        return None;
-    };
-    let last = path.path.segments.last()?;
-    let name = ["Option", "Result"]
-        .into_iter()
-        .find(|name| last.ident == name)?;
-    let PathArguments::AngleBracketed(generics) = &last.arguments else {
-        return None;
-    };
-    let types = generics
-        .args
-        .iter()
-        .filter_map(|arg| match arg {
-            GenericArgument::Type(ty) => Some(ty),
-            _ => None,
-        })
-        .collect();
-    Some((name, types))
+fn conversion(output: &ReturnType, fallback: Span) -> (Shape, Span) {
+    match output {
+        ReturnType::Default => (Shape::Unit, fallback),
+        ReturnType::Type(_, ty) => (Shape::of(ty), ty.span()),
+    }
 }
 
 #[cfg(test)]
@@ -318,14 +466,14 @@ mod tests {
 
     fn conversion_of(ty: &str) -> &'static str {
         let output: ReturnType = syn::parse_str(&format!("-> {ty}")).unwrap();
-        conversion(&output, Span::call_site()).0
+        conversion(&output, Span::call_site()).0.name()
     }
 
     #[test]
     fn conversions() {
         assert_eq!(
             conversion(&ReturnType::Default, Span::call_site()).0,
-            "unit"
+            Shape::Unit
         );
         assert_eq!(conversion_of("()"), "unit");
         assert_eq!(conversion_of("Summary"), "value");
@@ -448,5 +596,142 @@ mod tests {
             ),
         );
         assert!(expanded.contains("applies to a free `async fn`"));
+    }
+
+    #[test]
+    fn batch_handlers() {
+        let expanded = expand(
+            quote!(
+                queue = "q",
+                reply_key = "r",
+                batch = 32,
+                batch_wait = "15ms"
+            ),
+            quote!(
+                async fn infer(prompts: Vec<Prompt>) -> Vec<Result<Completion, HandlerError>> {
+                    todo!()
+                }
+            ),
+        );
+        for needle in [
+            "fn __rmq_decode (__rmq_body : & [u8] ,) -> :: core :: result :: Result < (:: std :: \
+             string :: String , Prompt) ,",
+            "decode :: < Prompt > (__rmq_body) ?",
+            "default_task_uuid_of_body (__rmq_body) ?",
+            "PreparedItem :: new (__rmq_task_uuid , __rmq_arg)",
+            "downcast_items :: < Prompt > (__rmq_items) ?",
+            "BatchRun :: new (:: std :: boxed :: Box :: pin (async move { let __rmq_output = \
+             infer (__rmq_arg) . await ; :: rmq_consumer :: __private :: batch :: vec_result \
+             (__rmq_output) }))",
+            "let __rmq_arg = :: std :: vec ! [__rmq_arg] ;",
+            "batch :: single (:: rmq_consumer :: __private :: batch :: vec_result (__rmq_output))",
+            "prepare : __rmq_prepare ,",
+            "batch : :: core :: option :: Option :: Some (:: rmq_consumer :: __private :: \
+             BatchSpec { size : 32u16 , wait_ms : :: core :: option :: Option :: Some (15u64) , \
+             prepare : __rmq_prepare_item , run : __rmq_run_batch , })",
+        ] {
+            assert!(expanded.contains(needle), "{needle}");
+        }
+        // The batch call is the handler's only call besides the batch of one.
+        assert_eq!(expanded.matches("infer (__rmq_arg)").count(), 2);
+    }
+
+    #[test]
+    fn batch_handlers_without_a_wait_leave_it_to_the_engine() {
+        let expanded = expand(
+            quote!(queue = "q", batch = 1, uuid = "ids::of"),
+            quote!(
+                async fn h(items: Vec<Value>) -> Result<Vec<()>, E> {
+                    todo!()
+                }
+            ),
+        );
+        assert!(expanded.contains("size : 1u16 , wait_ms : :: core :: option :: Option :: None"));
+        assert!(expanded.contains("parse (__rmq_body) ?"));
+        assert!(
+            expanded.contains(
+                "let __rmq_uuid : fn (& Value) -> :: std :: string :: String = ids :: of ;"
+            )
+        );
+        assert!(expanded.contains(
+            "batch :: result (__rmq_output , :: rmq_consumer :: __private :: batch :: vec_unit)"
+        ));
+    }
+
+    #[test]
+    fn blocking_batch_handlers() {
+        let plain = expand(
+            quote!(queue = "q", batch = 4, blocking),
+            quote!(
+                fn crunch(items: Vec<Value>) -> Vec<Option<u8>> {
+                    todo!()
+                }
+            ),
+        );
+        assert!(
+            plain.contains(
+                "BatchRun :: blocking (move || { let __rmq_output = crunch (__rmq_arg) ;"
+            )
+        );
+        assert!(plain.contains("Prepared :: blocking"));
+        assert!(plain.contains("batch :: vec_option"));
+        assert!(!plain.contains("block_on"));
+        let async_fn = expand(
+            quote!(queue = "q", batch = 4, blocking = true),
+            quote!(
+                async fn crunch(items: Vec<Value>) -> Vec<()> {
+                    todo!()
+                }
+            ),
+        );
+        assert!(async_fn.contains("BatchRun :: blocking"));
+        assert_eq!(async_fn.matches("block_on (crunch (__rmq_arg))").count(), 2);
+    }
+
+    #[test]
+    fn non_batch_handlers_register_no_batch() {
+        let expanded = expand(
+            quote!(queue = "q"),
+            quote!(
+                async fn h(items: Vec<Value>) {}
+            ),
+        );
+        assert!(expanded.contains("batch : :: core :: option :: Option :: None"));
+        assert!(!expanded.contains("__rmq_run_batch"));
+    }
+
+    #[test]
+    fn invalid_batch_handlers_register_nothing() {
+        for (attr, item) in [
+            (
+                quote!(queue = "q", batch = 0),
+                quote!(
+                    async fn h(v: Vec<Value>) -> Vec<()> {}
+                ),
+            ),
+            (
+                quote!(queue = "q", batch = 2),
+                quote!(
+                    async fn h(v: Value) -> Vec<()> {}
+                ),
+            ),
+            (
+                quote!(queue = "q", batch = 2),
+                quote!(
+                    async fn h(v: Vec<Value>) -> u8 {}
+                ),
+            ),
+            (
+                quote!(queue = "q", batch_wait = "1s"),
+                quote!(
+                    async fn h(v: Value) {}
+                ),
+            ),
+        ] {
+            let expanded = expand(attr, item.clone());
+            assert!(expanded.starts_with(&item.to_string()));
+            assert_eq!(expanded.matches("compile_error").count(), 1, "{expanded}");
+            assert!(!expanded.contains("submit"));
+        }
     }
 }

@@ -66,6 +66,43 @@ pub(crate) fn output(conversion: &str, span: Span) -> TokenStream {
     quote_spanned!(span=> #private::output::#conversion)
 }
 
+/// One of the conversions in `__private::batch`, named by `conversion`.
+pub(crate) fn batch(conversion: &str, span: Span) -> TokenStream {
+    let private = private(span);
+    let conversion = syn::Ident::new(conversion, span);
+    quote_spanned!(span=> #private::batch::#conversion)
+}
+
+/// `PreparedItem`, one decoded message of a batch handler.
+pub(crate) fn prepared_item(span: Span) -> TokenStream {
+    let private = private(span);
+    quote_spanned!(span=> #private::PreparedItem)
+}
+
+/// `Item`, a batch handler's type-erased argument for one message.
+pub(crate) fn item(span: Span) -> TokenStream {
+    let private = private(span);
+    quote_spanned!(span=> #private::Item)
+}
+
+/// `fn<T: 'static>(Vec<Item>) -> Result<Vec<T>, HandlerError>`.
+pub(crate) fn downcast_items(span: Span) -> TokenStream {
+    let private = private(span);
+    quote_spanned!(span=> #private::downcast_items)
+}
+
+/// `BatchRun`, a batch handler call bound to its items.
+pub(crate) fn batch_run(span: Span) -> TokenStream {
+    let private = private(span);
+    quote_spanned!(span=> #private::BatchRun)
+}
+
+/// The record that makes a handler a batch handler.
+pub(crate) fn batch_spec(span: Span) -> TokenStream {
+    let private = private(span);
+    quote_spanned!(span=> #private::BatchSpec)
+}
+
 /// The `inventory` crate, re-exported so users need not depend on it.
 pub(crate) fn inventory(span: Span) -> TokenStream {
     let private = private(span);

@@ -5,7 +5,7 @@ use std::fmt::Display;
 
 use proc_macro2::Span;
 use quote::ToTokens;
-use syn::{FnArg, ItemFn, ReturnType, Type};
+use syn::{FnArg, GenericArgument, ItemFn, PathArguments, ReturnType, Type, spanned::Spanned};
 
 /// An accumulator of compile errors, combined into one [`syn::Error`] at the end.
 #[derive(Default)]
@@ -46,17 +46,99 @@ pub(crate) struct Handler<'a> {
     pub(crate) arg_ty: &'a Type,
     /// The declared return type.
     pub(crate) output: &'a ReturnType,
+    /// `Some` for a batch handler (`batch = N`).
+    pub(crate) batch: Option<Batch<'a>>,
 }
+
+/// The parts of a valid batch handler signature (`async fn h(items: Vec<T>) -> Vec<R>`).
+pub(crate) struct Batch<'a> {
+    /// `T`, the type of one message's item.
+    pub(crate) item_ty: &'a Type,
+    /// The shape of one item's result (`R` of `Vec<R>`).
+    pub(crate) shape: Shape,
+    /// The return type is `Result<Vec<_>, E>`: an `Err` fails every item.
+    pub(crate) fallible: bool,
+    /// The declared return type, to report its trait bounds at.
+    pub(crate) output_span: Span,
+}
+
+/// A supported return shape (of a handler, or of one item of a batch handler), read from how
+/// the type is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Shape {
+    /// `()`
+    Unit,
+    /// `R`
+    Value,
+    /// `Option<R>`
+    Option,
+    /// `Result<R, E>`
+    Result,
+    /// `Result<(), E>`
+    ResultUnit,
+    /// `Result<Option<R>, E>`
+    ResultOption,
+}
+
+impl Shape {
+    /// The shape of `ty`, syntactically: a one-argument alias such as `Result<R>` is a
+    /// `Result`, an alias under another name is a plain `R`.
+    pub(crate) fn of(ty: &Type) -> Self {
+        match strip(ty) {
+            Type::Tuple(tuple) if tuple.elems.is_empty() => Self::Unit,
+            ty => match generic_of(ty)
+                .as_ref()
+                .map(|(name, args)| (*name, args.as_slice()))
+            {
+                Some(("Option", [_])) => Self::Option,
+                Some(("Result", [ok] | [ok, _])) => match strip(ok) {
+                    Type::Tuple(tuple) if tuple.elems.is_empty() => Self::ResultUnit,
+                    ok if generic_of(ok)
+                        .is_some_and(|(name, args)| name == "Option" && args.len() == 1) =>
+                    {
+                        Self::ResultOption
+                    }
+                    _ => Self::Result,
+                },
+                _ => Self::Value,
+            },
+        }
+    }
+
+    /// The name of its conversion in `__private::output` (`__private::batch` prefixes
+    /// `vec_`).
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Unit => "unit",
+            Self::Value => "value",
+            Self::Option => "option",
+            Self::Result => "result",
+            Self::ResultUnit => "result_unit",
+            Self::ResultOption => "result_option",
+        }
+    }
+}
+
+const BATCH_ARGUMENT: &str = "a batch handler (`batch = N`) takes the items of one batch at once: \
+                              the argument must be a `Vec<T>`, each item `T` being \
+                              `serde_json::Value` or any `DeserializeOwned` type";
+
+const BATCH_RETURN: &str = "a batch handler (`batch = N`) returns one result per item, in the \
+                            order of its argument: `Vec<R>`, `Vec<Option<R>>`, \
+                            `Vec<Result<R, E>>` or `Vec<Result<Option<R>, E>>` (`R` may be \
+                            `()`), or one of them inside `Result<_, E>` to fail the whole batch";
 
 const ONE_ARGUMENT: &str = "#[consumer] handlers take exactly one argument: the message body \
                             (`serde_json::Value` or any `T: DeserializeOwned`)";
 
 /// Checks `item` against what a handler may be. `blocking` is the attribute's `blocking` key,
-/// `None` when its value was invalid (and reported). Returns the handler's parts when the
-/// signature is usable, even if other errors were found.
+/// `None` when its value was invalid (and reported); `batched`: the attribute has a `batch`
+/// key. Returns the handler's parts when the signature is usable, even if other errors were
+/// found.
 pub(crate) fn handler<'a>(
     item: &'a ItemFn,
     blocking: Option<bool>,
+    batched: bool,
     errors: &mut Errors,
 ) -> Option<Handler<'a>> {
     let sig = &item.sig;
@@ -110,20 +192,91 @@ pub(crate) fn handler<'a>(
             None
         }
     };
-    if let Some(ty) = arg_ty {
-        check_argument_type(ty, errors);
-    }
+    let batch = if batched {
+        let item_ty = arg_ty.and_then(|ty| batch_item(ty, errors));
+        let output = batch_output(&sig.output, sig.paren_token.span.close(), errors);
+        match (item_ty, output) {
+            (Some(item_ty), Some((shape, fallible))) => Some(Batch {
+                item_ty,
+                shape,
+                fallible,
+                output_span: sig.output.span(),
+            }),
+            // Reported; no registration is generated.
+            _ => return None,
+        }
+    } else {
+        if let Some(ty) = arg_ty {
+            check_argument_type(ty, errors);
+        }
+        None
+    };
 
     Some(Handler {
         ident: &sig.ident,
         is_async: sig.asyncness.is_some(),
         arg_ty: arg_ty?,
         output: &sig.output,
+        batch,
     })
 }
 
-/// The body is decoded into an owned value that the handler call takes by move.
-fn check_argument_type(ty: &Type, errors: &mut Errors) {
+/// `T` of a batch handler's `Vec<T>` argument, checked as a handler's argument type.
+fn batch_item<'a>(ty: &'a Type, errors: &mut Errors) -> Option<&'a Type> {
+    match generic_of(strip(ty))
+        .as_ref()
+        .map(|(name, args)| (*name, args.as_slice()))
+    {
+        Some(("Vec", [item])) => check_argument_type(item, errors).then_some(*item),
+        _ => {
+            errors.spanned(ty, BATCH_ARGUMENT);
+            None
+        }
+    }
+}
+
+/// The shape of one item's result and whether the whole is in a `Result`, or an error at the
+/// return type (at `close`, the `)` of the arguments, when there is none).
+fn batch_output(output: &ReturnType, close: Span, errors: &mut Errors) -> Option<(Shape, bool)> {
+    let ReturnType::Type(_, ty) = output else {
+        errors.at(
+            close,
+            "a batch handler (`batch = N`) returns one result per item: add a return type, \
+             e.g. `-> Vec<Result<R, HandlerError>>`, or `-> Vec<()>` to publish nothing",
+        );
+        return None;
+    };
+    let vec_of = |ty: &Type| match generic_of(strip(ty))
+        .as_ref()
+        .map(|(name, args)| (*name, args.as_slice()))
+    {
+        Some(("Vec", [item])) => Some(Shape::of(item)),
+        _ => None,
+    };
+    if let Some(shape) = vec_of(ty) {
+        return Some((shape, false));
+    }
+    match generic_of(strip(ty))
+        .as_ref()
+        .map(|(name, args)| (*name, args.as_slice()))
+    {
+        Some(("Result", [ok] | [ok, _])) => match vec_of(ok) {
+            Some(shape) => Some((shape, true)),
+            None => {
+                errors.spanned(ok, BATCH_RETURN);
+                None
+            }
+        },
+        _ => {
+            errors.spanned(ty, BATCH_RETURN);
+            None
+        }
+    }
+}
+
+/// The body is decoded into an owned value that the handler call takes by move. `false` when
+/// an error was reported.
+fn check_argument_type(ty: &Type, errors: &mut Errors) -> bool {
     match strip(ty) {
         Type::Reference(_) => errors.spanned(
             ty,
@@ -136,8 +289,33 @@ fn check_argument_type(ty: &Type, errors: &mut Errors) {
              not `impl Trait`",
         ),
         Type::Infer(_) => errors.spanned(ty, "the message body argument needs a concrete type"),
-        _ => {}
+        _ => return true,
     }
+    false
+}
+
+/// For a path type like `a::Result<X, Y>`: `("Result", [X, Y])` (type arguments only), for
+/// `Option`, `Result` and `Vec`.
+pub(crate) fn generic_of(ty: &Type) -> Option<(&'static str, Vec<&Type>)> {
+    let Type::Path(path) = ty else {
+        return None;
+    };
+    let last = path.path.segments.last()?;
+    let name = ["Option", "Result", "Vec"]
+        .into_iter()
+        .find(|name| last.ident == name)?;
+    let PathArguments::AngleBracketed(generics) = &last.arguments else {
+        return None;
+    };
+    let types = generics
+        .args
+        .iter()
+        .filter_map(|arg| match arg {
+            GenericArgument::Type(ty) => Some(ty),
+            _ => None,
+        })
+        .collect();
+    Some((name, types))
 }
 
 /// Removes parentheses and invisible groups (`$ty` from a `macro_rules!`) around a type.
@@ -156,9 +334,17 @@ mod tests {
     use super::*;
 
     fn check(item: &str, blocking: Option<bool>) -> Vec<String> {
+        check_as(item, blocking, false)
+    }
+
+    fn check_batch(item: &str) -> Vec<String> {
+        check_as(item, Some(false), true)
+    }
+
+    fn check_as(item: &str, blocking: Option<bool>, batched: bool) -> Vec<String> {
         let item: ItemFn = syn::parse_str(item).unwrap();
         let mut errors = Errors::default();
-        let _ = handler(&item, blocking, &mut errors);
+        let _ = handler(&item, blocking, batched, &mut errors);
         errors
             .finish()
             .err()
@@ -203,5 +389,104 @@ mod tests {
     fn borrowed_and_impl_trait_arguments_are_rejected() {
         assert_eq!(check("async fn h(v: &str) {}", Some(false)).len(), 1);
         assert_eq!(check("async fn h(v: impl Sized) {}", Some(false)).len(), 1);
+    }
+
+    fn batch_of(item: &str) -> (String, Shape, bool) {
+        let item: ItemFn = syn::parse_str(item).unwrap();
+        let mut errors = Errors::default();
+        let handler = handler(&item, Some(false), true, &mut errors).unwrap();
+        assert!(errors.finish().is_ok());
+        let batch = handler.batch.unwrap();
+        (
+            batch.item_ty.to_token_stream().to_string(),
+            batch.shape,
+            batch.fallible,
+        )
+    }
+
+    #[test]
+    fn batch_shapes() {
+        let cases = [
+            ("Vec<R>", Shape::Value, false),
+            ("Vec<()>", Shape::Unit, false),
+            ("Vec<Option<R>>", Shape::Option, false),
+            ("Vec<Result<R, E>>", Shape::Result, false),
+            ("std::vec::Vec<Result<(), E>>", Shape::ResultUnit, false),
+            ("Vec<Result<Option<R>, E>>", Shape::ResultOption, false),
+            ("Vec<app::Result<R>>", Shape::Result, false),
+            ("Result<Vec<R>, E>", Shape::Value, true),
+            ("Result<Vec<Result<R, E>>, E>", Shape::Result, true),
+            ("anyhow::Result<Vec<()>>", Shape::Unit, true),
+            ("(Vec<Option<R>>)", Shape::Option, false),
+        ];
+        for (output, shape, fallible) in cases {
+            let item = format!("async fn h(items: Vec<Task>) -> {output} {{ todo!() }}");
+            assert_eq!(
+                batch_of(&item),
+                ("Task".to_owned(), shape, fallible),
+                "{output}"
+            );
+        }
+        let (item, _, _) =
+            batch_of("async fn h(v: std::vec::Vec<serde_json::Value>) -> Vec<()> {}");
+        assert_eq!(item, "serde_json :: Value");
+    }
+
+    #[test]
+    fn batch_arguments_are_vecs() {
+        let errors = check_batch("async fn h(item: Task) -> Vec<()> {}");
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        assert!(errors[0].contains("must be a `Vec<T>`"), "{}", errors[0]);
+        assert_eq!(
+            check_batch("async fn h(items: &[Task]) -> Vec<()> {}").len(),
+            1
+        );
+        assert_eq!(
+            check_batch("async fn h(items: Vec<&str>) -> Vec<()> {}").len(),
+            1
+        );
+        assert_eq!(
+            check_batch("async fn h(items: Vec<_>) -> Vec<()> {}").len(),
+            1
+        );
+        assert_eq!(
+            check_batch("async fn h(items: Vec<Task>) -> Vec<()> {}").len(),
+            0
+        );
+        // Without `batch`, a `Vec` is one message's body.
+        assert!(check("async fn h(items: Vec<Task>) {}", Some(false)).is_empty());
+    }
+
+    #[test]
+    fn batch_returns_are_vecs() {
+        for output in [
+            "Completion",
+            "()",
+            "Option<Vec<R>>",
+            "Result<Completion, E>",
+            "impl Serialize",
+            "Batch",
+        ] {
+            let errors = check_batch(&format!("async fn h(items: Vec<Task>) -> {output} {{}}"));
+            assert_eq!(errors.len(), 1, "{output}: {errors:#?}");
+            assert!(
+                errors[0].contains("returns one result per item"),
+                "{}",
+                errors[0]
+            );
+        }
+        let errors = check_batch("async fn h(items: Vec<Task>) {}");
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        assert!(errors[0].contains("add a return type"), "{}", errors[0]);
+    }
+
+    #[test]
+    fn batch_argument_and_return_errors_are_both_reported() {
+        assert_eq!(
+            check_batch("async fn h(item: Task) -> Completion {}").len(),
+            2
+        );
+        assert_eq!(check_batch("async fn h() -> Completion {}").len(), 2);
+        assert_eq!(check_batch("fn h(item: Task) {}").len(), 3);
     }
 }
