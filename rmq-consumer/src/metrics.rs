@@ -154,6 +154,18 @@ mod tests {
             ),
             "{text}"
         );
+        health.handlers[0].batch_size.observe(8.0);
+        health.handlers[0].batches.fetch_add(1, Relaxed);
+        let text = render(&health);
+        for line in [
+            r#"rmq_consumer_batch_size_count{handler="echo",queue="q.echo"} 1"#,
+            r#"rmq_consumer_batch_size_bucket{le="8.0",handler="echo",queue="q.echo"} 1"#,
+            r#"rmq_consumer_batch_wait_seconds_count{handler="echo",queue="q.echo"} 0"#,
+            r#"rmq_consumer_batches_total{handler="echo",queue="q.echo"} 1"#,
+            r#"rmq_consumer_batch_items_total{handler="echo",queue="q.echo"} 0"#,
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
         assert!(text.contains("rmq_consumer_connected 0"), "{text}");
         assert!(text.contains("rmq_consumer_reconnects_total 0"), "{text}");
     }
