@@ -18,6 +18,7 @@ use crate::{
     amqp::{self, long, short},
     body::not_json,
     cache::Source,
+    config::ReplyToPolicy,
     engine::acks::Settler,
     engine::redelivery::{self, Verdict, WORKER_LOST},
     handler::{FailureAction, HandlerError, HandlerOutput},
@@ -365,24 +366,9 @@ impl Worker {
         let body = serde_json::to_vec(&result).map_err(|error| {
             HandlerError::with_kind(FailureAction::DeadLetter, "result_not_serializable", error)
         })?;
-        let mut properties = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_delivery_mode(2)
-            .with_message_id(short(task_uuid))
-            .with_timestamp(unix_now());
-        let parent = amqp::header_str(delivery.properties.headers().as_ref(), TRACEPARENT)
-            .and_then(TraceParent::parse);
-        // Continue a trace the request carries; do not start one (a headers table on every
-        // result costs the broker more than the rest of the result).
-        if let Some(parent) = parent {
-            let context = parent.child();
-            tracing::Span::current().record("trace_id", context.trace_id.as_str());
-            let mut headers = FieldTable::default();
-            headers.insert(TRACEPARENT.into(), long(&context.header()));
-            properties = properties.with_headers(headers);
-        }
-        if let Some(correlation_id) = delivery.properties.correlation_id() {
-            properties = properties.with_correlation_id(correlation_id.clone());
+        let (properties, trace_id) = reply_properties(task_uuid, &delivery.properties, unix_now());
+        if let Some(trace_id) = trace_id {
+            tracing::Span::current().record("trace_id", trace_id.as_str());
         }
         Ok(Some(Reply { body, properties }))
     }
@@ -391,17 +377,61 @@ impl Worker {
     /// `reply_to` policy allows it, else the exchange with the handler's reply key; `None`
     /// when neither applies.
     pub(super) fn reply_route<'a>(&'a self, delivery: &'a Delivery) -> Option<(&'a str, &'a str)> {
-        let reply_to = delivery
-            .properties
-            .reply_to()
-            .as_ref()
-            .filter(|reply_to| self.settings.reply_to.allows(reply_to.as_str()));
-        match (reply_to, &self.settings.reply_key) {
-            (Some(reply_to), _) => Some(("", reply_to.as_str())),
-            (None, Some(reply_key)) => Some((self.exchange.as_str(), reply_key.as_str())),
-            (None, None) => None,
-        }
+        reply_route(
+            delivery.properties.reply_to().as_ref().map(|r| r.as_str()),
+            &self.settings.reply_to,
+            self.settings.reply_key.as_deref(),
+            &self.exchange,
+        )
     }
+}
+
+/// Where a result goes: `reply_to` (default exchange) when `policy` allows it, else
+/// `exchange` with `reply_key`; `None` when neither applies.
+fn reply_route<'a>(
+    reply_to: Option<&'a str>,
+    policy: &ReplyToPolicy,
+    reply_key: Option<&'a str>,
+    exchange: &'a str,
+) -> Option<(&'a str, &'a str)> {
+    match (
+        reply_to.filter(|reply_to| policy.allows(reply_to)),
+        reply_key,
+    ) {
+        (Some(reply_to), _) => Some(("", reply_to)),
+        (None, Some(reply_key)) => Some((exchange, reply_key)),
+        (None, None) => None,
+    }
+}
+
+/// A result's properties, from its request's: persistent JSON, `message_id` = the task uuid,
+/// the request's `correlation_id`, and the request's trace continued (a child
+/// `traceparent`, whose trace id is returned too); no trace is started (a headers table on
+/// every result costs the broker more than the rest of the result).
+fn reply_properties(
+    task_uuid: &str,
+    request: &BasicProperties,
+    now: u64,
+) -> (BasicProperties, Option<String>) {
+    let mut properties = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_message_id(short(task_uuid))
+        .with_timestamp(now);
+    let mut trace_id = None;
+    let parent =
+        amqp::header_str(request.headers().as_ref(), TRACEPARENT).and_then(TraceParent::parse);
+    if let Some(parent) = parent {
+        let context = parent.child();
+        let mut headers = FieldTable::default();
+        headers.insert(TRACEPARENT.into(), long(&context.header()));
+        properties = properties.with_headers(headers);
+        trace_id = Some(context.trace_id);
+    }
+    if let Some(correlation_id) = request.correlation_id() {
+        properties = properties.with_correlation_id(correlation_id.clone());
+    }
+    (properties, trace_id)
 }
 
 /// Where a delivery task takes its deliveries from, and where a batch handler's work-lane
@@ -482,4 +512,91 @@ fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use lapin::types::AMQPValue;
+
+    use super::*;
+
+    #[test]
+    fn results_follow_reply_to_only_where_the_policy_allows() {
+        let honour = ReplyToPolicy::Honour;
+        let rpc = ReplyToPolicy::Prefixes(vec!["rpc.".to_owned()]);
+        type Case<'a> = (
+            Option<&'a str>,
+            &'a ReplyToPolicy,
+            Option<&'a str>,
+            Option<(&'a str, &'a str)>,
+        );
+        let cases: [Case<'_>; 7] = [
+            (Some("rpc.a"), &honour, Some("done"), Some(("", "rpc.a"))),
+            (Some("rpc.a"), &honour, None, Some(("", "rpc.a"))),
+            (
+                Some("rpc.a"),
+                &ReplyToPolicy::Ignore,
+                Some("done"),
+                Some(("ex", "done")),
+            ),
+            (Some("rpc.a"), &ReplyToPolicy::Ignore, None, None),
+            (Some("rpc.a"), &rpc, Some("done"), Some(("", "rpc.a"))),
+            (Some("other"), &rpc, Some("done"), Some(("ex", "done"))),
+            (None, &honour, None, None),
+        ];
+        for (reply_to, policy, reply_key, expected) in cases {
+            assert_eq!(
+                reply_route(reply_to, policy, reply_key, "ex"),
+                expected,
+                "{reply_to:?} {policy:?} {reply_key:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_result_carries_its_requests_ids_and_continues_its_trace() {
+        let parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let mut headers = FieldTable::default();
+        headers.insert(TRACEPARENT.into(), long(parent));
+        let request = BasicProperties::default()
+            .with_correlation_id("corr-1".into())
+            .with_headers(headers);
+        let (properties, trace_id) = reply_properties("uuid-1", &request, 42);
+        assert_eq!(
+            properties.message_id().as_ref().map(|m| m.as_str()),
+            Some("uuid-1")
+        );
+        assert_eq!(
+            properties.correlation_id().as_ref().map(|c| c.as_str()),
+            Some("corr-1")
+        );
+        assert_eq!(properties.delivery_mode(), &Some(2));
+        assert_eq!(properties.timestamp(), &Some(42));
+        assert_eq!(
+            properties.content_type().as_ref().map(|c| c.as_str()),
+            Some("application/json")
+        );
+        assert_eq!(
+            trace_id.as_deref(),
+            Some("0af7651916cd43dd8448eb211c80319c")
+        );
+        let child = match properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(TRACEPARENT))
+        {
+            Some(AMQPValue::LongString(child)) => child.to_string(),
+            other => panic!("no traceparent: {other:?}"),
+        };
+        assert!(
+            child.starts_with("00-0af7651916cd43dd8448eb211c80319c-"),
+            "{child}"
+        );
+        assert_ne!(child, parent, "a new span id");
+
+        // No trace, no correlation id: none is invented.
+        let (properties, trace_id) = reply_properties("u", &BasicProperties::default(), 1);
+        assert!(properties.headers().is_none() && properties.correlation_id().is_none());
+        assert!(trace_id.is_none());
+    }
 }
