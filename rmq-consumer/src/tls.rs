@@ -19,13 +19,16 @@ use std::{
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 
 /// The configured TLS files; each `None` when unset.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct TlsFiles {
     /// PEM CA bundle that verifies the broker (`tls_ca_file`); replaces the system roots.
+    #[serde(rename = "tls_ca_file", serialize_with = "crate::config::written")]
     pub ca_file: Option<PathBuf>,
     /// PEM client certificate chain, leaf first (`tls_cert_file`).
+    #[serde(rename = "tls_cert_file", serialize_with = "crate::config::written")]
     pub cert_file: Option<PathBuf>,
     /// PEM private key of the client certificate (`tls_key_file`).
+    #[serde(rename = "tls_key_file", serialize_with = "crate::config::written")]
     pub key_file: Option<PathBuf>,
 }
 

@@ -255,13 +255,6 @@ pub(crate) enum CliError {
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// The configuration file named by `--config` cannot be read.
-    #[error("cannot read config file {path}")]
-    ReadConfig {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
     /// The file named by `--password-file` cannot be read.
     #[error("cannot read password file {path}")]
     ReadPasswordFile {
@@ -316,7 +309,6 @@ impl CliError {
         match self {
             Self::Amqp { .. } | Self::Output(_) | Self::Json(_) => EXIT_FAILURE,
             Self::Config(_)
-            | Self::ReadConfig { .. }
             | Self::ReadPasswordFile { .. }
             | Self::Setup(_)
             | Self::Connect(_)
@@ -363,24 +355,7 @@ pub(crate) fn load_config(global: &Global) -> Result<Config, CliError> {
         }
         overrides.push((format!("{ENV_PREFIX}PASSWORD"), password.to_owned()));
     }
-    let mut config = match &global.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|source| CliError::ReadConfig {
-                path: path.clone(),
-                source,
-            })?;
-            let env = std::env::vars_os()
-                .filter_map(|(name, value)| {
-                    let name = name.into_string().ok()?;
-                    (name.starts_with(ENV_PREFIX) && !overrides.iter().any(|(n, _)| *n == name))
-                        .then(|| value.into_string().ok().map(|value| (name, value)))
-                        .flatten()
-                })
-                .collect::<Vec<_>>();
-            Config::from_sources(Some(&text), env.into_iter().chain(overrides))?
-        }
-        None => Config::load_with(overrides)?,
-    };
+    let mut config = Config::load_from(global.config.as_deref(), overrides)?;
     if !global.urls.is_empty() {
         let urls: Vec<SecretUrl> = global.urls.iter().map(SecretUrl::new).collect();
         config.urls = match &config.password {

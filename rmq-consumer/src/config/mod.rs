@@ -66,6 +66,7 @@ mod value;
 pub use error::{ConfigError, ConfigProblem};
 pub use secret::{Password, SecretUrl, url_has_password, with_password};
 pub use value::MAX_DURATION;
+pub(crate) use value::written;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -131,15 +132,39 @@ pub const DEFAULT_LOG_FILE_PREFIX: &str = "rmq-consumer";
 
 /// The whole runtime configuration. See the [module docs](self) for the file format.
 ///
-/// `Debug` is safe to log: URLs print with their password masked.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// `Debug` is safe to log: URLs print with their password masked. `Serialize` writes the
+/// values as the file spells them (durations as humantime text, enums by their names, `url`
+/// for [`urls`](Self::urls)), URLs and the password masked: what `rmq-consumer check-config`
+/// prints.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Config {
     /// Broker URLs (`url`, alias `conn_iddress`): one string or an array, tried in turn.
     /// Default [`DEFAULT_URL`].
+    #[serde(rename = "url")]
     pub urls: Vec<SecretUrl>,
+    /// The broker password (`password`, or `RMQ_CONSUMER_PASSWORD`, or the CLI's
+    /// `--password-file`), already put into every URL of [`urls`](Self::urls); `None` when
+    /// the URLs carry their own.
+    pub password: Option<Password>,
+    /// TLS files for `amqps://` URLs and the management API over HTTPS (`tls_ca_file`,
+    /// `tls_cert_file`, `tls_key_file`), checked at load.
+    #[serde(flatten)]
+    pub tls: crate::tls::TlsFiles,
     /// The direct exchange results are published to (`exchange`, alias `exchange_iddress`).
     /// Default [`DEFAULT_EXCHANGE`].
     pub exchange: String,
+    /// The queue of the only handler (`queue`, alias `b2m_queue_iddress`).
+    pub queue: Option<String>,
+    /// The reply queue of the only handler (`reply_queue`, alias `m2b_queue_iddress`).
+    pub reply_queue: Option<String>,
+    /// The reply routing key of the only handler (`reply_key`, alias `m2b_routing_key`).
+    pub reply_key: Option<String>,
+    /// Base URL of the RabbitMQ management API; `None` (the default) lets the CLI derive it
+    /// (`https://<host>:15671` for an `amqps://` broker URL, else `http://<host>:15672`).
+    pub management_url: Option<SecretUrl>,
+    /// Whether the CLI may send the management login over plain `http://` to a host that is
+    /// not loopback (`management_allow_http`). Default `false`.
+    pub management_allow_http: bool,
     /// Deliveries per handler worked on at once, 1 to 65535 (the channel's `basic.qos` adds
     /// [`read_ahead`](Self::read_ahead)). Default [`DEFAULT_PREFETCH_COUNT`].
     pub prefetch_count: u16,
@@ -150,15 +175,8 @@ pub struct Config {
     /// `prefetch_count + read_ahead`). `None` (the default) means `prefetch_count / 2`: none
     /// at a prefetch of 1, so a one-task-at-a-time worker keeps strict fair dispatch.
     pub read_ahead: Option<u16>,
-    /// The first delay between connection attempts. Default
-    /// [`DEFAULT_RETRY_CONNECT_INTERVAL`].
-    pub retry_connect_interval: Duration,
-    /// The cap of the exponential reconnect backoff; defaults to `retry_connect_interval`,
-    /// i.e. a fixed interval as in the Python template. Never below `retry_connect_interval`.
-    pub retry_connect_max: Duration,
-    /// AMQP heartbeat in seconds (0 disables it). Default [`DEFAULT_HEARTBEAT_INTERVAL`].
-    pub heartbeat_interval: u16,
     /// Time allowed for one handler invocation. Default [`DEFAULT_MESSAGE_TIMEOUT`].
+    #[serde(serialize_with = "written")]
     pub message_timeout: Duration,
     /// Retries of a failed message before it is dead-lettered. Default
     /// [`DEFAULT_MAX_RETRY_COUNT`].
@@ -173,9 +191,36 @@ pub struct Config {
     pub delivery_limit: u32,
     /// Delay before each retry (the last one repeats), each at least 1 ms; empty (the
     /// default) retries at once.
+    #[serde(serialize_with = "written")]
     pub retry_delays: Vec<Duration>,
+    /// Whether exhausted or unrecoverable messages go to a dead-letter queue. Default `true`.
+    pub dead_letter: bool,
+    /// Whether the reply queue is bound to the exchange with the reply key. Default `true`.
+    pub bind_reply_queue: bool,
+    /// Whether the engine declares its exchange, queues and bindings. `false` declares
+    /// nothing: every object must exist (an administrator creates them), which the engine
+    /// checks with passive declares at startup. Default `true`.
+    pub declare: bool,
+    /// Which exchange retry, delay, dead-letter and suspect copies are published to. Default
+    /// [`PublishVia::DefaultExchange`].
+    pub publish_via: PublishVia,
+    /// The type of declared queues. Default [`QueueType::Classic`].
+    pub queue_type: QueueType,
+    /// What a request's `reply_to` may do. Default [`ReplyToPolicy::Honour`].
+    pub reply_to: ReplyToPolicy,
+    /// The first delay between connection attempts. Default
+    /// [`DEFAULT_RETRY_CONNECT_INTERVAL`].
+    #[serde(serialize_with = "written")]
+    pub retry_connect_interval: Duration,
+    /// The cap of the exponential reconnect backoff; defaults to `retry_connect_interval`,
+    /// i.e. a fixed interval as in the Python template. Never below `retry_connect_interval`.
+    #[serde(serialize_with = "written")]
+    pub retry_connect_max: Duration,
+    /// AMQP heartbeat in seconds (0 disables it). Default [`DEFAULT_HEARTBEAT_INTERVAL`].
+    pub heartbeat_interval: u16,
     /// Time with messages waiting but none processed before the queue counts as stuck.
     /// Default [`DEFAULT_QUEUE_STUCK_THRESHOLD`].
+    #[serde(serialize_with = "written")]
     pub queue_stuck_threshold: Duration,
     /// Consecutive stuck-queue checks before the watchdog acts (re-subscribes, then
     /// reconnects). Default [`DEFAULT_MAX_CONSECUTIVE_FAILURES`].
@@ -187,31 +232,19 @@ pub struct Config {
     /// Bytes of JSON the cached results of one handler may take; the least recently used go
     /// first, a larger result is not kept. Default [`DEFAULT_RESULT_CACHE_BYTES`].
     pub result_cache_bytes: usize,
-    /// The type of declared queues. Default [`QueueType::Classic`].
-    pub queue_type: QueueType,
-    /// What a request's `reply_to` may do. Default [`ReplyToPolicy::Honour`].
-    pub reply_to: ReplyToPolicy,
-    /// Whether the reply queue is bound to the exchange with the reply key. Default `true`.
-    pub bind_reply_queue: bool,
-    /// Whether exhausted or unrecoverable messages go to a dead-letter queue. Default `true`.
-    pub dead_letter: bool,
-    /// Whether the engine declares its exchange, queues and bindings. `false` declares
-    /// nothing: every object must exist (an administrator creates them), which the engine
-    /// checks with passive declares at startup. Default `true`.
-    pub declare: bool,
-    /// Which exchange retry, delay, dead-letter and suspect copies are published to. Default
-    /// [`PublishVia::DefaultExchange`].
-    pub publish_via: PublishVia,
     /// Time allowed for in-flight handlers to finish on shutdown. Default
     /// [`DEFAULT_SHUTDOWN_TIMEOUT`].
+    #[serde(serialize_with = "written")]
     pub shutdown_timeout: Duration,
     /// Time to wait for a publisher confirm. Default [`DEFAULT_CONFIRM_TIMEOUT`].
+    #[serde(serialize_with = "written")]
     pub confirm_timeout: Duration,
     /// How long a result the broker nacked (e.g. while a quorum queue elects a new leader), or
     /// refused because the result exchange does not exist (deleted, not yet declared again),
     /// is published again, with backoff, before the attempt counts as failed and the message
     /// is retried; the handler does not run again meanwhile (the delivery keeps its slot).
     /// `0` retries no publish. Default [`DEFAULT_RESULT_PUBLISH_RETRY`].
+    #[serde(serialize_with = "written")]
     pub result_publish_retry: Duration,
     /// Largest accepted message body in bytes (at most [`MAX_BODY_SIZE_LIMIT`]); a larger one
     /// is dead-lettered (`body_too_large`) without being decoded. Default
@@ -222,29 +255,10 @@ pub struct Config {
     /// ~100 times the body). A message waits for room before it is decoded; one that alone
     /// needs more is dead-lettered (`body_too_large`). Default [`DEFAULT_MAX_IN_FLIGHT_BYTES`].
     pub max_in_flight_bytes: u64,
-    /// Logging.
-    pub log: LogConfig,
     /// Address of the health/metrics HTTP endpoint; `None` (the default) serves none.
     pub http_addr: Option<SocketAddr>,
-    /// Base URL of the RabbitMQ management API; `None` (the default) lets the CLI derive it
-    /// (`https://<host>:15671` for an `amqps://` broker URL, else `http://<host>:15672`).
-    pub management_url: Option<SecretUrl>,
-    /// Whether the CLI may send the management login over plain `http://` to a host that is
-    /// not loopback (`management_allow_http`). Default `false`.
-    pub management_allow_http: bool,
-    /// TLS files for `amqps://` URLs and the management API over HTTPS (`tls_ca_file`,
-    /// `tls_cert_file`, `tls_key_file`), checked at load.
-    pub tls: crate::tls::TlsFiles,
-    /// The broker password (`password`, or `RMQ_CONSUMER_PASSWORD`, or the CLI's
-    /// `--password-file`), already put into every URL of [`urls`](Self::urls); `None` when
-    /// the URLs carry their own.
-    pub password: Option<Password>,
-    /// The queue of the only handler (`queue`, alias `b2m_queue_iddress`).
-    pub queue: Option<String>,
-    /// The reply queue of the only handler (`reply_queue`, alias `m2b_queue_iddress`).
-    pub reply_queue: Option<String>,
-    /// The reply routing key of the only handler (`reply_key`, alias `m2b_routing_key`).
-    pub reply_key: Option<String>,
+    /// Logging.
+    pub log: LogConfig,
     /// Per-handler settings, `[consumers.<handler name>]`.
     pub consumers: BTreeMap<String, ConsumerConfig>,
 }
@@ -297,7 +311,7 @@ impl Default for Config {
 
 /// Settings of one handler, `[consumers.<handler name>]`; `None` falls back to the
 /// handler's attribute, then to the top-level setting.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ConsumerConfig {
     /// The queue consumed.
     pub queue: Option<String>,
@@ -312,6 +326,7 @@ pub struct ConsumerConfig {
     /// Deliveries read ahead beyond `prefetch` (see [`Config::read_ahead`]).
     pub read_ahead: Option<u16>,
     /// Time allowed for one invocation.
+    #[serde(serialize_with = "written")]
     pub timeout: Option<Duration>,
     /// Retries before dead-lettering.
     pub max_retries: Option<u32>,
@@ -322,6 +337,7 @@ pub struct ConsumerConfig {
     /// Memory the messages in flight may take (see [`Config::max_in_flight_bytes`]).
     pub max_in_flight_bytes: Option<u64>,
     /// Delays before each retry.
+    #[serde(serialize_with = "written")]
     pub retry_delays: Option<Vec<Duration>>,
     /// The type of this handler's queues.
     pub queue_type: Option<QueueType>,
@@ -345,6 +361,7 @@ pub struct ConsumerConfig {
     pub batch: Option<u16>,
     /// How long the first item of a batch may wait for more before the batch is handed to
     /// the handler (overrides `batch_wait` on its `#[consumer]`).
+    #[serde(serialize_with = "written")]
     pub batch_wait: Option<Duration>,
 }
 
@@ -541,7 +558,7 @@ impl ParseVariantError {
 }
 
 /// Logging settings: flat `log_*` keys or a `[log]` table.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct LogConfig {
     /// An `EnvFilter` directive string such as `"info"` or `"info,lapin=warn"`; `RUST_LOG`
     /// overrides it. Default [`DEFAULT_LOG_LEVEL`].
@@ -549,6 +566,7 @@ pub struct LogConfig {
     /// Line format, console and files alike. Default [`LogFormat::Human`].
     pub format: LogFormat,
     /// Directory of daily-rotated log files; `None` (the default) logs to stderr only.
+    #[serde(serialize_with = "written")]
     pub dir: Option<PathBuf>,
     /// File name prefix: `<prefix>.log` and `<prefix>.error.log`. Default
     /// [`DEFAULT_LOG_FILE_PREFIX`].
@@ -579,20 +597,18 @@ impl Config {
     /// missing file included) or `./rmq-consumer.toml` exists but cannot be read;
     /// [`ConfigError::Invalid`] listing every problem of the file and the environment.
     pub fn load() -> Result<Config, ConfigError> {
-        Self::load_with(Vec::new())
+        Self::load_from(None, Vec::new())
     }
 
-    /// [`Config::load`] with some `RMQ_CONSUMER_*` variables replaced (the CLI's
-    /// `--password-file` becomes `RMQ_CONSUMER_PASSWORD`).
-    pub(crate) fn load_with(overrides: Vec<(String, String)>) -> Result<Config, ConfigError> {
-        let explicit = std::env::var_os(CONFIG_PATH_ENV).map(PathBuf::from);
-        let path = match explicit {
-            Some(path) => Some(path),
-            None => {
-                let default = PathBuf::from(DEFAULT_CONFIG_FILE);
-                default.exists().then_some(default)
-            }
-        };
+    /// [`Config::load`] from the file `given` (the CLI's `--config`) if there is one, else
+    /// from the file [`ConfigFile::find`] finds, with some `RMQ_CONSUMER_*` variables replaced
+    /// (the CLI's `--password-file` becomes `RMQ_CONSUMER_PASSWORD`). The engine and the CLI
+    /// both load through here.
+    pub(crate) fn load_from(
+        given: Option<&Path>,
+        overrides: Vec<(String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let path = ConfigFile::find(given).path().map(Path::to_path_buf);
         let text = match &path {
             Some(path) => {
                 Some(
@@ -659,6 +675,46 @@ impl Config {
     #[must_use]
     pub fn consumer(&self, name: &str) -> ConsumerConfig {
         self.consumers.get(name).cloned().unwrap_or_default()
+    }
+}
+
+/// Where the configuration file comes from; the one place that looks for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum ConfigFile {
+    /// Named by the caller (the CLI's `--config`).
+    Given(PathBuf),
+    /// Named by [`CONFIG_PATH_ENV`].
+    Env(PathBuf),
+    /// [`DEFAULT_CONFIG_FILE`] in the working directory, which exists.
+    Default(PathBuf),
+    /// No file: defaults and the environment only.
+    None,
+}
+
+impl ConfigFile {
+    /// `given` if any, else `$RMQ_CONSUMER_CONFIG` if set, else `./rmq-consumer.toml` if it
+    /// exists.
+    pub(crate) fn find(given: Option<&Path>) -> Self {
+        if let Some(path) = given {
+            return Self::Given(path.to_path_buf());
+        }
+        if let Some(path) = std::env::var_os(CONFIG_PATH_ENV) {
+            return Self::Env(PathBuf::from(path));
+        }
+        let default = PathBuf::from(DEFAULT_CONFIG_FILE);
+        if default.exists() {
+            Self::Default(default)
+        } else {
+            Self::None
+        }
+    }
+
+    /// The file to read, if any.
+    pub(crate) fn path(&self) -> Option<&Path> {
+        match self {
+            Self::Given(path) | Self::Env(path) | Self::Default(path) => Some(path),
+            Self::None => None,
+        }
     }
 }
 

@@ -1,5 +1,8 @@
-//! The reader: key tables, one [`Scope`] per table with its environment variables, and the
-//! unknown-key hints.
+//! The reader: one [`Scope`] per table with its environment variables, and the unknown-key
+//! hints.
+//!
+//! Every key is spelled once, where it is read: the scope records the names it is asked for,
+//! and whatever is left over is unknown, with a hint among the names recorded.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -16,7 +19,7 @@ use super::{
     MAX_BODY_SIZE_LIMIT, MAX_RESULT_CACHE_SIZE, Password, SecretUrl,
 };
 
-/// Every top-level setting: its name, then its other spellings (aliases, `[log]` keys).
+/// Top-level settings with other spellings: the name, then its aliases or `[log]` keys.
 const URL: &[&str] = &["url", "conn_iddress"];
 const EXCHANGE: &[&str] = &["exchange", "exchange_iddress"];
 const QUEUE: &[&str] = &["queue", "b2m_queue_iddress"];
@@ -26,86 +29,6 @@ const LOG_LEVEL: &[&str] = &["log_level", "log.level"];
 const LOG_FORMAT: &[&str] = &["log_format", "log.format"];
 const LOG_DIR: &[&str] = &["log_dir", "log.dir"];
 const LOG_FILE_PREFIX: &[&str] = &["log_file_prefix", "log.file_prefix"];
-
-const TOP_LEVEL_KEYS: &[&str] = &[
-    "url",
-    "conn_iddress",
-    "password",
-    "tls_ca_file",
-    "tls_cert_file",
-    "tls_key_file",
-    "management_allow_http",
-    "exchange",
-    "exchange_iddress",
-    "prefetch_count",
-    "concurrency",
-    "read_ahead",
-    "retry_connect_interval",
-    "retry_connect_max",
-    "heartbeat_interval",
-    "message_timeout",
-    "max_retry_count",
-    "max_redeliveries",
-    "delivery_limit",
-    "retry_delays",
-    "queue_stuck_threshold",
-    "max_consecutive_failures",
-    "enable_result_cache",
-    "result_cache_size",
-    "result_cache_bytes",
-    "queue_type",
-    "reply_to",
-    "bind_reply_queue",
-    "dead_letter",
-    "declare",
-    "publish_via",
-    "shutdown_timeout",
-    "confirm_timeout",
-    "result_publish_retry",
-    "max_body_size",
-    "max_in_flight_bytes",
-    "log_level",
-    "log_format",
-    "log_dir",
-    "log_file_prefix",
-    "http_addr",
-    "management_url",
-    "queue",
-    "b2m_queue_iddress",
-    "reply_queue",
-    "m2b_queue_iddress",
-    "reply_key",
-    "m2b_routing_key",
-    "log",
-    "consumers",
-];
-
-const LOG_TABLE_KEYS: &[&str] = &["level", "format", "dir", "file_prefix"];
-
-const CONSUMER_KEYS: &[&str] = &[
-    "queue",
-    "reply_key",
-    "reply_queue",
-    "prefetch",
-    "concurrency",
-    "read_ahead",
-    "timeout",
-    "max_retries",
-    "max_redeliveries",
-    "delivery_limit",
-    "max_in_flight_bytes",
-    "retry_delays",
-    "queue_type",
-    "reply_to",
-    "bind_reply_queue",
-    "dead_letter",
-    "declare",
-    "publish_via",
-    "dead_letter_queue",
-    "enabled",
-    "batch",
-    "batch_wait",
-];
 
 const CONSUMERS_ENV: &str = "CONSUMERS__";
 
@@ -156,15 +79,10 @@ pub(crate) fn build(
         }
     }
 
-    let mut scope = Scope {
-        toml_prefix: String::new(),
-        env_prefix: ENV_PREFIX.to_owned(),
-        table,
-        env: top_env,
-        problems,
-    };
+    let mut scope = Scope::new(String::new(), ENV_PREFIX.to_owned(), table, top_env);
+    scope.problems = problems;
     let config = scope.config(consumer_env);
-    scope.report_unknown(TOP_LEVEL_KEYS);
+    scope.report_unknown();
     if scope.problems.is_empty() {
         Ok(config)
     } else {
@@ -181,7 +99,8 @@ enum Raw {
 }
 
 /// One table of settings (the top level or a `[consumers.x]` section) and its environment
-/// variables. Keys are removed as they are read, so what remains is unknown.
+/// variables. Keys are removed as they are read, so what remains is unknown; the names asked
+/// for are recorded, for the hints.
 struct Scope {
     /// Prefix of TOML keys in messages: `""` or `"consumers.<name>."`.
     toml_prefix: String,
@@ -192,9 +111,37 @@ struct Scope {
     /// Upper-cased key → value.
     env: BTreeMap<String, String>,
     problems: Vec<ConfigProblem>,
+    /// Every spelling asked for so far, in order (`log.level` for a key of a sub-table).
+    known: Vec<&'static str>,
+    /// The sub-tables asked for (`log`, `consumers`): keys in the file, not in the
+    /// environment.
+    tables: Vec<&'static str>,
 }
 
 impl Scope {
+    fn new(
+        toml_prefix: String,
+        env_prefix: String,
+        table: toml::Table,
+        env: BTreeMap<String, String>,
+    ) -> Self {
+        Self {
+            toml_prefix,
+            env_prefix,
+            table,
+            env,
+            problems: Vec::new(),
+            known: Vec::new(),
+            tables: Vec::new(),
+        }
+    }
+
+    /// Removes the sub-table `name` (`log`, `consumers`), recording the name.
+    fn take_table(&mut self, name: &'static str) -> Option<toml::Value> {
+        self.tables.push(name);
+        self.table.remove(name)
+    }
+
     fn problem(&mut self, key: impl Into<String>, message: impl Into<String>) {
         self.problems.push(ConfigProblem {
             key: key.into(),
@@ -202,167 +149,142 @@ impl Scope {
         });
     }
 
+    /// Reads every top-level key; each is spelled here only (the order is the order of the
+    /// problems).
     fn config(&mut self, consumer_env: BTreeMap<String, BTreeMap<String, String>>) -> Config {
         let defaults = Config::default();
-        let urls_read = match self.get_keyed::<Vec<SecretUrl>>(URL) {
-            Some((key, urls)) => {
-                if urls.is_empty() {
-                    self.problem(key.clone(), "must list at least one URL");
-                }
-                for url in &urls {
-                    if let Some(message) = amqp_url_problem(url) {
-                        self.problem(key.clone(), message);
-                    }
-                }
-                Some(urls)
-            }
-            None => None,
-        };
+        let urls_read = self.urls();
         // A `url` that did not parse is reported; `password` then goes to the default URL.
         let url_given = urls_read.is_some();
-        let urls = urls_read.unwrap_or(defaults.urls);
-        let exchange = self.name(EXCHANGE).unwrap_or(defaults.exchange);
-        let prefetch_count = self
-            .int(&["prefetch_count"], 1, u16::MAX)
-            .unwrap_or(defaults.prefetch_count);
-        let concurrency = self.int(&["concurrency"], 1, u16::MAX);
-        let read_ahead = self.int(&["read_ahead"], 0, u16::MAX);
-        let retry_connect_interval = self
-            .positive_duration(&["retry_connect_interval"])
-            .unwrap_or(defaults.retry_connect_interval);
-        let retry_connect_max = match self.get_keyed::<Duration>(&["retry_connect_max"]) {
-            Some((key, max)) if max < retry_connect_interval => {
+        let mut urls = urls_read.unwrap_or(defaults.urls);
+        let mut retry_connect_interval = defaults.retry_connect_interval;
+        Config {
+            exchange: self.name(EXCHANGE).unwrap_or(defaults.exchange),
+            prefetch_count: self
+                .int(&["prefetch_count"], 1, u16::MAX)
+                .unwrap_or(defaults.prefetch_count),
+            concurrency: self.int(&["concurrency"], 1, u16::MAX),
+            read_ahead: self.int(&["read_ahead"], 0, u16::MAX),
+            retry_connect_interval: {
+                if let Some(interval) = self.positive_duration(&["retry_connect_interval"]) {
+                    retry_connect_interval = interval;
+                }
+                retry_connect_interval
+            },
+            retry_connect_max: self.retry_connect_max(retry_connect_interval),
+            heartbeat_interval: self
+                .int(&["heartbeat_interval"], 0, u16::MAX)
+                .unwrap_or(defaults.heartbeat_interval),
+            message_timeout: self
+                .positive_duration(&["message_timeout"])
+                .unwrap_or(defaults.message_timeout),
+            max_retry_count: self
+                .int(&["max_retry_count"], 0, u32::MAX)
+                .unwrap_or(defaults.max_retry_count),
+            max_redeliveries: self
+                .int(&["max_redeliveries"], 0, u32::MAX)
+                .unwrap_or(defaults.max_redeliveries),
+            delivery_limit: self
+                .int(&["delivery_limit"], 1, u32::MAX)
+                .unwrap_or(defaults.delivery_limit),
+            retry_delays: self
+                .retry_delays(&["retry_delays"])
+                .unwrap_or(defaults.retry_delays),
+            queue_stuck_threshold: self
+                .positive_duration(&["queue_stuck_threshold"])
+                .unwrap_or(defaults.queue_stuck_threshold),
+            max_consecutive_failures: self
+                .int(&["max_consecutive_failures"], 1, u32::MAX)
+                .unwrap_or(defaults.max_consecutive_failures),
+            enable_result_cache: self
+                .get(&["enable_result_cache"])
+                .unwrap_or(defaults.enable_result_cache),
+            result_cache_size: self
+                .size(&["result_cache_size"], MAX_RESULT_CACHE_SIZE)
+                .unwrap_or(defaults.result_cache_size),
+            result_cache_bytes: self
+                .size(&["result_cache_bytes"], usize::MAX)
+                .unwrap_or(defaults.result_cache_bytes),
+            queue_type: self.get(&["queue_type"]).unwrap_or(defaults.queue_type),
+            reply_to: self.get(&["reply_to"]).unwrap_or(defaults.reply_to),
+            bind_reply_queue: self
+                .get(&["bind_reply_queue"])
+                .unwrap_or(defaults.bind_reply_queue),
+            dead_letter: self.get(&["dead_letter"]).unwrap_or(defaults.dead_letter),
+            declare: self.get(&["declare"]).unwrap_or(defaults.declare),
+            publish_via: self.get(&["publish_via"]).unwrap_or(defaults.publish_via),
+            shutdown_timeout: self
+                .get(&["shutdown_timeout"])
+                .unwrap_or(defaults.shutdown_timeout),
+            confirm_timeout: self
+                .positive_duration(&["confirm_timeout"])
+                .unwrap_or(defaults.confirm_timeout),
+            result_publish_retry: self
+                .get(&["result_publish_retry"])
+                .unwrap_or(defaults.result_publish_retry),
+            max_body_size: self
+                .size(&["max_body_size"], MAX_BODY_SIZE_LIMIT)
+                .unwrap_or(defaults.max_body_size),
+            max_in_flight_bytes: self
+                .int(&["max_in_flight_bytes"], 1, u64::MAX)
+                .unwrap_or(defaults.max_in_flight_bytes),
+            log: self.log_config(),
+            http_addr: self.get(&["http_addr"]),
+            management_url: self.management_url(),
+            management_allow_http: self
+                .get(&["management_allow_http"])
+                .unwrap_or(defaults.management_allow_http),
+            tls: self.tls_files(),
+            // Puts the password into `urls`, which is why `urls` comes last.
+            password: self.password(&mut urls, url_given),
+            queue: self.name(QUEUE),
+            reply_queue: self.name(REPLY_QUEUE),
+            reply_key: self.get(REPLY_KEY),
+            consumers: self.consumers(consumer_env),
+            urls,
+        }
+    }
+
+    /// `url`: at least one, each an AMQP URL.
+    fn urls(&mut self) -> Option<Vec<SecretUrl>> {
+        let (key, urls) = self.get_keyed::<Vec<SecretUrl>>(URL)?;
+        if urls.is_empty() {
+            self.problem(key.clone(), "must list at least one URL");
+        }
+        for url in &urls {
+            if let Some(message) = amqp_url_problem(url) {
+                self.problem(key.clone(), message);
+            }
+        }
+        Some(urls)
+    }
+
+    /// `retry_connect_max`: at least `retry_connect_interval`, which it defaults to.
+    fn retry_connect_max(&mut self, interval: Duration) -> Duration {
+        match self.get_keyed::<Duration>(&["retry_connect_max"]) {
+            Some((key, max)) if max < interval => {
                 self.problem(
                     key,
                     format!(
                         "must be at least retry_connect_interval ({}), got {}",
-                        humantime::format_duration(retry_connect_interval),
+                        humantime::format_duration(interval),
                         humantime::format_duration(max)
                     ),
                 );
-                retry_connect_interval
+                interval
             }
             Some((_, max)) => max,
-            None => retry_connect_interval,
-        };
-        let heartbeat_interval = self
-            .int(&["heartbeat_interval"], 0, u16::MAX)
-            .unwrap_or(defaults.heartbeat_interval);
-        let message_timeout = self
-            .positive_duration(&["message_timeout"])
-            .unwrap_or(defaults.message_timeout);
-        let max_retry_count = self
-            .int(&["max_retry_count"], 0, u32::MAX)
-            .unwrap_or(defaults.max_retry_count);
-        let max_redeliveries = self
-            .int(&["max_redeliveries"], 0, u32::MAX)
-            .unwrap_or(defaults.max_redeliveries);
-        let delivery_limit = self
-            .int(&["delivery_limit"], 1, u32::MAX)
-            .unwrap_or(defaults.delivery_limit);
-        let retry_delays = self
-            .retry_delays(&["retry_delays"])
-            .unwrap_or(defaults.retry_delays);
-        let queue_stuck_threshold = self
-            .positive_duration(&["queue_stuck_threshold"])
-            .unwrap_or(defaults.queue_stuck_threshold);
-        let max_consecutive_failures = self
-            .int(&["max_consecutive_failures"], 1, u32::MAX)
-            .unwrap_or(defaults.max_consecutive_failures);
-        let enable_result_cache = self
-            .get(&["enable_result_cache"])
-            .unwrap_or(defaults.enable_result_cache);
-        let result_cache_size = self
-            .size(&["result_cache_size"], MAX_RESULT_CACHE_SIZE)
-            .unwrap_or(defaults.result_cache_size);
-        let result_cache_bytes = self
-            .size(&["result_cache_bytes"], usize::MAX)
-            .unwrap_or(defaults.result_cache_bytes);
-        let queue_type = self.get(&["queue_type"]).unwrap_or(defaults.queue_type);
-        let reply_to = self.get(&["reply_to"]).unwrap_or(defaults.reply_to);
-        let bind_reply_queue = self
-            .get(&["bind_reply_queue"])
-            .unwrap_or(defaults.bind_reply_queue);
-        let dead_letter = self.get(&["dead_letter"]).unwrap_or(defaults.dead_letter);
-        let declare = self.get(&["declare"]).unwrap_or(defaults.declare);
-        let publish_via = self.get(&["publish_via"]).unwrap_or(defaults.publish_via);
-        let shutdown_timeout = self
-            .get(&["shutdown_timeout"])
-            .unwrap_or(defaults.shutdown_timeout);
-        let confirm_timeout = self
-            .positive_duration(&["confirm_timeout"])
-            .unwrap_or(defaults.confirm_timeout);
-        let result_publish_retry = self
-            .get(&["result_publish_retry"])
-            .unwrap_or(defaults.result_publish_retry);
-        let max_body_size = self
-            .size(&["max_body_size"], MAX_BODY_SIZE_LIMIT)
-            .unwrap_or(defaults.max_body_size);
-        let max_in_flight_bytes = self
-            .int(&["max_in_flight_bytes"], 1, u64::MAX)
-            .unwrap_or(defaults.max_in_flight_bytes);
-        let log = self.log_config();
-        let http_addr = self.get(&["http_addr"]);
-        let management_url = match self.get_keyed::<SecretUrl>(&["management_url"]) {
-            Some((key, url)) => {
-                if let Some(message) = http_url_problem(&url) {
-                    self.problem(key, message);
-                }
-                Some(url)
-            }
-            None => None,
-        };
-        let management_allow_http = self
-            .get(&["management_allow_http"])
-            .unwrap_or(defaults.management_allow_http);
-        let tls = self.tls_files();
-        let (urls, password) = self.password(urls, url_given);
-        let queue = self.name(QUEUE);
-        let reply_queue = self.name(REPLY_QUEUE);
-        let reply_key = self.get(REPLY_KEY);
-        let consumers = self.consumers(consumer_env);
-
-        Config {
-            urls,
-            exchange,
-            prefetch_count,
-            concurrency,
-            read_ahead,
-            retry_connect_interval,
-            retry_connect_max,
-            heartbeat_interval,
-            message_timeout,
-            max_retry_count,
-            max_redeliveries,
-            delivery_limit,
-            retry_delays,
-            queue_stuck_threshold,
-            max_consecutive_failures,
-            enable_result_cache,
-            result_cache_size,
-            result_cache_bytes,
-            queue_type,
-            reply_to,
-            bind_reply_queue,
-            dead_letter,
-            declare,
-            publish_via,
-            shutdown_timeout,
-            confirm_timeout,
-            result_publish_retry,
-            max_body_size,
-            max_in_flight_bytes,
-            log,
-            http_addr,
-            management_url,
-            management_allow_http,
-            tls,
-            password,
-            queue,
-            reply_queue,
-            reply_key,
-            consumers,
+            None => interval,
         }
+    }
+
+    /// `management_url`: an HTTP(S) URL.
+    fn management_url(&mut self) -> Option<SecretUrl> {
+        let (key, url) = self.get_keyed::<SecretUrl>(&["management_url"])?;
+        if let Some(message) = http_url_problem(&url) {
+            self.problem(key, message);
+        }
+        Some(url)
     }
 
     /// `tls_ca_file`, `tls_cert_file`, `tls_key_file`, checked: readable, PEM, the key
@@ -394,21 +316,16 @@ impl Scope {
 
     /// `password` (`RMQ_CONSUMER_PASSWORD`), put into every URL; a URL that has its own
     /// password as well is a problem.
-    fn password(
-        &mut self,
-        urls: Vec<SecretUrl>,
-        url_given: bool,
-    ) -> (Vec<SecretUrl>, Option<Password>) {
-        let Some((key, password)) = self.get_keyed::<Password>(&["password"]) else {
-            return (urls, None);
-        };
-        let urls = if url_given {
-            urls
-        } else {
-            vec![SecretUrl::new(DEFAULT_URL_WITHOUT_PASSWORD)]
-        };
-        match with_password(&urls, &password) {
-            Ok(with) => (with, Some(password)),
+    fn password(&mut self, urls: &mut Vec<SecretUrl>, url_given: bool) -> Option<Password> {
+        let (key, password) = self.get_keyed::<Password>(&["password"])?;
+        if !url_given {
+            *urls = vec![SecretUrl::new(DEFAULT_URL_WITHOUT_PASSWORD)];
+        }
+        match with_password(urls, &password) {
+            Ok(with) => {
+                *urls = with;
+                Some(password)
+            }
             Err(masked) => {
                 self.problem(
                     key,
@@ -417,7 +334,7 @@ impl Scope {
                          place (remove it from the URL, or unset this key)"
                     ),
                 );
-                (urls, Some(password))
+                Some(password)
             }
         }
     }
@@ -445,10 +362,13 @@ impl Scope {
             None => defaults.file_prefix,
         };
         // Whatever is left in `[log]` is unknown.
-        match self.table.remove("log") {
+        match self.take_table("log") {
             Some(toml::Value::Table(rest)) => {
+                let known: Vec<&str> = (self.known.iter())
+                    .filter_map(|name| name.strip_prefix("log."))
+                    .collect();
                 for key in rest.keys() {
-                    let message = unknown_message(key, LOG_TABLE_KEYS, "");
+                    let message = unknown_message(key, &known, "");
                     self.problem(format!("{}log.{key}", self.toml_prefix), message);
                 }
             }
@@ -471,7 +391,7 @@ impl Scope {
         mut env: BTreeMap<String, BTreeMap<String, String>>,
     ) -> BTreeMap<String, ConsumerConfig> {
         let mut sections = toml::Table::new();
-        match self.table.remove("consumers") {
+        match self.take_table("consumers") {
             Some(toml::Value::Table(table)) => sections = table,
             Some(other) => self.problem(
                 "consumers",
@@ -498,21 +418,21 @@ impl Scope {
                 }
                 None => toml::Table::new(),
             };
-            let mut scope = Scope {
-                toml_prefix: format!("consumers.{name}."),
-                env_prefix: format!("{ENV_PREFIX}{CONSUMERS_ENV}{}__", name.to_ascii_uppercase()),
+            let mut scope = Scope::new(
+                format!("consumers.{name}."),
+                format!("{ENV_PREFIX}{CONSUMERS_ENV}{}__", name.to_ascii_uppercase()),
                 table,
-                env: env.remove(&name).unwrap_or_default(),
-                problems: Vec::new(),
-            };
+                env.remove(&name).unwrap_or_default(),
+            );
             let consumer = scope.consumer();
-            scope.report_unknown(CONSUMER_KEYS);
+            scope.report_unknown();
             self.problems.append(&mut scope.problems);
             consumers.insert(name, consumer);
         }
         consumers
     }
 
+    /// Reads every key of a `[consumers.<name>]` section; each is spelled here only.
     fn consumer(&mut self) -> ConsumerConfig {
         ConsumerConfig {
             queue: self.name(&["queue"]),
@@ -540,17 +460,20 @@ impl Scope {
         }
     }
 
-    fn report_unknown(&mut self, known: &[&str]) {
+    /// Reports what is left, with hints among the names asked for: in the file, the keys and
+    /// sub-tables of this table (not `log.level`); in the environment, the keys.
+    fn report_unknown(&mut self) {
+        let known: Vec<&str> = (self.known.iter())
+            .copied()
+            .filter(|name| !name.contains('.'))
+            .collect();
+        let known_toml: Vec<&str> = known.iter().chain(&self.tables).copied().collect();
         let keys: Vec<String> = self.table.keys().cloned().collect();
         for key in keys {
-            let message = unknown_message(&key, known, "");
+            let message = unknown_message(&key, &known_toml, "");
             self.problem(format!("{}{key}", self.toml_prefix), message);
         }
-        let known_env: Vec<String> = known
-            .iter()
-            .filter(|k| !matches!(**k, "log" | "consumers"))
-            .map(|k| k.to_ascii_uppercase())
-            .collect();
+        let known_env: Vec<String> = known.iter().map(|name| name.to_ascii_uppercase()).collect();
         let known_env: Vec<&str> = known_env.iter().map(String::as_str).collect();
         let vars: Vec<String> = self.env.keys().cloned().collect();
         for var in vars {
@@ -562,8 +485,9 @@ impl Scope {
     }
 
     /// Removes every spelling of one setting and returns the effective one (the environment
-    /// wins over the file), reporting spellings given twice.
-    fn take(&mut self, names: &[&str]) -> Option<(String, Raw)> {
+    /// wins over the file), reporting spellings given twice. Records the names.
+    fn take(&mut self, names: &'static [&'static str]) -> Option<(String, Raw)> {
+        self.known.extend_from_slice(names);
         let mut from_toml: Option<(String, toml::Value)> = None;
         for name in names {
             let value = match name.split_once('.') {
@@ -605,7 +529,10 @@ impl Scope {
         }
     }
 
-    fn get_keyed<T: FromConfigValue>(&mut self, names: &[&str]) -> Option<(String, T)> {
+    fn get_keyed<T: FromConfigValue>(
+        &mut self,
+        names: &'static [&'static str],
+    ) -> Option<(String, T)> {
         let (key, raw) = self.take(names)?;
         let parsed = match &raw {
             Raw::Toml(value) => T::from_toml(value),
@@ -620,12 +547,12 @@ impl Scope {
         }
     }
 
-    fn get<T: FromConfigValue>(&mut self, names: &[&str]) -> Option<T> {
+    fn get<T: FromConfigValue>(&mut self, names: &'static [&'static str]) -> Option<T> {
         self.get_keyed(names).map(|(_, value)| value)
     }
 
     /// A queue or exchange name: must not be empty.
-    fn name(&mut self, names: &[&str]) -> Option<String> {
+    fn name(&mut self, names: &'static [&'static str]) -> Option<String> {
         let (key, name) = self.get_keyed::<String>(names)?;
         if name.is_empty() {
             self.problem(key, "must not be empty");
@@ -634,7 +561,7 @@ impl Scope {
         Some(name)
     }
 
-    fn positive_duration(&mut self, names: &[&str]) -> Option<Duration> {
+    fn positive_duration(&mut self, names: &'static [&'static str]) -> Option<Duration> {
         let (key, duration) = self.get_keyed::<Duration>(names)?;
         if duration.is_zero() {
             self.problem(key, "must be greater than zero");
@@ -644,7 +571,7 @@ impl Scope {
     }
 
     /// Retry delays: each becomes a queue's message TTL in milliseconds, so at least 1 ms.
-    fn retry_delays(&mut self, names: &[&str]) -> Option<Vec<Duration>> {
+    fn retry_delays(&mut self, names: &'static [&'static str]) -> Option<Vec<Duration>> {
         let (key, delays) = self.get_keyed::<Vec<Duration>>(names)?;
         if delays.iter().any(|delay| delay.as_millis() == 0) {
             self.problem(key, "every delay must be at least 1ms");
@@ -653,7 +580,7 @@ impl Scope {
         Some(delays)
     }
 
-    fn int<T>(&mut self, names: &[&str], min: T, max: T) -> Option<T>
+    fn int<T>(&mut self, names: &'static [&'static str], min: T, max: T) -> Option<T>
     where
         T: Copy + fmt::Display + Into<i128> + TryFrom<i128>,
     {
@@ -668,7 +595,7 @@ impl Scope {
     }
 
     /// A positive `usize` up to `max`.
-    fn size(&mut self, names: &[&str], max: usize) -> Option<usize> {
+    fn size(&mut self, names: &'static [&'static str], max: usize) -> Option<usize> {
         let max = u64::try_from(max).unwrap_or(u64::MAX);
         self.int(names, 1, max)
             .and_then(|value| usize::try_from(value).ok())

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-/// A URL that may carry a password. `Debug` and `Display` print it masked
+/// A URL that may carry a password. `Debug`, `Display` and `Serialize` print it masked
 /// (`amqp://guest:****@127.0.0.1:5672/%2f`); [`expose`](Self::expose) gives the real text.
 ///
 /// The userinfo is the text between `://` and the *last* `@`, so a password containing
@@ -53,6 +53,13 @@ impl fmt::Display for SecretUrl {
     }
 }
 
+/// Masked, like `Display`: a serialized configuration never carries the password.
+impl serde::Serialize for SecretUrl {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.masked())
+    }
+}
+
 impl FromStr for SecretUrl {
     type Err = std::convert::Infallible;
 
@@ -74,7 +81,7 @@ impl From<&str> for SecretUrl {
 }
 
 /// A password given on its own (`password`, `RMQ_CONSUMER_PASSWORD`, `--password-file`):
-/// `Debug` and `Display` print `****`.
+/// `Debug`, `Display` and `Serialize` print `****`.
 ///
 /// ```
 /// use rmq_consumer::config::Password;
@@ -109,6 +116,13 @@ impl fmt::Debug for Password {
 impl fmt::Display for Password {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("****")
+    }
+}
+
+/// `****`, like `Display`: a serialized configuration never carries the password.
+impl serde::Serialize for Password {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str("****")
     }
 }
 

@@ -1,5 +1,6 @@
 //! Conversions of raw values (TOML or environment text) to each key's type, and their
-//! limits.
+//! limits; and back, as the configuration writes them ([`written`], the `Serialize` of the
+//! enums).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -43,6 +44,82 @@ pub(crate) fn toml_type(value: &toml::Value) -> &'static str {
         toml::Value::Datetime(_) => "a datetime",
         toml::Value::Array(_) => "an array",
         toml::Value::Table(_) => "a table",
+    }
+}
+
+/// Serializes a value the way the configuration writes it, for the fields whose type serde
+/// would write otherwise: durations as humantime text (`"1m 30s"`), paths as text (lossy, never
+/// an error), and options and lists of those. Use it as
+/// `#[serde(serialize_with = "crate::config::written")]`.
+pub(crate) fn written<T: Written + ?Sized, S: serde::Serializer>(
+    value: &T,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    value.write(serializer)
+}
+
+/// A type [`written`] knows.
+pub(crate) trait Written {
+    fn write<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error>;
+}
+
+/// One [`Written`] value as a `Serialize`, for options and lists.
+struct AsWritten<'a, T: ?Sized>(&'a T);
+
+impl<T: Written + ?Sized> serde::Serialize for AsWritten<'_, T> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.write(serializer)
+    }
+}
+
+impl Written for Duration {
+    fn write<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&humantime::format_duration(*self))
+    }
+}
+
+impl Written for PathBuf {
+    fn write<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&self.display())
+    }
+}
+
+impl<T: Written> Written for Option<T> {
+    fn write<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Some(value) => serializer.serialize_some(&AsWritten(value)),
+            None => serializer.serialize_none(),
+        }
+    }
+}
+
+impl<T: Written> Written for Vec<T> {
+    fn write<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.iter().map(AsWritten))
+    }
+}
+
+/// The enums of the configuration serialize as their names in it (`as_str`).
+macro_rules! serialize_as_str {
+    ($($name:ty),*) => {$(
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(self.as_str())
+            }
+        }
+    )*};
+}
+
+serialize_as_str!(QueueType, PublishVia, LogFormat);
+
+/// `"honour"`, `"ignore"`, or the list of prefixes.
+impl serde::Serialize for ReplyToPolicy {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Honour => serializer.serialize_str("honour"),
+            Self::Ignore => serializer.serialize_str("ignore"),
+            Self::Prefixes(prefixes) => serde::Serialize::serialize(prefixes, serializer),
+        }
     }
 }
 

@@ -313,3 +313,60 @@ fn enums_parse_case_insensitively() {
     assert_eq!("JSON".parse::<LogFormat>(), Ok(LogFormat::Json));
     assert_eq!(LogFormat::Human.to_string(), "human");
 }
+
+/// `Serialize` writes every key as the file spells it: a new field of a type serde writes
+/// otherwise (a `Duration` without `serialize_with = "written"`) shows up here as an object.
+#[test]
+fn serializes_as_the_file_writes_it() {
+    let config = Config::from_toml_str(
+        r#"
+        url = ["amqp://app:hunter1@a:5672/%2f"]
+        management_url = "http://ops:hunter2@m:15672"
+        retry_delays = ["10s", "1500ms"]
+        reply_to = ["rpc."]
+        log_dir = "logs"
+        [consumers.x]
+        timeout = "30s"
+        retry_delays = ["1s"]
+        queue_type = "quorum"
+        "#,
+    )
+    .unwrap();
+    let json = serde_json::to_value(&config).unwrap();
+    let text = json.to_string();
+    assert!(!text.contains("hunter"), "{text}");
+    assert_eq!(json["url"][0], "amqp://app:****@a:5672/%2f");
+    assert_eq!(json["management_url"], "http://ops:****@m:15672");
+    assert_eq!(json["retry_delays"], serde_json::json!(["10s", "1s 500ms"]));
+    assert_eq!(json["message_timeout"], "5m");
+    assert_eq!(json["reply_to"], serde_json::json!(["rpc."]));
+    assert_eq!(json["publish_via"], "default_exchange");
+    assert_eq!(json["tls_ca_file"], serde_json::Value::Null);
+    assert_eq!(json["log"]["dir"], "logs");
+    assert_eq!(json["log"]["format"], "human");
+    assert_eq!(json["consumers"]["x"]["timeout"], "30s");
+    assert_eq!(json["consumers"]["x"]["queue_type"], "quorum");
+    for (name, section) in [("", &json), ("log.", &json["log"])] {
+        for (key, value) in section.as_object().unwrap() {
+            if !(name.is_empty() && matches!(key.as_str(), "log" | "consumers")) {
+                assert!(!value.is_object(), "{name}{key} = {value}");
+            }
+        }
+    }
+    for (key, value) in json["consumers"]["x"].as_object().unwrap() {
+        assert!(!value.is_object(), "consumers.x.{key} = {value}");
+    }
+
+    let with_password = Config::from_sources(
+        None,
+        env(&[
+            ("RMQ_CONSUMER_URL", "amqp://app@a:5672/%2f"),
+            ("RMQ_CONSUMER_PASSWORD", "hunter3"),
+        ]),
+    )
+    .unwrap();
+    let json = serde_json::to_value(&with_password).unwrap();
+    assert!(!json.to_string().contains("hunter"), "{json}");
+    assert_eq!(json["password"], "****");
+    assert_eq!(json["url"][0], "amqp://app:****@a:5672/%2f");
+}
