@@ -222,10 +222,19 @@ fn batch_fns(args: &Args, handler: &Handler<'_>, batch: &Batch<'_>) -> TokenStre
     let downcast = paths::downcast_items(item_span);
     let downcast = quote_spanned!(item_span=> #downcast::<#item_ty>(#items)?);
 
-    // `batch::vec_*(output)`, or `batch::result(output, batch::vec_*)` around a `Result`;
-    // at the return type, so `R: Serialize` and `E: Into<HandlerError>` failures point at it.
-    let output_span = batch.output_span;
-    let vec = paths::batch(&format!("vec_{}", batch.shape.name()), output_span);
+    // `batch::vec_*(output)`, or `batch::result(output, batch::vec_*)` around a `Result`.
+    // `vec_*` is at the type of one item's result, so `R: Serialize` and `E: Into<HandlerError>`
+    // failures point at it; the output and `result` at the whole return type around a
+    // `Result` (the bound on its `E`), else at the item's result type too.
+    let output_span = if batch.fallible {
+        batch.output_span
+    } else {
+        batch.item_output_span
+    };
+    let vec = paths::batch(
+        &format!("vec_{}", batch.shape.name()),
+        batch.item_output_span,
+    );
     let result = paths::batch("result", output_span);
     let convert = |output: TokenStream| {
         if batch.fallible {
