@@ -129,7 +129,7 @@ pub mod batch {
     use serde::Serialize;
 
     use crate::handler::{FailureAction, HandlerError, HandlerOutput, encode};
-    use crate::registry::BatchOutput;
+    use crate::registry::{BatchCall, BatchOutput, BatchRun, HandlerFuture, Prepared};
 
     /// Not public API: `Vec<R>`.
     pub fn vec_value<R: Serialize>(results: Vec<R>) -> BatchOutput {
@@ -190,6 +190,18 @@ pub mod batch {
         inner: fn(V) -> BatchOutput,
     ) -> BatchOutput {
         result.map_err(Into::into).and_then(inner)
+    }
+
+    /// Not public API: one message's call of a batch handler, bound as a batch of one (the
+    /// suspect queue runs each message alone), as a [`Prepared`] whose output is converted
+    /// back to one with [`single`].
+    pub fn alone(task_uuid: String, run: BatchRun) -> Prepared {
+        match run.call {
+            BatchCall::Async(future) => Prepared::new(task_uuid, move || -> HandlerFuture {
+                Box::pin(async move { single(future.await) })
+            }),
+            BatchCall::Blocking(call) => Prepared::blocking(task_uuid, move || single(call())),
+        }
     }
 
     /// Not public API: the one output of a batch of one (the suspect queue runs each message
@@ -360,5 +372,22 @@ mod tests {
             panic!("a blocking call");
         };
         assert_eq!(kinds(&call()), [Ok(None)]);
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_one_runs_as_one_message() {
+        let run = BatchRun::new(Box::pin(async { batch::vec_value(vec![5]) }));
+        let prepared = batch::alone("u".to_owned(), run);
+        assert_eq!(prepared.task_uuid(), "u");
+        let crate::registry::Call::Async(call) = prepared.call else {
+            panic!("an async call");
+        };
+        assert_eq!(call().await.unwrap(), Some(json!(5)));
+
+        let run = BatchRun::blocking(|| batch::vec_unit(vec![(), ()]));
+        let crate::registry::Call::Blocking(call) = batch::alone("v".to_owned(), run).call else {
+            panic!("a blocking call");
+        };
+        assert_eq!(call().unwrap_err().kind(), "batch_size_mismatch");
     }
 }
