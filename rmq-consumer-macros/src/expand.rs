@@ -14,9 +14,10 @@
 //! const _: () = {
 //!     fn __rmq_decode(body: &[u8]) -> Result<(String, T), HandlerError> { decode, uuid }
 //!     fn __rmq_prepare_item(body: &[u8]) -> Result<PreparedItem, HandlerError> { .. }
+//!     fn __rmq_bind(items: Vec<T>) -> BatchRun { the handler's one call, converted }
 //!     fn __rmq_run_batch(items: Vec<Item>) -> Result<BatchRun, HandlerError> { downcast, bind }
-//!     // A batch of one, converted back to one output (the suspect queue's way).
-//!     fn __rmq_prepare(body: &[u8]) -> Result<Prepared, HandlerError> { .. }
+//!     // A batch of one, its output converted back to one (the suspect queue's way).
+//!     fn __rmq_prepare(body: &[u8]) -> Result<Prepared, HandlerError> { decode, bind, alone }
 //!     inventory::submit! { HandlerSpec { ..., batch: Some(BatchSpec { .. }) } }
 //! };
 //! ```
@@ -198,7 +199,8 @@ fn prepare_fn(args: &Args, handler: &Handler<'_>) -> TokenStream {
 }
 
 /// The fns of a batch handler: `__rmq_decode` (one body to its task uuid and item),
-/// `__rmq_prepare_item`, `__rmq_run_batch` and `__rmq_prepare` (a batch of one).
+/// `__rmq_prepare_item`, `__rmq_bind` (the one call of the handler, on a `Vec` of items),
+/// `__rmq_run_batch` and `__rmq_prepare` (a batch of one).
 fn batch_fns(args: &Args, handler: &Handler<'_>, batch: &Batch<'_>) -> TokenStream {
     let site = Span::call_site();
     let locals = Locals::new();
@@ -216,16 +218,28 @@ fn batch_fns(args: &Args, handler: &Handler<'_>, batch: &Batch<'_>) -> TokenStre
     let prepared_item = paths::prepared_item(site);
     let item = paths::item(site);
     let batch_run = paths::batch_run(site);
-    // At the item type, so `T: Send + 'static` failures point at it.
+    // At the item type, so `T: Send + 'static` failures point at it (rustc would show a
+    // mixed-site local at the attribute). Nothing the user wrote is in the fn it is bound in.
+    let located_arg = Ident::new("__rmq_item", item_span);
     let new_item = paths::prepared_item(item_span);
-    let new_item = quote_spanned!(item_span=> #new_item::new(#task_uuid, #arg));
+    let new_item = quote_spanned!(item_span=> #new_item::new(#task_uuid, #located_arg));
     let downcast = paths::downcast_items(item_span);
     let downcast = quote_spanned!(item_span=> #downcast::<#item_ty>(#items)?);
+    let alone = paths::batch("alone", site);
 
-    // `batch::vec_*(output)`, or `batch::result(output, batch::vec_*)` around a `Result`;
-    // at the return type, so `R: Serialize` and `E: Into<HandlerError>` failures point at it.
-    let output_span = batch.output_span;
-    let vec = paths::batch(&format!("vec_{}", batch.shape.name()), output_span);
+    // `batch::vec_*(output)`, or `batch::result(output, batch::vec_*)` around a `Result`.
+    // `vec_*` is at the type of one item's result, so `R: Serialize` and `E: Into<HandlerError>`
+    // failures point at it; the output and `result` at the whole return type around a
+    // `Result` (the bound on its `E`), else at the item's result type too.
+    let output_span = if batch.fallible {
+        batch.output_span
+    } else {
+        batch.item_output_span
+    };
+    let vec = paths::batch(
+        &format!("vec_{}", batch.shape.name()),
+        batch.item_output_span,
+    );
     let result = paths::batch("result", output_span);
     let convert = |output: TokenStream| {
         if batch.fallible {
@@ -243,30 +257,17 @@ fn batch_fns(args: &Args, handler: &Handler<'_>, batch: &Batch<'_>) -> TokenStre
         output_span,
         convert,
     );
+    // At the fn's name, so a call that is not `Send` is reported there.
+    let ident_span = handler.ident.span();
     let run = if args.blocking {
-        quote!(#batch_run::blocking(move || { #run }))
+        let call = quote_spanned!(ident_span=> move || { #run });
+        quote!(#batch_run::blocking(#call))
     } else {
-        let ident_span = handler.ident.span();
-        // At the fn's name, so a future that is not `Send` is reported there.
         let boxed = quote_spanned! {ident_span=>
             ::std::boxed::Box::pin(async move { #run })
         };
         quote!(#batch_run::new(#boxed))
     };
-
-    let single = paths::batch("single", site);
-    let alone = converted(
-        handler,
-        args.blocking,
-        arg,
-        Shape::Value,
-        output_span,
-        |output| {
-            let converted = convert(output);
-            quote!(#single(#converted))
-        },
-    );
-    let alone = bind(args.blocking, handler, task_uuid, &alone);
 
     quote! {
         fn __rmq_decode(
@@ -279,25 +280,26 @@ fn batch_fns(args: &Args, handler: &Handler<'_>, batch: &Batch<'_>) -> TokenStre
         fn __rmq_prepare_item(
             #body: &[u8],
         ) -> ::core::result::Result<#prepared_item, #handler_error> {
-            let (#task_uuid, #arg) = __rmq_decode(#body)?;
+            let (#task_uuid, #located_arg) = __rmq_decode(#body)?;
             ::core::result::Result::Ok(#new_item)
         }
 
         #[allow(deprecated, reason = "registering a deprecated handler is not a use of it")]
+        fn __rmq_bind(#arg: ::std::vec::Vec<#item_ty>) -> #batch_run {
+            #run
+        }
+
         fn __rmq_run_batch(
             #items: ::std::vec::Vec<#item>,
         ) -> ::core::result::Result<#batch_run, #handler_error> {
-            let #arg = #downcast;
-            ::core::result::Result::Ok(#run)
+            ::core::result::Result::Ok(__rmq_bind(#downcast))
         }
 
-        #[allow(deprecated, reason = "registering a deprecated handler is not a use of it")]
         fn __rmq_prepare(
             #body: &[u8],
         ) -> ::core::result::Result<#prepared, #handler_error> {
             let (#task_uuid, #arg) = __rmq_decode(#body)?;
-            let #arg = ::std::vec![#arg];
-            ::core::result::Result::Ok(#alone)
+            ::core::result::Result::Ok(#alone(#task_uuid, __rmq_bind(::std::vec![#arg])))
         }
     }
 }
@@ -618,13 +620,14 @@ mod tests {
              string :: String , Prompt) ,",
             "decode :: < Prompt > (__rmq_body) ?",
             "default_task_uuid_of_body (__rmq_body) ?",
-            "PreparedItem :: new (__rmq_task_uuid , __rmq_arg)",
-            "downcast_items :: < Prompt > (__rmq_items) ?",
-            "BatchRun :: new (:: std :: boxed :: Box :: pin (async move { let __rmq_output = \
-             infer (__rmq_arg) . await ; :: rmq_consumer :: __private :: batch :: vec_result \
-             (__rmq_output) }))",
-            "let __rmq_arg = :: std :: vec ! [__rmq_arg] ;",
-            "batch :: single (:: rmq_consumer :: __private :: batch :: vec_result (__rmq_output))",
+            "PreparedItem :: new (__rmq_task_uuid , __rmq_item)",
+            "fn __rmq_bind (__rmq_arg : :: std :: vec :: Vec < Prompt >) -> :: rmq_consumer :: \
+             __private :: BatchRun { :: rmq_consumer :: __private :: BatchRun :: new (:: std :: \
+             boxed :: Box :: pin (async move { let __rmq_output = infer (__rmq_arg) . await ; :: \
+             rmq_consumer :: __private :: batch :: vec_result (__rmq_output) })) }",
+            "Ok (__rmq_bind (:: rmq_consumer :: __private :: downcast_items :: < Prompt > \
+             (__rmq_items) ?))",
+            "batch :: alone (__rmq_task_uuid , __rmq_bind (:: std :: vec ! [__rmq_arg]))",
             "prepare : __rmq_prepare ,",
             "batch : :: core :: option :: Option :: Some (:: rmq_consumer :: __private :: \
              BatchSpec { size : 32u16 , wait_ms : :: core :: option :: Option :: Some (15u64) , \
@@ -632,8 +635,8 @@ mod tests {
         ] {
             assert!(expanded.contains(needle), "{needle}");
         }
-        // The batch call is the handler's only call besides the batch of one.
-        assert_eq!(expanded.matches("infer (__rmq_arg)").count(), 2);
+        // One call of the handler, so each type error is reported once.
+        assert_eq!(expanded.matches("infer (__rmq_arg)").count(), 1);
     }
 
     #[test]
@@ -673,7 +676,6 @@ mod tests {
                 "BatchRun :: blocking (move || { let __rmq_output = crunch (__rmq_arg) ;"
             )
         );
-        assert!(plain.contains("Prepared :: blocking"));
         assert!(plain.contains("batch :: vec_option"));
         assert!(!plain.contains("block_on"));
         let async_fn = expand(
@@ -685,7 +687,7 @@ mod tests {
             ),
         );
         assert!(async_fn.contains("BatchRun :: blocking"));
-        assert_eq!(async_fn.matches("block_on (crunch (__rmq_arg))").count(), 2);
+        assert_eq!(async_fn.matches("block_on (crunch (__rmq_arg))").count(), 1);
     }
 
     #[test]

@@ -57,6 +57,8 @@ use proc_macro::TokenStream;
 /// | `max_retries` | integer, 0 or more | the config's | retries before the message is dead-lettered |
 /// | `queue_type` | `"classic"` or `"quorum"` | the config's | the type `queue` is declared with |
 /// | `blocking` | `true` or `false`; bare `blocking` means `true` | `false` | run on tokio's blocking thread pool |
+/// | `batch` | integer, 1 to 65535 | none: one message per call | a batch handler: the most messages one call takes (see [Batch handlers](#batch-handlers)) |
+/// | `batch_wait` | string: a whole number of `ms` or `s`, `"1ms"` to `"3600s"` | the engine's | how long the first message of a batch waits for more; only with `batch` |
 ///
 /// Settings in the configuration file override the attribute's. Unknown and duplicate keys
 /// are compile errors.
@@ -100,6 +102,34 @@ use proc_macro::TokenStream;
 /// ```
 ///
 /// An `async fn` with `blocking = true` is driven to completion on a blocking thread.
+///
+/// # Batch handlers
+///
+/// With `batch = N` the handler takes up to `N` messages per call, as a `Vec`, and returns one
+/// result per message:
+///
+/// ```text
+/// #[consumer(queue = "llm.infer.b2m", reply_key = "llm.infer.m2b", batch = 32, batch_wait = "15ms")]
+/// async fn infer(prompts: Vec<Prompt>) -> Vec<Result<Completion, HandlerError>> {
+///     model.generate(&prompts).await
+/// }
+/// ```
+///
+/// A batch is handed to the fn when it is full or when its first message has waited
+/// `batch_wait`, whichever comes first. Each message is still answered, retried and
+/// dead-lettered on its own: the returned `Vec` has one entry per input, in the same order,
+/// and entry `i` is the result of message `i`. A `Vec` of the wrong length, a panic or a
+/// timeout fails every message of the batch. A message is decoded (and its task uuid
+/// computed) on its own before it joins a batch, so a body that does not fit `T` is
+/// dead-lettered without holding up the others; a message redelivered after a worker crash
+/// runs alone, as a batch of one.
+///
+/// The argument is `Vec<T>`, with `T` as for any handler (`serde_json::Value` or any
+/// `DeserializeOwned` type); the `uuid` fn takes one item, `fn(&T) -> String`. The return
+/// type is `Vec<X>` with `X` one of the shapes of the table above (`R`, `()`, `Option<R>`,
+/// `Result<R, E>`, `Result<(), E>`, `Result<Option<R>, E>`), or `Result<Vec<X>, E>`, whose
+/// `Err` fails every message of the batch. `blocking = true` works as for other handlers. The
+/// fn stays callable: a unit test calls `infer(vec![p1, p2]).await`.
 ///
 /// # Restrictions
 ///

@@ -58,8 +58,10 @@ pub(crate) struct Batch<'a> {
     pub(crate) shape: Shape,
     /// The return type is `Result<Vec<_>, E>`: an `Err` fails every item.
     pub(crate) fallible: bool,
-    /// The declared return type, to report its trait bounds at.
+    /// The declared return type, to report the bounds on `E` of `Result<Vec<_>, E>` at.
     pub(crate) output_span: Span,
+    /// The type of one item's result (`X` of `Vec<X>`), to report its trait bounds at.
+    pub(crate) item_output_span: Span,
 }
 
 /// A supported return shape (of a handler, or of one item of a batch handler), read from how
@@ -196,11 +198,12 @@ pub(crate) fn handler<'a>(
         let item_ty = arg_ty.and_then(|ty| batch_item(ty, errors));
         let output = batch_output(&sig.output, sig.paren_token.span.close(), errors);
         match (item_ty, output) {
-            (Some(item_ty), Some((shape, fallible))) => Some(Batch {
+            (Some(item_ty), Some(output)) => Some(Batch {
                 item_ty,
-                shape,
-                fallible,
-                output_span: sig.output.span(),
+                shape: output.shape,
+                fallible: output.fallible,
+                output_span: output.span,
+                item_output_span: output.item_span,
             }),
             // Reported; no registration is generated.
             _ => return None,
@@ -235,9 +238,17 @@ fn batch_item<'a>(ty: &'a Type, errors: &mut Errors) -> Option<&'a Type> {
     }
 }
 
+/// A batch handler's return type, read.
+struct BatchOutput {
+    shape: Shape,
+    fallible: bool,
+    span: Span,
+    item_span: Span,
+}
+
 /// The shape of one item's result and whether the whole is in a `Result`, or an error at the
 /// return type (at `close`, the `)` of the arguments, when there is none).
-fn batch_output(output: &ReturnType, close: Span, errors: &mut Errors) -> Option<(Shape, bool)> {
+fn batch_output(output: &ReturnType, close: Span, errors: &mut Errors) -> Option<BatchOutput> {
     let ReturnType::Type(_, ty) = output else {
         errors.at(
             close,
@@ -250,18 +261,24 @@ fn batch_output(output: &ReturnType, close: Span, errors: &mut Errors) -> Option
         .as_ref()
         .map(|(name, args)| (*name, args.as_slice()))
     {
-        Some(("Vec", [item])) => Some(Shape::of(item)),
+        Some(("Vec", [item])) => Some((Shape::of(item), item.span())),
         _ => None,
     };
-    if let Some(shape) = vec_of(ty) {
-        return Some((shape, false));
+    let read = |(shape, item_span), fallible| BatchOutput {
+        shape,
+        fallible,
+        span: ty.span(),
+        item_span,
+    };
+    if let Some(item) = vec_of(ty) {
+        return Some(read(item, false));
     }
     match generic_of(strip(ty))
         .as_ref()
         .map(|(name, args)| (*name, args.as_slice()))
     {
         Some(("Result", [ok] | [ok, _])) => match vec_of(ok) {
-            Some(shape) => Some((shape, true)),
+            Some(item) => Some(read(item, true)),
             None => {
                 errors.spanned(ok, BATCH_RETURN);
                 None

@@ -129,7 +129,7 @@ pub mod batch {
     use serde::Serialize;
 
     use crate::handler::{FailureAction, HandlerError, HandlerOutput, encode};
-    use crate::registry::BatchOutput;
+    use crate::registry::{BatchCall, BatchOutput, BatchRun, HandlerFuture, Prepared};
 
     /// Not public API: `Vec<R>`.
     pub fn vec_value<R: Serialize>(results: Vec<R>) -> BatchOutput {
@@ -192,6 +192,18 @@ pub mod batch {
         result.map_err(Into::into).and_then(inner)
     }
 
+    /// Not public API: one message's call of a batch handler, bound as a batch of one (the
+    /// suspect queue runs each message alone), as a [`Prepared`] whose output is converted
+    /// back to one with [`single`].
+    pub fn alone(task_uuid: String, run: BatchRun) -> Prepared {
+        match run.call {
+            BatchCall::Async(future) => Prepared::new(task_uuid, move || -> HandlerFuture {
+                Box::pin(async move { single(future.await) })
+            }),
+            BatchCall::Blocking(call) => Prepared::blocking(task_uuid, move || single(call())),
+        }
+    }
+
     /// Not public API: the one output of a batch of one (the suspect queue runs each message
     /// alone).
     ///
@@ -211,5 +223,171 @@ pub mod batch {
                 ),
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::handler::FailureAction;
+
+    /// Each output's published value, or its error's kind; empty when the whole failed.
+    fn kinds(output: &BatchOutput) -> Vec<Result<Option<Value>, &'static str>> {
+        output
+            .as_ref()
+            .map(|outputs| {
+                outputs
+                    .iter()
+                    .map(|output| match output {
+                        Ok(value) => Ok(value.clone()),
+                        Err(error) => Err(error.kind()),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    #[derive(Debug)]
+    struct Oops;
+
+    impl std::fmt::Display for Oops {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("oops")
+        }
+    }
+
+    impl std::error::Error for Oops {}
+
+    #[test]
+    fn every_batch_shape_gives_one_output_per_item_in_order() {
+        assert_eq!(
+            kinds(&batch::vec_value(vec![1, 2])),
+            [Ok(Some(json!(1))), Ok(Some(json!(2)))]
+        );
+        assert_eq!(kinds(&batch::vec_unit(vec![(), ()])), [Ok(None), Ok(None)]);
+        assert_eq!(
+            kinds(&batch::vec_option(vec![None, Some("a")])),
+            [Ok(None), Ok(Some(json!("a")))]
+        );
+        assert_eq!(
+            kinds(&batch::vec_result(vec![
+                Ok(1),
+                Err(HandlerError::dead_letter("bad")),
+                Ok(3)
+            ])),
+            [
+                Ok(Some(json!(1))),
+                Err("handler_rejected"),
+                Ok(Some(json!(3)))
+            ]
+        );
+        let units: Vec<Result<(), Oops>> = vec![Err(Oops), Ok(())];
+        let output = batch::vec_result_unit(units);
+        assert_eq!(kinds(&output), [Err("handler_error"), Ok(None)]);
+        let failed = output.unwrap().remove(0).unwrap_err();
+        assert_eq!(failed.action(), FailureAction::Retry);
+        assert_eq!(failed.message(), "oops");
+        assert_eq!(
+            kinds(&batch::vec_result_option(vec![
+                Ok(Some(true)),
+                Ok(None),
+                Err(HandlerError::retry("later")),
+            ])),
+            [Ok(Some(json!(true))), Ok(None), Err("handler_error")]
+        );
+        assert!(kinds(&batch::vec_value(Vec::<u8>::new())).is_empty());
+    }
+
+    #[test]
+    fn a_failed_whole_fails_the_batch() {
+        let ok: Result<Vec<u8>, Oops> = Ok(vec![7]);
+        assert_eq!(
+            kinds(&batch::result(ok, batch::vec_value)),
+            [Ok(Some(json!(7)))]
+        );
+        let err: Result<Vec<()>, Oops> = Err(Oops);
+        let error = batch::result(err, batch::vec_unit).unwrap_err();
+        assert_eq!(
+            (error.action(), error.message()),
+            (FailureAction::Retry, "oops")
+        );
+    }
+
+    #[test]
+    fn a_batch_of_one_gives_its_one_output() {
+        assert_eq!(
+            batch::single(batch::vec_value(vec!["a"])).unwrap(),
+            Some(json!("a"))
+        );
+        let error = batch::single(batch::vec_result(vec![Err::<u8, _>(
+            HandlerError::dead_letter("no"),
+        )]))
+        .unwrap_err();
+        assert!(error.is_dead_letter());
+        let error = batch::single(Err(HandlerError::dead_letter("all"))).unwrap_err();
+        assert_eq!(error.message(), "all");
+        for (outputs, count) in [(vec![], 0), (vec![1, 2], 2)] {
+            let error = batch::single(batch::vec_value(outputs)).unwrap_err();
+            assert_eq!(error.kind(), "batch_size_mismatch");
+            assert_eq!(error.action(), FailureAction::Retry);
+            assert_eq!(
+                error.message(),
+                format!("the batch handler returned {count} results for 1 item")
+            );
+        }
+    }
+
+    #[test]
+    fn items_downcast_to_their_type_only() {
+        let items: Vec<Item> = vec![
+            PreparedItem::new("a".to_owned(), 1_u32).item,
+            PreparedItem::new("b".to_owned(), 2_u32).item,
+        ];
+        assert_eq!(downcast_items::<u32>(items).unwrap(), [1, 2]);
+        let items: Vec<Item> = vec![Box::new(1_u32), Box::new("two")];
+        let error = downcast_items::<u32>(items).unwrap_err();
+        assert_eq!(error.kind(), "batch_item_type");
+        assert_eq!(error.action(), FailureAction::Retry);
+    }
+
+    #[tokio::test]
+    async fn a_batch_run_yields_the_converted_outputs() {
+        // What the expansion of `async fn h(items: Vec<u32>) -> Vec<u32>` binds.
+        let items = downcast_items::<u32>(vec![Box::new(1_u32), Box::new(2_u32)]).unwrap();
+        let run = BatchRun::new(Box::pin(async move {
+            batch::vec_value(items.into_iter().map(|n| n * 10).collect::<Vec<_>>())
+        }));
+        assert_eq!(format!("{run:?}"), "BatchRun { call: \"async\" }");
+        let crate::registry::BatchCall::Async(future) = run.call else {
+            panic!("an async call");
+        };
+        assert_eq!(
+            kinds(&future.await),
+            [Ok(Some(json!(10))), Ok(Some(json!(20)))]
+        );
+        let run = BatchRun::blocking(|| batch::vec_unit(vec![()]));
+        let crate::registry::BatchCall::Blocking(call) = run.call else {
+            panic!("a blocking call");
+        };
+        assert_eq!(kinds(&call()), [Ok(None)]);
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_one_runs_as_one_message() {
+        let run = BatchRun::new(Box::pin(async { batch::vec_value(vec![5]) }));
+        let prepared = batch::alone("u".to_owned(), run);
+        assert_eq!(prepared.task_uuid(), "u");
+        let crate::registry::Call::Async(call) = prepared.call else {
+            panic!("an async call");
+        };
+        assert_eq!(call().await.unwrap(), Some(json!(5)));
+
+        let run = BatchRun::blocking(|| batch::vec_unit(vec![(), ()]));
+        let crate::registry::Call::Blocking(call) = batch::alone("v".to_owned(), run).call else {
+            panic!("a blocking call");
+        };
+        assert_eq!(call().unwrap_err().kind(), "batch_size_mismatch");
     }
 }

@@ -47,6 +47,19 @@ pub async fn blocking_async(_body: Value) -> Result<(), HandlerError> {
     Ok(())
 }
 
+/// Batch, typed, custom uuid of one item.
+#[consumer(queue = "g", reply_key = "r", batch = 16, batch_wait = "5ms", uuid = "id")]
+pub async fn batched(tasks: Vec<Task>) -> Vec<Result<u64, HandlerError>> {
+    tasks.into_iter().map(|task| Ok(task.id)).collect()
+}
+
+/// Batch, blocking, nothing published, deprecated.
+#[deprecated = "use `batched`"]
+#[consumer(queue = "h", batch = 2, blocking)]
+pub fn batched_blocking(bodies: Vec<Value>) -> Result<Vec<()>, HandlerError> {
+    Ok(bodies.iter().map(|_| ()).collect())
+}
+
 mod nested {
     use rmq_consumer::consumer;
 
