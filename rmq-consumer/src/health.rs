@@ -13,13 +13,13 @@ use std::{
 #[derive(Debug)]
 pub(crate) struct Health {
     started: Instant,
-    pub(crate) connected: AtomicBool,
-    pub(crate) blocked: AtomicBool,
+    connected: AtomicBool,
+    blocked: AtomicBool,
     blocked_since_ms: AtomicU64,
     blocked_total_ms: AtomicU64,
-    pub(crate) draining: AtomicBool,
-    pub(crate) reconnects: AtomicU64,
-    pub(crate) healing_failed: AtomicBool,
+    draining: AtomicBool,
+    reconnects: AtomicU64,
+    healing_failed: AtomicBool,
     pub(crate) handlers: Vec<HandlerStats>,
 }
 
@@ -30,26 +30,33 @@ fn duration_histogram() -> prometheus_client::metrics::histogram::Histogram {
     )
 }
 
-/// Declares each monotonic counter of a handler once: its field in [`HandlerStats`] and in
-/// [`HandlerSnapshot`], its Prometheus name and its help text ([`COUNTERS`], which the metrics
-/// endpoint reads). A new counter is one line here, plus the places that count it.
+/// Declares each monotonic counter of a handler once, in one line of
+/// `name: Variant => "prometheus_name", "help";`. The line gives the counter its field in
+/// [`HandlerStats`] and in [`HandlerSnapshot`], its [`Counter`] variant (what the engine passes
+/// to [`HandlerStats::count`] and [`HandlerStats::add`]), its Prometheus name and help text
+/// ([`COUNTERS`], which the metrics endpoint reads). A new counter is one line in the
+/// `handler_counters!` call below, plus the `count` calls that record it.
 macro_rules! handler_counters {
-    ($($field:ident => $metric:literal, $help:literal;)*) => {
-        /// Counters and gauges of one handler.
+    ($($field:ident: $variant:ident => $metric:literal, $help:literal;)*) => {
+        /// Counters and gauges of one handler. The engine writes them only through the
+        /// recording methods ([`HandlerStats::count`], [`HandlerStats::add`],
+        /// [`HandlerStats::started`], ...).
         #[derive(Debug)]
         pub(crate) struct HandlerStats {
             pub(crate) name: String,
             pub(crate) queue: String,
-            pub(crate) consuming: AtomicBool,
-            pub(crate) in_flight: AtomicUsize,
+            consuming: AtomicBool,
+            in_flight: AtomicUsize,
             /// Milliseconds since start of the last completed delivery, plus one (0 = never).
             last_completed_ms: AtomicU64,
             /// Milliseconds since start of the last (re)subscription.
             subscribed_ms: AtomicU64,
-            pub(crate) stuck: AtomicBool,
-            pub(crate) queue_depth: AtomicU64,
+            stuck: AtomicBool,
+            queue_depth: AtomicU64,
             $(
                 #[doc = $help]
+                #[doc = ""]
+                #[doc = "Recorded through [`HandlerStats::count`] (public to the crate only until `engine/batch.rs` records through it too)."]
                 pub(crate) $field: AtomicU64,
             )*
             pub(crate) handler_duration: prometheus_client::metrics::histogram::Histogram,
@@ -58,6 +65,19 @@ macro_rules! handler_counters {
             pub(crate) batch_size: prometheus_client::metrics::histogram::Histogram,
             /// How long a batch handler's items waited for their batch to be handed over.
             pub(crate) batch_wait: prometheus_client::metrics::histogram::Histogram,
+        }
+
+        /// One monotonic counter of a handler, as [`HandlerStats::count`] takes it.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        #[allow(
+            dead_code,
+            reason = "engine/batch.rs still adds to `batches` and `batch_items` through their fields; drop this once it calls `HandlerStats::add`"
+        )]
+        pub(crate) enum Counter {
+            $(
+                #[doc = $help]
+                $variant,
+            )*
         }
 
         impl HandlerStats {
@@ -78,6 +98,12 @@ macro_rules! handler_counters {
                         prometheus_client::metrics::histogram::exponential_buckets(1.0, 2.0, 11),
                     ),
                     batch_wait: duration_histogram(),
+                }
+            }
+
+            fn counter(&self, counter: Counter) -> &AtomicU64 {
+                match counter {
+                    $(Counter::$variant => &self.$field,)*
                 }
             }
 
@@ -122,29 +148,77 @@ macro_rules! handler_counters {
         }
 
         /// Every handler counter: its Prometheus name, help text and reader.
-        pub(crate) const COUNTERS: &[(&str, &str, fn(&HandlerStats) -> u64)] = &[
+        pub(crate) const COUNTERS: &[(&str, &str, Read)] = &[
             $(($metric, $help, |h: &HandlerStats| h.$field.load(Relaxed)),)*
         ];
     };
 }
 
+/// Reads one counter or gauge of a handler.
+pub(crate) type Read = fn(&HandlerStats) -> u64;
+
 handler_counters! {
-    received => "rmq_consumer_deliveries_received", "Deliveries received.";
-    succeeded => "rmq_consumer_deliveries_succeeded", "Deliveries processed successfully (result confirmed, input acked).";
-    retried => "rmq_consumer_deliveries_retried", "Deliveries sent for another attempt.";
-    dead_lettered => "rmq_consumer_deliveries_dead_lettered", "Deliveries sent to the dead-letter queue.";
-    rejected => "rmq_consumer_deliveries_rejected", "Deliveries rejected without requeue (dead-lettering off) or nacked back to the queue.";
-    cache_hits => "rmq_consumer_cache_hits", "Results answered from the result cache.";
-    stale_acks => "rmq_consumer_stale_acks", "Settlements not sent because the delivery's channel had died (the broker redelivers).";
-    suspected => "rmq_consumer_suspected", "Redelivered tasks moved to the suspect queue to run alone (an earlier delivery ended unsettled).";
-    results_returned => "rmq_consumer_results_returned", "Results the broker returned as unroutable.";
-    results_nacked => "rmq_consumer_results_nacked", "Results the broker nacked.";
-    uncertain_copies => "rmq_consumer_uncertain_copies", "Retry, dead-letter or suspect copies whose fate is unknown (no confirm in time, or the channel failed after they were sent) while their original went back to the queue: the broker may hold both, and the task then runs once more (one extra run per count).";
-    results_exchange_missing => "rmq_consumer_results_exchange_missing", "Result publishes refused because the result exchange did not exist (404); each is published again within `result_publish_retry`.";
-    handler_runs => "rmq_consumer_handler_runs", "Times the handler function was called (a batch handler: once per batch).";
-    batches => "rmq_consumer_batches", "Batches handed to a batch handler.";
-    batch_items => "rmq_consumer_batch_items", "Items handed to a batch handler, in all its batches.";
+    received: Received => "rmq_consumer_deliveries_received", "Deliveries received.";
+    succeeded: Succeeded => "rmq_consumer_deliveries_succeeded", "Deliveries processed successfully (result confirmed, input acked).";
+    retried: Retried => "rmq_consumer_deliveries_retried", "Deliveries sent for another attempt.";
+    dead_lettered: DeadLettered => "rmq_consumer_deliveries_dead_lettered", "Deliveries sent to the dead-letter queue.";
+    rejected: Rejected => "rmq_consumer_deliveries_rejected", "Deliveries rejected without requeue (dead-lettering off) or nacked back to the queue.";
+    cache_hits: CacheHits => "rmq_consumer_cache_hits", "Results answered from the result cache.";
+    stale_acks: StaleAcks => "rmq_consumer_stale_acks", "Settlements not sent because the delivery's channel had died (the broker redelivers).";
+    suspected: Suspected => "rmq_consumer_suspected", "Redelivered tasks moved to the suspect queue to run alone (an earlier delivery ended unsettled).";
+    results_returned: ResultsReturned => "rmq_consumer_results_returned", "Results the broker returned as unroutable.";
+    results_nacked: ResultsNacked => "rmq_consumer_results_nacked", "Results the broker nacked.";
+    uncertain_copies: UncertainCopies => "rmq_consumer_uncertain_copies", "Retry, dead-letter or suspect copies whose fate is unknown (no confirm in time, or the channel failed after they were sent) while their original went back to the queue: the broker may hold both, and the task then runs once more (one extra run per count).";
+    results_exchange_missing: ResultsExchangeMissing => "rmq_consumer_results_exchange_missing", "Result publishes refused because the result exchange did not exist (404); each is published again within `result_publish_retry`.";
+    handler_runs: HandlerRuns => "rmq_consumer_handler_runs", "Times the handler function was called (a batch handler: once per batch).";
+    batches: Batches => "rmq_consumer_batches", "Batches handed to a batch handler.";
+    batch_items: BatchItems => "rmq_consumer_batch_items", "Items handed to a batch handler, in all its batches.";
 }
+
+/// Every handler gauge: its Prometheus name, help text and reader (the metrics endpoint reads
+/// this list).
+pub(crate) const GAUGES: &[(&str, &str, Read)] = &[
+    (
+        "rmq_consumer_in_flight",
+        "Deliveries being processed.",
+        |h| u64::try_from(h.in_flight.load(Relaxed)).unwrap_or(u64::MAX),
+    ),
+    (
+        "rmq_consumer_queue_depth",
+        "Ready messages in the queue at the last watchdog probe.",
+        |h| h.queue_depth.load(Relaxed),
+    ),
+    (
+        "rmq_consumer_consumer_up",
+        "1 while the handler's consumer is subscribed.",
+        |h| u64::from(h.consuming.load(Relaxed)),
+    ),
+    (
+        "rmq_consumer_stuck",
+        "1 while the watchdog considers the consumer stuck.",
+        |h| u64::from(h.stuck.load(Relaxed)),
+    ),
+];
+
+/// Reads one gauge of the engine from a snapshot.
+pub(crate) type ReadEngine = fn(&HealthSnapshot) -> u64;
+
+/// The engine's own gauges (not per handler): name, help text and reader of a snapshot.
+pub(crate) const ENGINE_GAUGES: &[(&str, &str, ReadEngine)] = &[
+    (
+        "rmq_consumer_connected",
+        "1 while a broker connection is up.",
+        |s| u64::from(s.connected),
+    ),
+    (
+        "rmq_consumer_blocked",
+        "1 while the broker blocks this connection.",
+        |s| u64::from(s.blocked),
+    ),
+    ("rmq_consumer_draining", "1 while shutting down.", |s| {
+        u64::from(s.draining)
+    }),
+];
 
 /// Reads one histogram of a handler.
 pub(crate) type HistogramOf =
@@ -197,6 +271,27 @@ impl Health {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
+    /// Records whether a broker connection is up.
+    pub(crate) fn set_connected(&self, connected: bool) {
+        self.connected.store(connected, Relaxed);
+    }
+
+    /// Records a connection re-established after a loss.
+    pub(crate) fn reconnected(&self) {
+        self.reconnects.fetch_add(1, Relaxed);
+    }
+
+    /// Records that the engine is shutting down.
+    pub(crate) fn set_draining(&self) {
+        self.draining.store(true, Relaxed);
+    }
+
+    /// Records whether the watchdog failed to heal a stuck consumer.
+    pub(crate) fn set_healing_failed(&self, failed: bool) {
+        self.healing_failed.store(failed, Relaxed);
+    }
+
+    /// Records whether the broker blocks publishing, and for how long in all.
     pub(crate) fn set_blocked(&self, blocked: bool) {
         let now = self.now_ms();
         if blocked {
@@ -231,13 +326,52 @@ impl Health {
 }
 
 impl HandlerStats {
-    pub(crate) fn completed(&self, now_ms: u64) {
+    /// Adds one to a counter.
+    pub(crate) fn count(&self, counter: Counter) {
+        self.add(counter, 1);
+    }
+
+    /// Adds `n` to a counter.
+    pub(crate) fn add(&self, counter: Counter, n: u64) {
+        self.counter(counter).fetch_add(n, Relaxed);
+    }
+
+    /// Records a delivery received: counted, and in flight until [`HandlerStats::finished`].
+    pub(crate) fn started(&self) {
+        self.count(Counter::Received);
+        self.in_flight.fetch_add(1, Relaxed);
+    }
+
+    /// Records the end of a delivery [`HandlerStats::started`] counted, at `now_ms`
+    /// (milliseconds since start).
+    pub(crate) fn finished(&self, now_ms: u64) {
+        self.in_flight.fetch_sub(1, Relaxed);
         self.last_completed_ms
             .store(now_ms.saturating_add(1), Relaxed);
     }
 
-    pub(crate) fn subscribed(&self, now_ms: u64) {
-        self.subscribed_ms.store(now_ms, Relaxed);
+    /// Deliveries being processed now.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight.load(Relaxed)
+    }
+
+    /// Records whether the handler's consumer is subscribed; `Some(now_ms)` for a
+    /// (re)subscription at that time (milliseconds since start).
+    pub(crate) fn set_consuming(&self, subscribed_at_ms: Option<u64>) {
+        if let Some(now_ms) = subscribed_at_ms {
+            self.subscribed_ms.store(now_ms, Relaxed);
+        }
+        self.consuming.store(subscribed_at_ms.is_some(), Relaxed);
+    }
+
+    /// Records whether the watchdog considers the handler stuck.
+    pub(crate) fn set_stuck(&self, stuck: bool) {
+        self.stuck.store(stuck, Relaxed);
+    }
+
+    /// Records the ready messages of the handler's queue at a watchdog probe.
+    pub(crate) fn set_queue_depth(&self, depth: u64) {
+        self.queue_depth.store(depth, Relaxed);
     }
 
     /// Whether the handler (re)subscribed at or after `since_ms` (milliseconds since start).

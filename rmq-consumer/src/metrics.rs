@@ -1,6 +1,6 @@
 //! Prometheus metrics, read from the engine's live counters at scrape time.
 
-use std::sync::{Arc, atomic::Ordering::Relaxed};
+use std::sync::Arc;
 
 use prometheus_client::{
     collector::Collector,
@@ -9,32 +9,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::health::{COUNTERS, HandlerStats, Health};
-
-type Read = fn(&HandlerStats) -> u64;
-
-const GAUGES: &[(&str, &str, Read)] = &[
-    (
-        "rmq_consumer_in_flight",
-        "Deliveries being processed.",
-        |h| u64::try_from(h.in_flight.load(Relaxed)).unwrap_or(u64::MAX),
-    ),
-    (
-        "rmq_consumer_queue_depth",
-        "Ready messages in the queue at the last watchdog probe.",
-        |h| h.queue_depth.load(Relaxed),
-    ),
-    (
-        "rmq_consumer_consumer_up",
-        "1 while the handler's consumer is subscribed.",
-        |h| u64::from(h.consuming.load(Relaxed)),
-    ),
-    (
-        "rmq_consumer_stuck",
-        "1 while the watchdog considers the consumer stuck.",
-        |h| u64::from(h.stuck.load(Relaxed)),
-    ),
-];
+use crate::health::{COUNTERS, ENGINE_GAUGES, GAUGES, HISTOGRAMS, Health};
 
 #[derive(Debug)]
 struct EngineCollector(Arc<Health>);
@@ -63,7 +38,7 @@ impl Collector for EngineCollector {
                 }
             }
         }
-        for &(name, help, pick) in crate::health::HISTOGRAMS {
+        for &(name, help, pick) in HISTOGRAMS {
             let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
             for handler in &health.handlers {
                 let labels = [
@@ -74,25 +49,8 @@ impl Collector for EngineCollector {
             }
         }
         let snapshot = health.snapshot();
-        let engine_gauges = [
-            (
-                "rmq_consumer_connected",
-                "1 while a broker connection is up.",
-                u64::from(snapshot.connected),
-            ),
-            (
-                "rmq_consumer_blocked",
-                "1 while the broker blocks this connection.",
-                u64::from(snapshot.blocked),
-            ),
-            (
-                "rmq_consumer_draining",
-                "1 while shutting down.",
-                u64::from(snapshot.draining),
-            ),
-        ];
-        for (name, help, value) in engine_gauges {
-            gauge(value).encode(encoder.encode_descriptor(
+        for (name, help, read) in ENGINE_GAUGES {
+            gauge(read(&snapshot)).encode(encoder.encode_descriptor(
                 name,
                 help,
                 None,
@@ -135,7 +93,7 @@ mod tests {
     #[test]
     fn renders_counters_gauges_and_histograms_per_handler() {
         let health = Arc::new(Health::new([("echo".to_owned(), "q.echo".to_owned())]));
-        health.handlers[0].received.fetch_add(3, Relaxed);
+        health.handlers[0].add(crate::health::Counter::Received, 3);
         health.handlers[0].handler_duration.observe(0.02);
         let text = render(&health);
         assert!(
@@ -155,7 +113,7 @@ mod tests {
             "{text}"
         );
         health.handlers[0].batch_size.observe(8.0);
-        health.handlers[0].batches.fetch_add(1, Relaxed);
+        health.handlers[0].count(crate::health::Counter::Batches);
         let text = render(&health);
         for line in [
             r#"rmq_consumer_batch_size_count{handler="echo",queue="q.echo"} 1"#,

@@ -235,9 +235,7 @@ impl Engine {
         let deadline = Deadline::start(self.shutdown.clone(), self.config.shutdown_timeout);
         let _stop_deadline = deadline.over.clone().drop_guard();
         let result = self.supervise(&tracker, &deadline).await;
-        self.health
-            .draining
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.health.set_draining();
         tracker.close();
         // The supervisor returns on a shutdown or a refused topology (which starts one);
         // the deliveries still at work get what is left of the one `shutdown_timeout` the
@@ -296,9 +294,7 @@ impl Engine {
                 Ok((connection, index)) => {
                     url_index = index;
                     if connected_before {
-                        self.health
-                            .reconnects
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        self.health.reconnected();
                     }
                     connected_before = true;
                     info!(url = %self.config.urls[index], "connected");
@@ -365,9 +361,7 @@ impl Engine {
     ) -> Result<SessionEnd, Error> {
         let lost = CancellationToken::new();
         let health = Arc::clone(&self.health);
-        health
-            .connected
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        health.set_connected(true);
         let events = tokio::spawn(watch_events(
             connection.events_listener(),
             connection.status().clone(),
@@ -398,9 +392,7 @@ impl Engine {
         stop_watchdog.cancel();
         watchdog.abort();
         let _ = watchdog.await;
-        health
-            .connected
-            .store(false, std::sync::atomic::Ordering::Relaxed);
+        health.set_connected(false);
         health.set_blocked(false);
         events.abort();
         end
@@ -500,9 +492,7 @@ impl Engine {
             }
         }
         if fatal.is_some() || matches!(end, SessionEnd::Shutdown) {
-            self.health
-                .draining
-                .store(true, std::sync::atomic::Ordering::Relaxed);
+            self.health.set_draining();
             // Consumers are cancelled: let in-flight deliveries (of every handler, also after
             // one handler's topology was refused) publish and ack before closing.
             tracker.close();

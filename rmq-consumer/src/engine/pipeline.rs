@@ -5,7 +5,7 @@
 
 use std::{
     panic::AssertUnwindSafe,
-    sync::{Arc, atomic::Ordering::Relaxed},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -22,6 +22,7 @@ use crate::{
     engine::acks::Settler,
     engine::redelivery::{self, Verdict, WORKER_LOST},
     handler::{FailureAction, HandlerError, HandlerOutput},
+    health::Counter,
     publisher::Publisher,
     registry::Call,
     trace::{TRACEPARENT, TraceParent},
@@ -151,8 +152,7 @@ impl Worker {
         batcher: Option<&Batcher>,
     ) {
         let stats = self.stats();
-        stats.received.fetch_add(1, Relaxed);
-        stats.in_flight.fetch_add(1, Relaxed);
+        stats.started();
         let span = info_span!(
             "delivery",
             queue = %self.settings.queue,
@@ -216,7 +216,7 @@ impl Worker {
             tokio::select! {
                 biased;
                 () = lost.cancelled() => {
-                    stats.stale_acks.fetch_add(1, Relaxed);
+                    stats.count(Counter::StaleAcks);
                     self.abandon_print(print);
                     debug!("the connection was lost before this delivery was settled; the broker redelivers it");
                 }
@@ -236,8 +236,7 @@ impl Worker {
             let sent = sent as f64;
             stats.end_to_end.observe((now - sent).max(0.0));
         }
-        stats.in_flight.fetch_sub(1, Relaxed);
-        stats.completed(self.health.now_ms());
+        stats.finished(self.health.now_ms());
     }
 
     /// Decodes and runs the handler; `Ok(Some)` is a result to publish before the ack,
@@ -275,7 +274,7 @@ impl Worker {
                 let stats = self.stats();
                 let timeout = self.settings.timeout;
                 let run = || async move {
-                    stats.handler_runs.fetch_add(1, Relaxed);
+                    stats.count(Counter::HandlerRuns);
                     let started = std::time::Instant::now();
                     let output = run_call(prepared.call, timeout, overrun).await;
                     stats
@@ -342,7 +341,7 @@ impl Worker {
             .get_or_run(task_uuid, self.settings.timeout, run)
             .await;
         if source == Source::Cached {
-            self.stats().cache_hits.fetch_add(1, Relaxed);
+            self.stats().count(Counter::CacheHits);
             debug!("result answered from the cache");
         }
         output

@@ -1,10 +1,7 @@
 //! Settlement of a [`Worker`]'s deliveries: the confirmed result, then exactly one of ack,
 //! retry copy, dead letter, suspect copy or hand back, with the failure headers.
 
-use std::{
-    sync::atomic::Ordering::Relaxed,
-    time::{Duration, SystemTime},
-};
+use std::time::{Duration, SystemTime};
 
 use lapin::{
     BasicProperties,
@@ -19,6 +16,7 @@ use crate::{
     engine::redelivery::{self, WORKER_LOST},
     error::PublishError,
     handler::{FailureAction, HandlerError},
+    health::Counter,
     publisher::Publisher,
     retry::{self, Decision},
     topology,
@@ -93,15 +91,15 @@ impl Worker {
                 .await;
             let why = match &outcome {
                 Err(PublishError::Nacked { .. }) => {
-                    stats.results_nacked.fetch_add(1, Relaxed);
+                    stats.count(Counter::ResultsNacked);
                     "the broker nacked the result"
                 }
                 Err(PublishError::ExchangeNotFound { .. }) => {
-                    stats.results_exchange_missing.fetch_add(1, Relaxed);
+                    stats.count(Counter::ResultsExchangeMissing);
                     "the result exchange does not exist"
                 }
                 Err(PublishError::Unroutable { .. }) => {
-                    stats.results_returned.fetch_add(1, Relaxed);
+                    stats.count(Counter::ResultsReturned);
                     return outcome;
                 }
                 _ => return outcome,
@@ -160,7 +158,7 @@ impl Worker {
                         warn!(error = %failure, kind = failure.kind(), retry = count,
                             max_retries = self.settings.max_retries, "processing failed; retrying {label}");
                         if self.ack(settler, &delivery).await {
-                            stats.retried.fetch_add(1, Relaxed);
+                            stats.count(Counter::Retried);
                         }
                     }
                     Err(error) => self.hand_back(settler, &delivery, &failure, &error).await,
@@ -179,7 +177,7 @@ impl Worker {
                         "processing failed ({why}); rejecting without requeue (dead-lettering is off)");
                     let rejected = settler.settle(delivery.delivery_tag, How::Reject).await;
                     if self.settled(rejected) {
-                        stats.rejected.fetch_add(1, Relaxed);
+                        stats.count(Counter::Rejected);
                     }
                     return;
                 };
@@ -198,7 +196,7 @@ impl Worker {
                         warn!(error = %failure, kind = failure.kind(), dead_letter_queue = %dlq,
                             "processing failed ({why}); sent to the dead-letter queue");
                         if self.ack(settler, &delivery).await {
-                            stats.dead_lettered.fetch_add(1, Relaxed);
+                            stats.count(Counter::DeadLettered);
                         }
                     }
                     Err(error) => self.hand_back(settler, &delivery, &failure, &error).await,
@@ -239,7 +237,7 @@ impl Worker {
         if error.may_have_been_kept() {
             // The copy may be in its queue too: at-least-once keeps the original (requeued
             // below) rather than risk losing both, at the cost of one more run, counted.
-            self.stats().uncertain_copies.fetch_add(1, Relaxed);
+            self.stats().count(Counter::UncertainCopies);
             error!(error = %failure, publish_error = %crate::error::chain(error),
                 "processing failed and the retry/dead-letter copy was not confirmed (the broker may hold it); returning the message to the queue, so the task may run once more");
         } else {
@@ -274,7 +272,7 @@ impl Worker {
                     suspect_queue = %suspect_queue,
                     "an earlier delivery of this task ended unsettled (a worker died or lost its connection holding it); moved to the suspect queue, where it runs alone");
                 if self.ack(settler, &delivery).await {
-                    self.stats().suspected.fetch_add(1, Relaxed);
+                    self.stats().count(Counter::Suspected);
                 }
             }
             Err(error) => {
@@ -298,10 +296,10 @@ impl Worker {
     /// connection loss once for every ack still queued, so the loss is named at debug level.
     pub(super) fn acked(&self, sent: bool) {
         if sent {
-            self.stats().succeeded.fetch_add(1, Relaxed);
+            self.stats().count(Counter::Succeeded);
         } else {
             // The connection or channel loss is logged where it is noticed.
-            self.stats().stale_acks.fetch_add(1, Relaxed);
+            self.stats().count(Counter::StaleAcks);
             debug!(handler = %self.settings.name, "an ack could not be sent: the delivery's channel is gone; the broker will redeliver the message");
         }
     }
@@ -310,7 +308,7 @@ impl Worker {
     /// channel died, and the broker will redeliver the message.
     pub(super) fn settled(&self, sent: bool) -> bool {
         if !sent {
-            self.stats().stale_acks.fetch_add(1, Relaxed);
+            self.stats().count(Counter::StaleAcks);
             warn!("the delivery's channel is gone; the broker will redeliver the message");
         }
         sent

@@ -3,10 +3,7 @@
 //! progress. Healing escalates: re-subscribe the consumer, then force a reconnect, then
 //! report that healing failed (liveness goes down).
 
-use std::{
-    sync::{Arc, atomic::Ordering::Relaxed},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use lapin::{Channel, Connection, options::QueueDeclareOptions, types::FieldTable};
 use tokio_util::sync::CancellationToken;
@@ -132,7 +129,7 @@ pub(crate) async fn run(
             .await;
             let stats = &health.handlers[worker.index];
             if let Some(depth) = depth {
-                stats.queue_depth.store(depth.into(), Relaxed);
+                stats.set_queue_depth(depth.into());
             }
             let now = health.now_ms();
             let idle = Duration::from_millis(now.saturating_sub(stats.progress_ms()));
@@ -143,11 +140,7 @@ pub(crate) async fn run(
             let capacity = worker.settings.slots();
             let seen = Observation {
                 depth,
-                in_flight: if alone {
-                    capacity
-                } else {
-                    stats.in_flight.load(Relaxed)
-                },
+                in_flight: if alone { capacity } else { stats.in_flight() },
                 capacity,
                 idle,
                 completed: stats.last_completed_ms(),
@@ -166,11 +159,9 @@ pub(crate) async fn run(
             };
             // Liveness fails while any handler's healing has failed and it has made no
             // progress since (a re-subscription or reconnect alone is no progress).
-            health.healing_failed.store(any_failed, Relaxed);
+            health.set_healing_failed(any_failed);
             debug!(handler = %worker.settings.name, ?seen, ?verdict, "watchdog check");
-            stats
-                .stuck
-                .store(!matches!(verdict, Verdict::Healthy), Relaxed);
+            stats.set_stuck(!matches!(verdict, Verdict::Healthy));
             match verdict {
                 Verdict::Healthy | Verdict::Suspect => {}
                 Verdict::Resubscribe => {

@@ -191,8 +191,7 @@ impl Worker {
                 Arc::clone(&delivery_lost),
                 stop.clone(),
             ));
-            self.stats().consuming.store(true, Relaxed);
-            self.stats().subscribed(self.health.now_ms());
+            self.stats().set_consuming(Some(self.health.now_ms()));
             info!(handler = %name, queue = %self.settings.queue, prefetch = self.settings.prefetch,
                 basic_qos = self.settings.qos, concurrency = self.settings.concurrency, "consuming");
             let ended = loop {
@@ -228,7 +227,7 @@ impl Worker {
                     self.abandon(&delivery);
                 }
             }
-            self.stats().consuming.store(false, Relaxed);
+            self.stats().set_consuming(None);
             match ended {
                 Some(Stop::Shutdown) => {
                     for (channel, consumer) in
