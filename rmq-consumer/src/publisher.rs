@@ -41,12 +41,7 @@
 //!   publishes without batches measured ~25 % less consumer CPU in S2, but reset every
 //!   consumer's connection in one F14 run out of two, before that patch.)
 
-use std::{
-    future::Future,
-    sync::{Arc, Mutex, PoisonError},
-    task::Poll,
-    time::Duration,
-};
+use std::{future::Future, sync::Arc, task::Poll, time::Duration};
 
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection,
@@ -56,10 +51,9 @@ use lapin::{
 };
 use tokio::{
     sync::{mpsc, oneshot},
-    task::JoinHandle,
     time::Instant,
 };
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, error};
 
 use crate::{amqp::short, error::PublishError};
@@ -86,7 +80,8 @@ pub struct Publisher {
 struct Inner {
     requests: mpsc::Sender<Request>,
     closing: CancellationToken,
-    tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// The lanes' tasks; [`Publisher::close`] waits for them.
+    lanes: TaskTracker,
     confirm_timeout: Duration,
 }
 
@@ -106,7 +101,7 @@ impl Publisher {
         let queue = Arc::new(Queue {
             receiver: tokio::sync::Mutex::new(receiver),
         });
-        let mut tasks = Vec::new();
+        let lanes = TaskTracker::new();
         for _ in 0..channels.max(1) {
             let channel = open_confirm_channel(connection).await?;
             let lane = Lane {
@@ -114,13 +109,14 @@ impl Publisher {
                 channel: Some(channel),
                 confirm_timeout,
             };
-            tasks.push(tokio::spawn(lane.run(Arc::clone(&queue), closing.clone())));
+            lanes.spawn(lane.run(Arc::clone(&queue), closing.clone()));
         }
+        lanes.close();
         Ok(Self {
             inner: Arc::new(Inner {
                 requests,
                 closing,
-                tasks: Mutex::new(tasks),
+                lanes,
                 confirm_timeout,
             }),
         })
@@ -196,16 +192,7 @@ impl Publisher {
     /// confirm timeout), and closes the channels.
     pub async fn close(&self) {
         self.inner.closing.cancel();
-        let tasks: Vec<JoinHandle<()>> = std::mem::take(
-            &mut *self
-                .inner
-                .tasks
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner),
-        );
-        for task in tasks {
-            let _ = task.await;
-        }
+        self.inner.lanes.wait().await;
     }
 }
 

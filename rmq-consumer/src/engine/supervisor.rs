@@ -129,16 +129,19 @@ impl Engine {
         deadline: &Deadline,
     ) -> Result<SessionEnd, Error> {
         let lost = CancellationToken::new();
+        // The session's own tasks (event watcher, watchdog) stop when the session ends or its
+        // connection is lost: cancelled, then awaited.
+        let stop_session = lost.child_token();
         let health = Arc::clone(&self.health);
         health.set_connected(true);
         let events = tokio::spawn(watch_events(
             connection.events_listener(),
             connection.status().clone(),
             lost.clone(),
+            stop_session.clone(),
             Arc::clone(&health),
         ));
         let connection = Arc::new(connection);
-        let stop_watchdog = CancellationToken::new();
         let period = Duration::from_secs(u64::from(self.config.heartbeat_interval.max(2)) / 2);
         let watchdog = tokio::spawn(watchdog::run(
             Arc::clone(&connection),
@@ -151,19 +154,18 @@ impl Engine {
                 max_failures: self.config.max_consecutive_failures,
             },
             lost.clone(),
-            stop_watchdog.clone(),
+            stop_session.clone(),
         ));
         let end = self
             .consume_all(&connection, tracker, &lost, deadline)
             .await;
         // The watchdog may be waiting on a probe the broker does not answer (a blocked
-        // connection): it holds nothing that needs an orderly end.
-        stop_watchdog.cancel();
-        watchdog.abort();
+        // connection): it stops at once when cancelled (`watchdog::run`).
+        stop_session.cancel();
         let _ = watchdog.await;
+        let _ = events.await;
         health.set_connected(false);
         health.set_blocked(false);
-        events.abort();
         end
     }
 
@@ -355,14 +357,23 @@ impl Deadline {
     }
 }
 
+/// Follows the connection's events until `stop` is cancelled: blocked/unblocked into
+/// `health`, a connection error (or the end of the events) cancels `lost`.
 async fn watch_events(
     events: impl futures_util::Stream<Item = Event> + Send + 'static,
     status: lapin::ConnectionStatus,
     lost: CancellationToken,
+    stop: CancellationToken,
     health: Arc<Health>,
 ) {
     let mut events = std::pin::pin!(events);
-    while let Some(event) = events.next().await {
+    loop {
+        let event = tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            event = events.next() => event,
+        };
+        let Some(event) = event else { break };
         match event {
             Event::ConnectionBlocked(reason) => {
                 warn!(reason = %reason, "the broker blocked this connection (resource alarm); publishing waits");

@@ -96,7 +96,25 @@ pub(crate) fn assess(
 }
 
 /// Runs checks until `stop` is cancelled; cancels `lost` when the connection must be recycled.
+/// A check in progress (a probe the broker does not answer, on a blocked connection) ends at
+/// once when `stop` is cancelled: it holds nothing that needs an orderly end.
 pub(crate) async fn run(
+    connection: Arc<Connection>,
+    workers: Vec<Arc<Worker>>,
+    health: Arc<Health>,
+    trackers: Arc<std::sync::Mutex<Vec<Tracker>>>,
+    settings: WatchdogSettings,
+    lost: CancellationToken,
+    stop: CancellationToken,
+) {
+    tokio::select! {
+        biased;
+        () = stop.cancelled() => {}
+        () = checks(connection, workers, health, trackers, settings, lost, stop.clone()) => {}
+    }
+}
+
+async fn checks(
     connection: Arc<Connection>,
     workers: Vec<Arc<Worker>>,
     health: Arc<Health>,
