@@ -224,33 +224,14 @@ pub(crate) async fn check(
             }
             let channel = declarer.channel().await?;
             let found = match what {
-                "exchange" => channel
-                    .exchange_declare(
-                        short(&object.name),
-                        ExchangeKind::Direct,
-                        ExchangeDeclareOptions {
-                            passive: true,
-                            ..ExchangeDeclareOptions::default()
-                        },
-                        FieldTable::default(),
-                    )
+                "exchange" => passive_exchange(channel, &object.name).await,
+                _ => passive_queue(channel, &object.name)
                     .await
-                    .map(drop),
-                _ => channel
-                    .queue_declare(
-                        short(&object.name),
-                        QueueDeclareOptions {
-                            passive: true,
-                            ..QueueDeclareOptions::default()
-                        },
-                        FieldTable::default(),
-                    )
-                    .await
-                    .map(drop),
+                    .map(|queue| queue.is_some()),
             };
             match found {
-                Ok(()) => {}
-                Err(source) if is_not_found(&source) => missing.push(object),
+                Ok(true) => {}
+                Ok(false) => missing.push(object),
                 Err(source) => {
                     return Err(TopologyError {
                         what: if what == "exchange" {
@@ -440,6 +421,57 @@ async fn bind(
             name: format!("{exchange} -> {queue} ({routing_key})"),
             source,
         })
+}
+
+/// Whether queue `name` exists, by a passive declare on `channel`: its counts when it does,
+/// `None` when the broker answered 404 (which closes `channel`). The one passive queue probe
+/// of the crate: [`check`], the watchdog and the CLI use it.
+///
+/// # Errors
+/// Any other failure of the declare.
+pub(crate) async fn passive_queue(
+    channel: &Channel,
+    name: &str,
+) -> Result<Option<lapin::Queue>, lapin::Error> {
+    let declared = channel
+        .queue_declare(
+            short(name),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    match declared {
+        Ok(queue) => Ok(Some(queue)),
+        Err(error) if is_not_found(&error) => Ok(None),
+        Err(error) => Err(error),
+    }
+}
+
+/// Whether exchange `name` exists, by a passive declare on `channel` (a 404 closes
+/// `channel`). The one passive exchange probe of the crate: [`check`] and the CLI use it.
+///
+/// # Errors
+/// Any other failure of the declare.
+pub(crate) async fn passive_exchange(channel: &Channel, name: &str) -> Result<bool, lapin::Error> {
+    let declared = channel
+        .exchange_declare(
+            short(name),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                passive: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    match declared {
+        Ok(()) => Ok(true),
+        Err(error) if is_not_found(&error) => Ok(false),
+        Err(error) => Err(error),
+    }
 }
 
 #[cfg(test)]

@@ -418,22 +418,12 @@ pub(crate) async fn probe_queue(
         .create_channel()
         .await
         .map_err(CliError::amqp("cannot open a channel"))?;
-    let declared = channel
-        .queue_declare(
-            crate::amqp::short(queue),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..lapin::options::QueueDeclareOptions::default()
-            },
-            lapin::types::FieldTable::default(),
-        )
-        .await;
-    match declared {
-        Ok(declared) => {
+    match crate::topology::passive_queue(&channel, queue).await {
+        Ok(Some(declared)) => {
             close_channel(&channel).await;
             Ok(Some((declared.message_count(), declared.consumer_count())))
         }
-        Err(error) if is_not_found(&error) => Ok(None),
+        Ok(None) => Ok(None),
         Err(source) => Err(CliError::Amqp {
             what: format!("cannot inspect queue `{queue}`"),
             source,
@@ -442,7 +432,6 @@ pub(crate) async fn probe_queue(
 }
 
 pub(crate) use crate::error::chain;
-pub(crate) use crate::error::is_not_found;
 
 /// `1234567` → `1,234,567`.
 pub(crate) fn thousands(n: u64) -> String {

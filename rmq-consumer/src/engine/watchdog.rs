@@ -5,11 +5,11 @@
 
 use std::{sync::Arc, time::Duration};
 
-use lapin::{Channel, Connection, options::QueueDeclareOptions, types::FieldTable};
+use lapin::{Channel, Connection};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
-use crate::{amqp::short, engine::worker::Worker, health::Health};
+use crate::{engine::worker::Worker, health::Health};
 
 /// What one check of one handler saw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -239,20 +239,13 @@ async fn probe_depth(
         };
     }
     let channel = probe.as_ref()?;
-    let declared = tokio::time::timeout(
-        wait,
-        channel.queue_declare(
-            short(queue),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        ),
-    )
-    .await;
+    let declared = tokio::time::timeout(wait, crate::topology::passive_queue(channel, queue)).await;
     match declared {
-        Ok(Ok(queue)) => Some(queue.message_count()),
+        Ok(Ok(Some(queue))) => Some(queue.message_count()),
+        Ok(Ok(None)) => {
+            debug!(queue, "watchdog: probe failed: the queue does not exist");
+            None
+        }
         Ok(Err(error)) => {
             debug!(queue, error = %error, "watchdog: probe failed");
             None

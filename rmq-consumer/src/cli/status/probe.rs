@@ -3,11 +3,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use lapin::{Connection, ExchangeKind, options::ExchangeDeclareOptions, types::FieldTable};
+use lapin::Connection;
 use serde_json::Value;
 
 use super::super::{
-    EXIT_OK, chain, close, close_channel, is_not_found,
+    EXIT_OK, chain, close, close_channel,
     management::{Management, ManagementError},
     probe_queue, vhost_of,
 };
@@ -168,23 +168,12 @@ pub(super) async fn exchange_status(
 /// Passive exchange declare on a channel of its own.
 pub(super) async fn probe_exchange(connection: &Connection, name: &str) -> Option<bool> {
     let channel = connection.create_channel().await.ok()?;
-    let result = channel
-        .exchange_declare(
-            crate::amqp::short(name),
-            ExchangeKind::Direct,
-            ExchangeDeclareOptions {
-                passive: true,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await;
-    match result {
-        Ok(()) => {
+    match crate::topology::passive_exchange(&channel, name).await {
+        Ok(true) => {
             close_channel(&channel).await;
             Some(true)
         }
-        Err(error) if is_not_found(&error) => Some(false),
+        Ok(false) => Some(false),
         Err(_) => None,
     }
 }
