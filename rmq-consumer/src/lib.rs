@@ -54,7 +54,7 @@ mod hostile;
 mod http;
 pub mod logging;
 mod metrics;
-pub mod publisher;
+pub(crate) mod publisher;
 pub mod registry;
 pub mod retry;
 pub(crate) mod settings;

@@ -5,6 +5,12 @@ pub use inventory;
 pub use serde_json::Value;
 
 pub use crate::handler::{HandlerError, HandlerOutput};
+
+/// Not public API: the engine's confirm-lane publisher, reached by the integration tests
+/// (`tests/tests/fault_topology.rs`, `fault_network.rs`) only.
+pub mod publisher {
+    pub use crate::publisher::{DEFAULT_PUBLISH_CHANNELS, Publisher};
+}
 pub use crate::registry::{
     BatchFuture, BatchOutput, BatchRun, BatchSpec, HandlerFuture, HandlerSpec, Item, Prepared,
     PreparedItem,

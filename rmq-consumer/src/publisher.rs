@@ -63,7 +63,7 @@ use crate::{amqp::short, error::PublishError};
 pub const DEFAULT_PUBLISH_CHANNELS: usize = 4;
 
 /// The most publishes a lane sends before waiting for their confirms.
-pub const LANE_BATCH: usize = 256;
+pub(crate) const LANE_BATCH: usize = 256;
 
 /// Publish requests waiting for a lane.
 const QUEUE: usize = 1024;

@@ -15,7 +15,7 @@
 
 use std::time::{Duration, Instant};
 
-use rmq_consumer::{config::SecretUrl, consumer, publisher::DEFAULT_PUBLISH_CHANNELS};
+use rmq_consumer::{__private::publisher::DEFAULT_PUBLISH_CHANNELS, config::SecretUrl, consumer};
 use rmq_consumer_tests::{
     self as common, Broker, Ledger, Proxy, Route, Running, eventually, rabbitmqctl, test_config,
     unique,

@@ -24,7 +24,9 @@ use lapin::{
     },
     types::{AMQPValue, FieldTable},
 };
-use rmq_consumer::{HandlerSnapshot, consumer, error::PublishError, publisher::Publisher};
+use rmq_consumer::{
+    __private::publisher::Publisher, HandlerSnapshot, consumer, error::PublishError,
+};
 use rmq_consumer_tests::{
     self as common, Broker, Ledger, PolicyGuard, Route, Running, eventually, eventually_async,
     task, test_config, unique,
