@@ -16,6 +16,7 @@ use std::{str::FromStr, time::Duration};
 use base64::Engine as _;
 use lapin::uri::AMQPUri;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
+use serde::{Deserialize, Deserializer, de::DeserializeOwned};
 use serde_json::Value;
 
 use crate::config::{Config, SecretUrl};
@@ -191,37 +192,47 @@ impl Management {
     }
 
     /// `GET /api/queues/<vhost>/<name>`; `None` when the queue does not exist.
-    pub(crate) async fn queue(&self, name: &str) -> Result<Option<Value>, ManagementError> {
-        self.get(format!(
-            "/api/queues/{}/{}",
-            segment(&self.vhost),
-            segment(name)
-        ))
-        .await
+    pub(crate) async fn queue(&self, name: &str) -> Result<Option<QueueInfo>, ManagementError> {
+        let found = self
+            .get(format!(
+                "/api/queues/{}/{}",
+                segment(&self.vhost),
+                segment(name)
+            ))
+            .await?;
+        Ok(found.map(typed))
     }
 
-    /// `GET /api/queues/<vhost>/<name>/bindings`; `None` when the queue does not exist.
+    /// `GET /api/queues/<vhost>/<name>/bindings`; `None` when the queue does not exist (or
+    /// the answer is no list).
     pub(crate) async fn queue_bindings(
         &self,
         name: &str,
-    ) -> Result<Option<Value>, ManagementError> {
-        self.get(format!(
-            "/api/queues/{}/{}/bindings",
-            segment(&self.vhost),
-            segment(name)
-        ))
-        .await
+    ) -> Result<Option<Vec<BindingInfo>>, ManagementError> {
+        let found = self
+            .get(format!(
+                "/api/queues/{}/{}/bindings",
+                segment(&self.vhost),
+                segment(name)
+            ))
+            .await?;
+        Ok(found.and_then(|value| serde_json::from_value(value).ok()))
     }
 
     /// `GET /api/exchanges/<vhost>/<name>`; `None` when the exchange does not exist.
-    pub(crate) async fn exchange(&self, name: &str) -> Result<Option<Value>, ManagementError> {
+    pub(crate) async fn exchange(
+        &self,
+        name: &str,
+    ) -> Result<Option<ExchangeInfo>, ManagementError> {
         let name = if name.is_empty() { "amq.default" } else { name };
-        self.get(format!(
-            "/api/exchanges/{}/{}",
-            segment(&self.vhost),
-            segment(name)
-        ))
-        .await
+        let found = self
+            .get(format!(
+                "/api/exchanges/{}/{}",
+                segment(&self.vhost),
+                segment(name)
+            ))
+            .await?;
+        Ok(found.map(typed))
     }
 
     /// One GET; `Ok(None)` on 404.
@@ -360,9 +371,152 @@ fn segment(text: &str) -> String {
     utf8_percent_encode(text, SEGMENT).to_string()
 }
 
+/// What `status` reads of `GET /api/queues/<vhost>/<name>`. Every field is optional and
+/// lenient: a field that is missing or of another type than expected reads as `None` (the
+/// API differs between broker versions and with the statistics settings).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(crate) struct QueueInfo {
+    #[serde(deserialize_with = "lenient")]
+    pub(crate) messages_ready: Option<u64>,
+    #[serde(deserialize_with = "lenient")]
+    pub(crate) messages_unacknowledged: Option<u64>,
+    #[serde(deserialize_with = "lenient")]
+    pub(crate) consumers: Option<u64>,
+    /// `classic`, `quorum`, `stream`.
+    #[serde(rename = "type", deserialize_with = "lenient")]
+    pub(crate) kind: Option<String>,
+    #[serde(deserialize_with = "lenient")]
+    pub(crate) durable: Option<bool>,
+    #[serde(deserialize_with = "lenient")]
+    pub(crate) state: Option<String>,
+    #[serde(deserialize_with = "lenient")]
+    pub(crate) policy: Option<String>,
+    #[serde(deserialize_with = "lenient")]
+    pub(crate) arguments: Option<std::collections::BTreeMap<String, Value>>,
+    #[serde(deserialize_with = "lenient")]
+    pub(crate) effective_policy_definition: Option<std::collections::BTreeMap<String, Value>>,
+    #[serde(deserialize_with = "lenient")]
+    pub(crate) consumer_details: Option<Vec<ConsumerDetail>>,
+    #[serde(deserialize_with = "lenient")]
+    pub(crate) messages_details: Option<RateDetails>,
+    #[serde(deserialize_with = "lenient")]
+    pub(crate) message_stats: Option<MessageStats>,
+}
+
+/// One consumer of a queue, in [`QueueInfo::consumer_details`].
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(crate) struct ConsumerDetail {
+    #[serde(deserialize_with = "lenient")]
+    pub(crate) consumer_tag: Option<String>,
+    #[serde(deserialize_with = "lenient")]
+    pub(crate) prefetch_count: Option<u64>,
+    #[serde(deserialize_with = "lenient")]
+    pub(crate) ack_required: Option<bool>,
+    #[serde(deserialize_with = "lenient")]
+    pub(crate) channel_details: Option<ChannelDetails>,
+}
+
+/// The channel of a [`ConsumerDetail`].
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(crate) struct ChannelDetails {
+    #[serde(deserialize_with = "lenient")]
+    pub(crate) name: Option<String>,
+}
+
+/// A queue's message statistics (present when statistics are collected).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(crate) struct MessageStats {
+    #[serde(deserialize_with = "lenient")]
+    pub(crate) publish_details: Option<RateDetails>,
+    #[serde(deserialize_with = "lenient")]
+    pub(crate) deliver_get_details: Option<RateDetails>,
+    #[serde(deserialize_with = "lenient")]
+    pub(crate) ack_details: Option<RateDetails>,
+}
+
+/// One `*_details` object: its `rate` per second.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(crate) struct RateDetails {
+    #[serde(deserialize_with = "lenient")]
+    pub(crate) rate: Option<f64>,
+}
+
+/// What `status` reads of `GET /api/exchanges/<vhost>/<name>`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(crate) struct ExchangeInfo {
+    /// `direct`, `topic`, ...
+    #[serde(rename = "type", deserialize_with = "lenient")]
+    pub(crate) kind: Option<String>,
+    #[serde(deserialize_with = "lenient")]
+    pub(crate) durable: Option<bool>,
+}
+
+/// One binding of `GET /api/queues/<vhost>/<name>/bindings`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(crate) struct BindingInfo {
+    /// The exchange (empty: the default exchange).
+    #[serde(deserialize_with = "lenient")]
+    pub(crate) source: Option<String>,
+    #[serde(deserialize_with = "lenient")]
+    pub(crate) routing_key: Option<String>,
+}
+
+/// An answer as `T`; one that is no object reads as `T::default()` (every field `None`).
+fn typed<T: DeserializeOwned + Default>(value: Value) -> T {
+    serde_json::from_value(value).unwrap_or_default()
+}
+
+/// A field as `T`, or `None` when it is of another type.
+fn lenient<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: DeserializeOwned,
+{
+    let value = Value::deserialize(deserializer)?;
+    Ok(serde_json::from_value(value).ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn management_answers_are_read_leniently() {
+        let queue: QueueInfo = typed(serde_json::json!({
+            "messages_ready": 3,
+            "consumers": "two",
+            "type": "quorum",
+            "arguments": {"x-queue-type": "quorum"},
+            "consumer_details": [{"consumer_tag": "ctag", "prefetch_count": 5,
+                "channel_details": {"name": "127.0.0.1:1 (1)"}}],
+            "message_stats": {"publish_details": {"rate": 2}},
+        }));
+        assert_eq!(queue.messages_ready, Some(3));
+        assert_eq!(
+            queue.consumers, None,
+            "a field of another type reads as None"
+        );
+        assert_eq!(queue.kind.as_deref(), Some("quorum"));
+        assert_eq!(queue.arguments.map(|a| a.len()), Some(1));
+        let consumers = queue.consumer_details.unwrap_or_default();
+        assert_eq!(consumers.len(), 1);
+        assert_eq!(consumers[0].prefetch_count, Some(5));
+        assert_eq!(consumers[0].ack_required, None);
+        let rate = queue
+            .message_stats
+            .and_then(|s| s.publish_details)
+            .and_then(|d| d.rate);
+        assert_eq!(rate, Some(2.0));
+        let not_an_object: ExchangeInfo = typed(serde_json::json!([1, 2]));
+        assert!(not_an_object.kind.is_none() && not_an_object.durable.is_none());
+    }
 
     fn config(management: Option<&str>) -> Config {
         Config {

@@ -4,11 +4,10 @@
 use std::collections::{BTreeMap, HashMap};
 
 use lapin::Connection;
-use serde_json::Value;
 
 use super::super::{
     EXIT_OK, chain, close, close_channel,
-    management::{Management, ManagementError},
+    management::{Management, ManagementError, RateDetails},
     probe_queue, vhost_of,
 };
 use crate::config::{Config, SecretUrl};
@@ -152,8 +151,8 @@ pub(super) async fn exchange_status(
         match management.exchange(name).await {
             Ok(Some(found)) => {
                 status.exists = Some(true);
-                status.kind = found.get("type").and_then(Value::as_str).map(str::to_owned);
-                status.durable = found.get("durable").and_then(Value::as_bool);
+                status.kind = found.kind;
+                status.durable = found.durable;
             }
             Ok(None) => status.exists = Some(false),
             Err(error) => notes.push(chain(&error)),
@@ -242,89 +241,57 @@ pub(super) async fn management_details(
         return Ok(());
     };
     status.exists = Some(true);
-    let u64_of = |key: &str| found.get(key).and_then(Value::as_u64);
-    let rate_of = |path: &[&str]| {
-        let mut value = &found;
-        for key in path {
-            value = value.get(key)?;
-        }
-        value.get("rate").and_then(Value::as_f64)
-    };
     if status.messages_ready.is_none() {
-        status.messages_ready = u64_of("messages_ready");
+        status.messages_ready = found.messages_ready;
     }
     if status.consumers.is_none() {
-        status.consumers = u64_of("consumers");
+        status.consumers = found.consumers;
     }
-    status.messages_unacknowledged = u64_of("messages_unacknowledged");
-    status.queue_type = found.get("type").and_then(Value::as_str).map(str::to_owned);
-    status.durable = found.get("durable").and_then(Value::as_bool);
-    status.state = found
-        .get("state")
-        .and_then(Value::as_str)
-        .map(str::to_owned);
-    status.policy = found
-        .get("policy")
-        .and_then(Value::as_str)
-        .map(str::to_owned);
-    if let Some(Value::Object(map)) = found.get("arguments") {
-        status.arguments = map.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    status.messages_unacknowledged = found.messages_unacknowledged;
+    status.queue_type = found.kind;
+    status.durable = found.durable;
+    status.state = found.state;
+    status.policy = found.policy;
+    if let Some(arguments) = found.arguments {
+        status.arguments = arguments;
     }
-    if let Some(Value::Object(map)) = found.get("effective_policy_definition") {
-        status.effective_policy = map.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    if let Some(policy) = found.effective_policy_definition {
+        status.effective_policy = policy;
     }
-    if let Some(Value::Array(consumers)) = found.get("consumer_details") {
+    if let Some(consumers) = found.consumer_details {
         status.consumer_details = Some(
             consumers
-                .iter()
+                .into_iter()
                 .map(|c| ConsumerInfo {
-                    tag: c
-                        .get("consumer_tag")
-                        .and_then(Value::as_str)
-                        .unwrap_or_default()
-                        .to_owned(),
-                    prefetch: c.get("prefetch_count").and_then(Value::as_u64),
-                    ack_mode: if c
-                        .get("ack_required")
-                        .and_then(Value::as_bool)
-                        .unwrap_or(true)
-                    {
+                    tag: c.consumer_tag.unwrap_or_default(),
+                    prefetch: c.prefetch_count,
+                    ack_mode: if c.ack_required.unwrap_or(true) {
                         "manual"
                     } else {
                         "auto"
                     },
-                    channel: c
-                        .pointer("/channel_details/name")
-                        .and_then(Value::as_str)
-                        .map(str::to_owned),
+                    channel: c.channel_details.and_then(|channel| channel.name),
                 })
                 .collect(),
         );
     }
-    let has_stats = found.get("messages_details").is_some() || found.get("message_stats").is_some();
-    if has_stats {
+    if found.messages_details.is_some() || found.message_stats.is_some() {
+        let rate = |details: Option<&RateDetails>| details.and_then(|d| d.rate).unwrap_or(0.0);
+        let stats = found.message_stats.as_ref();
         status.rates = Some(Rates {
-            publish: rate_of(&["message_stats", "publish_details"]).unwrap_or(0.0),
-            deliver: rate_of(&["message_stats", "deliver_get_details"]).unwrap_or(0.0),
-            ack: rate_of(&["message_stats", "ack_details"]).unwrap_or(0.0),
-            messages: rate_of(&["messages_details"]).unwrap_or(0.0),
+            publish: rate(stats.and_then(|s| s.publish_details.as_ref())),
+            deliver: rate(stats.and_then(|s| s.deliver_get_details.as_ref())),
+            ack: rate(stats.and_then(|s| s.ack_details.as_ref())),
+            messages: rate(found.messages_details.as_ref()),
         });
     }
-    if let Some(Value::Array(bindings)) = management.queue_bindings(queue).await? {
+    if let Some(bindings) = management.queue_bindings(queue).await? {
         status.bindings = Some(
             bindings
-                .iter()
+                .into_iter()
                 .map(|b| Binding {
-                    exchange: b
-                        .get("source")
-                        .and_then(Value::as_str)
-                        .unwrap_or_default()
-                        .to_owned(),
-                    routing_key: b
-                        .get("routing_key")
-                        .and_then(Value::as_str)
-                        .unwrap_or_default()
-                        .to_owned(),
+                    exchange: b.source.unwrap_or_default(),
+                    routing_key: b.routing_key.unwrap_or_default(),
                 })
                 .collect(),
         );
