@@ -60,25 +60,38 @@ pub const FAILURE_HEADERS: &[&str] = &[
 ];
 
 /// Every header the engine or the CLI writes into a copy: a copy fitted to one frame keeps
-/// them while they are small (a larger one came from the sender).
-pub const ENGINE_HEADERS: &[&str] = &[
-    RETRY_COUNT,
-    FIRST_FAILURE_AT,
-    LAST_FAILURE_AT,
-    LAST_ERROR,
-    ERROR_KIND,
-    DEATH_REASON,
-    ORIGINAL_QUEUE,
-    ORIGINAL_EXCHANGE,
-    ORIGINAL_ROUTING_KEY,
+/// them while they are small (a larger one came from the sender). [`FAILURE_HEADERS`]
+/// followed by the others, so a new failure header is listed once.
+pub const ENGINE_HEADERS: &[&str] = &ENGINE_HEADER_LIST;
+
+/// The headers of [`ENGINE_HEADERS`] that do not describe a failure.
+const OTHER_ENGINE_HEADERS: &[&str] = &[
     ORIGINAL_EXPIRATION,
-    HANDLER,
     LOST_DELIVERIES,
     REPLAYED_AT,
     REPLAYED_FAILURE,
     REPLAYED_FROM,
     TRACEPARENT,
 ];
+
+const ENGINE_HEADER_LIST: [&str; FAILURE_HEADERS.len() + OTHER_ENGINE_HEADERS.len()] =
+    concat(FAILURE_HEADERS, OTHER_ENGINE_HEADERS);
+
+/// `a` then `b`, at compile time (`N` must be their total length, or the build fails).
+const fn concat<const N: usize>(a: &[&'static str], b: &[&'static str]) -> [&'static str; N] {
+    let mut out = [""; N];
+    let mut i = 0;
+    while i < a.len() {
+        out[i] = a[i];
+        i += 1;
+    }
+    let mut j = 0;
+    while j < b.len() {
+        out[i + j] = b[j];
+        j += 1;
+    }
+    out
+}
 
 /// The broker's own dead-lettering headers, dropped on replay.
 pub const BROKER_DEATH_HEADERS: &[&str] = &[
