@@ -20,7 +20,9 @@ use std::{
 
 use lapin::BasicProperties;
 use rmq_consumer::{Config, Engine, HandlerError, HandlerSnapshot, consumer};
-use rmq_consumer_tests::{Broker, Ledger, Route, Running, eventually, task, test_config, unique};
+use rmq_consumer_tests::{
+    Broker, Ledger, Route, Running, eventually, eventually_async, task, test_config, unique,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -122,6 +124,25 @@ async fn infer(
 fn cpu(items: Vec<Value>) -> Vec<Value> {
     std::thread::sleep(Duration::from_millis(5));
     let size = items.len();
+    items
+        .into_iter()
+        .map(|item| json!({"id": item["id"], "batch": size}))
+        .collect()
+}
+
+/// A slow "model" (300 ms per call, batches of 4) for the shutdown test.
+#[consumer(
+    queue = "tests.batch.slow",
+    reply_key = "tests.batch.slow.result",
+    batch = 4,
+    batch_wait = "50ms"
+)]
+async fn slow(items: Vec<Value>) -> Vec<Value> {
+    let size = items.len();
+    if let Some(first) = items.first().and_then(|item| item["id"].as_str()) {
+        BATCHES.lock().unwrap().push((first.to_owned(), size));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
     items
         .into_iter()
         .map(|item| json!({"id": item["id"], "batch": size}))
@@ -578,6 +599,60 @@ async fn a_task_twice_in_one_batch_runs_once_without_the_cache() {
     let h = handler(&running);
     assert_eq!((h.batches, h.batch_items), (1, 2));
     running.stop().await.unwrap();
+    broker.cleanup().await;
+}
+
+/// On shutdown the items already taken from the queue run in full batches: a shutdown while
+/// the first batch of 4 runs, with 8 more items taken (prefetch 12), runs them as 4 + 4, not
+/// one by one; each is answered and acked (nothing left in the queue, nothing twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_shutdown_the_items_taken_run_in_full_batches() {
+    const TASKS: usize = 12;
+    let mut broker = Broker::connect().await;
+    let (_, config, route) = setup(&mut broker, "slow", |c| {
+        let section = c.consumers.entry("slow".to_owned()).or_default();
+        section.prefetch = Some(12);
+        section.read_ahead = Some(0);
+    });
+    let _cleanup = broker.cleanup_on_panic();
+    // Published before the engine starts: all 12 are taken at once.
+    broker.declare_queue(&route.queue).await;
+    let mut ledger = Ledger::new("batch-shutdown");
+    let ids = ledger.ids(TASKS);
+    let prefix = ids[0].split('#').next().unwrap().to_owned();
+    for id in &ids {
+        assert!(
+            ledger
+                .publish_with(
+                    &broker,
+                    "",
+                    &route.queue,
+                    &task(id, json!({})),
+                    BasicProperties::default()
+                )
+                .await
+        );
+    }
+    let running = Running::start(config, &["slow"]).await;
+    eventually("the first batch runs", Duration::from_secs(10), || {
+        !batch_sizes(&prefix).is_empty()
+    })
+    .await;
+    eventually_async("every task taken", Duration::from_secs(10), || async {
+        broker.depth(&route.queue).await == Some(0)
+    })
+    .await;
+    // Every taken item has reached the batcher.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = std::time::Instant::now();
+    running.stop().await.unwrap();
+    let took = started.elapsed();
+    let sizes = batch_sizes(&prefix);
+    println!("[batch-shutdown] batches {sizes:?}, shutdown took {took:?}");
+    drain(&mut ledger, &broker, &route).await;
+    let report = ledger.assert_nothing_lost();
+    assert_eq!((report.results_unique, report.duplicates), (TASKS, 0));
+    assert_eq!(sizes, [4, 4, 4], "the items taken run in full batches");
     broker.cleanup().await;
 }
 
