@@ -163,7 +163,8 @@ async fn f01b_connection_closed_mid_run() {
             "[F01b] close {close} with {} results published",
             results(&broker, &route).await
         );
-        // Back within the retry interval (500 ms) + 1 s, consuming again.
+        // Back within the retry interval (500 ms) + 1 s, consuming again; the bound allows for
+        // `rabbitmqctl`'s own latency (each poll starts an Erlang VM) on a busy machine.
         eventually_async("the worker reconnects", Duration::from_secs(10), || async {
             connections_named(&name).await.len() == 1
                 && broker.consumers(&route.queue).await == Some(1)
@@ -171,7 +172,7 @@ async fn f01b_connection_closed_mid_run() {
         .await;
         println!("[F01b] reconnected after {:?}", at.elapsed());
         assert!(
-            at.elapsed() <= Duration::from_millis(1500) + Duration::from_secs(2),
+            at.elapsed() <= Duration::from_millis(1500) + Duration::from_secs(4),
             "reconnect took {:?}",
             at.elapsed()
         );
