@@ -27,9 +27,9 @@ BROKERS=${RMQ_TEST_BROKERS:-rabbit3 rabbit4}
 # Phase 2 runs every integration test binary (tests/tests/*.rs) except these: fault_cluster
 # starts its own cluster of 3.10 nodes, setup only parses configuration, ui only compiles,
 # tls uses the 4.0 node in phase 1 already.
-# Today: chaos cli deployment fault_broker fault_handler fault_network fault_process
-# fault_topology hostile_frames hostile_input least_privilege observability pipeline watchdog
-# (and any file added later).
+# Today: batch batch_registration chaos cli deployment fault_batch fault_broker fault_handler
+# fault_network fault_process fault_topology hostile_frames hostile_input least_privilege
+# observability pipeline watchdog (and any file added later).
 RABBIT4_SKIP=" fault_cluster setup tls ui "
 RABBIT4_TESTS=()
 for file in tests/tests/*.rs; do

@@ -13,11 +13,12 @@
 //!   lost, duplicates are counted.
 //! - [`rabbitmqctl`](mod@rabbitmqctl): `rabbitmqctl` on the test broker's node, and guards
 //!   that undo what a fault test changed on the broker ([`PolicyGuard`], [`StoppedApp`],
-//!   [`MemoryAlarm`]).
+//!   [`MemoryAlarm`]), one process's connections ([`close_connections_named`]).
 //! - [`users`]: broker users made for one test ([`TestUser`]).
 //! - [`proxy`]: a TCP proxy that cuts, freezes or resets the engine's connections ([`Proxy`]).
 //! - [`wait`]: polling until something holds ([`eventually`], [`eventually_async`]).
-//! - [`worker`]: a worker process the test can SIGTERM or kill ([`WorkerProcess`]).
+//! - [`worker`]: a worker process (`fault-worker`, `batch-worker`) the test can SIGTERM or
+//!   kill ([`WorkerProcess`]).
 //!
 //! Every item is also re-exported at the root: a test writes
 //! `use rmq_consumer_tests::{Broker, Route, Running, test_config, unique};`.
@@ -51,7 +52,8 @@ pub use env::{
 pub use ledger::{Ledger, LedgerReport, id_of, task};
 pub use proxy::Proxy;
 pub use rabbitmqctl::{
-    MemoryAlarm, PolicyGuard, StoppedApp, host_rabbitmqctl, rabbitmqctl, rabbitmqctl_blocking,
+    MemoryAlarm, PolicyGuard, StoppedApp, close_connections_named, connections_named,
+    host_rabbitmqctl, rabbitmqctl, rabbitmqctl_blocking,
 };
 pub use route::{Route, delay_queue};
 pub use users::TestUser;

@@ -58,6 +58,35 @@ pub fn rabbitmqctl_blocking(args: &[&str]) -> Result<String, String> {
     }
 }
 
+/// The broker's connections (their `pid`s, for `rabbitmqctl close_connection`) whose
+/// client-provided `connection_name` is exactly `name`: an engine names its connection
+/// `rmq-consumer[<handlers>] pid <process id>`, so a test reaches one worker's connection
+/// without disturbing the other clients of a shared broker (as `close_all_connections`
+/// would).
+pub async fn connections_named(name: &str) -> Vec<String> {
+    // The table output, one connection a line: its pid as `close_connection` takes it
+    // (`<rabbit@host.N.N.N>`; the JSON formatter prints `#PID<...>`, which it refuses), a
+    // tab, its properties, among them `{"connection_name","<name>"}`.
+    let listing = rabbitmqctl(&["list_connections", "-s", "pid", "client_properties"]).await;
+    let quoted = format!("\"{name}\"");
+    listing
+        .lines()
+        .filter_map(|line| line.split_once('\t'))
+        .filter(|(_, properties)| properties.contains(&quoted))
+        .map(|(pid, _)| pid.trim().to_owned())
+        .collect()
+}
+
+/// Closes every connection named `name` (see [`connections_named`]) with `rabbitmqctl
+/// close_connection`, as an operator or the broker does; returns how many it closed.
+pub async fn close_connections_named(name: &str, reason: &str) -> usize {
+    let pids = connections_named(name).await;
+    for pid in &pids {
+        rabbitmqctl(&["close_connection", pid, reason]).await;
+    }
+    pids.len()
+}
+
 /// A broker policy that is cleared when the guard is dropped, whatever happens to the test.
 #[derive(Debug)]
 pub struct PolicyGuard {

@@ -1,5 +1,6 @@
-//! A worker process: the `fault-worker` binary (`tests/src/bin/fault-worker.rs`), configured
-//! with `RMQ_CONSUMER_*` variables like a deployed worker, which a test can SIGTERM or kill.
+//! A worker process: the `fault-worker` binary (`tests/src/bin/fault-worker.rs`) or the
+//! `batch-worker` binary (`tests/src/bin/batch-worker.rs`), configured with `RMQ_CONSUMER_*`
+//! variables like a deployed worker, which a test can SIGTERM or kill.
 
 use std::{
     path::PathBuf,
@@ -17,9 +18,10 @@ pub struct WorkerProcess {
 }
 
 impl WorkerProcess {
-    /// Starts `binary` (a test passes `env!("CARGO_BIN_EXE_fault-worker")`, which only test
-    /// binaries know) as a worker for `route`'s `work` handler on `url`, with `env` on top of
-    /// the defaults (retry interval 500 ms, human logs at info, 5 ms of work per task).
+    /// Starts `binary` (a test passes `env!("CARGO_BIN_EXE_fault-worker")` or
+    /// `env!("CARGO_BIN_EXE_batch-worker")`, which only test binaries know) as a worker for
+    /// `route`'s `work` handler on `url`, with `env` on top of the defaults (retry interval
+    /// 500 ms, human logs at info, 5 ms of work per task).
     pub fn spawn(
         binary: &str,
         url: &str,
@@ -59,7 +61,7 @@ impl WorkerProcess {
             .kill_on_drop(true);
         let child = command
             .spawn()
-            .expect("cannot start the fault-worker binary");
+            .unwrap_or_else(|e| panic!("cannot start the worker binary {binary}: {e}"));
         Self { child, log }
     }
 

@@ -3,7 +3,9 @@
 //! correlation id, an item's failure retries or dead-letters that item alone, a body that
 //! does not decode never enters a batch, two deliveries of one task run once, and a batch
 //! that fails as a whole (wrong count, panic, timeout, `Err`) fails each item on its own
-//! count. The process-level faults (F01, F04, F05) are in `fault_batch.rs`.
+//! count; on shutdown the items taken run in full batches; one `batch` span per call linked
+//! to its items' spans, and the batch metrics on `/metrics`. The process-level faults (F01,
+//! F04, F05, F19, F20 on a worker process) are in `fault_batch.rs`.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -20,7 +22,9 @@ use std::{
 
 use lapin::BasicProperties;
 use rmq_consumer::{Config, Engine, HandlerError, HandlerSnapshot, consumer};
-use rmq_consumer_tests::{Broker, Ledger, Route, Running, eventually, task, test_config, unique};
+use rmq_consumer_tests::{
+    Broker, Ledger, Route, Running, eventually, eventually_async, task, test_config, unique,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -125,6 +129,40 @@ fn cpu(items: Vec<Value>) -> Vec<Value> {
     items
         .into_iter()
         .map(|item| json!({"id": item["id"], "batch": size}))
+        .collect()
+}
+
+/// A slow "model" (300 ms per call, batches of 4) for the shutdown test.
+#[consumer(
+    queue = "tests.batch.slow",
+    reply_key = "tests.batch.slow.result",
+    batch = 4,
+    batch_wait = "50ms"
+)]
+async fn slow(items: Vec<Value>) -> Vec<Value> {
+    let size = items.len();
+    if let Some(first) = items.first().and_then(|item| item["id"].as_str()) {
+        BATCHES.lock().unwrap().push((first.to_owned(), size));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    items
+        .into_iter()
+        .map(|item| json!({"id": item["id"], "batch": size}))
+        .collect()
+}
+
+/// A batch handler for the observability test (5 ms per call, batches of 8).
+#[consumer(
+    queue = "tests.batch.observed",
+    reply_key = "tests.batch.observed.result",
+    batch = 8,
+    batch_wait = "50ms"
+)]
+async fn observed(items: Vec<Value>) -> Vec<Value> {
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    items
+        .into_iter()
+        .map(|item| json!({"id": item["id"]}))
         .collect()
 }
 
@@ -577,6 +615,228 @@ async fn a_task_twice_in_one_batch_runs_once_without_the_cache() {
     assert_eq!(runs(&id), 1, "one run for two deliveries in one batch");
     let h = handler(&running);
     assert_eq!((h.batches, h.batch_items), (1, 2));
+    running.stop().await.unwrap();
+    broker.cleanup().await;
+}
+
+/// On shutdown the items already taken from the queue run in full batches: a shutdown while
+/// the first batch of 4 runs, with 8 more items taken (prefetch 12), runs them as 4 + 4, not
+/// one by one; each is answered and acked (nothing left in the queue, nothing twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_shutdown_the_items_taken_run_in_full_batches() {
+    const TASKS: usize = 12;
+    let mut broker = Broker::connect().await;
+    let (_, config, route) = setup(&mut broker, "slow", |c| {
+        let section = c.consumers.entry("slow".to_owned()).or_default();
+        section.prefetch = Some(12);
+        section.read_ahead = Some(0);
+    });
+    let _cleanup = broker.cleanup_on_panic();
+    // Published before the engine starts: all 12 are taken at once.
+    broker.declare_queue(&route.queue).await;
+    let mut ledger = Ledger::new("batch-shutdown");
+    let ids = ledger.ids(TASKS);
+    let prefix = ids[0].split('#').next().unwrap().to_owned();
+    for id in &ids {
+        assert!(
+            ledger
+                .publish_with(
+                    &broker,
+                    "",
+                    &route.queue,
+                    &task(id, json!({})),
+                    BasicProperties::default()
+                )
+                .await
+        );
+    }
+    let running = Running::start(config, &["slow"]).await;
+    eventually("the first batch runs", Duration::from_secs(10), || {
+        !batch_sizes(&prefix).is_empty()
+    })
+    .await;
+    eventually_async("every task taken", Duration::from_secs(10), || async {
+        broker.depth(&route.queue).await == Some(0)
+    })
+    .await;
+    // Every taken item has reached the batcher.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = std::time::Instant::now();
+    running.stop().await.unwrap();
+    let took = started.elapsed();
+    let sizes = batch_sizes(&prefix);
+    println!("[batch-shutdown] batches {sizes:?}, shutdown took {took:?}");
+    drain(&mut ledger, &broker, &route).await;
+    let report = ledger.assert_nothing_lost();
+    assert_eq!((report.results_unique, report.duplicates), (TASKS, 0));
+    assert_eq!(sizes, [4, 4, 4], "the items taken run in full batches");
+    broker.cleanup().await;
+}
+
+/// What the spans of this test binary looked like: each span's name and fields (as
+/// recorded, `Debug`-formatted) and the spans it follows from (indices into [`Spans::seen`]).
+#[derive(Debug, Default, Clone)]
+struct SeenSpan {
+    name: &'static str,
+    fields: BTreeMap<String, String>,
+    follows: Vec<usize>,
+}
+
+/// Every span in order of creation, and where each live span id is in it (the subscriber
+/// reuses the ids of closed spans: a new span with the id replaces the old one's entry).
+#[derive(Debug, Default)]
+struct Spans {
+    seen: Vec<SeenSpan>,
+    live: BTreeMap<u64, usize>,
+}
+
+static SPANS: LazyLock<Mutex<Spans>> = LazyLock::new(Mutex::default);
+
+/// Records every span (a global subscriber for this binary, installed once by
+/// [`record_spans`]).
+struct SpanRecorder;
+
+struct Fields<'a>(&'a mut BTreeMap<String, String>);
+
+impl tracing::field::Visit for Fields<'_> {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0.insert(field.name().to_owned(), format!("{value:?}"));
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for SpanRecorder {
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        _: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let mut seen = SeenSpan {
+            name: attrs.metadata().name(),
+            ..SeenSpan::default()
+        };
+        attrs.record(&mut Fields(&mut seen.fields));
+        let mut spans = SPANS.lock().unwrap();
+        let index = spans.seen.len();
+        spans.seen.push(seen);
+        spans.live.insert(id.into_u64(), index);
+    }
+
+    fn on_record(
+        &self,
+        id: &tracing::span::Id,
+        values: &tracing::span::Record<'_>,
+        _: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let mut spans = SPANS.lock().unwrap();
+        if let Some(&index) = spans.live.get(&id.into_u64()) {
+            values.record(&mut Fields(&mut spans.seen[index].fields));
+        }
+    }
+
+    fn on_follows_from(
+        &self,
+        id: &tracing::span::Id,
+        follows: &tracing::span::Id,
+        _: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let mut spans = SPANS.lock().unwrap();
+        if let (Some(&index), Some(&follows)) = (
+            spans.live.get(&id.into_u64()),
+            spans.live.get(&follows.into_u64()),
+        ) {
+            spans.seen[index].follows.push(follows);
+        }
+    }
+}
+
+/// Installs [`SpanRecorder`] as the global subscriber of this binary (once; the other tests
+/// run under it too, and only the spans of a handler the test owns are looked at).
+fn record_spans() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        use tracing_subscriber::layer::SubscriberExt;
+        let subscriber = tracing_subscriber::registry().with(SpanRecorder);
+        tracing::subscriber::set_global_default(subscriber).unwrap();
+    });
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && !l.starts_with('#'))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("metric {name} missing in:\n{text}"))
+}
+
+/// Observability (issue 16, point 4): one `batch` span per call with its size, distinct
+/// tasks, longest wait and duration, following from each of its items' `delivery` spans;
+/// per handler on `/metrics`: the batch-size histogram, the items' wait for their batch, the
+/// batches and items counters (their rates are batches and items per second).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_span_per_batch_linked_to_its_items_and_batch_metrics() {
+    const TASKS: usize = 40;
+    record_spans();
+    let mut broker = Broker::connect().await;
+    let http = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (_, config, route) = setup(&mut broker, "observed", |c| c.http_addr = Some(http));
+    let _cleanup = broker.cleanup_on_panic();
+    broker.declare_queue(&route.queue).await;
+    let mut ledger = Ledger::new("batch-observed");
+    ledger
+        .preload(&broker, "", &route.queue, TASKS, &json!({}))
+        .await;
+    let running = Running::start(config, &["observed"]).await;
+    drain(&mut ledger, &broker, &route).await;
+    let report = ledger.assert_nothing_lost();
+    assert_eq!((report.results_unique, report.duplicates), (TASKS, 0));
+    let batches = handler(&running).batches;
+
+    // The spans: this handler's `batch` spans, each following its items' delivery spans.
+    let spans = SPANS.lock().unwrap().seen.clone();
+    let ours: Vec<&SeenSpan> = spans
+        .iter()
+        .filter(|s| {
+            s.name == "batch" && s.fields.get("handler").map(String::as_str) == Some("observed")
+        })
+        .collect();
+    assert_eq!(ours.len() as u64, batches, "one span per batch: {ours:?}");
+    let mut items = 0;
+    for span in &ours {
+        let size: usize = span.fields["size"].parse().unwrap();
+        items += size;
+        assert_eq!(span.fields["tasks"], span.fields["size"], "{span:?}");
+        assert!(span.fields.contains_key("waited_ms"), "{span:?}");
+        assert!(span.fields.contains_key("duration_ms"), "{span:?}");
+        assert_eq!(span.follows.len(), size, "one link per item: {span:?}");
+        for link in &span.follows {
+            let item = &spans[*link];
+            assert_eq!(item.name, "delivery", "{item:?}");
+            assert_eq!(item.fields["handler"], "observed", "{item:?}");
+        }
+    }
+    assert_eq!(items, TASKS);
+
+    // The metrics, per handler.
+    let (mut stream, request) = (
+        tokio::net::TcpStream::connect(http).await.unwrap(),
+        "GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n",
+    );
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.unwrap();
+    let labels = format!("{{handler=\"observed\",queue=\"{}\"}}", route.queue);
+    let m = |name: &str| metric(&text, &format!("{name}{labels}"));
+    assert_eq!(m("rmq_consumer_batches_total"), batches as f64);
+    assert_eq!(m("rmq_consumer_batch_items_total"), TASKS as f64);
+    assert_eq!(m("rmq_consumer_batch_size_count"), batches as f64);
+    assert_eq!(m("rmq_consumer_batch_size_sum"), TASKS as f64);
+    assert_eq!(m("rmq_consumer_batch_wait_seconds_count"), TASKS as f64);
+    assert_eq!(m("rmq_consumer_handler_runs_total"), batches as f64);
     running.stop().await.unwrap();
     broker.cleanup().await;
 }
