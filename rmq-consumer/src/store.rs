@@ -166,6 +166,18 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<Stored> {
     }
 }
 
+/// A task's entry, as [`Store::inspect`] found it.
+#[derive(Debug)]
+#[cfg_attr(not(feature = "cli"), expect(dead_code, reason = "the CLI's `cache get`"))]
+pub(crate) struct Inspected {
+    /// The stored result, if any.
+    pub(crate) stored: Option<Stored>,
+    /// Milliseconds the stored result lives on (`None`: no result, or no expiry).
+    pub(crate) ttl_ms: Option<u64>,
+    /// The token of the replica holding the lease.
+    pub(crate) lease_holder: Option<String>,
+}
+
 /// What [`Store::claim`] found.
 #[derive(Debug)]
 pub(crate) enum Claim {
@@ -458,7 +470,10 @@ impl Store {
     }
 
     /// The URL, password masked.
-    #[allow(dead_code, reason = "for the CLI's `cache` command, next")]
+    #[cfg_attr(
+        not(feature = "cli"),
+        expect(dead_code, reason = "the CLI's `cache get`")
+    )]
     pub(crate) fn shown(&self) -> &str {
         &self.inner.shown
     }
@@ -473,6 +488,8 @@ impl Store {
             self.inner.renewer_started.store(false, Relaxed);
             return;
         };
+        info!(store = %self.inner.shown, prefix = %self.inner.prefix,
+            "using the shared result store");
         let weak = Arc::downgrade(&self.inner);
         let period = (self.inner.lease / 3).min(RENEW_PERIOD_MAX);
         runtime.spawn(async move {
@@ -569,35 +586,41 @@ impl Store {
         Ok(stored == 1)
     }
 
-    /// The stored result of a task (the CLI's `cache get`): `None` when nothing is stored.
+    /// A task's entry (the CLI's `cache get`): its stored result, that result's time to live,
+    /// and the holder of its lease, in one round trip.
     ///
     /// # Errors
     ///
     /// The store failed or timed out, or holds a value this version cannot read.
-    #[allow(dead_code, reason = "for the CLI's `cache` command, next")]
-    pub(crate) async fn get(
-        &self,
-        handler: &str,
-        uuid: &str,
-    ) -> Result<Option<Stored>, StoreError> {
+    #[cfg_attr(
+        not(feature = "cli"),
+        expect(dead_code, reason = "the CLI's `cache get`")
+    )]
+    pub(crate) async fn inspect(&self, handler: &str, uuid: &str) -> Result<Inspected, StoreError> {
         let keys = self.keys(handler, uuid);
-        let data: Option<Vec<u8>> = self
+        let (data, ttl, holder): (Option<Vec<u8>>, i64, Option<Vec<u8>>) = self
             .call(|mut connection| {
-                let key = keys.result.clone();
-                async move {
-                    redis::cmd("GET")
-                        .arg(key)
-                        .query_async(&mut connection)
-                        .await
-                }
+                let mut pipe = redis::pipe();
+                pipe.cmd("GET")
+                    .arg(&keys.result)
+                    .cmd("PTTL")
+                    .arg(&keys.result)
+                    .cmd("GET")
+                    .arg(&keys.lease);
+                async move { pipe.query_async(&mut connection).await }
             })
             .await?;
-        match data {
-            None => Ok(None),
-            Some(data) => decode(&data)
-                .map(Some)
-                .ok_or(StoreError::Undecodable { key: keys.result }),
-        }
+        let stored = match data {
+            None => None,
+            Some(data) => Some(decode(&data).ok_or(StoreError::Undecodable {
+                key: keys.result.clone(),
+            })?),
+        };
+        Ok(Inspected {
+            stored,
+            ttl_ms: u64::try_from(ttl).ok(),
+            lease_holder: holder.map(|h| String::from_utf8_lossy(&h).into_owned()),
+        })
     }
 
     /// Deletes a task's stored result and lease (the CLI's `cache forget`); returns how
@@ -606,7 +629,10 @@ impl Store {
     /// # Errors
     ///
     /// The store failed or timed out.
-    #[allow(dead_code, reason = "for the CLI's `cache` command, next")]
+    #[cfg_attr(
+        not(feature = "cli"),
+        expect(dead_code, reason = "the CLI's `cache forget`")
+    )]
     pub(crate) async fn forget(&self, handler: &str, uuid: &str) -> Result<u64, StoreError> {
         let keys = self.keys(handler, uuid);
         self.call(|mut connection| {
@@ -929,6 +955,47 @@ mod tests {
         for bytes in [&b"\"x\""[..], b"{}", br#"{"v":2,"result":1}"#, b"\xff", b""] {
             assert_eq!(decode(bytes), None, "{bytes:?}");
         }
+    }
+
+    #[test]
+    fn metrics_and_readiness_per_handler() {
+        let config = Config {
+            result_store_required: true,
+            ..Config::default()
+        };
+        let url = SecretUrl::new("redis://127.0.0.1:1/0");
+        let handlers = vec![("echo".to_owned(), "q.echo".to_owned())];
+        let store = Store::new(&config, &url, handlers).unwrap_or_else(|e| panic!("{e}"));
+        let health = Arc::new(crate::health::Health::new([(
+            "echo".to_owned(),
+            "q.echo".to_owned(),
+        )]));
+        assert!(health.store.set(store.monitor()).is_ok());
+        let stats = store.monitor().stats("echo").unwrap_or_default();
+        stats.hits.fetch_add(2, Relaxed);
+        stats.takeovers.fetch_add(1, Relaxed);
+        let text = crate::metrics::render(&health);
+        for line in [
+            r#"rmq_consumer_store_hits_total{handler="echo",queue="q.echo"} 2"#,
+            r#"rmq_consumer_store_misses_total{handler="echo",queue="q.echo"} 0"#,
+            r#"rmq_consumer_store_lease_waits_total{handler="echo",queue="q.echo"} 0"#,
+            r#"rmq_consumer_store_takeovers_total{handler="echo",queue="q.echo"} 1"#,
+            r#"rmq_consumer_store_errors_total{handler="echo",queue="q.echo"} 0"#,
+            "rmq_consumer_store_up 1",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
+        assert!(store.monitor().readiness().is_empty());
+        store.inner.failed(None, "down");
+        assert_eq!(store.monitor().readiness().len(), 1);
+        assert!(crate::metrics::render(&health).contains("rmq_consumer_store_up 0"));
+        store.inner.succeeded();
+        assert!(store.monitor().readiness().is_empty());
+        // Not required: never a readiness problem.
+        let relaxed =
+            Store::new(&Config::default(), &url, Vec::new()).unwrap_or_else(|e| panic!("{e}"));
+        relaxed.inner.failed(None, "down");
+        assert!(relaxed.monitor().readiness().is_empty());
     }
 
     #[test]
