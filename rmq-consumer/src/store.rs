@@ -168,7 +168,10 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<Stored> {
 
 /// A task's entry, as [`Store::inspect`] found it.
 #[derive(Debug)]
-#[cfg_attr(not(feature = "cli"), expect(dead_code, reason = "the CLI's `cache get`"))]
+#[cfg_attr(
+    not(feature = "cli"),
+    expect(dead_code, reason = "the CLI's `cache get`")
+)]
 pub(crate) struct Inspected {
     /// The stored result, if any.
     pub(crate) stored: Option<Stored>,
@@ -569,7 +572,10 @@ impl Store {
             self.release_lease(&lease.keys.lease, &lease.token).await?;
             return Ok(false);
         };
-        let envelope = encode(output).map_err(|_| StoreError::Unserializable)?;
+        let Ok(envelope) = encode(output) else {
+            self.release_lease(&lease.keys.lease, &lease.token).await?;
+            return Err(StoreError::Unserializable);
+        };
         let ttl_ms = millis(self.inner.ttl);
         let script = &self.inner.finish;
         let stored: i64 = self
