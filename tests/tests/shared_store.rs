@@ -387,10 +387,33 @@ async fn s1_three_replicas_run_each_task_once() {
         TASKS,
         "one stored result per task"
     );
-    assert!(
-        keys.keys_ending(":lease").await.is_empty(),
-        "every lease released"
+    let leases = keys.keys_ending(":lease").await;
+    let mut left = Vec::new();
+    for lease in leases.iter().take(5) {
+        let result = lease.replace(":lease", ":result");
+        left.push((
+            lease.clone(),
+            keys.pttl(lease).await,
+            keys.get(&result).await.is_some(),
+        ));
+    }
+    println!(
+        "[S1 {}] leases left at the end: {}, e.g. (key, pttl ms, result stored) {left:?}",
+        broker_name(),
+        leases.len()
     );
+    // A lease left behind belongs to a finished task (its result stored) and expires: the
+    // renewer may take a lease back just after the task's finish deleted it (reported).
+    assert!(
+        left.iter().all(|(_, pttl, stored)| *stored && *pttl > 0),
+        "a lease without a stored result, or without expiry: {left:?}"
+    );
+    eventually_async(
+        "every lease released or expired",
+        Duration::from_secs(15),
+        || async { keys.keys_ending(":lease").await.is_empty() },
+    )
+    .await;
     for mut worker in workers {
         let (status, _) = worker.terminate(SHUTDOWN_TIMEOUT * 2).await;
         assert_eq!(status.code(), Some(0), "log:\n{}", worker.log());
@@ -493,8 +516,9 @@ async fn s2_a_restarted_worker_reuses_stored_results() {
 }
 
 /// S3: a worker is killed (SIGKILL) while it runs three long tasks. Their leases expire
-/// (`result_store_lease` 2 s); the other replica, which got the redeliveries and waited on the
-/// leases, takes each over and runs it once: the killed runs plus exactly one more each.
+/// (`result_store_lease` 2 s); the other replica, which gets the redeliveries (through its
+/// suspect queue, one at a time) and waits on the leases, takes them over and runs each once:
+/// the killed runs plus exactly one more each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_a_killed_workers_tasks_are_taken_over_once() {
     const TASKS: usize = 3;
@@ -588,8 +612,14 @@ async fn s3_a_killed_workers_tasks_are_taken_over_once() {
             .all(|r| r.json.as_ref().unwrap()["pid"].as_u64() == Some(survivor_pid)),
         "the survivor answered"
     );
-    assert_eq!(metrics.takeovers, TASKS as u64, "{metrics:?}");
-    assert!(metrics.lease_waits >= TASKS as u64, "{metrics:?}");
+    // The redeliveries of a dead worker's tasks run one at a time (the suspect queue): the
+    // first waits on its lease and takes it over; later ones may find their lease expired
+    // already (a miss). Either way the survivor ran each once.
+    assert!(
+        metrics.takeovers >= 1 && metrics.lease_waits >= metrics.takeovers,
+        "{metrics:?}"
+    );
+    assert_eq!(metrics.takeovers + metrics.misses, TASKS as u64, "{metrics:?}");
     assert_eq!(report.results_total, 2 * TASKS);
     let (status, _) = survivor.terminate(SHUTDOWN_TIMEOUT * 2).await;
     assert_eq!(status.code(), Some(0), "log:\n{}", survivor.log());
