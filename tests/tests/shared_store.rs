@@ -954,6 +954,15 @@ async fn s6_cache_cli_and_password_masking() {
     let gone = cli(&["cache", "get", "--handler", "work", &id], &env);
     assert_eq!(gone.code, 1, "{}\n{}", gone.out, gone.err);
     assert!(keys.keys().await.is_empty(), "forget deletes the keys");
+    // A replica that did not run it (an empty local LRU; the one that ran it may still answer
+    // from its LRU) runs it again.
+    let (status, _) = worker.terminate(SHUTDOWN_TIMEOUT * 2).await;
+    assert_eq!(status.code(), Some(0), "log:\n{}", worker.log());
+    let first_log = worker.log();
+    let mut worker = spawn_worker(&setup, &store, free_addr(), &[]);
+    worker
+        .wait_consumers(&setup.broker, &setup.route.queue, 1)
+        .await;
     publish(&setup, &mut ledger, &one).await;
     collect_results(
         &setup,
@@ -995,6 +1004,7 @@ async fn s6_cache_cli_and_password_masking() {
             "check-config --json",
             format!("{}{}", checked_json.out, checked_json.err),
         ),
+        ("first worker's log", first_log.clone()),
         ("worker log", worker.log()),
     ] {
         assert!(!text.contains(PASSWORD), "{what} shows the password:\n{text}");
@@ -1005,7 +1015,16 @@ async fn s6_cache_cli_and_password_masking() {
         checked.out,
         checked_json.out
     );
-    // The worker's own log of a store that refuses it (a wrong password): masked too.
+    assert!(
+        worker.log().contains("using the shared result store"),
+        "the worker logs its store (masked):\n{}",
+        worker.log()
+    );
+    let (status, _) = worker.terminate(SHUTDOWN_TIMEOUT * 2).await;
+    assert_eq!(status.code(), Some(0), "log:\n{}", worker.log());
+
+    // A worker whose store refuses it (a wrong password) answers anyway, and its log of the
+    // refusal is masked too.
     let runs_wrong = RunsFile::new();
     let wrong_store = Store {
         url: &wrong_password,
@@ -1014,7 +1033,7 @@ async fn s6_cache_cli_and_password_masking() {
     };
     let mut refused_worker = spawn_worker(&setup, &wrong_store, free_addr(), &[]);
     refused_worker
-        .wait_consumers(&setup.broker, &setup.route.queue, 2)
+        .wait_consumers(&setup.broker, &setup.route.queue, 1)
         .await;
     let two = [task(&format!("{id}-2"), json!({}))];
     publish(&setup, &mut ledger, &two).await;
@@ -1024,16 +1043,15 @@ async fn s6_cache_cli_and_password_masking() {
         &mut ledger,
         2,
         Duration::from_secs(30),
-        &[&worker, &refused_worker],
+        &[&refused_worker],
     )
     .await;
     let (status, _) = refused_worker.terminate(SHUTDOWN_TIMEOUT * 2).await;
     assert_eq!(status.code(), Some(0));
     let log = refused_worker.log();
+    assert!(log.contains(OUTAGE_LINE), "the refusal is logged:\n{log}");
     assert!(!log.contains("wrong-Pw-s6"), "worker log:\n{log}");
     assert_ledger(&setup, &mut ledger).await;
-    let (status, _) = worker.terminate(SHUTDOWN_TIMEOUT * 2).await;
-    assert_eq!(status.code(), Some(0), "log:\n{}", worker.log());
     drop(keys);
     setup.broker.cleanup().await;
 }
