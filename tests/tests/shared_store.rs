@@ -450,9 +450,11 @@ async fn s2_a_restarted_worker_reuses_stored_results() {
     first
         .wait_consumers(&setup.broker, &setup.route.queue, 1)
         .await;
-    eventually("a quarter of the tasks run", Duration::from_secs(60), || {
-        runs.total() >= TASKS / 4
-    })
+    eventually(
+        "a quarter of the tasks run",
+        Duration::from_secs(60),
+        || runs.total() >= TASKS / 4,
+    )
     .await;
     let (status, _) = first.terminate(SHUTDOWN_TIMEOUT * 2).await;
     assert_eq!(status.code(), Some(0), "log:\n{}", first.log());
@@ -619,7 +621,11 @@ async fn s3_a_killed_workers_tasks_are_taken_over_once() {
         metrics.takeovers >= 1 && metrics.lease_waits >= metrics.takeovers,
         "{metrics:?}"
     );
-    assert_eq!(metrics.takeovers + metrics.misses, TASKS as u64, "{metrics:?}");
+    assert_eq!(
+        metrics.takeovers + metrics.misses,
+        TASKS as u64,
+        "{metrics:?}"
+    );
     assert_eq!(report.results_total, 2 * TASKS);
     let (status, _) = survivor.terminate(SHUTDOWN_TIMEOUT * 2).await;
     assert_eq!(status.code(), Some(0), "log:\n{}", survivor.log());
@@ -675,9 +681,11 @@ async fn s4_redis_stopped_and_started_mid_run_loses_nothing() {
         .flat_map(|id| [task(id, json!({})), task(id, json!({}))])
         .collect();
     publish(&setup, &mut ledger, &tasks).await;
-    eventually("a quarter of the tasks run", Duration::from_secs(60), || {
-        runs.total() >= TASKS / 4
-    })
+    eventually(
+        "a quarter of the tasks run",
+        Duration::from_secs(60),
+        || runs.total() >= TASKS / 4,
+    )
     .await;
     redis.stop();
     let runs_at_stop = runs.total();
@@ -762,7 +770,11 @@ async fn s4_redis_stopped_and_started_mid_run_loses_nothing() {
         report.duplicates
     );
     assert_eq!(bodies(&results).len(), TASKS, "every task answered");
-    assert_eq!(report.results_total, 2 * (TASKS + AFTER), "every copy answered");
+    assert_eq!(
+        report.results_total,
+        2 * (TASKS + AFTER),
+        "every copy answered"
+    );
     assert!(
         per_task.values().all(|n| (1..=2).contains(n)),
         "one or two runs per task (two copies each)"
@@ -916,14 +928,7 @@ async fn s6_cache_cli_and_password_masking() {
     let id = ledger.ids(1).remove(0);
     let one = [task(&id, json!({}))];
     publish(&setup, &mut ledger, &one).await;
-    let first = collect_results(
-        &setup,
-        &mut ledger,
-        1,
-        Duration::from_secs(30),
-        &[&worker],
-    )
-    .await;
+    let first = collect_results(&setup, &mut ledger, 1, Duration::from_secs(30), &[&worker]).await;
     let env = [
         ("RMQ_CONSUMER_RESULT_STORE", url.as_str()),
         ("RMQ_CONSUMER_RESULT_STORE_PREFIX", keys.prefix()),
@@ -964,14 +969,7 @@ async fn s6_cache_cli_and_password_masking() {
         .wait_consumers(&setup.broker, &setup.route.queue, 1)
         .await;
     publish(&setup, &mut ledger, &one).await;
-    collect_results(
-        &setup,
-        &mut ledger,
-        1,
-        Duration::from_secs(30),
-        &[&worker],
-    )
-    .await;
+    collect_results(&setup, &mut ledger, 1, Duration::from_secs(30), &[&worker]).await;
     assert_eq!(runs.total(), 2, "a forgotten task runs again");
 
     // The store failing: exit 2 (a wrong password, and a store that is not there); no
@@ -1007,7 +1005,10 @@ async fn s6_cache_cli_and_password_masking() {
         ("first worker's log", first_log.clone()),
         ("worker log", worker.log()),
     ] {
-        assert!(!text.contains(PASSWORD), "{what} shows the password:\n{text}");
+        assert!(
+            !text.contains(PASSWORD),
+            "{what} shows the password:\n{text}"
+        );
     }
     assert!(
         checked.out.contains("127.0.0.1") || checked_json.out.contains("127.0.0.1"),
