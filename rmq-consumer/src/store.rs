@@ -20,8 +20,9 @@
 //!
 //! Each operation is one round trip, atomic on the server (a Lua script):
 //! [`Store::claim`] returns the stored result, or takes the lease (`SET NX PX`), or says who
-//! holds it; [`Store::finish`] stores a success and deletes the lease only while the lease is
-//! ours or gone (a takeover's owner stores its own), and a failure only deletes our lease.
+//! holds it; [`Store::finish`] stores a success (unless one is stored already: the first
+//! stays) and deletes the lease only while the lease is ours or gone (a takeover's owner
+//! stores its own), and a failure only deletes our lease.
 //! One renewer task per store renews every lease this process holds in one script call every
 //! third of the lease (at most every second), taking a flushed lease back; a lease another
 //! replica took is reported lost (the task may then run twice).
@@ -81,14 +82,16 @@ return {2, redis.call('GET', KEYS[2]) or ''}
 ";
 
 /// `KEYS[1]` result, `KEYS[2]` lease; `ARGV[1]` token, `ARGV[2]` result ttl ms, `ARGV[3]`
-/// envelope. Stores the result and deletes the lease unless another holds it. Returns 1
-/// (stored) or 0 (another replica holds the lease: nothing written).
+/// envelope. Unless another replica holds the lease, stores the result if none is stored yet
+/// (the first stored result stays) and deletes the lease. Returns 1 (stored) or 0 (another
+/// replica holds the lease, or a result was stored already).
 const FINISH: &str = r"
 local holder = redis.call('GET', KEYS[2])
 if holder and holder ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2])
+local stored = redis.call('SET', KEYS[1], ARGV[3], 'NX', 'PX', ARGV[2])
 if holder then redis.call('DEL', KEYS[2]) end
-return 1
+if stored then return 1 end
+return 0
 ";
 
 /// `KEYS[1]` lease; `ARGV[1]` token. Deletes the lease if it is ours.
