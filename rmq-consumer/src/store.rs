@@ -733,7 +733,7 @@ impl Store {
                         url: inner.shown.clone(),
                     });
                 }
-                link.next_probe = Some(now + PROBE_PERIOD);
+                link.next_probe = Some(now.checked_add(PROBE_PERIOD).unwrap_or(now));
             }
             let connection = match &link.connection {
                 Some(connection) => connection.clone(),
@@ -809,7 +809,8 @@ impl Inner {
                 link.generation = link.generation.wrapping_add(1);
             }
             if link.next_probe.is_none() {
-                link.next_probe = Some(Instant::now() + PROBE_PERIOD);
+                let now = Instant::now();
+                link.next_probe = Some(now.checked_add(PROBE_PERIOD).unwrap_or(now));
             }
         }
         if self.monitor.up.swap(false, Relaxed) {
