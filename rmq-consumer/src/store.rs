@@ -24,8 +24,8 @@
 //! stays) and deletes the lease only while the lease is ours or gone (a takeover's owner
 //! stores its own), and a failure only deletes our lease.
 //! One renewer task per store renews every lease this process holds in one script call every
-//! third of the lease (at most every second), taking a flushed lease back; a lease another
-//! replica took is reported lost (the task may then run twice).
+//! third of the lease or every second (whichever is shorter), taking a flushed lease back; a
+//! lease another replica took is reported lost (the task may then run twice).
 //!
 //! # Failures
 //!
