@@ -1009,6 +1009,30 @@ mod tests {
     }
 
     #[test]
+    fn each_handler_gets_the_cache_it_asks_for() {
+        let config = Config::from_toml_str(
+            r#"
+            result_store = "redis://127.0.0.1:1/0"
+            enable_result_cache = true
+            [consumers.none]
+            cache = "none"
+            [consumers.shared]
+            cache = "shared"
+            "#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let url = SecretUrl::new("redis://127.0.0.1:1/0");
+        let handlers = vec![("shared".to_owned(), "q".to_owned())];
+        let store = Store::new(&config, &url, handlers).unwrap_or_else(|e| panic!("{e}"));
+        let lru = || crate::cache::ResultCache::new(std::num::NonZeroUsize::MIN, usize::MAX);
+        assert!(cache_for(&config, "none", Some(&store), lru).is_none());
+        let local = cache_for(&config, "other", Some(&store), lru);
+        assert!(local.is_some_and(|cache| !cache.is_shared()));
+        let shared = cache_for(&config, "shared", Some(&store), lru);
+        assert!(shared.is_some_and(|cache| cache.is_shared()));
+    }
+
+    #[test]
     fn tokens_differ_between_stores() {
         assert_ne!(token_base(), token_base());
     }
