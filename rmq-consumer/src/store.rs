@@ -24,8 +24,8 @@
 //! stays) and deletes the lease only while the lease is ours or gone (a takeover's owner
 //! stores its own), and a failure only deletes our lease.
 //! One renewer task per store renews every lease this process holds in one script call every
-//! third of the lease or every second (whichever is shorter), taking a flushed lease back; a
-//! lease another replica took is reported lost (the task may then run twice).
+//! third of the lease or every second (whichever is shorter); a lease that expired, was
+//! flushed or was taken by another replica is reported lost (the task may then run twice).
 //!
 //! # Failures
 //!
@@ -101,16 +101,15 @@ return 0
 ";
 
 /// `KEYS` leases; `ARGV[1]` lease ms, `ARGV[i+1]` the token of `KEYS[i]`. Renews each lease
-/// that is ours, takes back one that is gone (flushed, expired), and returns the indexes
-/// (1-based) of those another replica holds.
+/// that is ours and returns the indexes (1-based) of the others: gone (expired, flushed, or
+/// just released by a run that ended while this call was on its way) or held by another
+/// replica. A gone lease is not taken back: a run that just ended would leave it behind,
+/// holding the task's next delivery for a whole lease.
 const RENEW: &str = r"
 local lost = {}
 for i, key in ipairs(KEYS) do
-  local holder = redis.call('GET', key)
-  if holder == ARGV[i + 1] then
+  if redis.call('GET', key) == ARGV[i + 1] then
     redis.call('PEXPIRE', key, ARGV[1])
-  elseif not holder then
-    redis.call('SET', key, ARGV[i + 1], 'PX', ARGV[1])
   else
     table.insert(lost, i)
   end
@@ -672,11 +671,14 @@ impl Store {
     /// One renewer tick: renews every held lease (which also probes the store); with none,
     /// probes a store that is down or required.
     async fn renew_all(&self) {
-        let held: Vec<(String, String, Arc<AtomicBool>)> = self
+        let held: Vec<(u64, String, String, Arc<AtomicBool>)> = self
             .inner
             .held()
-            .values()
-            .map(|held| (held.key.clone(), held.token.clone(), Arc::clone(&held.lost)))
+            .iter()
+            .map(|(id, held)| {
+                let lost = Arc::clone(&held.lost);
+                (*id, held.key.clone(), held.token.clone(), lost)
+            })
             .collect();
         if held.is_empty() {
             if self.inner.monitor.required || !self.inner.monitor.up.load(Relaxed) {
@@ -695,7 +697,7 @@ impl Store {
                 .call(|mut connection| {
                     let mut invocation = script.prepare_invoke();
                     invocation.arg(lease_ms);
-                    for (key, token, _) in chunk {
+                    for (_, key, token, _) in chunk {
                         invocation.key(key).arg(token);
                     }
                     async move { invocation.invoke_async(&mut connection).await }
@@ -706,11 +708,14 @@ impl Store {
                 return;
             };
             for index in lost {
-                if let Some((key, _, flag)) = index.checked_sub(1).and_then(|i| chunk.get(i))
-                    && !flag.swap(true, Relaxed)
-                {
+                let Some((id, key, _, flag)) = index.checked_sub(1).and_then(|i| chunk.get(i))
+                else {
+                    continue;
+                };
+                // A run that ended meanwhile released its lease: nothing was lost.
+                if self.inner.held().contains_key(id) && !flag.swap(true, Relaxed) {
                     warn!(lease = %key,
-                        "another replica took this task's lease while its handler still runs here (the lease expired): the task may run twice");
+                        "this task's lease expired or was removed while its handler still runs here: another replica may run it too");
                 }
             }
         }
