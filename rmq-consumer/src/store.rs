@@ -570,6 +570,8 @@ impl Store {
         output: Option<&Stored>,
     ) -> Result<bool, StoreError> {
         lease.done = true;
+        // No more renewals: this call ends the lease (a renewal racing it would report it lost).
+        self.inner.held().remove(&lease.id);
         let Some(output) = output else {
             self.release_lease(&lease.keys.lease, &lease.token).await?;
             return Ok(false);
