@@ -130,6 +130,12 @@ impl ResultCache {
         }
     }
 
+    /// Whether the shared store is behind the LRU.
+    #[cfg(test)]
+    pub(crate) fn is_shared(&self) -> bool {
+        self.shared.is_some()
+    }
+
     /// Puts the shared store behind the LRU.
     pub(crate) fn with_store(mut self, store: HandlerStore) -> Self {
         self.shared = Some(store);

@@ -20,11 +20,12 @@
 //!
 //! Each operation is one round trip, atomic on the server (a Lua script):
 //! [`Store::claim`] returns the stored result, or takes the lease (`SET NX PX`), or says who
-//! holds it; [`Store::finish`] stores a success and deletes the lease only while the lease is
-//! ours or gone (a takeover's owner stores its own), and a failure only deletes our lease.
+//! holds it; [`Store::finish`] stores a success (unless one is stored already: the first
+//! stays) and deletes the lease only while the lease is ours or gone (a takeover's owner
+//! stores its own), and a failure only deletes our lease.
 //! One renewer task per store renews every lease this process holds in one script call every
-//! third of the lease (at most every second), taking a flushed lease back; a lease another
-//! replica took is reported lost (the task may then run twice).
+//! third of the lease or every second (whichever is shorter); a lease that expired, was
+//! flushed or was taken by another replica is reported lost (the task may then run twice).
 //!
 //! # Failures
 //!
@@ -81,14 +82,16 @@ return {2, redis.call('GET', KEYS[2]) or ''}
 ";
 
 /// `KEYS[1]` result, `KEYS[2]` lease; `ARGV[1]` token, `ARGV[2]` result ttl ms, `ARGV[3]`
-/// envelope. Stores the result and deletes the lease unless another holds it. Returns 1
-/// (stored) or 0 (another replica holds the lease: nothing written).
+/// envelope. Unless another replica holds the lease, stores the result if none is stored yet
+/// (the first stored result stays) and deletes the lease. Returns 1 (stored) or 0 (another
+/// replica holds the lease, or a result was stored already).
 const FINISH: &str = r"
 local holder = redis.call('GET', KEYS[2])
 if holder and holder ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2])
+local stored = redis.call('SET', KEYS[1], ARGV[3], 'NX', 'PX', ARGV[2])
 if holder then redis.call('DEL', KEYS[2]) end
-return 1
+if stored then return 1 end
+return 0
 ";
 
 /// `KEYS[1]` lease; `ARGV[1]` token. Deletes the lease if it is ours.
@@ -98,16 +101,15 @@ return 0
 ";
 
 /// `KEYS` leases; `ARGV[1]` lease ms, `ARGV[i+1]` the token of `KEYS[i]`. Renews each lease
-/// that is ours, takes back one that is gone (flushed, expired), and returns the indexes
-/// (1-based) of those another replica holds.
+/// that is ours and returns the indexes (1-based) of the others: gone (expired, flushed, or
+/// just released by a run that ended while this call was on its way) or held by another
+/// replica. A gone lease is not taken back: a run that just ended would leave it behind,
+/// holding the task's next delivery for a whole lease.
 const RENEW: &str = r"
 local lost = {}
 for i, key in ipairs(KEYS) do
-  local holder = redis.call('GET', key)
-  if holder == ARGV[i + 1] then
+  if redis.call('GET', key) == ARGV[i + 1] then
     redis.call('PEXPIRE', key, ARGV[1])
-  elseif not holder then
-    redis.call('SET', key, ARGV[i + 1], 'PX', ARGV[1])
   else
     table.insert(lost, i)
   end
@@ -568,6 +570,8 @@ impl Store {
         output: Option<&Stored>,
     ) -> Result<bool, StoreError> {
         lease.done = true;
+        // No more renewals: this call ends the lease (a renewal racing it would report it lost).
+        self.inner.held().remove(&lease.id);
         let Some(output) = output else {
             self.release_lease(&lease.keys.lease, &lease.token).await?;
             return Ok(false);
@@ -669,11 +673,14 @@ impl Store {
     /// One renewer tick: renews every held lease (which also probes the store); with none,
     /// probes a store that is down or required.
     async fn renew_all(&self) {
-        let held: Vec<(String, String, Arc<AtomicBool>)> = self
+        let held: Vec<(u64, String, String, Arc<AtomicBool>)> = self
             .inner
             .held()
-            .values()
-            .map(|held| (held.key.clone(), held.token.clone(), Arc::clone(&held.lost)))
+            .iter()
+            .map(|(id, held)| {
+                let lost = Arc::clone(&held.lost);
+                (*id, held.key.clone(), held.token.clone(), lost)
+            })
             .collect();
         if held.is_empty() {
             if self.inner.monitor.required || !self.inner.monitor.up.load(Relaxed) {
@@ -692,7 +699,7 @@ impl Store {
                 .call(|mut connection| {
                     let mut invocation = script.prepare_invoke();
                     invocation.arg(lease_ms);
-                    for (key, token, _) in chunk {
+                    for (_, key, token, _) in chunk {
                         invocation.key(key).arg(token);
                     }
                     async move { invocation.invoke_async(&mut connection).await }
@@ -703,11 +710,14 @@ impl Store {
                 return;
             };
             for index in lost {
-                if let Some((key, _, flag)) = index.checked_sub(1).and_then(|i| chunk.get(i))
-                    && !flag.swap(true, Relaxed)
-                {
+                let Some((id, key, _, flag)) = index.checked_sub(1).and_then(|i| chunk.get(i))
+                else {
+                    continue;
+                };
+                // A run that ended meanwhile released its lease: nothing was lost.
+                if self.inner.held().contains_key(id) && !flag.swap(true, Relaxed) {
                     warn!(lease = %key,
-                        "another replica took this task's lease while its handler still runs here (the lease expired): the task may run twice");
+                        "this task's lease expired or was removed while its handler still runs here: another replica may run it too");
                 }
             }
         }
@@ -730,7 +740,7 @@ impl Store {
                         url: inner.shown.clone(),
                     });
                 }
-                link.next_probe = Some(now + PROBE_PERIOD);
+                link.next_probe = Some(now.checked_add(PROBE_PERIOD).unwrap_or(now));
             }
             let connection = match &link.connection {
                 Some(connection) => connection.clone(),
@@ -806,7 +816,8 @@ impl Inner {
                 link.generation = link.generation.wrapping_add(1);
             }
             if link.next_probe.is_none() {
-                link.next_probe = Some(Instant::now() + PROBE_PERIOD);
+                let now = Instant::now();
+                link.next_probe = Some(now.checked_add(PROBE_PERIOD).unwrap_or(now));
             }
         }
         if self.monitor.up.swap(false, Relaxed) {
@@ -1002,6 +1013,30 @@ mod tests {
             Store::new(&Config::default(), &url, Vec::new()).unwrap_or_else(|e| panic!("{e}"));
         relaxed.inner.failed(None, "down");
         assert!(relaxed.monitor().readiness().is_empty());
+    }
+
+    #[test]
+    fn each_handler_gets_the_cache_it_asks_for() {
+        let config = Config::from_toml_str(
+            r#"
+            result_store = "redis://127.0.0.1:1/0"
+            enable_result_cache = true
+            [consumers.none]
+            cache = "none"
+            [consumers.shared]
+            cache = "shared"
+            "#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let url = SecretUrl::new("redis://127.0.0.1:1/0");
+        let handlers = vec![("shared".to_owned(), "q".to_owned())];
+        let store = Store::new(&config, &url, handlers).unwrap_or_else(|e| panic!("{e}"));
+        let lru = || crate::cache::ResultCache::new(std::num::NonZeroUsize::MIN, usize::MAX);
+        assert!(cache_for(&config, "none", Some(&store), lru).is_none());
+        let local = cache_for(&config, "other", Some(&store), lru);
+        assert!(local.is_some_and(|cache| !cache.is_shared()));
+        let shared = cache_for(&config, "shared", Some(&store), lru);
+        assert!(shared.is_some_and(|cache| cache.is_shared()));
     }
 
     #[test]

@@ -34,7 +34,8 @@
 //!   `true`/`false`/`1`/`0`. `<HANDLER>` is lower-cased to name the section. Unknown
 //!   `RMQ_CONSUMER_*` variables are errors, like unknown keys.
 //!
-//! Connection URLs are held as [`SecretUrl`], whose `Debug` and `Display` mask the password;
+//! Connection URLs (the broker's, `management_url`, and `result_store`, the shared result
+//! store's Redis URL) are held as [`SecretUrl`], whose `Debug` and `Display` mask the password;
 //! no `Debug` or `Display` of this module's types (errors included) prints a password. The
 //! password can also be given on its own (`password`, `RMQ_CONSUMER_PASSWORD`): it is a
 //! [`Password`] and goes into every URL ([`with_password`]).
@@ -243,7 +244,7 @@ pub struct Config {
     /// The result store shared by every replica (`result_store`): a `redis://` or
     /// `rediss://` URL (TLS with [`tls`](Self::tls), the broker connection's files), masked
     /// like the broker URLs. `None` (the default): no shared store; a handler with
-    /// `cache = "shared"` is then a configuration error. See [`crate::store`].
+    /// `cache = "shared"` is then a configuration error. See the README, "Shared result store".
     pub result_store: Option<SecretUrl>,
     /// How long a result stays in the shared store (`result_ttl`). Default
     /// [`DEFAULT_RESULT_TTL`].
@@ -419,7 +420,7 @@ pub enum CacheMode {
     /// deliveries of a task in this process reuse its result.
     Local,
     /// The LRU in front of the store every replica shares (`result_store`): a task runs once
-    /// across the fleet while the store is up (see [`crate::store`]).
+    /// across the fleet while the store is up (see the README, "Shared result store").
     Shared,
 }
 
