@@ -3,7 +3,7 @@
 //! counted outside the workers (`FAULT_WORKER_RUNS_FILE`), the ledger of
 //! tests/RELIABILITY.md. S1 runs once across the fleet, S2 a restart reuses stored results,
 //! S3 a killed worker's lease is taken over, S4 Redis stopped and started, S5 Redis never
-//! answering, S6 the `cache` CLI and password masking, S7 `rediss://`.
+//! answering, S6 the `cache` CLI and password masking, S7 `rediss://`, S8 Redis flushed.
 //!
 //! The shared Redis is the machine's (127.0.0.1:6379, `tests/scripts/redis.sh start`); each
 //! test has its own key prefix ([`RedisKeys`], deleted on drop, also on failure). The tests
@@ -782,6 +782,126 @@ async fn s4_redis_stopped_and_started_mid_run_loses_nothing() {
             1,
             "one recovery line; log:\n{log}"
         );
+    }
+    for mut worker in workers {
+        let (status, _) = worker.terminate(SHUTDOWN_TIMEOUT * 2).await;
+        assert_eq!(status.code(), Some(0), "log:\n{}", worker.log());
+    }
+    drop(keys);
+    drop(redis);
+    setup.broker.cleanup().await;
+}
+
+/// S8: the store's Redis (a private server) is flushed (`FLUSHALL`: results and leases gone)
+/// while two replicas work through 600 tasks published twice. Nothing is lost, every copy is
+/// answered, no task runs more than twice (once per copy), the flush is no outage (no store
+/// errors logged), and tasks published afterwards run once across the fleet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s8_redis_flushed_mid_run_loses_nothing() {
+    const TASKS: usize = 600;
+    const AFTER: usize = 100;
+    let setup = setup().await;
+    let redis = PrivateRedis::start().await;
+    let redis_url = redis.url();
+    let keys = RedisKeys::on(&redis_url, "s8").await;
+    let runs = RunsFile::new();
+    let store = Store {
+        url: &redis_url,
+        prefix: keys.prefix(),
+        runs: &runs,
+    };
+    let extra = [
+        ("RMQ_CONSUMER_PREFETCH_COUNT", "4".to_owned()),
+        ("FAULT_WORKER_SLEEP_MS", "20".to_owned()),
+    ];
+    let http = [free_addr(), free_addr()];
+    let mut workers = [
+        spawn_worker(&setup, &store, http[0], &extra),
+        spawn_worker(&setup, &store, http[1], &extra),
+    ];
+    workers[0]
+        .wait_consumers(&setup.broker, &setup.route.queue, 2)
+        .await;
+    let mut ledger = Ledger::new("S8");
+    let ids = ledger.ids(TASKS);
+    let tasks: Vec<Value> = ids
+        .iter()
+        .flat_map(|id| [task(id, json!({})), task(id, json!({}))])
+        .collect();
+    publish(&setup, &mut ledger, &tasks).await;
+    eventually("a third of the tasks run", Duration::from_secs(60), || {
+        runs.total() >= TASKS / 3
+    })
+    .await;
+    // The private server only: the shared one is never flushed.
+    let mut connection = rmq_consumer_tests::redis_connect(&redis_url).await;
+    let () = redis::cmd("FLUSHALL")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let runs_at_flush = runs.total();
+    assert!(runs_at_flush < TASKS, "the run ended before the flush");
+    let worker_refs: Vec<&WorkerProcess> = workers.iter().collect();
+    let results = collect_results(
+        &setup,
+        &mut ledger,
+        2 * TASKS,
+        Duration::from_secs(120),
+        &worker_refs,
+    )
+    .await;
+    let per_task = runs.runs();
+    let total_runs = runs.total();
+    let later = ledger.ids(AFTER);
+    let later_tasks: Vec<Value> = later
+        .iter()
+        .flat_map(|id| [task(id, json!({})), task(id, json!({}))])
+        .collect();
+    publish(&setup, &mut ledger, &later_tasks).await;
+    let later_results = collect_results(
+        &setup,
+        &mut ledger,
+        2 * AFTER,
+        Duration::from_secs(60),
+        &worker_refs,
+    )
+    .await;
+    assert_identical(&bodies(&later_results));
+    let later_runs: usize = runs
+        .runs()
+        .iter()
+        .filter(|(id, _)| later.contains(id))
+        .map(|(_, n)| n)
+        .sum();
+    let metrics = http
+        .iter()
+        .map(|addr| store_metrics(*addr))
+        .fold(StoreMetrics::default(), |a, b| a + b);
+    let report = assert_ledger(&setup, &mut ledger).await;
+    let ran_twice = per_task.values().filter(|n| **n > 1).count();
+    println!(
+        "[S8 {}] flush at {runs_at_flush} runs; runs={total_runs} for {TASKS} tasks \
+         ({ran_twice} ran twice), results={} duplicates={}; after it {later_runs} runs for \
+         {AFTER} tasks; {metrics:?}",
+        broker_name(),
+        report.results_total,
+        report.duplicates
+    );
+    assert_eq!(bodies(&results).len(), TASKS, "every task answered");
+    assert_eq!(
+        report.results_total,
+        2 * (TASKS + AFTER),
+        "every copy answered"
+    );
+    assert!(
+        per_task.values().all(|n| (1..=2).contains(n)),
+        "one or two runs per task (two copies each)"
+    );
+    assert_eq!(later_runs, AFTER, "after the flush, each task runs once");
+    assert_eq!(metrics.errors, 0, "a flush is not an outage: {metrics:?}");
+    for worker in &workers {
+        let log = worker.log();
+        assert_eq!(count(&log, OUTAGE_LINE), 0, "log:\n{log}");
     }
     for mut worker in workers {
         let (status, _) = worker.terminate(SHUTDOWN_TIMEOUT * 2).await;
