@@ -507,9 +507,10 @@ async fn s2_a_restarted_worker_reuses_stored_results() {
 }
 
 /// S3: a worker is killed (SIGKILL) while it runs three long tasks. Their leases expire
-/// (`result_store_lease` 2 s); the other replica, which gets the redeliveries (through its
-/// suspect queue, one at a time) and waits on the leases, takes them over and runs each once:
-/// the killed runs plus exactly one more each.
+/// (`result_store_lease` 3 s: the first redelivery finds its lease still held even on a slow
+/// machine); the other replica, which gets the redeliveries (through its suspect queue, one
+/// at a time) and waits on the leases, takes them over and runs each once: the killed runs
+/// plus exactly one more each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_a_killed_workers_tasks_are_taken_over_once() {
     const TASKS: usize = 3;
@@ -524,7 +525,7 @@ async fn s3_a_killed_workers_tasks_are_taken_over_once() {
     };
     let extra = [
         ("RMQ_CONSUMER_PREFETCH_COUNT", TASKS.to_string()),
-        ("RMQ_CONSUMER_RESULT_STORE_LEASE", "2s".to_owned()),
+        ("RMQ_CONSUMER_RESULT_STORE_LEASE", "3s".to_owned()),
         ("RMQ_CONSUMER_MESSAGE_TIMEOUT", "60s".to_owned()),
     ];
     let mut ledger = Ledger::new("S3");
