@@ -378,6 +378,11 @@ async fn s1_three_replicas_run_each_task_once() {
         twice.iter().take(5).collect::<Vec<_>>()
     );
     assert_eq!(runs.total(), TASKS, "exactly one handler run per task");
+    let known: BTreeSet<&String> = ids.iter().collect();
+    assert!(
+        per_task.keys().all(|id| known.contains(id)),
+        "every line of the runs file is a whole task uuid"
+    );
     assert_eq!(report.results_total, TASKS * COPIES, "every copy answered");
     assert_eq!(report.duplicates, TASKS * (COPIES - 1));
     assert_eq!(pids.len(), 3, "the work was shared by the three replicas");
