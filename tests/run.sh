@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The test command: the whole suite against RabbitMQ 3.10, then the broker-facing
 # integration tests again against RabbitMQ 4.0. Sets up both brokers itself (on a fresh
-# machine too: installs and starts 3.10 with its management plugin, builds the 4.0 root);
-# needs root for that (apt-get, debootstrap, chroot) and the network on the first run.
+# machine too: installs and starts 3.10 with its management plugin, builds the 4.0 root, and
+# makes sure Redis runs on 127.0.0.1:6379 for the shared result store tests,
+# tests/scripts/redis.sh); needs root for that (apt-get, debootstrap, chroot) and the network
+# on the first run.
 #
 #   tests/run.sh [ARGS...]   ARGS go to both `cargo test` runs, e.g. `tests/run.sh pipeline`
 #                            (tests whose name contains "pipeline") or `-- --nocapture`
@@ -16,6 +18,8 @@
 #   (tests/scripts/rabbit4.sh). fault_cluster stays on 3.10 (its own cluster of 3.10 nodes).
 #   `--workspace` rather than `-p tests`: the same feature set as phase 1, so phase 2 runs
 #   the very binaries phase 1 built (`-p tests` rebuilt lapin and the engine, ~40 s).
+# Redis (tests/scripts/redis.sh start) is ensured before both phases; an already running Redis
+# is left as it is.
 # Both phases run even when the first fails, and each runs every test binary even when one
 # fails (--no-fail-fast); the exit status is non-zero if any failed.
 #
@@ -29,7 +33,7 @@ BROKERS=${RMQ_TEST_BROKERS:-rabbit3 rabbit4}
 # tls uses the 4.0 node in phase 1 already.
 # Today: batch batch_registration chaos cli deployment fault_batch fault_broker fault_handler
 # fault_network fault_process fault_topology hostile_frames hostile_input least_privilege
-# observability pipeline watchdog (and any file added later).
+# observability pipeline shared_store watchdog (and any file added later).
 RABBIT4_SKIP=" fault_cluster setup tls ui "
 RABBIT4_TESTS=()
 for file in tests/tests/*.rs; do
@@ -83,6 +87,12 @@ for broker in $START; do
     exit 1
   fi
 done
+
+header "ensuring Redis (tests/scripts/redis.sh start)"
+if ! bash tests/scripts/redis.sh start; then
+  echo "Redis could not be started" >&2
+  exit 1
+fi
 
 for broker in $BROKERS; do
   case $broker in

@@ -48,6 +48,9 @@ impl Collector for EngineCollector {
                 pick(handler).encode(metric.encode_family(&labels)?)?;
             }
         }
+        if let Some(store) = health.store.get() {
+            store.encode(&mut encoder)?;
+        }
         let snapshot = health.snapshot();
         for (name, help, read) in ENGINE_GAUGES {
             gauge(read(&snapshot)).encode(encoder.encode_descriptor(

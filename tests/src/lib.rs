@@ -14,6 +14,9 @@
 //! - [`rabbitmqctl`](mod@rabbitmqctl): `rabbitmqctl` on the test broker's node, and guards
 //!   that undo what a fault test changed on the broker ([`PolicyGuard`], [`StoppedApp`],
 //!   [`MemoryAlarm`]), one process's connections ([`close_connections_named`]).
+//! - [`redis`](mod@redis): the shared Redis of the result store tests, a key guard
+//!   ([`RedisKeys`]), a private `redis-server` to stop and start ([`PrivateRedis`]) and a
+//!   listener that never answers ([`SilentRedis`]).
 //! - [`users`]: broker users made for one test ([`TestUser`]).
 //! - [`proxy`]: a TCP proxy that cuts, freezes or resets the engine's connections ([`Proxy`]).
 //! - [`wait`]: polling until something holds ([`eventually`], [`eventually_async`]).
@@ -38,6 +41,7 @@ pub mod env;
 pub mod ledger;
 pub mod proxy;
 pub mod rabbitmqctl;
+pub mod redis;
 pub mod route;
 pub mod users;
 pub mod wait;
@@ -54,6 +58,9 @@ pub use proxy::Proxy;
 pub use rabbitmqctl::{
     MemoryAlarm, PolicyGuard, StoppedApp, close_connections_named, connections_named,
     host_rabbitmqctl, rabbitmqctl, rabbitmqctl_blocking,
+};
+pub use redis::{
+    PrivateRedis, RedisKeys, RedisTls, SHARED_REDIS_URL, SilentRedis, redis_connect, redis_url,
 };
 pub use route::{Route, delay_queue};
 pub use users::TestUser;

@@ -34,7 +34,8 @@
 //!   `true`/`false`/`1`/`0`. `<HANDLER>` is lower-cased to name the section. Unknown
 //!   `RMQ_CONSUMER_*` variables are errors, like unknown keys.
 //!
-//! Connection URLs are held as [`SecretUrl`], whose `Debug` and `Display` mask the password;
+//! Connection URLs (the broker's, `management_url`, and `result_store`, the shared result
+//! store's Redis URL) are held as [`SecretUrl`], whose `Debug` and `Display` mask the password;
 //! no `Debug` or `Display` of this module's types (errors included) prints a password. The
 //! password can also be given on its own (`password`, `RMQ_CONSUMER_PASSWORD`): it is a
 //! [`Password`] and goes into every URL ([`with_password`]).
@@ -68,7 +69,7 @@ pub use error::{ConfigError, ConfigProblem};
 pub use secret::{Password, SecretUrl, url_has_password, with_password};
 pub use value::MAX_DURATION;
 pub(crate) use value::written;
-pub use variants::{LogFormat, ParseVariantError, PublishVia, QueueType, ReplyToPolicy};
+pub use variants::{CacheMode, LogFormat, ParseVariantError, PublishVia, QueueType, ReplyToPolicy};
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -112,6 +113,14 @@ pub const DEFAULT_RESULT_CACHE_SIZE: usize = 1000;
 pub const MAX_RESULT_CACHE_SIZE: usize = 10_000_000;
 /// Default `result_cache_bytes` (64 MiB of results' JSON, per handler).
 pub const DEFAULT_RESULT_CACHE_BYTES: usize = 64 * 1024 * 1024;
+/// Default `result_ttl`: how long a result stays in the shared store (24 h).
+pub const DEFAULT_RESULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+/// Default `result_store_timeout`: the longest any call to the shared store may take.
+pub const DEFAULT_RESULT_STORE_TIMEOUT: Duration = Duration::from_millis(500);
+/// Default `result_store_lease`: how long a task's lease lives without being renewed.
+pub const DEFAULT_RESULT_STORE_LEASE: Duration = Duration::from_secs(10);
+/// Default `result_store_prefix`: the start of every key the engine writes to the store.
+pub const DEFAULT_RESULT_STORE_PREFIX: &str = "rmq-consumer:";
 /// Default `shutdown_timeout`.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default `confirm_timeout`.
@@ -231,6 +240,32 @@ pub struct Config {
     /// Bytes of JSON the cached results of one handler may take; the least recently used go
     /// first, a larger result is not kept. Default [`DEFAULT_RESULT_CACHE_BYTES`].
     pub result_cache_bytes: usize,
+    /// The result store shared by every replica (`result_store`): a `redis://` or
+    /// `rediss://` URL (TLS with [`tls`](Self::tls), the broker connection's files), masked
+    /// like the broker URLs. `None` (the default): no shared store; a handler with
+    /// `cache = "shared"` is then a configuration error. See the README, "Shared result store".
+    pub result_store: Option<SecretUrl>,
+    /// How long a result stays in the shared store (`result_ttl`). Default
+    /// [`DEFAULT_RESULT_TTL`].
+    #[serde(serialize_with = "written")]
+    pub result_ttl: Duration,
+    /// The longest any call to the shared store may take (`result_store_timeout`); a slower
+    /// call counts as a store failure and the delivery goes on without the store. Default
+    /// [`DEFAULT_RESULT_STORE_TIMEOUT`].
+    #[serde(serialize_with = "written")]
+    pub result_store_timeout: Duration,
+    /// How long a task's lease lives in the store unless renewed (`result_store_lease`); the
+    /// owner renews it every third of this while the handler runs, and another replica takes
+    /// the task over once it expires. At least 3 × `result_store_timeout`. Default
+    /// [`DEFAULT_RESULT_STORE_LEASE`].
+    #[serde(serialize_with = "written")]
+    pub result_store_lease: Duration,
+    /// Whether `/readyz` reports not ready while the store is unreachable
+    /// (`result_store_required`). Default `false`: the engine works on without it.
+    pub result_store_required: bool,
+    /// The start of every key written to the store (`result_store_prefix`), so several
+    /// deployments can share one Redis. Default [`DEFAULT_RESULT_STORE_PREFIX`].
+    pub result_store_prefix: String,
     /// Time allowed for in-flight handlers to finish on shutdown. Default
     /// [`DEFAULT_SHUTDOWN_TIMEOUT`].
     #[serde(serialize_with = "written")]
@@ -283,6 +318,12 @@ impl Default for Config {
             enable_result_cache: false,
             result_cache_size: DEFAULT_RESULT_CACHE_SIZE,
             result_cache_bytes: DEFAULT_RESULT_CACHE_BYTES,
+            result_store: None,
+            result_ttl: DEFAULT_RESULT_TTL,
+            result_store_timeout: DEFAULT_RESULT_STORE_TIMEOUT,
+            result_store_lease: DEFAULT_RESULT_STORE_LEASE,
+            result_store_required: false,
+            result_store_prefix: DEFAULT_RESULT_STORE_PREFIX.to_owned(),
             queue_type: QueueType::Classic,
             reply_to: ReplyToPolicy::Honour,
             bind_reply_queue: true,
@@ -362,6 +403,10 @@ pub struct ConsumerConfig {
     /// the handler (overrides `batch_wait` on its `#[consumer]`).
     #[serde(serialize_with = "written")]
     pub batch_wait: Option<Duration>,
+    /// Which result cache this handler uses (`cache`): `"none"`, `"local"` (this process's
+    /// LRU) or `"shared"` (the LRU in front of [`Config::result_store`]). `None` means
+    /// `"local"` when [`Config::enable_result_cache`] is on, else `"none"`.
+    pub cache: Option<CacheMode>,
 }
 
 /// Logging settings: flat `log_*` keys or a `[log]` table.
@@ -476,6 +521,17 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
         build(toml.map(|text| (text, "toml")), env, Vec::new())
+    }
+
+    /// The result cache handler `name` uses: its section's `cache`, else `local` when
+    /// `enable_result_cache` is on, else `none`.
+    #[must_use]
+    pub fn cache_mode(&self, name: &str) -> CacheMode {
+        match self.consumers.get(name).and_then(|section| section.cache) {
+            Some(mode) => mode,
+            None if self.enable_result_cache => CacheMode::Local,
+            None => CacheMode::None,
+        }
     }
 
     /// The `[consumers.<name>]` section of handler `name`, or an empty one.

@@ -1,5 +1,5 @@
 //! The configuration's enumerated values (`queue_type`, `publish_via`, `reply_to`,
-//! `log_format`): their names, parsing and display, and the error of a value that is none of
+//! `log_format`, `cache`): their names, parsing and display, and the error of a value that is none of
 //! them. Re-exported from [`crate::config`].
 
 use std::fmt;
@@ -195,6 +195,52 @@ impl ParseVariantError {
         Self {
             expected,
             got: shown(got),
+        }
+    }
+}
+
+/// Which result cache a handler uses (`[consumers.<name>] cache`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum CacheMode {
+    /// No cache: every delivery runs the handler.
+    #[default]
+    None,
+    /// This process's LRU (`result_cache_size`, `result_cache_bytes`): concurrent and later
+    /// deliveries of a task in this process reuse its result.
+    Local,
+    /// The LRU in front of the store every replica shares (`result_store`): a task runs once
+    /// across the fleet while the store is up (see the README, "Shared result store").
+    Shared,
+}
+
+impl CacheMode {
+    /// The name used in configuration.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Local => "local",
+            Self::Shared => "shared",
+        }
+    }
+}
+
+impl fmt::Display for CacheMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for CacheMode {
+    type Err = ParseVariantError;
+
+    /// Accepts `none`, `local` or `shared`, case-insensitively.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "none" => Ok(Self::None),
+            "local" => Ok(Self::Local),
+            "shared" => Ok(Self::Shared),
+            _ => Err(ParseVariantError::new("`none`, `local` or `shared`", s)),
         }
     }
 }

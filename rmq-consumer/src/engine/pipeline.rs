@@ -340,9 +340,16 @@ impl Worker {
         let (output, source) = cache
             .get_or_run(task_uuid, self.settings.timeout, run)
             .await;
-        if source == Source::Cached {
-            self.stats().count(Counter::CacheHits);
-            debug!("result answered from the cache");
+        match source {
+            Source::Cached => {
+                self.stats().count(Counter::CacheHits);
+                debug!("result answered from the cache");
+            }
+            Source::Stored => {
+                self.stats().count(Counter::CacheHits);
+                debug!("result answered from the shared result store");
+            }
+            Source::Ran | Source::SharedFailure => {}
         }
         output
     }
