@@ -159,6 +159,23 @@ fn http_get(addr: SocketAddr, path: &str) -> String {
         .unwrap_or_default()
 }
 
+/// The status code of `GET path` on a worker's HTTP endpoint.
+fn http_status(addr: SocketAddr, path: &str) -> u16 {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"))
+}
+
 /// The value of metric `name` of the `work` handler (`name{handler="work",...} value`), 0 when
 /// the line is missing.
 fn metric(text: &str, name: &str) -> u64 {
@@ -920,7 +937,8 @@ async fn s8_redis_flushed_mid_run_loses_nothing() {
 
 /// S5: the store never answers (a listener that accepts and stays silent). The worker keeps
 /// consuming: each call gives up after `result_store_timeout`, every task is answered, the
-/// errors are counted on `/metrics` and the outage is logged once.
+/// errors are counted on `/metrics` and the outage is logged once; `/readyz` stays ready
+/// unless `result_store_required = true`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s5_a_redis_that_never_answers_costs_no_message() {
     const TASKS: usize = 200;
@@ -980,6 +998,35 @@ async fn s5_a_redis_that_never_answers_costs_no_message() {
     );
     let log = worker.log();
     assert_eq!(count(&log, OUTAGE_LINE), 1, "one outage line; log:\n{log}");
+    assert_eq!(
+        http_status(http, "/readyz"),
+        200,
+        "a store that is down does not make the worker unready"
+    );
+    // With `result_store_required`, it does.
+    let required_http = free_addr();
+    let mut required = spawn_worker(
+        &setup,
+        &store,
+        required_http,
+        &[
+            ("RMQ_CONSUMER_RESULT_STORE_TIMEOUT", "200ms".to_owned()),
+            ("RMQ_CONSUMER_RESULT_STORE_LEASE", "1s".to_owned()),
+            ("RMQ_CONSUMER_RESULT_STORE_REQUIRED", "true".to_owned()),
+        ],
+    );
+    required
+        .wait_consumers(&setup.broker, &setup.route.queue, 2)
+        .await;
+    eventually(
+        "a worker that requires the store is not ready while it is down",
+        Duration::from_secs(20),
+        || http_status(required_http, "/readyz") == 503,
+    )
+    .await;
+    assert_eq!(http_status(http, "/readyz"), 200);
+    let (status, _) = required.terminate(SHUTDOWN_TIMEOUT * 2).await;
+    assert_eq!(status.code(), Some(0), "log:\n{}", required.log());
     let (status, _) = worker.terminate(SHUTDOWN_TIMEOUT * 2).await;
     assert_eq!(status.code(), Some(0), "log:\n{}", worker.log());
     setup.broker.cleanup().await;
