@@ -9,10 +9,19 @@
 //! timeout). Only successes are kept, bounded by count (`result_cache_size`) and by the bytes
 //! of their JSON (`result_cache_bytes`): the least recently used go first, and a result larger
 //! than the whole budget is not kept.
+//!
+//! With `cache = "shared"` the LRU stays in front of the store every replica shares
+//! ([`crate::store`]), and the single flight extends across the fleet: the delivery that runs
+//! a task in this process first claims it in the store. A stored result is answered without
+//! running ([`Source::Stored`]); a lease held by another replica is waited for, polling every
+//! 5 ms doubling to 200 ms, at most `message_timeout` (then the delivery fails with a timeout
+//! and is retried the normal way); a lease that expires meanwhile (its owner died) is taken
+//! over by the first waiter whose claim finds it free, which runs the handler. A store that
+//! fails or is down is skipped: the handler runs (at-least-once, as without the store).
 
 use std::{
     num::NonZeroUsize,
-    sync::{Mutex, PoisonError},
+    sync::{Mutex, PoisonError, atomic::Ordering::Relaxed},
     time::Duration,
 };
 
@@ -21,6 +30,12 @@ use serde_json::Value;
 use tokio::sync::watch;
 
 use crate::handler::{FailureAction, HandlerError, HandlerOutput};
+use crate::store::{self, HandlerStore};
+
+/// The first pause between two looks at a task another replica runs.
+const POLL_FIRST: Duration = Duration::from_millis(5);
+/// The longest pause between two looks at a task another replica runs.
+const POLL_MAX: Duration = Duration::from_millis(200);
 
 /// What a run ended with, as its waiters see it (a [`HandlerError`] is not `Clone`).
 type Shared = Result<Option<Value>, (FailureAction, &'static str, String)>;
@@ -40,6 +55,8 @@ enum Entry {
 #[derive(Debug)]
 pub(crate) struct ResultCache {
     entries: Mutex<Entries>,
+    /// The shared store behind the LRU (`cache = "shared"`).
+    shared: Option<HandlerStore>,
 }
 
 /// The entries and the bytes their results take.
@@ -87,6 +104,8 @@ pub(crate) enum Source {
     Ran,
     /// Another delivery's result was reused.
     Cached,
+    /// The result came from the shared store (another replica's run, or an earlier one).
+    Stored,
     /// Another delivery's run failed (or did not end in time), and so does this delivery.
     SharedFailure,
 }
@@ -107,7 +126,20 @@ impl ResultCache {
                 bytes: 0,
                 max_bytes,
             }),
+            shared: None,
         }
+    }
+
+    /// Whether the shared store is behind the LRU.
+    #[cfg(test)]
+    pub(crate) fn is_shared(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// Puts the shared store behind the LRU.
+    pub(crate) fn with_store(mut self, store: HandlerStore) -> Self {
+        self.shared = Some(store);
+        self
     }
 
     fn entries(&self) -> std::sync::MutexGuard<'_, Entries> {
@@ -224,9 +256,84 @@ impl ResultCache {
         match self.start(key, wait).await {
             Started::Answered(output, source) => (output, source),
             Started::Run(claimed) => {
-                let output = run().await;
+                let (output, source) = match &self.shared {
+                    Some(shared) => across_the_fleet(shared, key, wait, run).await,
+                    None => (run().await, Source::Ran),
+                };
                 claimed.finish(&output);
-                (output, Source::Ran)
+                (output, source)
+            }
+        }
+    }
+}
+
+/// Runs `run` for task `key` once across the fleet, or answers with the stored result, or
+/// waits (at most `wait`) for another replica's run; without the store, runs it.
+async fn across_the_fleet<F, Fut>(
+    shared: &HandlerStore,
+    key: &str,
+    wait: Duration,
+    run: F,
+) -> (HandlerOutput, Source)
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = HandlerOutput>,
+{
+    let stats = &shared.stats;
+    let started = tokio::time::Instant::now();
+    let mut pause = POLL_FIRST;
+    let mut waited = false;
+    loop {
+        match shared.store.claim(&shared.handler, key).await {
+            Ok(store::Claim::Stored(value)) => {
+                stats.hits.fetch_add(1, Relaxed);
+                return (Ok(value), Source::Stored);
+            }
+            Ok(store::Claim::Claimed(lease)) => {
+                if waited {
+                    stats.takeovers.fetch_add(1, Relaxed);
+                    tracing::info!("took the task over: another replica's lease on it expired");
+                } else {
+                    stats.misses.fetch_add(1, Relaxed);
+                }
+                let output = run().await;
+                let stored = output.as_ref().ok();
+                match shared.store.finish(lease, stored).await {
+                    Ok(false) if stored.is_some() => tracing::debug!(
+                        "another replica took this task's lease over while it ran here; its result is kept"
+                    ),
+                    Ok(_) => {}
+                    Err(error) => {
+                        stats.errors.fetch_add(1, Relaxed);
+                        tracing::debug!(error = %error, "the outcome was not written to the result store");
+                    }
+                }
+                return (output, Source::Ran);
+            }
+            Ok(store::Claim::Held(holder)) => {
+                if !waited {
+                    waited = true;
+                    stats.waits.fetch_add(1, Relaxed);
+                    tracing::debug!(%holder, "another replica runs this task; waiting for its result");
+                }
+                let left = wait.saturating_sub(started.elapsed());
+                if left.is_zero() {
+                    let error = HandlerError::with_kind(
+                        FailureAction::Retry,
+                        "timeout",
+                        format_args!(
+                            "waited {wait:?} (message_timeout) for another replica's run of this task"
+                        ),
+                    );
+                    return (Err(error), Source::SharedFailure);
+                }
+                tokio::time::sleep(pause.min(left)).await;
+                pause = pause.saturating_mul(2).min(POLL_MAX);
+            }
+            Err(error) => {
+                stats.errors.fetch_add(1, Relaxed);
+                tracing::debug!(error = %error, "running without the result store");
+                return (run().await, Source::Ran);
             }
         }
     }
@@ -419,5 +526,40 @@ mod tests {
         assert_eq!(cache.get_or_run("big", WAIT, big).await.1, Source::Ran);
         assert_eq!(cache.get_or_run("big", WAIT, big).await.1, Source::Ran);
         assert!(cache.entries().bytes <= 25);
+    }
+
+    #[tokio::test]
+    async fn a_store_that_is_down_lets_the_handler_run() {
+        let config = crate::config::Config {
+            result_store_timeout: std::time::Duration::from_millis(200),
+            ..crate::config::Config::default()
+        };
+        // Nothing listens on port 1.
+        let url = crate::config::SecretUrl::new("redis://127.0.0.1:1/0");
+        let store = crate::store::Store::new(&config, &url, vec![("h".to_owned(), "q".to_owned())])
+            .unwrap_or_else(|error| panic!("{error}"));
+        let stats = store.monitor().stats("h").unwrap_or_default();
+        let cache = cache(8).with_store(HandlerStore {
+            store,
+            handler: "h".to_owned(),
+            stats: Arc::clone(&stats),
+        });
+        let (first, source) = cache
+            .get_or_run("k", WAIT, || async { Ok(Some(json!(1))) })
+            .await;
+        assert_eq!(
+            (first.ok().flatten(), source),
+            (Some(json!(1)), Source::Ran)
+        );
+        // The LRU in front still answers.
+        let (_, source) = cache.get_or_run("k", WAIT, || async { Ok(None) }).await;
+        assert_eq!(source, Source::Cached);
+        // Down: the next task runs at once, without waiting for the store.
+        let started = std::time::Instant::now();
+        let (_, source) = cache.get_or_run("j", WAIT, || async { Ok(None) }).await;
+        assert_eq!(source, Source::Ran);
+        assert!(started.elapsed() < std::time::Duration::from_millis(100));
+        assert_eq!(stats.errors.load(Ordering::SeqCst), 2);
+        assert_eq!(stats.hits.load(Ordering::SeqCst), 0);
     }
 }

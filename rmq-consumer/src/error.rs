@@ -38,6 +38,9 @@ pub enum Error {
     /// A signal handler could not be installed.
     #[error("cannot listen for shutdown signals")]
     Signal(#[source] std::io::Error),
+    /// The shared result store (`result_store`) cannot be set up.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 impl From<SetupError> for Error {
@@ -365,6 +368,61 @@ pub enum ConnectError {
         /// The limit.
         after: std::time::Duration,
     },
+}
+
+/// The shared result store (`result_store`) failed. The engine goes on without it (the
+/// handler runs); only setting it up ([`StoreError::InvalidUrl`], [`StoreError::TlsFile`])
+/// stops the engine. No variant holds the URL's password.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The URL is not one the Redis client accepts.
+    #[error("invalid result_store URL `{url}`")]
+    InvalidUrl {
+        /// The URL, password masked.
+        url: String,
+    },
+    /// A TLS file for `rediss://` cannot be read.
+    #[error("cannot read {path} for the result store's TLS")]
+    TlsFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The failure.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The store is down (an earlier call failed) and the next probe is not due: the call was
+    /// not made.
+    #[error("the result store {url} is down (probed again within a second)")]
+    Down {
+        /// The URL, password masked.
+        url: String,
+    },
+    /// The store answered with an error or the connection failed.
+    #[error("the result store {url} failed: {message}")]
+    Failed {
+        /// The URL, password masked.
+        url: String,
+        /// The client's message, any password removed.
+        message: String,
+    },
+    /// The store did not answer within `result_store_timeout`.
+    #[error("the result store {url} did not answer within {after:?} (result_store_timeout)")]
+    TimedOut {
+        /// The URL, password masked.
+        url: String,
+        /// The limit.
+        after: Duration,
+    },
+    /// A stored value is not a result this version wrote.
+    #[error("the value at `{key}` in the result store is not a stored result")]
+    Undecodable {
+        /// The key.
+        key: String,
+    },
+    /// A result could not be serialized for the store.
+    #[error("the result cannot be serialized for the result store")]
+    Unserializable,
 }
 
 /// `error: cause: cause` on one line, for logs; a cause whose text the line already holds is

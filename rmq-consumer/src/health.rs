@@ -21,6 +21,8 @@ pub(crate) struct Health {
     pub(crate) reconnects: AtomicU64,
     pub(crate) healing_failed: AtomicBool,
     pub(crate) handlers: Vec<HandlerStats>,
+    /// The shared result store's state and counters, when handlers use it.
+    pub(crate) store: std::sync::OnceLock<Arc<crate::store::Monitor>>,
 }
 
 /// Buckets of the duration histograms, in seconds: 1 ms to about 10 min.
@@ -190,6 +192,7 @@ impl Health {
                 .into_iter()
                 .map(|(name, queue)| HandlerStats::new(name, queue))
                 .collect(),
+            store: std::sync::OnceLock::new(),
         }
     }
 

@@ -104,7 +104,15 @@ async fn livez(State(health): State<Arc<Health>>) -> (StatusCode, String) {
 }
 
 async fn readyz(State(health): State<Arc<Health>>) -> (StatusCode, String) {
-    verdict(readiness(&health.snapshot()))
+    let mut problems = readiness(&health.snapshot());
+    problems.extend(
+        health
+            .store
+            .get()
+            .map(|store| store.readiness())
+            .unwrap_or_default(),
+    );
+    verdict(problems)
 }
 
 fn verdict(problems: Vec<String>) -> (StatusCode, String) {

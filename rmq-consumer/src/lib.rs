@@ -59,6 +59,7 @@ pub mod registry;
 pub mod retry;
 pub(crate) mod settings;
 mod shutdown;
+mod store;
 pub mod text;
 pub mod tls;
 mod topology;

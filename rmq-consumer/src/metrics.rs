@@ -73,6 +73,9 @@ impl Collector for EngineCollector {
                 pick(handler).encode(metric.encode_family(&labels)?)?;
             }
         }
+        if let Some(store) = health.store.get() {
+            store.encode(&mut encoder)?;
+        }
         let snapshot = health.snapshot();
         let engine_gauges = [
             (

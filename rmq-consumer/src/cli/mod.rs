@@ -1,5 +1,5 @@
-//! The `rmq-consumer` operator CLI: `publish`, `status`, `dlq peek|list|replay|purge`, `handlers`,
-//! `check-config`.
+//! The `rmq-consumer` operator CLI: `publish`, `status`, `dlq peek|list|replay|purge`,
+//! `cache get|forget`, `handlers`, `check-config`.
 //!
 //! The `rmq-consumer` binary calls [`main`]. A binary that declares its own `#[consumer]`
 //! handlers can embed the same CLI, so that `handlers`, `status` and `check-config` see those
@@ -23,6 +23,7 @@
 //! [`EXIT_ERROR`] (2) nothing could be done (usage error, a queue missing, the broker
 //! unreachable).
 
+mod cache;
 mod check_config;
 mod dlq;
 mod handlers;
@@ -175,6 +176,7 @@ async fn dispatch(cli: Cli, io: &mut Io<'_>) -> i32 {
         Command::Publish(args) => publish::run(&cli.global, args, io).await,
         Command::Status(args) => status::run(&cli.global, args, io).await,
         Command::Dlq { command } => dlq::run(&cli.global, command, io).await,
+        Command::Cache { command } => cache::run(&cli.global, command, io).await,
         Command::Handlers(args) => handlers::run(&cli.global, &args, io),
         Command::CheckConfig(args) => check_config::run(&cli.global, &args, io),
     };
@@ -228,6 +230,11 @@ enum Command {
     Dlq {
         #[command(subcommand)]
         command: dlq::Command,
+    },
+    /// Show or forget a task's result in the shared result store (`result_store`).
+    Cache {
+        #[command(subcommand)]
+        command: cache::Command,
     },
     /// List the handlers registered in this binary.
     Handlers(handlers::Args),
@@ -302,6 +309,9 @@ pub(crate) enum CliError {
     /// Output could not be serialized.
     #[error("cannot encode JSON output")]
     Json(#[from] serde_json::Error),
+    /// The shared result store cannot be used.
+    #[error(transparent)]
+    Store(#[from] crate::error::StoreError),
 }
 
 impl CliError {
@@ -315,7 +325,8 @@ impl CliError {
             | Self::MissingQueue(_)
             | Self::Usage(_)
             | Self::Input { .. }
-            | Self::InvalidJson { .. } => EXIT_ERROR,
+            | Self::InvalidJson { .. }
+            | Self::Store(_) => EXIT_ERROR,
         }
     }
 

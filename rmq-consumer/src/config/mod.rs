@@ -34,7 +34,8 @@
 //!   `true`/`false`/`1`/`0`. `<HANDLER>` is lower-cased to name the section. Unknown
 //!   `RMQ_CONSUMER_*` variables are errors, like unknown keys.
 //!
-//! Connection URLs are held as [`SecretUrl`], whose `Debug` and `Display` mask the password;
+//! Connection URLs (the broker's, `management_url`, and `result_store`, the shared result
+//! store's Redis URL) are held as [`SecretUrl`], whose `Debug` and `Display` mask the password;
 //! no `Debug` or `Display` of this module's types (errors included) prints a password. The
 //! password can also be given on its own (`password`, `RMQ_CONSUMER_PASSWORD`): it is a
 //! [`Password`] and goes into every URL ([`with_password`]).
@@ -113,6 +114,14 @@ pub const DEFAULT_RESULT_CACHE_SIZE: usize = 1000;
 pub const MAX_RESULT_CACHE_SIZE: usize = 10_000_000;
 /// Default `result_cache_bytes` (64 MiB of results' JSON, per handler).
 pub const DEFAULT_RESULT_CACHE_BYTES: usize = 64 * 1024 * 1024;
+/// Default `result_ttl`: how long a result stays in the shared store (24 h).
+pub const DEFAULT_RESULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+/// Default `result_store_timeout`: the longest any call to the shared store may take.
+pub const DEFAULT_RESULT_STORE_TIMEOUT: Duration = Duration::from_millis(500);
+/// Default `result_store_lease`: how long a task's lease lives without being renewed.
+pub const DEFAULT_RESULT_STORE_LEASE: Duration = Duration::from_secs(10);
+/// Default `result_store_prefix`: the start of every key the engine writes to the store.
+pub const DEFAULT_RESULT_STORE_PREFIX: &str = "rmq-consumer:";
 /// Default `shutdown_timeout`.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default `confirm_timeout`.
@@ -232,6 +241,32 @@ pub struct Config {
     /// Bytes of JSON the cached results of one handler may take; the least recently used go
     /// first, a larger result is not kept. Default [`DEFAULT_RESULT_CACHE_BYTES`].
     pub result_cache_bytes: usize,
+    /// The result store shared by every replica (`result_store`): a `redis://` or
+    /// `rediss://` URL (TLS with [`tls`](Self::tls), the broker connection's files), masked
+    /// like the broker URLs. `None` (the default): no shared store; a handler with
+    /// `cache = "shared"` is then a configuration error. See the README, "Shared result store".
+    pub result_store: Option<SecretUrl>,
+    /// How long a result stays in the shared store (`result_ttl`). Default
+    /// [`DEFAULT_RESULT_TTL`].
+    #[serde(serialize_with = "written")]
+    pub result_ttl: Duration,
+    /// The longest any call to the shared store may take (`result_store_timeout`); a slower
+    /// call counts as a store failure and the delivery goes on without the store. Default
+    /// [`DEFAULT_RESULT_STORE_TIMEOUT`].
+    #[serde(serialize_with = "written")]
+    pub result_store_timeout: Duration,
+    /// How long a task's lease lives in the store unless renewed (`result_store_lease`); the
+    /// owner renews it every third of this while the handler runs, and another replica takes
+    /// the task over once it expires. At least 3 × `result_store_timeout`. Default
+    /// [`DEFAULT_RESULT_STORE_LEASE`].
+    #[serde(serialize_with = "written")]
+    pub result_store_lease: Duration,
+    /// Whether `/readyz` reports not ready while the store is unreachable
+    /// (`result_store_required`). Default `false`: the engine works on without it.
+    pub result_store_required: bool,
+    /// The start of every key written to the store (`result_store_prefix`), so several
+    /// deployments can share one Redis. Default [`DEFAULT_RESULT_STORE_PREFIX`].
+    pub result_store_prefix: String,
     /// Time allowed for in-flight handlers to finish on shutdown. Default
     /// [`DEFAULT_SHUTDOWN_TIMEOUT`].
     #[serde(serialize_with = "written")]
@@ -284,6 +319,12 @@ impl Default for Config {
             enable_result_cache: false,
             result_cache_size: DEFAULT_RESULT_CACHE_SIZE,
             result_cache_bytes: DEFAULT_RESULT_CACHE_BYTES,
+            result_store: None,
+            result_ttl: DEFAULT_RESULT_TTL,
+            result_store_timeout: DEFAULT_RESULT_STORE_TIMEOUT,
+            result_store_lease: DEFAULT_RESULT_STORE_LEASE,
+            result_store_required: false,
+            result_store_prefix: DEFAULT_RESULT_STORE_PREFIX.to_owned(),
             queue_type: QueueType::Classic,
             reply_to: ReplyToPolicy::Honour,
             bind_reply_queue: true,
@@ -363,6 +404,56 @@ pub struct ConsumerConfig {
     /// the handler (overrides `batch_wait` on its `#[consumer]`).
     #[serde(serialize_with = "written")]
     pub batch_wait: Option<Duration>,
+    /// Which result cache this handler uses (`cache`): `"none"`, `"local"` (this process's
+    /// LRU) or `"shared"` (the LRU in front of [`Config::result_store`]). `None` means
+    /// `"local"` when [`Config::enable_result_cache`] is on, else `"none"`.
+    pub cache: Option<CacheMode>,
+}
+
+/// Which result cache a handler uses (`[consumers.<name>] cache`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum CacheMode {
+    /// No cache: every delivery runs the handler.
+    #[default]
+    None,
+    /// This process's LRU (`result_cache_size`, `result_cache_bytes`): concurrent and later
+    /// deliveries of a task in this process reuse its result.
+    Local,
+    /// The LRU in front of the store every replica shares (`result_store`): a task runs once
+    /// across the fleet while the store is up (see the README, "Shared result store").
+    Shared,
+}
+
+impl CacheMode {
+    /// The name used in configuration.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Local => "local",
+            Self::Shared => "shared",
+        }
+    }
+}
+
+impl fmt::Display for CacheMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for CacheMode {
+    type Err = ParseVariantError;
+
+    /// Accepts `none`, `local` or `shared`, case-insensitively.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "none" => Ok(Self::None),
+            "local" => Ok(Self::Local),
+            "shared" => Ok(Self::Shared),
+            _ => Err(ParseVariantError::new("`none`, `local` or `shared`", s)),
+        }
+    }
 }
 
 /// The type of declared queues.
@@ -669,6 +760,17 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
         build(toml.map(|text| (text, "toml")), env, Vec::new())
+    }
+
+    /// The result cache handler `name` uses: its section's `cache`, else `local` when
+    /// `enable_result_cache` is on, else `none`.
+    #[must_use]
+    pub fn cache_mode(&self, name: &str) -> CacheMode {
+        match self.consumers.get(name).and_then(|section| section.cache) {
+            Some(mode) => mode,
+            None if self.enable_result_cache => CacheMode::Local,
+            None => CacheMode::None,
+        }
     }
 
     /// The `[consumers.<name>]` section of handler `name`, or an empty one.

@@ -11,12 +11,13 @@ use std::time::Duration;
 
 use super::error::syntax_problem;
 use super::secret::{
-    DEFAULT_URL_WITHOUT_PASSWORD, amqp_url_problem, http_url_problem, with_password,
+    DEFAULT_URL_WITHOUT_PASSWORD, amqp_url_problem, http_url_problem, redis_url_problem,
+    with_password,
 };
 use super::value::{FromConfigValue, range_message, shown, toml_type};
 use super::{
-    CONFIG_PATH_ENV, Config, ConfigError, ConfigProblem, ConsumerConfig, ENV_PREFIX, LogConfig,
-    MAX_BODY_SIZE_LIMIT, MAX_RESULT_CACHE_SIZE, Password, SecretUrl,
+    CONFIG_PATH_ENV, CacheMode, Config, ConfigError, ConfigProblem, ConsumerConfig, ENV_PREFIX,
+    LogConfig, MAX_BODY_SIZE_LIMIT, MAX_RESULT_CACHE_SIZE, Password, SecretUrl,
 };
 
 /// Top-level settings with other spellings: the name, then its aliases or `[log]` keys.
@@ -83,6 +84,7 @@ pub(crate) fn build(
     scope.problems = problems;
     let config = scope.config(consumer_env);
     scope.report_unknown();
+    scope.check_result_store(&config);
     if scope.problems.is_empty() {
         Ok(config)
     } else {
@@ -205,6 +207,22 @@ impl Scope {
             result_cache_bytes: self
                 .size(&["result_cache_bytes"], usize::MAX)
                 .unwrap_or(defaults.result_cache_bytes),
+            result_store: self.result_store(),
+            result_ttl: self
+                .positive_duration(&["result_ttl"])
+                .unwrap_or(defaults.result_ttl),
+            result_store_timeout: self
+                .positive_duration(&["result_store_timeout"])
+                .unwrap_or(defaults.result_store_timeout),
+            result_store_lease: self
+                .positive_duration(&["result_store_lease"])
+                .unwrap_or(defaults.result_store_lease),
+            result_store_required: self
+                .get(&["result_store_required"])
+                .unwrap_or(defaults.result_store_required),
+            result_store_prefix: self
+                .get(&["result_store_prefix"])
+                .unwrap_or(defaults.result_store_prefix),
             queue_type: self.get(&["queue_type"]).unwrap_or(defaults.queue_type),
             reply_to: self.get(&["reply_to"]).unwrap_or(defaults.reply_to),
             bind_reply_queue: self
@@ -257,6 +275,43 @@ impl Scope {
             }
         }
         Some(urls)
+    }
+
+    /// `result_store`: a Redis URL.
+    fn result_store(&mut self) -> Option<SecretUrl> {
+        let (key, url) = self.get_keyed::<SecretUrl>(&["result_store"])?;
+        if let Some(message) = redis_url_problem(&url) {
+            self.problem(key, message);
+        }
+        Some(url)
+    }
+
+    /// What the result store keys require of each other and of the handlers: a lease that
+    /// outlives a few store calls, and a store for every `cache = "shared"`.
+    fn check_result_store(&mut self, config: &Config) {
+        if config.result_store_lease < config.result_store_timeout.saturating_mul(3) {
+            self.problem(
+                "result_store_lease",
+                format!(
+                    "must be at least 3 × result_store_timeout ({}): the lease is renewed every \
+                     third of it, each renewal taking up to result_store_timeout; got {}",
+                    humantime::format_duration(config.result_store_timeout),
+                    humantime::format_duration(config.result_store_lease)
+                ),
+            );
+        }
+        if config.result_store.is_some() {
+            return;
+        }
+        for (name, section) in &config.consumers {
+            if section.cache == Some(CacheMode::Shared) {
+                self.problem(
+                    format!("consumers.{name}.cache"),
+                    "is \"shared\" but `result_store` is not set: set result_store = \
+                     \"redis://host:6379/0\", or use cache = \"local\"",
+                );
+            }
+        }
     }
 
     /// `retry_connect_max`: at least `retry_connect_interval`, which it defaults to.
@@ -457,6 +512,7 @@ impl Scope {
             enabled: self.get(&["enabled"]),
             batch: self.int(&["batch"], 1, u16::MAX),
             batch_wait: self.get(&["batch_wait"]),
+            cache: self.get(&["cache"]),
         }
     }
 

@@ -362,6 +362,32 @@ pub(crate) fn amqp_url_problem(url: &SecretUrl) -> Option<String> {
     None
 }
 
+/// A `result_store` URL: `redis://` or `rediss://` with a host, which the Redis client
+/// accepts. Messages show the URL masked, never the client's own text (it may quote it).
+pub(crate) fn redis_url_problem(url: &SecretUrl) -> Option<String> {
+    let raw = url.expose();
+    let lower = raw.to_ascii_lowercase();
+    let rest = lower
+        .strip_prefix("redis://")
+        .or_else(|| lower.strip_prefix("rediss://"));
+    match rest {
+        Some(rest) if !rest.is_empty() && !rest.starts_with('/') => {}
+        _ => {
+            return Some(format!(
+                "must be a redis:// or rediss:// URL with a host, got `{}`",
+                url.masked()
+            ));
+        }
+    }
+    match redis::IntoConnectionInfo::into_connection_info(raw) {
+        Ok(_) => None,
+        Err(_) => Some(format!(
+            "is not a valid Redis URL (expected redis://[user:password@]host[:port][/db]): `{}`",
+            url.masked()
+        )),
+    }
+}
+
 pub(crate) fn http_url_problem(url: &SecretUrl) -> Option<String> {
     let lower = url.expose().to_ascii_lowercase();
     let rest = lower

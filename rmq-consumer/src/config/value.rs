@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use super::secret::{mask_url, split_urls};
 use super::{
-    LogFormat, ParseVariantError, Password, PublishVia, QueueType, ReplyToPolicy, SecretUrl,
+    CacheMode, LogFormat, ParseVariantError, Password, PublishVia, QueueType, ReplyToPolicy,
+    SecretUrl,
 };
 
 pub(crate) fn range_message(value: i128, min: i128, max: i128) -> String {
@@ -110,7 +111,7 @@ macro_rules! serialize_as_str {
     )*};
 }
 
-serialize_as_str!(QueueType, PublishVia, LogFormat);
+serialize_as_str!(QueueType, PublishVia, LogFormat, CacheMode);
 
 /// `"honour"`, `"ignore"`, or the list of prefixes.
 impl serde::Serialize for ReplyToPolicy {
@@ -353,6 +354,17 @@ impl FromConfigValue for ReplyToPolicy {
 
     fn from_env(text: &str) -> Result<Self, String> {
         Self::from_words(text).or_else(|_| Self::prefixes(text.split(',')))
+    }
+}
+
+impl FromConfigValue for CacheMode {
+    fn from_toml(value: &toml::Value) -> Result<Self, String> {
+        String::from_toml(value).and_then(|s| Self::from_env(&s))
+    }
+
+    fn from_env(text: &str) -> Result<Self, String> {
+        text.parse()
+            .map_err(|error: ParseVariantError| error.to_string())
     }
 }
 

@@ -60,6 +60,8 @@ pub struct Engine {
     health: Arc<Health>,
     shutdown: CancellationToken,
     trackers: Arc<std::sync::Mutex<Vec<watchdog::Tracker>>>,
+    /// The shared result store, when a handler uses it.
+    store: Option<crate::store::Store>,
 }
 
 /// Builds an [`Engine`].
@@ -120,10 +122,15 @@ impl EngineBuilder {
             all.iter().map(|s| (s.name.clone(), s.queue.clone())),
         ));
         let cache_size = NonZeroUsize::new(config.result_cache_size).unwrap_or(NonZeroUsize::MIN);
+        let store = crate::store::for_engine(&config, &all, &health)?;
         let workers = all
             .into_iter()
             .enumerate()
             .map(|(index, settings)| {
+                let cache =
+                    crate::store::cache_for(&config, &settings.name, store.as_ref(), || {
+                        ResultCache::new(cache_size, config.result_cache_bytes)
+                    });
                 Arc::new(Worker {
                     semaphore: Arc::new(Semaphore::new(settings.concurrency)),
                     memory: crate::body::Budget::new(settings.max_in_flight_bytes),
@@ -131,9 +138,7 @@ impl EngineBuilder {
                     exchange: config.exchange.clone(),
                     max_body_size: config.max_body_size,
                     result_publish_retry: config.result_publish_retry,
-                    cache: config
-                        .enable_result_cache
-                        .then(|| ResultCache::new(cache_size, config.result_cache_bytes)),
+                    cache,
                     health: Arc::clone(&health),
                     index,
                     resubscribe: tokio::sync::Notify::new(),
@@ -154,6 +159,7 @@ impl EngineBuilder {
             workers,
             health,
             shutdown: self.shutdown.unwrap_or_default(),
+            store,
         })
     }
 }
@@ -217,6 +223,9 @@ impl Engine {
                      the broker would close the channel and redeliver everything on it; lower message_timeout \
                      or read_ahead, or raise consumer_timeout (per queue: the x-consumer-timeout argument or a policy)");
             }
+        }
+        if let Some(store) = &self.store {
+            store.start();
         }
         let stop_http = CancellationToken::new();
         if let Some(addr) = self.config.http_addr {

@@ -341,9 +341,16 @@ impl Worker {
         let (output, source) = cache
             .get_or_run(task_uuid, self.settings.timeout, run)
             .await;
-        if source == Source::Cached {
-            self.stats().cache_hits.fetch_add(1, Relaxed);
-            debug!("result answered from the cache");
+        match source {
+            Source::Cached => {
+                self.stats().cache_hits.fetch_add(1, Relaxed);
+                debug!("result answered from the cache");
+            }
+            Source::Stored => {
+                self.stats().cache_hits.fetch_add(1, Relaxed);
+                debug!("result answered from the shared result store");
+            }
+            Source::Ran | Source::SharedFailure => {}
         }
         output
     }

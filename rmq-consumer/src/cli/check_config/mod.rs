@@ -74,6 +74,7 @@ pub(crate) fn run(global: &Global, args: &Args, io: &mut Io<'_>) -> Result<i32, 
             h.put("declare", json!(s.declare));
             h.put("publish_via", json!(s.publish_via.as_str()));
             h.put("blocking", json!(s.blocking));
+            h.put("cache", json!(config.cache_mode(&s.name).as_str()));
             if let Some(batch) = &s.batch {
                 h.put("batch", json!(batch.size));
                 h.put("batch_wait", json!(duration(batch.wait)));

@@ -194,6 +194,7 @@ fn full_toml() {
             enabled: Some(false),
             batch: None,
             batch_wait: None,
+            cache: None,
         }
     );
 }
@@ -369,4 +370,120 @@ fn serializes_as_the_file_writes_it() {
     assert!(!json.to_string().contains("hunter"), "{json}");
     assert_eq!(json["password"], "****");
     assert_eq!(json["url"][0], "amqp://app:****@a:5672/%2f");
+}
+
+#[test]
+fn result_store_keys_default_off() {
+    let config = Config::default();
+    assert_eq!(config.result_store, None);
+    assert_eq!(config.result_ttl, Duration::from_secs(24 * 3600));
+    assert_eq!(config.result_store_timeout, Duration::from_millis(500));
+    assert_eq!(config.result_store_lease, Duration::from_secs(10));
+    assert!(!config.result_store_required);
+    assert_eq!(config.result_store_prefix, "rmq-consumer:");
+    assert_eq!(config.cache_mode("any"), CacheMode::None);
+    let local = Config::from_toml_str("enable_result_cache = true").unwrap();
+    assert_eq!(local.cache_mode("any"), CacheMode::Local);
+}
+
+#[test]
+fn result_store_keys_from_the_file_and_the_environment() {
+    let config = Config::from_sources(
+        Some(
+            r#"
+            result_store = "rediss://app:s3cret@redis:6380/2"
+            result_ttl = "1h"
+            result_store_timeout = "200ms"
+            result_store_lease = "5s"
+            result_store_required = true
+            result_store_prefix = "prod:"
+            enable_result_cache = true
+
+            [consumers.resize]
+            cache = "shared"
+
+            [consumers.thumb]
+            cache = "NONE"
+            "#,
+        ),
+        env(&[
+            ("RMQ_CONSUMER_RESULT_TTL", "2h"),
+            ("RMQ_CONSUMER_CONSUMERS__OCR__CACHE", "shared"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(
+        config.result_store.as_ref().map(SecretUrl::expose),
+        Some("rediss://app:s3cret@redis:6380/2")
+    );
+    assert_eq!(config.result_ttl, Duration::from_secs(2 * 3600));
+    assert_eq!(config.result_store_timeout, Duration::from_millis(200));
+    assert_eq!(config.result_store_lease, Duration::from_secs(5));
+    assert!(config.result_store_required);
+    assert_eq!(config.result_store_prefix, "prod:");
+    assert_eq!(config.cache_mode("resize"), CacheMode::Shared);
+    assert_eq!(config.cache_mode("thumb"), CacheMode::None);
+    assert_eq!(config.cache_mode("ocr"), CacheMode::Shared);
+    assert_eq!(config.cache_mode("other"), CacheMode::Local);
+    // The password never shows.
+    let shown = format!(
+        "{config:?} {} {}",
+        serde_json::to_string(&config).unwrap(),
+        config.result_store.as_ref().unwrap()
+    );
+    assert!(!shown.contains("s3cret"), "{shown}");
+    assert!(shown.contains("rediss://app:****@redis:6380/2"), "{shown}");
+}
+
+#[test]
+fn result_store_problems_name_their_keys() {
+    let found = problems(Config::from_toml_str(
+        r#"
+        result_store = "http://:s3cret@redis:6379"
+        result_ttl = 0
+        [consumers.a]
+        cache = "fleet"
+        "#,
+    ));
+    assert!(!format!("{found:?}").contains("s3cret"), "{found:?}");
+    assert!(
+        problem_for(&found, "result_store")
+            .message
+            .contains("redis:// or rediss://"),
+        "{found:?}"
+    );
+    assert!(
+        problem_for(&found, "result_ttl")
+            .message
+            .contains("greater than zero")
+    );
+    assert!(
+        problem_for(&found, "consumers.a.cache")
+            .message
+            .contains("`none`, `local` or `shared`")
+    );
+
+    // `shared` without a store names both keys.
+    let found = problems(Config::from_toml_str("[consumers.a]\ncache = \"shared\""));
+    let message = &problem_for(&found, "consumers.a.cache").message;
+    assert!(message.contains("result_store"), "{message}");
+
+    // The lease must outlive a few calls.
+    let found = problems(Config::from_toml_str(
+        "result_store_timeout = \"1s\"\nresult_store_lease = \"2s\"",
+    ));
+    assert!(
+        problem_for(&found, "result_store_lease")
+            .message
+            .contains("3 ×")
+    );
+
+    // A near miss gets a hint.
+    let found = problems(Config::from_toml_str("result_stor = \"redis://r\""));
+    assert!(
+        problem_for(&found, "result_stor")
+            .message
+            .contains("result_store"),
+        "{found:?}"
+    );
 }
