@@ -11,6 +11,13 @@ pub(crate) struct Sizes {
     pub(crate) latency_rate: u64,
     pub(crate) m_small: u64,
     pub(crate) m_large: u64,
+    /// B: tasks per cell at `batch = 8` and `32`.
+    pub(crate) b_tasks: u64,
+    /// B: tasks at `batch = 1` (~49/s: 1,000 take 20 s).
+    pub(crate) b_single: u64,
+    /// B: the latency run's tasks per second and seconds.
+    pub(crate) b_rate: u64,
+    pub(crate) b_secs: u64,
 }
 
 const FULL: Sizes = Sizes {
@@ -21,6 +28,10 @@ const FULL: Sizes = Sizes {
     latency_rate: 1_000,
     m_small: 10_000,
     m_large: 100_000,
+    b_tasks: 10_000,
+    b_single: 1_000,
+    b_rate: 500,
+    b_secs: 20,
 };
 
 const QUICK: Sizes = Sizes {
@@ -31,6 +42,10 @@ const QUICK: Sizes = Sizes {
     latency_rate: 1_000,
     m_small: 10_000,
     m_large: 50_000,
+    b_tasks: 2_000,
+    b_single: 200,
+    b_rate: 500,
+    b_secs: 6,
 };
 
 #[derive(Debug)]
@@ -41,7 +56,7 @@ pub(crate) struct Args {
     /// machine that also runs the broker; 9 back-to-back pairs keep the median steady.
     pub(crate) runs: usize,
     /// Runs per cell at prefetch 4, whose drains are long: latency-bound at a few hundred to a
-    /// few thousand msg/s.
+    /// few thousand msg/s; and per cell of B, which is timer-bound.
     pub(crate) runs_low: usize,
     /// Measure only this implementation (for profiling).
     pub(crate) only: Option<Imp>,
@@ -59,8 +74,11 @@ impl Args {
     }
 }
 
-const USAGE: &str = "usage: bench [S1] [S2] [S3] [L] [M] [--quick] [--runs N] \
+const USAGE: &str = "usage: bench [S1] [S2] [S3] [L] [M] [H] [B] [--quick] [--runs N] \
                      [--only framework|raw] [--prefetch N]";
+
+/// Every scenario, in the order a full run measures them.
+const ALL: [&str; 7] = ["S1", "S2", "S3", "L", "M", "H", "B"];
 
 pub(crate) fn parse_args(args: &[String]) -> Res<Args> {
     let mut scenarios = Vec::new();
@@ -89,7 +107,7 @@ pub(crate) fn parse_args(args: &[String]) -> Res<Args> {
             "-h" | "--help" => return Err(USAGE.into()),
             other => {
                 let name = other.to_uppercase();
-                if !["S1", "S2", "S3", "L", "M", "H"].contains(&name.as_str()) {
+                if !ALL.contains(&name.as_str()) {
                     return Err(format!("unknown argument `{other}`; {USAGE}").into());
                 }
                 scenarios.push(name);
@@ -97,16 +115,14 @@ pub(crate) fn parse_args(args: &[String]) -> Res<Args> {
         }
     }
     if scenarios.is_empty() {
-        scenarios = ["S1", "S2", "S3", "L", "M", "H"]
-            .map(str::to_owned)
-            .to_vec();
+        scenarios = ALL.map(str::to_owned).to_vec();
     }
     Ok(Args {
         scenarios,
         sizes: if quick { QUICK } else { FULL },
         runs: runs.unwrap_or(if quick { 1 } else { 9 }),
         // An explicit `--runs` applies to every cell; by default the long prefetch-4 drains
-        // run once, to keep the full run near six minutes.
+        // and B's timer-bound cells run once, to keep the full run near nine minutes.
         runs_low: runs.unwrap_or(1),
         only,
         prefetch,
@@ -124,7 +140,7 @@ mod tests {
     #[test]
     fn no_scenario_means_all_at_full_size() {
         let args = parse(&[]).unwrap();
-        assert_eq!(args.scenarios, ["S1", "S2", "S3", "L", "M", "H"]);
+        assert_eq!(args.scenarios, ["S1", "S2", "S3", "L", "M", "H", "B"]);
         assert_eq!(args.sizes.s1, FULL.s1);
         assert_eq!((args.runs, args.runs_low), (9, 1));
     }

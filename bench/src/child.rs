@@ -21,6 +21,7 @@ use tokio::{
 
 use crate::{
     BoxError, DEFAULT_URL, Res,
+    model::Passes,
     procfs::{cpu_seconds, peak_rss_kib},
     raw::child_raw,
 };
@@ -197,6 +198,12 @@ pub(crate) enum Work {
     TokioSleep,
     /// Decode a hostile body into a `Value`, then ack (H).
     Bomb,
+    /// B: one request per forward pass of the simulated model (concurrency 1), result with
+    /// confirms.
+    Model,
+    /// B: batches of up to `size` requests per forward pass, handed over when full or when
+    /// their first request has waited `wait_ms` (concurrency 1), each result with confirms.
+    Batch { size: u16, wait_ms: u16 },
 }
 
 impl Work {
@@ -207,7 +214,19 @@ impl Work {
             Self::Sleep => "bench_sleep",
             Self::TokioSleep => "bench_tokio_sleep",
             Self::Bomb => "bench_bomb",
+            Self::Model => "bench_model",
+            Self::Batch { .. } => "bench_batch",
         }
+    }
+
+    /// Whether the handler publishes a result (to a result queue the parent declares).
+    pub(crate) fn publishes(self) -> bool {
+        matches!(self, Self::Request | Self::Model | Self::Batch { .. })
+    }
+
+    /// The simulated model's handlers run one forward pass at a time (B).
+    pub(crate) fn is_model(self) -> bool {
+        matches!(self, Self::Model | Self::Batch { .. })
     }
 }
 
@@ -248,6 +267,9 @@ pub(crate) struct Report {
     /// H: bodies dead-lettered instead of decoded.
     #[serde(default)]
     pub(crate) dead_lettered: u64,
+    /// B: the simulated model's forward passes.
+    #[serde(default)]
+    pub(crate) passes: Option<Passes>,
 }
 
 impl Report {
@@ -310,6 +332,7 @@ pub(crate) fn finish(processed: u64, max_in_flight: u64, slots: u16) -> Res<Repo
         slots: Slots::measure(first.at, end, slots),
         broker_cpu_s: None,
         dead_lettered: 0,
+        passes: Passes::recorded(),
     })
 }
 
@@ -339,7 +362,13 @@ async fn child_framework(spec: &Spec, url: String) -> Res<Report> {
         log: warn_logs(),
         ..Config::default()
     };
-    let request = spec.work == Work::Request;
+    let request = spec.work.publishes();
+    let (batch, batch_wait) = match spec.work {
+        Work::Batch { size, wait_ms } => {
+            (Some(size), Some(Duration::from_millis(u64::from(wait_ms))))
+        }
+        _ => (None, None),
+    };
     config.consumers.insert(
         spec.work.handler().to_owned(),
         ConsumerConfig {
@@ -347,7 +376,11 @@ async fn child_framework(spec: &Spec, url: String) -> Res<Report> {
             reply_key: request.then(|| spec.reply_key.clone()),
             reply_queue: request.then(|| spec.results.clone()),
             prefetch: Some(spec.prefetch),
+            // The model runs one forward pass at a time, as a GPU worker does.
+            concurrency: spec.work.is_model().then_some(1),
             max_in_flight_bytes: spec.budget,
+            batch,
+            batch_wait,
             ..ConsumerConfig::default()
         },
     );

@@ -1,12 +1,14 @@
 //! Throughput, latency and memory of the framework next to a hand-written lapin consumer,
 //! measured in one run against the local broker.
 //!
-//! Run it with `cargo run --release -p bench` (every scenario, about seven minutes), or pick
+//! Run it with `cargo run --release -p bench` (every scenario, about nine minutes), or pick
 //! scenarios and sizes: `-- S1 S2 --quick --runs 1`. Scenarios: `S1` drain-ack, `S2`
 //! request-result, `S3` io-bound (a timerfd wait, plus a row with `tokio::time::sleep` for
 //! comparison), `L` latency, `M` memory, `H` hostile bodies (peak RSS receiving
-//! `[{"":0},...]` at the default limits, and without the memory budget). The broker is
-//! `$RMQ_CONSUMER_URL` or `amqp://guest:guest@127.0.0.1:5672/%2f`.
+//! `[{"":0},...]` at the default limits, and without the memory budget), `B` batch handlers
+//! in front of a simulated model (framework only: throughput at batch 1, 8 and 32 against the
+//! ideal, and latency at a steady rate). The broker is `$RMQ_CONSUMER_URL` or
+//! `amqp://guest:guest@127.0.0.1:5672/%2f`.
 //!
 //! Each measurement drains a fresh, prefilled, durable queue in a child process (this binary
 //! re-executed), so CPU time (`/proc/self/stat`) and peak RSS (`VmHWM`) belong to that consumer
@@ -20,13 +22,16 @@
 //!
 //! The modules, by job: [`args`] (the command line), [`child`](mod@child) (a measured child
 //! process: the protocol, the framework's consumer and its handlers), [`raw`] (the hand-written
-//! lapin consumer), [`procfs`] (CPU time and RSS from `/proc`), [`measure`] (the parent's
-//! broker connection: prefills, runs a child, measures latency), [`scenarios`] (S1 S2 S3 L M H)
-//! and [`report`] (medians and the tables).
+//! lapin consumer), [`model`] (B's simulated model and its handlers), [`procfs`] (CPU time and
+//! RSS from `/proc`), [`measure`] (the parent's broker connection: prefills, runs a child,
+//! measures latency), [`scenarios`] (S1 S2 S3 L M H), [`batching`] (B) and [`report`]
+//! (medians and the tables).
 
 mod args;
+mod batching;
 mod child;
 mod measure;
+mod model;
 mod procfs;
 mod raw;
 mod report;

@@ -120,7 +120,7 @@ impl Bench {
             format!("{queue}.suspect"),
         ]);
         self.declare(&queue).await?;
-        if work == Work::Request {
+        if work.publishes() {
             self.declare(&results).await?;
             self.channel
                 .queue_bind(
@@ -366,19 +366,15 @@ impl Bench {
     pub(crate) async fn latency(
         &mut self,
         imp: Option<Imp>,
+        work: Work,
         prefetch: u16,
         rate: u64,
         secs: u64,
     ) -> Res<Latency> {
-        let names = self.fresh_queues("l", Work::Request).await?;
+        let tag = if work.is_model() { "b" } else { "l" };
+        let names = self.fresh_queues(tag, work).await?;
         let total = rate * secs;
-        let spec = self.spec(
-            imp.unwrap_or(Imp::Raw),
-            Work::Request,
-            &names,
-            prefetch,
-            total,
-        );
+        let spec = self.spec(imp.unwrap_or(Imp::Raw), work, &names, prefetch, total);
         let mut child = match imp {
             Some(_) => {
                 let mut child = Child::spawn(&spec, &self.url)?;
@@ -465,7 +461,7 @@ impl Bench {
             report,
         };
         eprintln!(
-            "  L   prefetch {prefetch:>3} {:<9}: p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms, \
+            "  {tag:<3} prefetch {prefetch:>3} {:<9}: p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms, \
              {} over 20 ms, {received}/{total} results, max in flight {}, task confirms p99 \
              {:.1} ms max {:.1} ms",
             imp.map_or("no consumer", Imp::label),

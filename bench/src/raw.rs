@@ -37,6 +37,9 @@ fn qos(prefetch: u16) -> u16 {
 /// A hand-written lapin consumer, as one would write it without the framework: the same
 /// `basic.qos` as the framework's and at most `prefetch` tasks at work at once.
 pub(crate) async fn child_raw(spec: &Spec, url: &str) -> Res<Report> {
+    if spec.work.is_model() {
+        return Err("B measures the framework only: the raw consumer has no model".into());
+    }
     let _logs = rmq_consumer::logging::init(&warn_logs())?;
     let connection = Connection::connect(url, ConnectionProperties::default()).await?;
     let channel = connection.create_channel().await?;
@@ -94,14 +97,23 @@ pub(crate) async fn child_raw(spec: &Spec, url: &str) -> Res<Report> {
                     drop(slot);
                 });
             }
-            work @ (Work::Drain | Work::Sleep | Work::TokioSleep | Work::Bomb) => {
+            work @ (Work::Drain
+            | Work::Sleep
+            | Work::TokioSleep
+            | Work::Bomb
+            | Work::Model
+            | Work::Batch { .. }) => {
                 // Acked from its own task, as the framework does: awaiting each ack in the
                 // receive loop measured half the rate at twice the CPU per message here.
                 tokio::spawn(async move {
                     match work {
                         Work::Sleep => io_wait().await,
                         Work::TokioSleep => tokio_wait().await,
-                        Work::Drain | Work::Request | Work::Bomb => {}
+                        Work::Drain
+                        | Work::Request
+                        | Work::Bomb
+                        | Work::Model
+                        | Work::Batch { .. } => {}
                     }
                     match delivery.acker.ack(BasicAckOptions::default()).await {
                         Ok(_) => settled.one(),

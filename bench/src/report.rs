@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use crate::{
     args::Args,
+    batching::print_batch,
     child::{Report, Slots},
     scenarios::Outcome,
 };
@@ -76,24 +77,8 @@ pub(crate) fn thousands(value: f64) -> String {
     out
 }
 
-/// S3's wait, slot use and gap between handlers, framework / raw.
-pub(crate) fn slots_note(framework: &Cell, raw: &Cell) -> String {
-    format!(
-        "wait {:.2} / {:.2} ms, slots busy {:.1} / {:.1} %, gap between handlers {:.2} / {:.2} ms",
-        framework.wait_ms,
-        raw.wait_ms,
-        framework.busy * 100.0,
-        raw.busy * 100.0,
-        framework.gap_ms,
-        raw.gap_ms,
-    )
-}
-
-pub(crate) fn verdict(ok: bool) -> &'static str {
-    if ok { "PASS" } else { "MISS" }
-}
-
-pub(crate) fn print_outcome(out: &Outcome, args: &Args, elapsed: Duration) {
+/// The throughput table (S1 S2 S3).
+fn print_rows(out: &Outcome) {
     println!();
     println!(
         "Throughput: medians of `runs` alternating runs; ratio: the median of the per-run \
@@ -127,6 +112,29 @@ pub(crate) fn print_outcome(out: &Outcome, args: &Args, elapsed: Duration) {
             or_dash(&|c| format!("{:.1}", c.rss_mib)),
             row.note
         );
+    }
+}
+
+/// S3's wait, slot use and gap between handlers, framework / raw.
+pub(crate) fn slots_note(framework: &Cell, raw: &Cell) -> String {
+    format!(
+        "wait {:.2} / {:.2} ms, slots busy {:.1} / {:.1} %, gap between handlers {:.2} / {:.2} ms",
+        framework.wait_ms,
+        raw.wait_ms,
+        framework.busy * 100.0,
+        raw.busy * 100.0,
+        framework.gap_ms,
+        raw.gap_ms,
+    )
+}
+
+pub(crate) fn verdict(ok: bool) -> &'static str {
+    if ok { "PASS" } else { "MISS" }
+}
+
+pub(crate) fn print_outcome(out: &Outcome, args: &Args, elapsed: Duration) {
+    if !out.rows.is_empty() {
+        print_rows(out);
     }
     if !out.latency.is_empty() {
         let sizes = args.sizes;
@@ -200,6 +208,9 @@ pub(crate) fn print_outcome(out: &Outcome, args: &Args, elapsed: Duration) {
                 report.rss_mib()
             );
         }
+    }
+    if let Some(batch) = &out.batch {
+        print_batch(batch);
     }
     if !out.verdicts.is_empty() {
         println!();

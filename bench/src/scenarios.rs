@@ -1,8 +1,10 @@
-//! The scenarios (S1 S2 S3 L M H): which cells each measures, and their verdicts.
+//! The scenarios (S1 S2 S3 L M H, and B in [`crate::batching`]): which cells each measures,
+//! and their verdicts.
 
 use crate::{
     Res,
     args::Args,
+    batching::{BatchOutcome, run_batch},
     child::{Imp, Report, SLEEP, Work},
     measure::{Bench, Latency},
     report::{Cell, cell, median, slots_note, thousands, verdict},
@@ -104,6 +106,8 @@ pub(crate) struct Outcome {
     pub(crate) memory: Vec<(u64, Report)>,
     /// H: (body size, budget label, report).
     pub(crate) hostile: Vec<(usize, String, Report)>,
+    /// B: batch handlers.
+    pub(crate) batch: Option<BatchOutcome>,
     pub(crate) verdicts: Vec<String>,
 }
 
@@ -114,6 +118,7 @@ pub(crate) async fn run_all(bench: &mut Bench, args: &Args) -> Res<Outcome> {
         latency: Vec::new(),
         memory: Vec::new(),
         hostile: Vec::new(),
+        batch: None,
         verdicts: Vec::new(),
     };
     let wants = |name: &str| args.scenarios.iter().any(|s| s == name);
@@ -209,7 +214,13 @@ pub(crate) async fn run_all(bench: &mut Bench, args: &Args) -> Res<Outcome> {
         );
         for imp in [Some(Imp::Framework), Some(Imp::Raw), None] {
             let latency = bench
-                .latency(imp, prefetch, sizes.latency_rate, sizes.latency_secs)
+                .latency(
+                    imp,
+                    Work::Request,
+                    prefetch,
+                    sizes.latency_rate,
+                    sizes.latency_secs,
+                )
                 .await?;
             if imp == Some(Imp::Framework) {
                 out.verdicts.push(format!(
@@ -267,6 +278,9 @@ pub(crate) async fn run_all(bench: &mut Bench, args: &Args) -> Res<Outcome> {
             }
             out.hostile.push((bytes, label.to_owned(), report));
         }
+    }
+    if wants("B") {
+        out.batch = Some(run_batch(bench, args, &mut out.verdicts).await?);
     }
     Ok(out)
 }
