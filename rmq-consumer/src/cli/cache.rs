@@ -1,6 +1,7 @@
 //! `rmq-consumer cache get|forget`: one task's entry in the shared result store
 //! (`result_store`), for operators: what a task's result is, who holds its lease, and how to
-//! make its next delivery run the handler again.
+//! make its next delivery run the handler again (on a worker whose in-process LRU does not
+//! still hold the result: `forget` reaches the store, not the workers' memory).
 //!
 //! Exit codes of `get`: 0 a result is stored, 1 nothing is stored, 2 the store failed (or is
 //! not configured). `forget`: 0 when the store answered, 2 otherwise. The store's URL is
@@ -18,7 +19,8 @@ pub(crate) enum Command {
     /// Print a task's stored result (the JSON its workers publish); exit 1 when nothing is
     /// stored, 2 when the store fails.
     Get(GetArgs),
-    /// Delete a task's stored result and lease: its next delivery runs the handler again.
+    /// Delete a task's stored result and lease: its next delivery runs the handler again,
+    /// unless a worker's in-process cache still holds the result.
     Forget(Task),
 }
 
@@ -163,7 +165,7 @@ async fn forget(store: &Store, task: &Task, io: &mut Io<'_>) -> Result<i32, CliE
         Ok(deleted) => {
             output::say!(
                 io.out,
-                "forgot task `{}` of handler `{}` ({deleted} key{} deleted); its next delivery runs the handler",
+                "forgot task `{}` of handler `{}` ({deleted} key{} deleted); its next delivery runs the handler unless a worker's in-process cache still holds it",
                 task.uuid,
                 task.handler,
                 if deleted == 1 { "" } else { "s" }
