@@ -58,8 +58,8 @@ macro_rules! handler_counters {
             $(
                 #[doc = $help]
                 #[doc = ""]
-                #[doc = "Recorded through [`HandlerStats::count`] (public to the crate only until `engine/batch.rs` records through it too)."]
-                pub(crate) $field: AtomicU64,
+                #[doc = "Recorded through [`HandlerStats::count`]."]
+                $field: AtomicU64,
             )*
             pub(crate) handler_duration: prometheus_client::metrics::histogram::Histogram,
             pub(crate) end_to_end: prometheus_client::metrics::histogram::Histogram,
@@ -71,10 +71,6 @@ macro_rules! handler_counters {
 
         /// One monotonic counter of a handler, as [`HandlerStats::count`] takes it.
         #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-        #[allow(
-            dead_code,
-            reason = "engine/batch.rs still adds to `batches` and `batch_items` through their fields; drop this once it calls `HandlerStats::add`"
-        )]
         pub(crate) enum Counter {
             $(
                 #[doc = $help]

@@ -25,7 +25,7 @@
 use std::{
     collections::HashMap,
     panic::AssertUnwindSafe,
-    sync::{Arc, atomic::Ordering::Relaxed},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -36,6 +36,7 @@ use tracing::{Instrument, Span, error, info_span};
 
 use crate::{
     handler::{FailureAction, HandlerError, HandlerOutput},
+    health::Counter,
     registry::{BatchCall, BatchOutput, Item},
     settings::Batching,
 };
@@ -218,10 +219,8 @@ async fn run_batch(
     });
     span.record("tasks", items.len());
     span.record("waited_ms", waited_most.as_millis());
-    stats.batches.fetch_add(1, Relaxed);
-    stats
-        .batch_items
-        .fetch_add(u64::try_from(size).unwrap_or(u64::MAX), Relaxed);
+    stats.count(Counter::Batches);
+    stats.add(Counter::BatchItems, u64::try_from(size).unwrap_or(u64::MAX));
     #[expect(
         clippy::cast_precision_loss,
         reason = "a batch size fits an f64 exactly"
@@ -230,7 +229,7 @@ async fn run_batch(
     let count = items.len();
     let started = Instant::now();
     let outputs = async {
-        stats.handler_runs.fetch_add(1, Relaxed);
+        stats.count(Counter::HandlerRuns);
         let outputs = call(&batching, items, worker.settings.timeout, permit).await;
         let took = started.elapsed();
         stats.handler_duration.observe(took.as_secs_f64());
