@@ -3,13 +3,16 @@
 //! and the parent's handle on it ([`Child`]).
 
 use std::{
-    sync::OnceLock,
+    sync::{
+        OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use rmq_consumer::{
     Config, Engine,
-    config::{ConsumerConfig, LogConfig, SecretUrl},
+    config::{CacheMode, ConsumerConfig, LogConfig, SecretUrl},
     consumer,
 };
 use serde::{Deserialize, Serialize};
@@ -68,11 +71,30 @@ async fn bench_drain(_task: Value) {
     mark_first();
 }
 
-/// S2 and L: a small JSON result, published with confirms before the input is acked.
+/// S2, L and R: a small JSON result, published with confirms before the input is acked.
 #[consumer(queue = "bench.request", reply_key = "bench.request.done")]
 async fn bench_request(task: Task) -> Reply {
     mark_first();
+    count_run();
     Reply::to(&task)
+}
+
+/// R: a request-result handler that waits 10 ms first (as S3's), standing in for a task whose
+/// run costs something.
+#[consumer(queue = "bench.io_request", reply_key = "bench.io_request.done")]
+async fn bench_io_request(task: Task) -> Reply {
+    mark_first();
+    count_run();
+    io_wait().await;
+    Reply::to(&task)
+}
+
+/// Handler runs in this process (R: a task answered from a cache or the store does not run).
+static RUNS: AtomicU64 = AtomicU64::new(0);
+
+/// Counts one run of a request-result handler.
+pub(crate) fn count_run() {
+    RUNS.fetch_add(1, Ordering::Relaxed);
 }
 
 /// S3: an io-bound handler.
@@ -204,6 +226,8 @@ pub(crate) enum Work {
     /// B: batches of up to `size` requests per forward pass, handed over when full or when
     /// their first request has waited `wait_ms` (concurrency 1), each result with confirms.
     Batch { size: u16, wait_ms: u16 },
+    /// R: wait 10 ms, then publish a result with confirms and ack.
+    IoRequest,
 }
 
 impl Work {
@@ -216,17 +240,26 @@ impl Work {
             Self::Bomb => "bench_bomb",
             Self::Model => "bench_model",
             Self::Batch { .. } => "bench_batch",
+            Self::IoRequest => "bench_io_request",
         }
     }
 
     /// Whether the handler publishes a result (to a result queue the parent declares).
     pub(crate) fn publishes(self) -> bool {
-        matches!(self, Self::Request | Self::Model | Self::Batch { .. })
+        matches!(
+            self,
+            Self::Request | Self::Model | Self::Batch { .. } | Self::IoRequest
+        )
     }
 
     /// The simulated model's handlers run one forward pass at a time (B).
     pub(crate) fn is_model(self) -> bool {
         matches!(self, Self::Model | Self::Batch { .. })
+    }
+
+    /// Work the raw consumer does not do (B, and R's costed duplicates).
+    pub(crate) fn framework_only(self) -> bool {
+        self.is_model() || self == Self::IoRequest
     }
 }
 
@@ -246,6 +279,18 @@ pub(crate) struct Spec {
     /// H: the handler's `max_in_flight_bytes` (`None`: the default).
     #[serde(default)]
     pub(crate) budget: Option<u64>,
+    /// R: the shared result store (`cache = "shared"`); `None`: no cache, as by default.
+    #[serde(default)]
+    pub(crate) store: Option<StoreSpec>,
+}
+
+/// R: where the framework's shared result store is.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct StoreSpec {
+    /// `result_store`.
+    pub(crate) url: String,
+    /// `result_store_prefix`, unique per measurement (its keys are deleted afterwards).
+    pub(crate) prefix: String,
 }
 
 /// What a child measured.
@@ -270,6 +315,10 @@ pub(crate) struct Report {
     /// B: the simulated model's forward passes.
     #[serde(default)]
     pub(crate) passes: Option<Passes>,
+    /// R: handler runs (S2's handler; deliveries answered from a cache or the store do not
+    /// run it).
+    #[serde(default)]
+    pub(crate) runs: u64,
 }
 
 impl Report {
@@ -333,6 +382,7 @@ pub(crate) fn finish(processed: u64, max_in_flight: u64, slots: u16) -> Res<Repo
         broker_cpu_s: None,
         dead_lettered: 0,
         passes: Passes::recorded(),
+        runs: RUNS.load(Ordering::Relaxed),
     })
 }
 
@@ -381,9 +431,18 @@ async fn child_framework(spec: &Spec, url: String) -> Res<Report> {
             max_in_flight_bytes: spec.budget,
             batch,
             batch_wait,
+            cache: Some(if spec.store.is_some() {
+                CacheMode::Shared
+            } else {
+                CacheMode::None
+            }),
             ..ConsumerConfig::default()
         },
     );
+    if let Some(store) = &spec.store {
+        config.result_store = Some(SecretUrl::new(store.url.clone()));
+        config.result_store_prefix.clone_from(&store.prefix);
+    }
     let _logs = rmq_consumer::logging::init(&config.log)?;
     let engine = Engine::builder(config)
         .only([spec.work.handler()])

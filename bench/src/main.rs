@@ -7,7 +7,9 @@
 //! comparison), `L` latency, `M` memory, `H` hostile bodies (peak RSS receiving
 //! `[{"":0},...]` at the default limits, and without the memory budget), `B` batch handlers
 //! in front of a simulated model (framework only: throughput at batch 1, 8 and 32 against the
-//! ideal, and latency at a steady rate). The broker is `$RMQ_CONSUMER_URL` or
+//! ideal, and latency at a steady rate). `R`, only when named, measures S2 with the shared
+//! result store (Redis, `$BENCH_REDIS_URL` or `redis://127.0.0.1:6379/0`) beside without it and
+//! raw lapin, and a run with every task published twice. The broker is `$RMQ_CONSUMER_URL` or
 //! `amqp://guest:guest@127.0.0.1:5672/%2f`.
 //!
 //! Each measurement drains a fresh, prefilled, durable queue in a child process (this binary
@@ -24,8 +26,8 @@
 //! process: the protocol, the framework's consumer and its handlers), [`raw`] (the hand-written
 //! lapin consumer), [`model`] (B's simulated model and its handlers), [`procfs`] (CPU time and
 //! RSS from `/proc`), [`measure`] (the parent's broker connection: prefills, runs a child,
-//! measures latency), [`scenarios`] (S1 S2 S3 L M H), [`batching`] (B) and [`report`]
-//! (medians and the tables).
+//! measures latency), [`scenarios`] (S1 S2 S3 L M H), [`batching`] (B), [`store`] (R) and
+//! [`report`] (medians and the tables).
 
 mod args;
 mod batching;
@@ -36,6 +38,7 @@ mod procfs;
 mod raw;
 mod report;
 mod scenarios;
+mod store;
 
 use std::time::Instant;
 

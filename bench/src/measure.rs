@@ -23,6 +23,7 @@ use crate::{
     child::{Child, Imp, Reply, Report, Spec, Work},
     procfs::{broker_pid, cpu_seconds_of},
     report::thousands,
+    store::{Variant, delete_keys},
 };
 
 /// Size of every task body, in bytes.
@@ -250,6 +251,7 @@ impl Bench {
             count,
             timeout_s: 120 + count / 200,
             budget: None,
+            store: None,
         }
     }
 
@@ -262,11 +264,30 @@ impl Bench {
         prefetch: u16,
         count: u64,
     ) -> Res<Report> {
+        self.measure_with(tag, imp, work, prefetch, count, Variant::default())
+            .await
+    }
+
+    /// [`measure`](Self::measure), with `variant`'s copies of each task (published as the
+    /// whole set once, then again) and its result store; its keys are deleted afterwards.
+    pub(crate) async fn measure_with(
+        &mut self,
+        tag: &str,
+        imp: Imp,
+        work: Work,
+        prefetch: u16,
+        tasks: u64,
+        variant: Variant,
+    ) -> Res<Report> {
         let names = self.fresh_queues(tag, work).await?;
         let prefill_started = Instant::now();
-        self.prefill(&names.0, count).await?;
+        for _ in 0..variant.copies.max(1) {
+            self.prefill(&names.0, tasks).await?;
+        }
+        let count = tasks * variant.copies.max(1);
         let prefill = prefill_started.elapsed();
-        let spec = self.spec(imp, work, &names, prefetch, count);
+        let mut spec = self.spec(imp, work, &names, prefetch, count);
+        spec.store = variant.store;
         let settle = self.settle().await;
         let broker_before = self.broker_cpu();
         let mut child = Child::spawn(&spec, &self.url)?;
@@ -276,6 +297,9 @@ impl Bench {
             .await?;
         report.broker_cpu_s = broker_before.zip(self.broker_cpu()).map(|(a, b)| b - a);
         self.delete_queues().await?;
+        if let Some(store) = &spec.store {
+            delete_keys(store).await?;
+        }
         if report.processed < count {
             return Err(format!(
                 "{tag} {}: only {} of {count} messages were processed before the timeout",
@@ -292,11 +316,19 @@ impl Bench {
                 slots.gap_ms
             )
         });
+        let who = match &spec.store {
+            Some(_) => format!("{} + store", imp.label()),
+            None => imp.label().to_owned(),
+        };
+        let runs = if work.publishes() {
+            format!(", handler runs {}", thousands(report.runs as f64))
+        } else {
+            String::new()
+        };
         eprintln!(
-            "  {tag:<3} prefetch {prefetch:>3} {:<9}: {:>7} msg/s, {:.3} CPU s/10k \
+            "  {tag:<3} prefetch {prefetch:>3} {who:<9}: {:>7} msg/s, {:.3} CPU s/10k \
              (broker {:.3}), peak RSS {:.1} MiB, max in flight {} (prefill {:.1?}, drain {:.1?}, \
-             settle {settle:.1?}, pid {pid}){slots}",
-            imp.label(),
+             settle {settle:.1?}, pid {pid}){slots}{runs}",
             thousands(report.rate()),
             report.cpu_per_10k(),
             report.broker_cpu_per_10k(),

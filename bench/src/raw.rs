@@ -23,8 +23,8 @@ use tokio::sync::{Notify, Semaphore};
 use crate::{
     Res,
     child::{
-        READY_LINE, Reply, Report, Spec, Task, Work, finish, io_wait, mark_first, tokio_wait,
-        warn_logs,
+        READY_LINE, Reply, Report, Spec, Task, Work, count_run, finish, io_wait, mark_first,
+        tokio_wait, warn_logs,
     },
 };
 
@@ -37,8 +37,8 @@ fn qos(prefetch: u16) -> u16 {
 /// A hand-written lapin consumer, as one would write it without the framework: the same
 /// `basic.qos` as the framework's and at most `prefetch` tasks at work at once.
 pub(crate) async fn child_raw(spec: &Spec, url: &str) -> Res<Report> {
-    if spec.work.is_model() {
-        return Err("B measures the framework only: the raw consumer has no model".into());
+    if spec.work.framework_only() {
+        return Err(format!("the raw consumer does not do {:?}", spec.work).into());
     }
     let _logs = rmq_consumer::logging::init(&warn_logs())?;
     let connection = Connection::connect(url, ConnectionProperties::default()).await?;
@@ -102,7 +102,8 @@ pub(crate) async fn child_raw(spec: &Spec, url: &str) -> Res<Report> {
             | Work::TokioSleep
             | Work::Bomb
             | Work::Model
-            | Work::Batch { .. }) => {
+            | Work::Batch { .. }
+            | Work::IoRequest) => {
                 // Acked from its own task, as the framework does: awaiting each ack in the
                 // receive loop measured half the rate at twice the CPU per message here.
                 tokio::spawn(async move {
@@ -113,7 +114,8 @@ pub(crate) async fn child_raw(spec: &Spec, url: &str) -> Res<Report> {
                         | Work::Request
                         | Work::Bomb
                         | Work::Model
-                        | Work::Batch { .. } => {}
+                        | Work::Batch { .. }
+                        | Work::IoRequest => {}
                     }
                     match delivery.acker.ack(BasicAckOptions::default()).await {
                         Ok(_) => settled.one(),
@@ -161,6 +163,7 @@ async fn raw_request(
     delivery: &Delivery,
 ) -> Res<()> {
     let task: Task = serde_json::from_slice(&delivery.data)?;
+    count_run();
     let body = serde_json::to_vec(&Reply::to(&task))?;
     let confirmation = publisher
         .basic_publish(

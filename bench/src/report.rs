@@ -7,6 +7,7 @@ use crate::{
     batching::print_batch,
     child::{Report, Slots},
     scenarios::Outcome,
+    store::print_store,
 };
 
 /// The medians of one table row.
@@ -211,6 +212,9 @@ pub(crate) fn print_outcome(out: &Outcome, args: &Args, elapsed: Duration) {
     }
     if let Some(batch) = &out.batch {
         print_batch(batch);
+    }
+    if let Some(store) = &out.store {
+        print_store(store);
     }
     if !out.verdicts.is_empty() {
         println!();

@@ -1,5 +1,5 @@
-//! The scenarios (S1 S2 S3 L M H, and B in [`crate::batching`]): which cells each measures,
-//! and their verdicts.
+//! The scenarios (S1 S2 S3 L M H; B in [`crate::batching`], R in [`crate::store`]): which
+//! cells each measures, and their verdicts.
 
 use crate::{
     Res,
@@ -8,6 +8,7 @@ use crate::{
     child::{Imp, Report, SLEEP, Work},
     measure::{Bench, Latency},
     report::{Cell, cell, median, slots_note, thousands, verdict},
+    store::{StoreOutcome, run_store},
 };
 
 /// One row of the throughput table.
@@ -108,6 +109,8 @@ pub(crate) struct Outcome {
     pub(crate) hostile: Vec<(usize, String, Report)>,
     /// B: batch handlers.
     pub(crate) batch: Option<BatchOutcome>,
+    /// R: the shared result store.
+    pub(crate) store: Option<StoreOutcome>,
     pub(crate) verdicts: Vec<String>,
 }
 
@@ -119,6 +122,7 @@ pub(crate) async fn run_all(bench: &mut Bench, args: &Args) -> Res<Outcome> {
         memory: Vec::new(),
         hostile: Vec::new(),
         batch: None,
+        store: None,
         verdicts: Vec::new(),
     };
     let wants = |name: &str| args.scenarios.iter().any(|s| s == name);
@@ -281,6 +285,9 @@ pub(crate) async fn run_all(bench: &mut Bench, args: &Args) -> Res<Outcome> {
     }
     if wants("B") {
         out.batch = Some(run_batch(bench, args, &mut out.verdicts).await?);
+    }
+    if wants("R") {
+        out.store = Some(run_store(bench, args, &mut out.verdicts).await?);
     }
     Ok(out)
 }
