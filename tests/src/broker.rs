@@ -216,6 +216,31 @@ impl Broker {
         Some(self.declare_passive(queue).await?.message_count())
     }
 
+    /// Waits (up to 5 s) until `answered` results plus the messages waiting in `queue` make
+    /// `tasks`: after a worker stopped, every task is either answered exactly once or still
+    /// queued (its unacked deliveries returned). Returns the messages waiting; panics with
+    /// `log` (the worker's output) when the count does not add up in time.
+    pub async fn assert_answered_or_waiting(
+        &self,
+        queue: &str,
+        answered: usize,
+        tasks: usize,
+        log: &str,
+    ) -> u32 {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let waiting = self.depth(queue).await.unwrap_or(0);
+            if answered + waiting as usize == tasks {
+                return waiting;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{answered} results + {waiting} waiting != {tasks} tasks; worker log:\n{log}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Consumers on `queue`, `None` when the queue does not exist.
     pub async fn consumers(&self, queue: &str) -> Option<u32> {
         Some(self.declare_passive(queue).await?.consumer_count())

@@ -142,3 +142,19 @@ pub fn unique(prefix: &str) -> String {
         COUNTER.fetch_add(1, Ordering::Relaxed)
     )
 }
+
+/// The path of a file of the test PKI that `tests/scripts/rabbit4.sh start` makes
+/// (`$RMQ_TEST_TLS_DIR`, default `/var/lib/rmq-consumer-tests/tls`): a CA, server and client
+/// certificates and keys. Panics, naming the script, when the file is missing.
+#[must_use]
+pub fn pki(name: &str) -> String {
+    let dir = std::env::var("RMQ_TEST_TLS_DIR")
+        .unwrap_or_else(|_| "/var/lib/rmq-consumer-tests/tls".to_owned());
+    let path = std::path::PathBuf::from(dir).join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `tests/scripts/rabbit4.sh start` (as root) first",
+        path.display()
+    );
+    path.display().to_string()
+}

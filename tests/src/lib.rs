@@ -50,7 +50,7 @@ pub mod worker;
 pub use broker::{Broker, CleanupOnPanic, Received};
 pub use engine::{Running, test_config};
 pub use env::{
-    TestBroker, broker_addr, broker_name, broker_url, cli_management_url, management_url,
+    TestBroker, broker_addr, broker_name, broker_url, cli_management_url, management_url, pki,
     test_broker, unique,
 };
 pub use ledger::{Ledger, LedgerReport, id_of, task};

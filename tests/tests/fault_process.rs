@@ -170,20 +170,9 @@ async fn f05_sigterm_under_load_drains_in_flight_and_exits_0() {
     let answered = broker.drain(&route.reply_queue).await;
     ledger.record_results(&answered);
     let first_report = ledger.report();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let waiting = broker.depth(&route.queue).await.unwrap_or(0) as usize;
-        if first_report.results_total + waiting == TASKS {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} results + {waiting} waiting != {TASKS} tasks; worker log:\n{log}",
-            first_report.results_total
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let waiting = broker.depth(&route.queue).await.unwrap_or(0);
+    let waiting = broker
+        .assert_answered_or_waiting(&route.queue, first_report.results_total, TASKS, &log)
+        .await;
     println!(
         "[F05] after the first worker: results={} duplicates={} waiting={waiting}",
         first_report.results_total, first_report.duplicates

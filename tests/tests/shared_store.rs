@@ -28,7 +28,7 @@ use std::{
 
 use rmq_consumer_tests::{
     Broker, CleanupOnPanic, Ledger, PrivateRedis, Received, RedisKeys, RedisTls, Route,
-    SilentRedis, WorkerProcess, broker_name, broker_url, eventually, eventually_async, id_of,
+    SilentRedis, WorkerProcess, broker_name, broker_url, eventually, eventually_async, id_of, pki,
     redis_url, task, test_config, unique,
 };
 use serde_json::{Value, json};
@@ -222,6 +222,14 @@ fn store_metrics(http: SocketAddr) -> StoreMetrics {
     }
 }
 
+/// `n` copies of an empty task per id, each id's copies side by side (a task published `n`
+/// times).
+fn copies(ids: &[String], n: usize) -> Vec<Value> {
+    ids.iter()
+        .flat_map(|id| std::iter::repeat_n(task(id, json!({})), n))
+        .collect()
+}
+
 /// Publishes `tasks` (ids may repeat) to the work queue, recording them in `ledger`; asserts
 /// every publish was confirmed.
 async fn publish(setup: &Setup, ledger: &mut Ledger, tasks: &[Value]) {
@@ -351,10 +359,7 @@ async fn s1_three_replicas_run_each_task_once() {
 
     let mut ledger = Ledger::new("S1");
     let ids = ledger.ids(TASKS);
-    let tasks: Vec<Value> = ids
-        .iter()
-        .flat_map(|id| std::iter::repeat_n(task(id, json!({})), COPIES))
-        .collect();
+    let tasks = copies(&ids, COPIES);
     publish(&setup, &mut ledger, &tasks).await;
     let worker_refs: Vec<&WorkerProcess> = workers.iter().collect();
     let results = collect_results(
@@ -688,10 +693,7 @@ async fn s4_redis_stopped_and_started_mid_run_loses_nothing() {
 
     let mut ledger = Ledger::new("S4");
     let ids = ledger.ids(TASKS);
-    let tasks: Vec<Value> = ids
-        .iter()
-        .flat_map(|id| [task(id, json!({})), task(id, json!({}))])
-        .collect();
+    let tasks = copies(&ids, 2);
     publish(&setup, &mut ledger, &tasks).await;
     eventually(
         "a quarter of the tasks run",
@@ -747,10 +749,7 @@ async fn s4_redis_stopped_and_started_mid_run_loses_nothing() {
     )
     .await;
     let later = ledger.ids(AFTER);
-    let later_tasks: Vec<Value> = later
-        .iter()
-        .flat_map(|id| [task(id, json!({})), task(id, json!({}))])
-        .collect();
+    let later_tasks = copies(&later, 2);
     publish(&setup, &mut ledger, &later_tasks).await;
     let later_results = collect_results(
         &setup,
@@ -847,10 +846,7 @@ async fn s8_redis_flushed_mid_run_loses_nothing() {
         .await;
     let mut ledger = Ledger::new("S8");
     let ids = ledger.ids(TASKS);
-    let tasks: Vec<Value> = ids
-        .iter()
-        .flat_map(|id| [task(id, json!({})), task(id, json!({}))])
-        .collect();
+    let tasks = copies(&ids, 2);
     publish(&setup, &mut ledger, &tasks).await;
     eventually("a third of the tasks run", Duration::from_secs(60), || {
         runs.total() >= TASKS / 3
@@ -876,10 +872,7 @@ async fn s8_redis_flushed_mid_run_loses_nothing() {
     let per_task = runs.runs();
     let total_runs = runs.total();
     let later = ledger.ids(AFTER);
-    let later_tasks: Vec<Value> = later
-        .iter()
-        .flat_map(|id| [task(id, json!({})), task(id, json!({}))])
-        .collect();
+    let later_tasks = copies(&later, 2);
     publish(&setup, &mut ledger, &later_tasks).await;
     let later_results = collect_results(
         &setup,
@@ -1219,19 +1212,6 @@ async fn s6_cache_cli_and_password_masking() {
     setup.broker.cleanup().await;
 }
 
-/// A file of the test PKI of `tests/scripts/rabbit4.sh`.
-fn pki(name: &str) -> String {
-    let dir = std::env::var("RMQ_TEST_TLS_DIR")
-        .unwrap_or_else(|_| "/var/lib/rmq-consumer-tests/tls".to_owned());
-    let path = PathBuf::from(dir).join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run `tests/scripts/rabbit4.sh start` (as root) first",
-        path.display()
-    );
-    path.display().to_string()
-}
-
 /// S7: `rediss://`: a private redis-server with TLS only (the test PKI), the worker trusting
 /// the test CA through the `tls_*` settings it shares with the broker connection. Tasks
 /// published twice run once.
@@ -1269,10 +1249,7 @@ async fn s7_rediss_with_the_test_ca() {
         .await;
     let mut ledger = Ledger::new("S7");
     let ids = ledger.ids(TASKS);
-    let tasks: Vec<Value> = ids
-        .iter()
-        .flat_map(|id| [task(id, json!({})), task(id, json!({}))])
-        .collect();
+    let tasks = copies(&ids, 2);
     publish(&setup, &mut ledger, &tasks).await;
     let results = collect_results(
         &setup,

@@ -20,7 +20,7 @@ use rmq_consumer::{
     config::{ConfigError, ConfigProblem},
     consumer,
 };
-use rmq_consumer_tests::{Broker, Route, Running, unique};
+use rmq_consumer_tests::{Broker, Route, Running, pki, unique};
 use serde_json::{Value, json};
 
 /// The 4.0 node's plain AMQP listener, for publishing and reading back.
@@ -33,19 +33,6 @@ const MANAGEMENT_HTTPS: &str = "https://localhost:15674";
 #[consumer(queue = "tests.tls.echo", reply_key = "tests.tls.echo.result")]
 async fn tls_echo(data: Value) -> Result<Option<Value>, HandlerError> {
     Ok(Some(json!({"echo": data})))
-}
-
-/// A file of the test PKI.
-fn pki(name: &str) -> String {
-    let dir = std::env::var("RMQ_TEST_TLS_DIR")
-        .unwrap_or_else(|_| "/var/lib/rmq-consumer-tests/tls".to_owned());
-    let path = PathBuf::from(dir).join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run `tests/scripts/rabbit4.sh start` (as root) first",
-        path.display()
-    );
-    path.display().to_string()
 }
 
 /// `tls_ca_file`, `tls_cert_file` and `tls_key_file` lines for the test PKI.
