@@ -759,16 +759,16 @@ impl Store {
         let lease_ms = millis(self.inner.lease);
         let script = &self.inner.claim;
         let answers: Result<Vec<(i64, Vec<u8>)>, StoreError> = self
-            .call(|mut connection| {
-                let mut invocation = script.prepare_invoke();
-                invocation.arg(lease_ms);
+            .call(|connection| {
+                let mut command = evalsha(script, items.len() * 2);
                 for item in &items {
-                    invocation
-                        .key(&item.keys.result)
-                        .key(&item.keys.lease)
-                        .arg(&item.token);
+                    command.arg(&item.keys.result).arg(&item.keys.lease);
                 }
-                async move { invocation.invoke_async(&mut connection).await }
+                command.arg(lease_ms);
+                for item in &items {
+                    command.arg(&item.token);
+                }
+                invoke(connection, script, command)
             })
             .await;
         let answers = match answers {
@@ -817,17 +817,18 @@ impl Store {
         let ttl_ms = millis(self.inner.ttl);
         let script = &self.inner.finish;
         let answers: Result<Vec<(i64, Vec<u8>)>, StoreError> = self
-            .call(|mut connection| {
-                let mut invocation = script.prepare_invoke();
-                invocation.arg(ttl_ms);
+            .call(|connection| {
+                let mut command = evalsha(script, items.len() * 2);
                 for item in &items {
-                    invocation
-                        .key(&item.keys.result)
-                        .key(&item.keys.lease)
+                    command.arg(&item.keys.result).arg(&item.keys.lease);
+                }
+                command.arg(ttl_ms);
+                for item in &items {
+                    command
                         .arg(&item.token)
                         .arg(item.envelope.as_deref().unwrap_or_default());
                 }
-                async move { invocation.invoke_async(&mut connection).await }
+                invoke(connection, script, command)
             })
             .await;
         match answers {
@@ -1087,6 +1088,33 @@ impl Inner {
             Some(password) if !password.is_empty() => text.replace(password.as_str(), "****"),
             _ => text.to_owned(),
         }
+    }
+}
+
+/// `EVALSHA` of `script` with `keys` keys, to which the keys and then the arguments are
+/// added: one buffer for the whole command (a `ScriptInvocation` allocates every key and
+/// argument apart, then copies them into the command).
+fn evalsha(script: &Script, keys: usize) -> redis::Cmd {
+    let mut command = redis::cmd("EVALSHA");
+    command.arg(script.get_hash()).arg(keys);
+    command
+}
+
+/// Runs `command`, an [`evalsha`] of `script`; loads the script and runs it again when Redis
+/// does not know it (first use, restart, flush), as `ScriptInvocation::invoke_async` does.
+async fn invoke<T: redis::FromRedisValue>(
+    mut connection: ConnectionManager,
+    script: &Script,
+    command: redis::Cmd,
+) -> redis::RedisResult<T> {
+    match command.query_async(&mut connection).await {
+        Err(error)
+            if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+        {
+            script.load_async(&mut connection).await?;
+            command.query_async(&mut connection).await
+        }
+        answer => answer,
     }
 }
 
@@ -1672,5 +1700,21 @@ mod tests {
         let down = store.claim("h", "x").await;
         assert!(matches!(down, Err(StoreError::Down { .. })), "{down:?}");
         silent.abort();
+    }
+
+    #[tokio::test]
+    async fn a_script_redis_does_not_know_is_loaded_and_run() {
+        let scratch = Scratch::new("noscript").await;
+        // A body no Redis has seen (its cache keeps this one small script).
+        let script = Script::new(&format!("return {{'{}', ARGV[1]}}", scratch.prefix));
+        let connection = ConnectionManager::new(scratch.store.inner.client.clone()).await;
+        let connection = connection.unwrap_or_else(|e| panic!("{e}"));
+        let mut command = evalsha(&script, 0);
+        command.arg("x");
+        let answer: Vec<String> = invoke(connection, &script, command)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(answer, [scratch.prefix.clone(), "x".to_owned()]);
+        scratch.clean().await;
     }
 }
