@@ -115,15 +115,18 @@ impl EngineBuilder {
             all.iter().map(|s| (s.name.clone(), s.queue.clone())),
         ));
         let cache_size = NonZeroUsize::new(config.result_cache_size).unwrap_or(NonZeroUsize::MIN);
-        let store = crate::store::for_engine(&config, &all, &health)?;
+        let store = crate::cache::for_engine(&config, &all, &health)?;
         let workers = all
             .into_iter()
             .enumerate()
             .map(|(index, settings)| {
-                let cache =
-                    crate::store::cache_for(&config, &settings.name, store.as_ref(), || {
-                        ResultCache::new(cache_size, config.result_cache_bytes)
-                    });
+                let cache = crate::cache::cache_for(
+                    &config,
+                    &settings.name,
+                    store.as_ref(),
+                    &health,
+                    || ResultCache::new(cache_size, config.result_cache_bytes),
+                );
                 Arc::new(Worker {
                     semaphore: Arc::new(Semaphore::new(settings.concurrency)),
                     memory: crate::body::Budget::new(settings.max_in_flight_bytes),
