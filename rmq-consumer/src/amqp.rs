@@ -2,7 +2,7 @@
 
 use lapin::{
     BasicProperties,
-    types::{AMQPValue, FieldTable, LongString, ShortString},
+    types::{AMQPValue, FieldTable, ShortString},
 };
 
 /// The longest AMQP short string.
@@ -15,10 +15,7 @@ pub(crate) fn short(text: &str) -> ShortString {
     ShortString::try_new(truncate(text, MAX_SHORT)).unwrap_or_default()
 }
 
-/// A long-string header value.
-pub(crate) fn long(text: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(text.as_bytes().to_vec()))
-}
+pub(crate) use crate::headers::long;
 
 /// A header as text, when it is a string of any kind.
 pub(crate) fn header_str<'a>(headers: Option<&'a FieldTable>, key: &str) -> Option<&'a str> {
