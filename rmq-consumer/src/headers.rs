@@ -5,7 +5,9 @@
 //! gives the header its name constant, its place in [`FAILURE_HEADERS`] (and so in
 //! [`ENGINE_HEADERS`], the headers a copy fitted to one frame keeps, and in what `dlq replay`
 //! moves into [`REPLAYED_FAILURE`]) and the value `failure_headers` writes into a retry or
-//! dead-letter copy. A new failure header is one line there.
+//! dead-letter copy. A new failure header is one line there. The counting headers
+//! (`x-retry-count`, `x-lost-deliveries`, `x-delivery-count`) are read here too
+//! (`count_header`).
 
 use lapin::types::{AMQPValue, FieldTable, LongString};
 
@@ -17,6 +19,51 @@ pub(crate) const MAX_REASON_BYTES: usize = 1024;
 /// A long-string header value.
 pub(crate) fn long(text: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(text.as_bytes().to_vec()))
+}
+
+/// What an `x-retry-count` header says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum RetryCount {
+    /// A usable count (absent means 0).
+    Count(u32),
+    /// Present but unusable (negative, a float, non-digits, beyond `u32`): treated as
+    /// exhausted, so a forged header can never buy extra retries.
+    Malformed,
+}
+
+/// Reads `x-retry-count` tolerantly: any integer width, or a string of ASCII digits.
+pub(crate) fn retry_count(headers: Option<&FieldTable>) -> RetryCount {
+    count_header(headers, RETRY_COUNT)
+}
+
+/// Reads a counting header (`x-retry-count`, `x-lost-deliveries`, `x-delivery-count`)
+/// tolerantly: any integer width, or a string of ASCII digits; absent is 0.
+pub(crate) fn count_header(headers: Option<&FieldTable>, key: &str) -> RetryCount {
+    let Some(value) = headers.and_then(|h| h.inner().get(key)) else {
+        return RetryCount::Count(0);
+    };
+    let wide: Option<i128> = match value {
+        AMQPValue::ShortShortInt(v) => Some((*v).into()),
+        AMQPValue::ShortShortUInt(v) => Some((*v).into()),
+        AMQPValue::ShortInt(v) => Some((*v).into()),
+        AMQPValue::ShortUInt(v) => Some((*v).into()),
+        AMQPValue::LongInt(v) => Some((*v).into()),
+        AMQPValue::LongUInt(v) => Some((*v).into()),
+        AMQPValue::LongLongInt(v) => Some((*v).into()),
+        AMQPValue::ShortString(s) => digits(s.as_str()),
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok().and_then(digits),
+        _ => None,
+    };
+    wide.and_then(|n| u32::try_from(n).ok())
+        .map_or(RetryCount::Malformed, RetryCount::Count)
+}
+
+fn digits(text: &str) -> Option<i128> {
+    let text = text.trim();
+    if text.is_empty() || text.len() > 12 || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
 }
 
 /// Where a dead letter came from, written into its headers.
@@ -282,5 +329,48 @@ mod tests {
             "the reason is bounded: {}",
             last.len()
         );
+    }
+
+    fn with(value: AMQPValue) -> FieldTable {
+        let mut table = FieldTable::default();
+        table.insert("x-retry-count".into(), value);
+        table
+    }
+
+    #[test]
+    fn retry_count_reads_every_integer_width_and_digit_strings() {
+        assert_eq!(retry_count(None), RetryCount::Count(0));
+        assert_eq!(
+            retry_count(Some(&FieldTable::default())),
+            RetryCount::Count(0)
+        );
+        for value in [
+            AMQPValue::ShortShortInt(2),
+            AMQPValue::ShortShortUInt(2),
+            AMQPValue::ShortInt(2),
+            AMQPValue::ShortUInt(2),
+            AMQPValue::LongInt(2),
+            AMQPValue::LongUInt(2),
+            AMQPValue::LongLongInt(2),
+            AMQPValue::ShortString("2".into()),
+            long(" 2 "),
+        ] {
+            assert_eq!(retry_count(Some(&with(value))), RetryCount::Count(2));
+        }
+    }
+
+    #[test]
+    fn malformed_retry_counts_are_exhausted() {
+        for value in [
+            AMQPValue::LongLongInt(-1),
+            AMQPValue::LongLongInt(i64::MAX),
+            AMQPValue::Double(1.0),
+            AMQPValue::Boolean(true),
+            long("-3"),
+            long("two"),
+            long("99999999999999999999"),
+        ] {
+            assert_eq!(retry_count(Some(&with(value))), RetryCount::Malformed);
+        }
     }
 }

@@ -12,7 +12,7 @@ use crate::{
     engine::redelivery::{self, WORKER_LOST},
     error::PublishError,
     handler::{FailureAction, HandlerError},
-    headers::{DeadLetter, failure_headers},
+    headers::{DeadLetter, RetryCount, failure_headers},
     health::Counter,
     publisher::Publisher,
     retry::{self, Decision},
@@ -126,8 +126,8 @@ impl Worker {
             }
             Err(failure) => failure,
         };
-        let previous = amqp::retry_count(delivery.properties.headers().as_ref());
-        if let amqp::RetryCount::Count(n) = previous {
+        let previous = crate::headers::retry_count(delivery.properties.headers().as_ref());
+        if let RetryCount::Count(n) = previous {
             tracing::Span::current().record("attempt", n.saturating_add(1));
         }
         let decision = retry::decide(
@@ -177,8 +177,8 @@ impl Worker {
                     return;
                 };
                 let count = match previous {
-                    amqp::RetryCount::Count(n) => n,
-                    amqp::RetryCount::Malformed => 0,
+                    RetryCount::Count(n) => n,
+                    RetryCount::Malformed => 0,
                 };
                 let headers = self.failure_headers(&delivery, &failure, count, Some(why));
                 let properties =
