@@ -181,28 +181,28 @@ pub(crate) type Read = fn(&HandlerStats) -> u64;
 
 handler_counters! {
     handler {
-    received: Received => "rmq_consumer_deliveries_received", "Deliveries received.";
-    succeeded: Succeeded => "rmq_consumer_deliveries_succeeded", "Deliveries processed successfully (result confirmed, input acked).";
-    retried: Retried => "rmq_consumer_deliveries_retried", "Deliveries sent for another attempt.";
-    dead_lettered: DeadLettered => "rmq_consumer_deliveries_dead_lettered", "Deliveries sent to the dead-letter queue.";
-    rejected: Rejected => "rmq_consumer_deliveries_rejected", "Deliveries rejected without requeue (dead-lettering off) or nacked back to the queue.";
-    cache_hits: CacheHits => "rmq_consumer_cache_hits", "Results answered from the result cache.";
-    stale_acks: StaleAcks => "rmq_consumer_stale_acks", "Settlements not sent because the delivery's channel had died (the broker redelivers).";
-    suspected: Suspected => "rmq_consumer_suspected", "Redelivered tasks moved to the suspect queue to run alone (an earlier delivery ended unsettled).";
-    results_returned: ResultsReturned => "rmq_consumer_results_returned", "Results the broker returned as unroutable.";
-    results_nacked: ResultsNacked => "rmq_consumer_results_nacked", "Results the broker nacked.";
-    uncertain_copies: UncertainCopies => "rmq_consumer_uncertain_copies", "Retry, dead-letter or suspect copies whose fate is unknown (no confirm in time, or the channel failed after they were sent) while their original went back to the queue: the broker may hold both, and the task then runs once more (one extra run per count).";
-    results_exchange_missing: ResultsExchangeMissing => "rmq_consumer_results_exchange_missing", "Result publishes refused because the result exchange did not exist (404); each is published again within `result_publish_retry`.";
-    handler_runs: HandlerRuns => "rmq_consumer_handler_runs", "Times the handler function was called (a batch handler: once per batch).";
-    batches: Batches => "rmq_consumer_batches", "Batches handed to a batch handler.";
-    batch_items: BatchItems => "rmq_consumer_batch_items", "Items handed to a batch handler, in all its batches.";
+        received: Received => "rmq_consumer_deliveries_received", "Deliveries received.";
+        succeeded: Succeeded => "rmq_consumer_deliveries_succeeded", "Deliveries processed successfully (result confirmed, input acked).";
+        retried: Retried => "rmq_consumer_deliveries_retried", "Deliveries sent for another attempt.";
+        dead_lettered: DeadLettered => "rmq_consumer_deliveries_dead_lettered", "Deliveries sent to the dead-letter queue.";
+        rejected: Rejected => "rmq_consumer_deliveries_rejected", "Deliveries rejected without requeue (dead-lettering off) or nacked back to the queue.";
+        cache_hits: CacheHits => "rmq_consumer_cache_hits", "Results answered from the result cache.";
+        stale_acks: StaleAcks => "rmq_consumer_stale_acks", "Settlements not sent because the delivery's channel had died (the broker redelivers).";
+        suspected: Suspected => "rmq_consumer_suspected", "Redelivered tasks moved to the suspect queue to run alone (an earlier delivery ended unsettled).";
+        results_returned: ResultsReturned => "rmq_consumer_results_returned", "Results the broker returned as unroutable.";
+        results_nacked: ResultsNacked => "rmq_consumer_results_nacked", "Results the broker nacked.";
+        uncertain_copies: UncertainCopies => "rmq_consumer_uncertain_copies", "Retry, dead-letter or suspect copies whose fate is unknown (no confirm in time, or the channel failed after they were sent) while their original went back to the queue: the broker may hold both, and the task then runs once more (one extra run per count).";
+        results_exchange_missing: ResultsExchangeMissing => "rmq_consumer_results_exchange_missing", "Result publishes refused because the result exchange did not exist (404); each is published again within `result_publish_retry`.";
+        handler_runs: HandlerRuns => "rmq_consumer_handler_runs", "Times the handler function was called (a batch handler: once per batch).";
+        batches: Batches => "rmq_consumer_batches", "Batches handed to a batch handler.";
+        batch_items: BatchItems => "rmq_consumer_batch_items", "Items handed to a batch handler, in all its batches.";
     }
     store {
-    store_hits: StoreHits => "rmq_consumer_store_hits", "Results answered from the shared result store.";
-    store_misses: StoreMisses => "rmq_consumer_store_misses", "Tasks not in the shared store whose lease this replica took (the handler ran).";
-    store_lease_waits: StoreLeaseWaits => "rmq_consumer_store_lease_waits", "Deliveries that waited for another replica's run of their task.";
-    store_takeovers: StoreTakeovers => "rmq_consumer_store_takeovers", "Tasks taken over after another replica's lease expired (the handler ran here).";
-    store_errors: StoreErrors => "rmq_consumer_store_errors", "Shared store calls that failed, timed out or were skipped while it was down (the delivery went on without it).";
+        store_hits: StoreHits => "rmq_consumer_store_hits", "Results answered from the shared result store.";
+        store_misses: StoreMisses => "rmq_consumer_store_misses", "Tasks not in the shared store whose lease this replica took (the handler ran).";
+        store_lease_waits: StoreLeaseWaits => "rmq_consumer_store_lease_waits", "Deliveries that waited for another replica's run of their task.";
+        store_takeovers: StoreTakeovers => "rmq_consumer_store_takeovers", "Tasks taken over after another replica's lease expired (the handler ran here).";
+        store_errors: StoreErrors => "rmq_consumer_store_errors", "Shared store calls that failed, timed out or were skipped while it was down (the delivery went on without it).";
     }
 }
 
