@@ -422,29 +422,24 @@ pub struct ConsumerConfig {
 }
 }
 
+config_keys! {
 /// Logging settings: flat `log_*` keys or a `[log]` table.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct LogConfig {
     /// An `EnvFilter` directive string such as `"info"` or `"info,lapin=warn"`; `RUST_LOG`
     /// overrides it. Default [`DEFAULT_LOG_LEVEL`].
-    pub level: String,
+    pub level: String = DEFAULT_LOG_LEVEL.to_owned(),
+        |s| s.log_filter(&["log_level", "log.level"]);
     /// Line format, console and files alike. Default [`LogFormat::Human`].
-    pub format: LogFormat,
+    pub format: LogFormat = LogFormat::Human,
+        |s| s.get(&["log_format", "log.format"]);
     /// Directory of daily-rotated log files; `None` (the default) logs to stderr only.
     #[serde(serialize_with = "written")]
     pub dir: Option<PathBuf>,
+        |s| s.get(&["log_dir", "log.dir"]);
     /// File name prefix: `<prefix>.log` and `<prefix>.error.log`. Default
     /// [`DEFAULT_LOG_FILE_PREFIX`].
-    pub file_prefix: String,
+    pub file_prefix: String = DEFAULT_LOG_FILE_PREFIX.to_owned(),
+        |s| s.file_name(&["log_file_prefix", "log.file_prefix"]);
 }
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        Self {
-            level: DEFAULT_LOG_LEVEL.to_owned(),
-            format: LogFormat::Human,
-            dir: None,
-            file_prefix: DEFAULT_LOG_FILE_PREFIX.to_owned(),
-        }
-    }
 }

@@ -147,30 +147,10 @@ impl Scope {
         }
     }
 
+    /// The `[log]` table's keys (or their flat `log_*` spellings); whatever else is in the
+    /// table is unknown.
     pub(in crate::config) fn log_config(&mut self) -> LogConfig {
-        let defaults = LogConfig::default();
-        let level = match self.get_keyed::<String>(&["log_level", "log.level"]) {
-            Some((key, level)) => {
-                if let Err(error) = tracing_subscriber::EnvFilter::try_new(&level) {
-                    self.problem(key, format!("invalid filter `{}` ({error})", shown(&level)));
-                }
-                level
-            }
-            None => defaults.level,
-        };
-        let format = self
-            .get(&["log_format", "log.format"])
-            .unwrap_or(defaults.format);
-        let dir = self.get::<PathBuf>(&["log_dir", "log.dir"]);
-        let file_prefix = match self.get_keyed::<String>(&["log_file_prefix", "log.file_prefix"]) {
-            Some((key, prefix)) => {
-                if prefix.is_empty() || prefix.contains(['/', '\\']) {
-                    self.problem(key, "must be a non-empty file name without `/` or `\\`");
-                }
-                prefix
-            }
-            None => defaults.file_prefix,
-        };
+        let log = LogConfig::read_from(self);
         // Whatever is left in `[log]` is unknown.
         match self.take_table("log") {
             Some(toml::Value::Table(rest)) => {
@@ -188,12 +168,32 @@ impl Scope {
             ),
             None => {}
         }
-        LogConfig {
-            level,
-            format,
-            dir,
-            file_prefix,
+        log
+    }
+
+    /// A tracing filter (`log_level`): reported when it does not parse, kept as given.
+    pub(in crate::config) fn log_filter(
+        &mut self,
+        names: &'static [&'static str],
+    ) -> Option<String> {
+        let (key, level) = self.get_keyed::<String>(names)?;
+        if let Err(error) = tracing_subscriber::EnvFilter::try_new(&level) {
+            self.problem(key, format!("invalid filter `{}` ({error})", shown(&level)));
         }
+        Some(level)
+    }
+
+    /// A file name (`log_file_prefix`): reported when empty or holding a path separator, kept
+    /// as given.
+    pub(in crate::config) fn file_name(
+        &mut self,
+        names: &'static [&'static str],
+    ) -> Option<String> {
+        let (key, name) = self.get_keyed::<String>(names)?;
+        if name.is_empty() || name.contains(['/', '\\']) {
+            self.problem(key, "must be a non-empty file name without `/` or `\\`");
+        }
+        Some(name)
     }
 
     pub(in crate::config) fn consumers(&mut self) -> BTreeMap<String, ConsumerConfig> {

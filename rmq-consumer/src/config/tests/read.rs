@@ -366,7 +366,14 @@ fn the_readme_documents_every_key() {
     let start = readme.find("## Configuration").unwrap();
     let end = start + readme[start..].find("\n## ").unwrap();
     let table = &readme[start..end];
-    let empty = || Scope::new(String::new(), String::new(), toml::Table::new(), BTreeMap::new());
+    let empty = || {
+        Scope::new(
+            String::new(),
+            String::new(),
+            toml::Table::new(),
+            BTreeMap::new(),
+        )
+    };
     let mut top = empty();
     let _ = Config::read_from(&mut top);
     let mut section = empty();
