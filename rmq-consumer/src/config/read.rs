@@ -1,8 +1,9 @@
 //! The reader: one [`Scope`] per table with its environment variables, and the unknown-key
 //! hints.
 //!
-//! Every key is spelled once, where it is read: the scope records the names it is asked for,
-//! and whatever is left over is unknown, with a hint among the names recorded.
+//! Every key is spelled once, where it is read (its entry in [`super::keys`]): the scope
+//! records the names it is asked for, and whatever is left over is unknown, with a hint
+//! among the names recorded.
 
 use std::collections::BTreeMap;
 use std::fmt;
