@@ -4,6 +4,8 @@
 
 mod acks;
 mod batch;
+mod call;
+mod consumer;
 mod pipeline;
 pub(crate) mod redelivery;
 mod settle;

@@ -11,7 +11,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::{connection, error::Error, health::Health, publisher::Publisher, settings, topology};
 
-use super::{Engine, watchdog, worker::Stop};
+use super::{Engine, consumer::Stop, watchdog};
 
 /// A session in which every handler subscribed and that lasted this long (or
 /// `retry_connect_interval`, when shorter) was a working one: after its loss the engine
