@@ -58,14 +58,19 @@ pub(super) async fn run_call(call: Call, timeout: Duration, overrun: &Overrun) -
 }
 
 pub(super) fn panicked(what: &str, payload: &(dyn std::any::Any + Send)) -> HandlerError {
-    let message = payload
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("(non-text panic payload)");
+    let message = panic_message(payload);
     HandlerError::with_kind(
         FailureAction::Retry,
         "handler_panicked",
         format_args!("{what} panicked: {message}"),
     )
+}
+
+/// A panic's message, when it has one.
+pub(super) fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(non-text panic payload)")
 }

@@ -104,7 +104,10 @@ impl Worker {
             // `basic.qos` would never get a delivery.
             let window = usize::from(self.settings.qos).max(1);
             let (queue, deliveries) = async_channel::bounded(window);
-            let stop = CancellationToken::new();
+            // The subscription's end (shutdown, re-subscription, or the connection lost: a
+            // child of `lost`): its delivery tasks take no more deliveries, its batcher hands
+            // over the batch it gathers.
+            let stop = lost.child_token();
             // A batch handler's items gather here, one call per batch (`batch.rs`).
             let batcher = self
                 .settings
