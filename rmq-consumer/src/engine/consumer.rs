@@ -53,7 +53,9 @@ pub(crate) enum Stop {
 
 impl Worker {
     /// Consumes until shutdown or connection loss; re-subscribes when the broker cancels the
-    /// consumer (queue deleted) while the connection lives.
+    /// consumer (queue deleted) while the connection lives. `lost` (the session's) abandons
+    /// what is in flight; `shutdown` drains it: this loop is where a shutdown reaches the
+    /// session's tokens, by cancelling its subscription's `stop`.
     pub(crate) async fn consume(
         self: Arc<Self>,
         connection: Arc<Connection>,
