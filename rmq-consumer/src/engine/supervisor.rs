@@ -424,3 +424,53 @@ async fn watch_events(
     }
     lost.cancel();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Waits (in paused time) for `tasks` to end, at most a minute.
+    async fn ended(tasks: &TaskTracker) -> bool {
+        tasks.close();
+        tokio::time::timeout(Duration::from_secs(60), tasks.wait())
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_expires_after_the_timeout_and_is_over_one_grace_later() {
+        let tasks = TaskTracker::new();
+        let shutdown = CancellationToken::new();
+        let run = CancellationToken::new();
+        let timeout = Duration::from_secs(10);
+        let deadline = Deadline::start(&tasks, shutdown.clone(), timeout, run.child_token());
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert!(
+            !deadline.expired.is_cancelled(),
+            "it starts with the shutdown"
+        );
+        shutdown.cancel();
+        tokio::time::sleep(timeout - Duration::from_millis(100)).await;
+        assert!(!deadline.expired.is_cancelled());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(deadline.expired.is_cancelled() && !deadline.over.is_cancelled());
+        tokio::time::sleep(CLOSE_GRACE).await;
+        assert!(deadline.over.is_cancelled());
+        assert!(ended(&tasks).await, "the timer ends once the grace is over");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_timer_ends_with_the_run() {
+        let tasks = TaskTracker::new();
+        let run = CancellationToken::new();
+        let deadline = Deadline::start(
+            &tasks,
+            CancellationToken::new(),
+            Duration::from_secs(10),
+            run.child_token(),
+        );
+        run.cancel();
+        assert!(ended(&tasks).await, "cancelled, then awaited");
+        assert!(deadline.expired.is_cancelled() && deadline.over.is_cancelled());
+    }
+}
