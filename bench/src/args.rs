@@ -1,6 +1,6 @@
 //! The command line: which scenarios, at which sizes, how many runs.
 
-use crate::{Res, child::Imp};
+use crate::{error::Res, protocol::Imp};
 
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Sizes {

@@ -7,12 +7,12 @@
 //! 15ms` handler and times request → result at the result queue.
 
 use crate::{
-    Res,
     args::Args,
-    child::{Imp, Report, Work},
+    error::Res,
     measure::{Bench, Latency},
-    model::{Passes, forward_cost, ideal_rate},
-    report::{median, thousands, verdict},
+    model::{forward_cost, ideal_rate},
+    numbers::{median, thousands, verdict},
+    protocol::{Imp, Passes, Report, Work},
 };
 
 /// The batch sizes measured; the first is the one-message handler.

@@ -22,19 +22,34 @@
 //! For profiling: `--only framework|raw` and `--prefetch N` narrow the run, and
 //! `BENCH_WRAP="valgrind --tool=callgrind"` starts each measured child under that command.
 //!
-//! The modules, by job: [`args`] (the command line), [`child`](mod@child) (a measured child
-//! process: the protocol, the framework's consumer and its handlers), [`raw`] (the hand-written
-//! lapin consumer), [`model`] (B's simulated model and its handlers), [`procfs`] (CPU time and
-//! RSS from `/proc`), [`measure`] (the parent's broker connection: prefills, runs a child,
-//! measures latency), [`scenarios`] (S1 S2 S3 L M H), [`batching`] (B), [`store`] (R) and
-//! [`report`] (medians and the tables).
+//! The modules, in layers (each uses only those above it in this list):
+//!
+//! - shared by both processes: [`error`] (the one error type), [`protocol`] (what the parent
+//!   and a child exchange: the [`Spec`](protocol::Spec), the [`Report`](protocol::Report), the
+//!   task and result bodies), [`numbers`] (medians, number formats, verdicts), [`procfs`] (CPU
+//!   time and RSS from `/proc`), [`args`] (the command line);
+//! - the measured child: [`probe`] (what its consumers share: the waits and the records its
+//!   report is built from), [`model`] (B's simulated model and its handlers), [`raw`] (the
+//!   hand-written lapin consumer), [`child`](mod@child) (the child's entry: the framework's
+//!   consumer and its handlers);
+//! - the parent: [`process`] (its handle on a child), [`bodies`] (what it publishes),
+//!   [`measure`] (its broker connection: prefills, runs a child, measures latency), then the
+//!   scenarios [`batching`] (B) and [`store`] (R), [`scenarios`] (S1 S2 S3 L M H, and B and R
+//!   when asked), and [`report`] (the tables);
+//! - this file wires them: the child's entry or the parent's run.
 
 mod args;
 mod batching;
+mod bodies;
 mod child;
+mod error;
 mod measure;
 mod model;
+mod numbers;
+mod probe;
+mod process;
 mod procfs;
+mod protocol;
 mod raw;
 mod report;
 mod scenarios;
@@ -46,20 +61,14 @@ use rmq_consumer::config::SecretUrl;
 
 use crate::{
     args::parse_args,
-    child::{CHILD_ARG, child},
+    child::child,
+    error::Res,
     measure::Bench,
     procfs::load_average,
+    protocol::{CHILD_ARG, DEFAULT_URL},
     report::print_outcome,
     scenarios::run_all,
 };
-
-/// Any error, reported by `main`.
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-/// What the bench's fallible fns return.
-type Res<T> = Result<T, BoxError>;
-
-/// The broker when `RMQ_CONSUMER_URL` is not set.
-const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 /// Runs the scenarios `args` pick and prints their tables.
 async fn parent(args: &[String]) -> Res<()> {

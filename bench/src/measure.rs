@@ -1,5 +1,6 @@
 //! The parent's side of a measurement: its broker connection and names, the prefill, a child
-//! drained queue, hostile bodies, and request → result latency.
+//! ([`crate::process`]) draining a fresh queue, hostile bodies, and request → result latency;
+//! with a [`Variant`], a measurement's shared-result-store keys, deleted afterwards.
 
 use std::{
     collections::VecDeque,
@@ -8,7 +9,7 @@ use std::{
 
 use futures_util::StreamExt;
 use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+    BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind,
     options::{
         BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
         ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
@@ -16,18 +17,16 @@ use lapin::{
     types::FieldTable,
 };
 use rmq_consumer::config::SecretUrl;
-use serde::Serialize;
 
 use crate::{
-    Res,
-    child::{Child, Imp, Reply, Report, Spec, Work},
+    bodies::{bomb_body, confirmed, publish_task},
+    error::Res,
+    numbers::{percentile, thousands},
+    process::Child,
     procfs::{broker_pid, cpu_seconds_of},
-    report::thousands,
-    store::{Variant, delete_keys},
+    protocol::{Imp, Reply, Report, Spec, StoreSpec, Work},
 };
 
-/// Size of every task body, in bytes.
-const BODY_SIZE: usize = 200;
 /// Publishes in flight while prefilling.
 const PREFILL_WINDOW: usize = 2_000;
 
@@ -35,14 +34,16 @@ const PREFILL_WINDOW: usize = 2_000;
 const SETTLE_IDLE_SHARE: f64 = 0.05;
 const SETTLE_WINDOW: Duration = Duration::from_millis(250);
 const SETTLE_MAX: Duration = Duration::from_secs(10);
-/// A task as the bench publishes it: ~200 bytes of JSON.
-#[derive(Debug, Serialize)]
-struct TaskBody<'a> {
-    id: u64,
-    sent_us: u64,
-    kind: &'a str,
-    user: &'a str,
-    payload: &'a str,
+/// Keys deleted per `DEL`.
+const DELETE_BATCH: usize = 1_000;
+
+/// How a measurement differs from a plain drain.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Variant {
+    /// Copies of each task in the queue (0 and 1: one).
+    pub(crate) copies: u64,
+    /// The shared result store, for the framework.
+    pub(crate) store: Option<StoreSpec>,
 }
 
 /// The parent's broker connection, and every name it created (deleted at the end).
@@ -509,77 +510,6 @@ impl Bench {
     }
 }
 
-async fn publish_task(
-    channel: &Channel,
-    queue: &str,
-    id: u64,
-    sent_us: u64,
-) -> Res<lapin::PublisherConfirm> {
-    let body = task_body(id, sent_us)?;
-    Ok(channel
-        .basic_publish(
-            "".into(),
-            queue.into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..BasicPublishOptions::default()
-            },
-            &body,
-            BasicProperties::default()
-                .with_content_type("application/json".into())
-                .with_delivery_mode(2),
-        )
-        .await?)
-}
-
-fn confirmed(confirmation: Confirmation) -> Res<()> {
-    match confirmation {
-        Confirmation::Ack(None) => Ok(()),
-        other => Err(format!("prefill publish not confirmed: {other:?}").into()),
-    }
-}
-
-/// `[{"":0},{"":0},...]` of about `bytes` bytes: the cheapest body to send and one of the
-/// dearest to decode (each one-key object is a B-tree node of ~600 bytes in a `Value`).
-fn bomb_body(bytes: usize) -> Vec<u8> {
-    let objects = (bytes / 7).max(1);
-    let mut body = Vec::with_capacity(objects * 7 + 1);
-    body.push(b'[');
-    for index in 0..objects {
-        if index > 0 {
-            body.push(b',');
-        }
-        body.extend_from_slice(br#"{"":0}"#);
-    }
-    body.push(b']');
-    body
-}
-
-/// A JSON task padded to [`BODY_SIZE`] bytes.
-fn task_body(id: u64, sent_us: u64) -> Res<Vec<u8>> {
-    const PAD: &str = "lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod \
-                       tempor incididunt ut labore et dolore magna aliqua. ut enim ad minim veniam";
-    let mut task = TaskBody {
-        id,
-        sent_us,
-        kind: "bench.task",
-        user: "user-00042",
-        payload: "",
-    };
-    let bare = serde_json::to_vec(&task)?.len();
-    let pad = BODY_SIZE.saturating_sub(bare).min(PAD.len());
-    task.payload = &PAD[..pad];
-    Ok(serde_json::to_vec(&task)?)
-}
-
-fn percentile(sorted_us: &[u64], q: f64) -> f64 {
-    if sorted_us.is_empty() {
-        return f64::NAN;
-    }
-    let rank = (q * sorted_us.len() as f64).ceil() as usize;
-    let index = rank.clamp(1, sorted_us.len()) - 1;
-    sorted_us[index] as f64 / 1000.0
-}
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Latency {
     pub(crate) sent: u64,
@@ -596,28 +526,35 @@ pub(crate) struct Latency {
     pub(crate) report: Option<Report>,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_task_body_is_padded_to_its_size() {
-        assert_eq!(task_body(42, 7).unwrap().len(), BODY_SIZE);
+/// Deletes every key under `store`'s prefix; returns how many there were.
+async fn delete_keys(store: &StoreSpec) -> Res<u64> {
+    let client = redis::Client::open(store.url.as_str())?;
+    let mut connection = client.get_multiplexed_async_connection().await?;
+    let pattern = format!("{}*", store.prefix);
+    let mut keys: Vec<String> = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(DELETE_BATCH)
+            .query_async(&mut connection)
+            .await?;
+        keys.extend(batch);
+        if next == 0 {
+            break;
+        }
+        cursor = next;
     }
-
-    #[test]
-    fn a_bomb_body_is_json_of_about_its_size() {
-        let body = bomb_body(7_000);
-        assert_eq!(body.len(), 7_000 + 1);
-        let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(value.as_array().map(Vec::len), Some(1_000));
+    let mut deleted = 0;
+    for chunk in keys.chunks(DELETE_BATCH) {
+        let count: u64 = redis::cmd("DEL")
+            .arg(chunk)
+            .query_async(&mut connection)
+            .await?;
+        deleted += count;
     }
-
-    #[test]
-    fn percentiles_are_nearest_rank_in_ms() {
-        let us: Vec<u64> = (1..=100).map(|ms| ms * 1000).collect();
-        assert_eq!(percentile(&us, 0.50), 50.0);
-        assert_eq!(percentile(&us, 0.99), 99.0);
-        assert!(percentile(&[], 0.5).is_nan());
-    }
+    Ok(deleted)
 }

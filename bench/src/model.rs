@@ -1,17 +1,18 @@
 //! Scenario B's simulated model: a forward pass costs [`FORWARD_BASE`] plus [`FORWARD_PER_ITEM`]
 //! per item, waited on a `timerfd` (as S3's handlers wait), and its two handlers: one request
 //! per call (`batch = 1`, a normal handler at concurrency 1, the way a GPU worker runs) and a
-//! batch handler whose `batch` and `batch_wait` the child sets in the config.
+//! batch handler whose `batch` and `batch_wait` the child sets in the config. Each pass is
+//! recorded ([`crate::probe::record_pass`]) for the child's report; the parent's B
+//! ([`crate::batching`]) uses the cost model for its ideal rates.
 
-use std::{
-    sync::Mutex,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use rmq_consumer::consumer;
-use serde::{Deserialize, Serialize};
 
-use crate::child::{Reply, Task, mark_first};
+use crate::{
+    probe::{mark_first, record_pass},
+    protocol::{Reply, Task},
+};
 
 /// The fixed cost of one forward pass.
 pub(crate) const FORWARD_BASE: Duration = Duration::from_millis(20);
@@ -59,63 +60,7 @@ async fn forward(items: usize) {
     if tokio_timerfd::sleep(cost).await.is_err() {
         tokio::time::sleep(cost).await;
     }
-    let took = started.elapsed();
-    if let Ok(mut passes) = PASSES.lock() {
-        passes.calls += 1;
-        passes.items += items as u64;
-        passes.busy_s += took.as_secs_f64();
-        passes.nominal_s += cost.as_secs_f64();
-    }
-}
-
-/// The forward passes of this process so far.
-static PASSES: Mutex<Passes> = Mutex::new(Passes {
-    calls: 0,
-    items: 0,
-    busy_s: 0.0,
-    nominal_s: 0.0,
-});
-
-/// What the model did during one measurement: how many calls, how full, and how long they
-/// really took against the cost model.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
-pub(crate) struct Passes {
-    /// Forward passes (handler calls).
-    pub(crate) calls: u64,
-    /// Items over all passes.
-    pub(crate) items: u64,
-    /// The passes' measured time, in seconds.
-    pub(crate) busy_s: f64,
-    /// The passes' time by the cost model, in seconds.
-    pub(crate) nominal_s: f64,
-}
-
-impl Passes {
-    /// The passes recorded in this process, `None` when there were none.
-    pub(crate) fn recorded() -> Option<Self> {
-        let passes = *PASSES.lock().ok()?;
-        (passes.calls > 0).then_some(passes)
-    }
-
-    /// Items per forward pass.
-    pub(crate) fn mean_batch(&self) -> f64 {
-        self.items as f64 / self.calls.max(1) as f64
-    }
-
-    /// How much longer a pass took than the cost model says, on average, in ms (the timer's
-    /// overshoot).
-    pub(crate) fn overshoot_ms(&self) -> f64 {
-        (self.busy_s - self.nominal_s) * 1e3 / self.calls.max(1) as f64
-    }
-
-    /// The share of `secs` the model spent in forward passes (one pass at a time).
-    pub(crate) fn busy(&self, secs: f64) -> f64 {
-        if secs > 0.0 {
-            self.busy_s / secs
-        } else {
-            f64::NAN
-        }
-    }
+    record_pass(items, started.elapsed(), cost);
 }
 
 #[cfg(test)]

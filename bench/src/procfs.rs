@@ -1,6 +1,6 @@
 //! What `/proc` tells: CPU time and peak RSS of a process, the broker's process, the load.
 
-use crate::Res;
+use crate::error::Res;
 
 /// User plus system CPU time of this process, from `/proc/self/stat` (100 ticks per second).
 pub(crate) fn cpu_seconds() -> Res<f64> {

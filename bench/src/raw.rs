@@ -21,11 +21,9 @@ use lapin::{
 use tokio::sync::{Notify, Semaphore};
 
 use crate::{
-    Res,
-    child::{
-        READY_LINE, Reply, Report, Spec, Task, Work, count_run, finish, io_wait, mark_first,
-        tokio_wait, warn_logs,
-    },
+    error::Res,
+    probe::{count_run, finish, io_wait, mark_first, tokio_wait, warn_logs},
+    protocol::{READY_LINE, Reply, Report, Spec, Task, Work},
 };
 
 /// The consumer channel's `basic.qos` for a prefetch: the framework's default read-ahead

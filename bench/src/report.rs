@@ -1,82 +1,15 @@
-//! Medians of the runs, number formats, and the tables printed at the end.
+//! The tables printed at the end: the throughput rows, L, M and H here, B's and R's from
+//! [`crate::batching`] and [`crate::store`], then the verdicts.
 
 use std::time::Duration;
 
 use crate::{
     args::Args,
     batching::print_batch,
-    child::{Report, Slots},
-    scenarios::Outcome,
+    numbers::{decimals, thousands},
+    scenarios::{Cell, Outcome},
     store::print_store,
 };
-
-/// The medians of one table row.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Cell {
-    pub(crate) rate: f64,
-    pub(crate) cpu_per_10k: f64,
-    pub(crate) broker_cpu_per_10k: f64,
-    pub(crate) rss_mib: f64,
-    /// Medians of the runs' [`Slots`] (S3).
-    pub(crate) wait_ms: f64,
-    pub(crate) busy: f64,
-    pub(crate) gap_ms: f64,
-}
-
-pub(crate) fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    match values.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => values[n / 2],
-        n => f64::midpoint(values[n / 2 - 1], values[n / 2]),
-    }
-}
-
-pub(crate) fn cell(reports: &[Report]) -> Cell {
-    let of = |value: fn(&Report) -> f64| median(reports.iter().map(value).collect());
-    let of_slots = |value: fn(&Slots) -> f64| {
-        median(
-            reports
-                .iter()
-                .filter_map(|r| r.slots.as_ref())
-                .map(value)
-                .collect(),
-        )
-    };
-    Cell {
-        rate: of(Report::rate),
-        cpu_per_10k: of(Report::cpu_per_10k),
-        broker_cpu_per_10k: of(Report::broker_cpu_per_10k),
-        rss_mib: of(Report::rss_mib),
-        wait_ms: of_slots(|s| s.wait_ms),
-        busy: of_slots(|s| s.busy),
-        gap_ms: of_slots(|s| s.gap_ms),
-    }
-}
-
-/// `value` with `places` decimals, `-` when unknown.
-pub(crate) fn decimals(value: f64, places: usize) -> String {
-    if value.is_finite() {
-        format!("{value:.places$}")
-    } else {
-        "-".to_owned()
-    }
-}
-
-pub(crate) fn thousands(value: f64) -> String {
-    if !value.is_finite() {
-        return "-".to_owned();
-    }
-    let digits = format!("{:.0}", value.max(0.0));
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
 
 /// The throughput table (S1 S2 S3).
 fn print_rows(out: &Outcome) {
@@ -116,23 +49,7 @@ fn print_rows(out: &Outcome) {
     }
 }
 
-/// S3's wait, slot use and gap between handlers, framework / raw.
-pub(crate) fn slots_note(framework: &Cell, raw: &Cell) -> String {
-    format!(
-        "wait {:.2} / {:.2} ms, slots busy {:.1} / {:.1} %, gap between handlers {:.2} / {:.2} ms",
-        framework.wait_ms,
-        raw.wait_ms,
-        framework.busy * 100.0,
-        raw.busy * 100.0,
-        framework.gap_ms,
-        raw.gap_ms,
-    )
-}
-
-pub(crate) fn verdict(ok: bool) -> &'static str {
-    if ok { "PASS" } else { "MISS" }
-}
-
+/// Prints every table `out` has, the verdicts, and the run's time.
 pub(crate) fn print_outcome(out: &Outcome, args: &Args, elapsed: Duration) {
     if !out.rows.is_empty() {
         print_rows(out);
@@ -225,25 +142,4 @@ pub(crate) fn print_outcome(out: &Outcome, args: &Args, elapsed: Duration) {
     }
     println!();
     println!("total time {:.0?}", elapsed);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn thousands_are_separated() {
-        assert_eq!(thousands(0.0), "0");
-        assert_eq!(thousands(999.4), "999");
-        assert_eq!(thousands(12_955.0), "12,955");
-        assert_eq!(thousands(1_234_567.0), "1,234,567");
-        assert_eq!(thousands(f64::NAN), "-");
-    }
-
-    #[test]
-    fn the_median_of_an_even_count_is_the_midpoint() {
-        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
-        assert!(median(Vec::new()).is_nan());
-    }
 }

@@ -1,15 +1,64 @@
 //! The scenarios (S1 S2 S3 L M H; B in [`crate::batching`], R in [`crate::store`]): which
-//! cells each measures, and their verdicts.
+//! cells each measures, the medians of a row, and their verdicts.
 
 use crate::{
-    Res,
     args::Args,
     batching::{BatchOutcome, run_batch},
-    child::{Imp, Report, SLEEP, Work},
+    error::Res,
     measure::{Bench, Latency},
-    report::{Cell, cell, median, slots_note, thousands, verdict},
+    numbers::{median, thousands, verdict},
+    protocol::{Imp, Report, SLEEP, Slots, Work},
     store::{StoreOutcome, run_store},
 };
+
+/// The medians of one table row.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Cell {
+    pub(crate) rate: f64,
+    pub(crate) cpu_per_10k: f64,
+    pub(crate) broker_cpu_per_10k: f64,
+    pub(crate) rss_mib: f64,
+    /// Medians of the runs' [`Slots`] (S3).
+    pub(crate) wait_ms: f64,
+    pub(crate) busy: f64,
+    pub(crate) gap_ms: f64,
+}
+
+/// The medians of `reports`.
+fn cell(reports: &[Report]) -> Cell {
+    let of = |value: fn(&Report) -> f64| median(reports.iter().map(value).collect());
+    let of_slots = |value: fn(&Slots) -> f64| {
+        median(
+            reports
+                .iter()
+                .filter_map(|r| r.slots.as_ref())
+                .map(value)
+                .collect(),
+        )
+    };
+    Cell {
+        rate: of(Report::rate),
+        cpu_per_10k: of(Report::cpu_per_10k),
+        broker_cpu_per_10k: of(Report::broker_cpu_per_10k),
+        rss_mib: of(Report::rss_mib),
+        wait_ms: of_slots(|s| s.wait_ms),
+        busy: of_slots(|s| s.busy),
+        gap_ms: of_slots(|s| s.gap_ms),
+    }
+}
+
+/// S3's wait, slot use and gap between handlers, framework / raw.
+fn slots_note(framework: &Cell, raw: &Cell) -> String {
+    format!(
+        "wait {:.2} / {:.2} ms, slots busy {:.1} / {:.1} %, gap between handlers {:.2} / {:.2} ms",
+        framework.wait_ms,
+        raw.wait_ms,
+        framework.busy * 100.0,
+        raw.busy * 100.0,
+        framework.gap_ms,
+        raw.gap_ms,
+    )
+}
 
 /// One row of the throughput table.
 pub(crate) struct Row {

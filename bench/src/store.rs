@@ -11,15 +11,15 @@
 //!   its default 1,000 results, fewer than the tasks, so the second copies are answered by
 //!   Redis, as on another replica or after a restart.
 //!
-//! Every measurement has its own `result_store_prefix`; its keys are deleted afterwards (never
-//! a flush). Redis is `$BENCH_REDIS_URL` or [`DEFAULT_REDIS_URL`].
+//! Every measurement has its own `result_store_prefix`; its keys are deleted afterwards (by
+//! [`crate::measure`], never a flush). Redis is `$BENCH_REDIS_URL` or [`DEFAULT_REDIS_URL`].
 
 use crate::{
-    Res,
     args::Args,
-    child::{Imp, Report, StoreSpec, Work},
-    measure::Bench,
-    report::{median, thousands, verdict},
+    error::Res,
+    measure::{Bench, Variant},
+    numbers::{median, thousands, verdict},
+    protocol::{Imp, Report, StoreSpec, Work},
 };
 
 /// Redis when `BENCH_REDIS_URL` is not set.
@@ -28,51 +28,6 @@ pub(crate) const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
 const PREFETCH: u16 = 256;
 /// The costed duplicate run's prefetch: S3's.
 const IO_PREFETCH: u16 = 64;
-/// Keys deleted per `DEL`.
-const DELETE_BATCH: usize = 1_000;
-
-/// How a measurement differs from a plain drain.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Variant {
-    /// Copies of each task in the queue (0 and 1: one).
-    pub(crate) copies: u64,
-    /// The shared result store, for the framework.
-    pub(crate) store: Option<StoreSpec>,
-}
-
-/// Deletes every key under `store`'s prefix; returns how many there were.
-pub(crate) async fn delete_keys(store: &StoreSpec) -> Res<u64> {
-    let client = redis::Client::open(store.url.as_str())?;
-    let mut connection = client.get_multiplexed_async_connection().await?;
-    let pattern = format!("{}*", store.prefix);
-    let mut keys: Vec<String> = Vec::new();
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(DELETE_BATCH)
-            .query_async(&mut connection)
-            .await?;
-        keys.extend(batch);
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
-    let mut deleted = 0;
-    for chunk in keys.chunks(DELETE_BATCH) {
-        let count: u64 = redis::cmd("DEL")
-            .arg(chunk)
-            .query_async(&mut connection)
-            .await?;
-        deleted += count;
-    }
-    Ok(deleted)
-}
-
 /// What R measured.
 pub(crate) struct StoreOutcome {
     pub(crate) tasks: u64,

@@ -1,8 +1,8 @@
-//! Small helpers over lapin's types: bounded strings, header reading and writing.
+//! Small helpers over lapin's types: bounded strings, header text, property copies.
 
 use lapin::{
     BasicProperties,
-    types::{AMQPValue, FieldTable, LongString, ShortString},
+    types::{AMQPValue, FieldTable, ShortString},
 };
 
 /// The longest AMQP short string.
@@ -15,10 +15,7 @@ pub(crate) fn short(text: &str) -> ShortString {
     ShortString::try_new(truncate(text, MAX_SHORT)).unwrap_or_default()
 }
 
-/// A long-string header value.
-pub(crate) fn long(text: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(text.as_bytes().to_vec()))
-}
+pub(crate) use crate::headers::long;
 
 /// A header as text, when it is a string of any kind.
 pub(crate) fn header_str<'a>(headers: Option<&'a FieldTable>, key: &str) -> Option<&'a str> {
@@ -27,51 +24,6 @@ pub(crate) fn header_str<'a>(headers: Option<&'a FieldTable>, key: &str) -> Opti
         AMQPValue::ShortString(s) => Some(s.as_str()),
         _ => None,
     }
-}
-
-/// What an `x-retry-count` header says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) enum RetryCount {
-    /// A usable count (absent means 0).
-    Count(u32),
-    /// Present but unusable (negative, a float, non-digits, beyond `u32`): treated as
-    /// exhausted, so a forged header can never buy extra retries.
-    Malformed,
-}
-
-/// Reads `x-retry-count` tolerantly: any integer width, or a string of ASCII digits.
-pub(crate) fn retry_count(headers: Option<&FieldTable>) -> RetryCount {
-    count_header(headers, crate::headers::RETRY_COUNT)
-}
-
-/// Reads a counting header (`x-retry-count`, `x-lost-deliveries`, `x-delivery-count`)
-/// tolerantly: any integer width, or a string of ASCII digits; absent is 0.
-pub(crate) fn count_header(headers: Option<&FieldTable>, key: &str) -> RetryCount {
-    let Some(value) = headers.and_then(|h| h.inner().get(key)) else {
-        return RetryCount::Count(0);
-    };
-    let wide: Option<i128> = match value {
-        AMQPValue::ShortShortInt(v) => Some((*v).into()),
-        AMQPValue::ShortShortUInt(v) => Some((*v).into()),
-        AMQPValue::ShortInt(v) => Some((*v).into()),
-        AMQPValue::ShortUInt(v) => Some((*v).into()),
-        AMQPValue::LongInt(v) => Some((*v).into()),
-        AMQPValue::LongUInt(v) => Some((*v).into()),
-        AMQPValue::LongLongInt(v) => Some((*v).into()),
-        AMQPValue::ShortString(s) => digits(s.as_str()),
-        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok().and_then(digits),
-        _ => None,
-    };
-    wide.and_then(|n| u32::try_from(n).ok())
-        .map_or(RetryCount::Malformed, RetryCount::Count)
-}
-
-fn digits(text: &str) -> Option<i128> {
-    let text = text.trim();
-    if text.is_empty() || text.len() > 12 || !text.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    text.parse().ok()
 }
 
 /// The properties of a copy of a delivery that the engine publishes itself (a retry or a dead
@@ -229,43 +181,6 @@ mod tests {
         let mut table = FieldTable::default();
         table.insert("x-retry-count".into(), value);
         table
-    }
-
-    #[test]
-    fn retry_count_reads_every_integer_width_and_digit_strings() {
-        assert_eq!(retry_count(None), RetryCount::Count(0));
-        assert_eq!(
-            retry_count(Some(&FieldTable::default())),
-            RetryCount::Count(0)
-        );
-        for value in [
-            AMQPValue::ShortShortInt(2),
-            AMQPValue::ShortShortUInt(2),
-            AMQPValue::ShortInt(2),
-            AMQPValue::ShortUInt(2),
-            AMQPValue::LongInt(2),
-            AMQPValue::LongUInt(2),
-            AMQPValue::LongLongInt(2),
-            AMQPValue::ShortString("2".into()),
-            long(" 2 "),
-        ] {
-            assert_eq!(retry_count(Some(&with(value))), RetryCount::Count(2));
-        }
-    }
-
-    #[test]
-    fn malformed_retry_counts_are_exhausted() {
-        for value in [
-            AMQPValue::LongLongInt(-1),
-            AMQPValue::LongLongInt(i64::MAX),
-            AMQPValue::Double(1.0),
-            AMQPValue::Boolean(true),
-            long("-3"),
-            long("two"),
-            long("99999999999999999999"),
-        ] {
-            assert_eq!(retry_count(Some(&with(value))), RetryCount::Malformed);
-        }
     }
 
     #[test]

@@ -21,7 +21,7 @@
 
 use std::{
     num::NonZeroUsize,
-    sync::{Mutex, PoisonError, atomic::Ordering::Relaxed},
+    sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
 
@@ -29,13 +29,24 @@ use lru::LruCache;
 use serde_json::Value;
 use tokio::sync::watch;
 
+use crate::config::{CacheMode, Config};
 use crate::handler::{FailureAction, HandlerError, HandlerOutput};
-use crate::store::{self, HandlerStore};
+use crate::health::{Counter, HandlerStats, Health};
+use crate::store::{self, Store};
 
 /// The first pause between two looks at a task another replica runs.
 const POLL_FIRST: Duration = Duration::from_millis(5);
 /// The longest pause between two looks at a task another replica runs.
 const POLL_MAX: Duration = Duration::from_millis(200);
+
+/// A handler's view of the store: the store, the handler's name and its counters (the
+/// `store_*` lines of [`crate::health`]'s `handler_counters!`).
+#[derive(Debug, Clone)]
+pub(crate) struct HandlerStore {
+    pub(crate) store: Store,
+    pub(crate) handler: String,
+    pub(crate) stats: Arc<HandlerStats>,
+}
 
 /// What a run ended with, as its waiters see it (a [`HandlerError`] is not `Clone`).
 type Shared = Result<Option<Value>, (FailureAction, &'static str, String)>;
@@ -286,15 +297,15 @@ where
     loop {
         match shared.store.claim(&shared.handler, key).await {
             Ok(store::Claim::Stored(value)) => {
-                stats.hits.fetch_add(1, Relaxed);
+                stats.count(Counter::StoreHits);
                 return (Ok(value), Source::Stored);
             }
             Ok(store::Claim::Claimed(lease)) => {
                 if waited {
-                    stats.takeovers.fetch_add(1, Relaxed);
+                    stats.count(Counter::StoreTakeovers);
                     tracing::info!("took the task over: another replica's lease on it expired");
                 } else {
-                    stats.misses.fetch_add(1, Relaxed);
+                    stats.count(Counter::StoreMisses);
                 }
                 let output = run().await;
                 let stored = output.as_ref().ok();
@@ -304,7 +315,7 @@ where
                     ),
                     Ok(_) => {}
                     Err(error) => {
-                        stats.errors.fetch_add(1, Relaxed);
+                        stats.count(Counter::StoreErrors);
                         tracing::debug!(error = %error, "the outcome was not written to the result store");
                     }
                 }
@@ -313,7 +324,7 @@ where
             Ok(store::Claim::Held(holder)) => {
                 if !waited {
                     waited = true;
-                    stats.waits.fetch_add(1, Relaxed);
+                    stats.count(Counter::StoreLeaseWaits);
                     tracing::debug!(%holder, "another replica runs this task; waiting for its result");
                 }
                 let left = wait.saturating_sub(started.elapsed());
@@ -331,7 +342,7 @@ where
                 pause = pause.saturating_mul(2).min(POLL_MAX);
             }
             Err(error) => {
-                stats.errors.fetch_add(1, Relaxed);
+                stats.count(Counter::StoreErrors);
                 tracing::debug!(error = %error, "running without the result store");
                 return (run().await, Source::Ran);
             }
@@ -361,6 +372,56 @@ impl Run<'_> {
     /// Records the run's outcome (a success is kept) and hands it to the waiting callers.
     pub(crate) fn finish(self, output: &HandlerOutput) {
         self.cache.finish(&self.key, &self.sender, output);
+    }
+}
+
+/// The engine's store: one for every handler with `cache = "shared"` (none without such a
+/// handler), its monitor given to `health` for `/metrics` and `/readyz`.
+///
+/// # Errors
+///
+/// The store cannot be set up (its URL, its TLS files).
+pub(crate) fn for_engine(
+    config: &Config,
+    handlers: &[crate::settings::Settings],
+    health: &Health,
+) -> Result<Option<Store>, crate::error::StoreError> {
+    let shared: Vec<(String, String)> = handlers
+        .iter()
+        .filter(|settings| config.cache_mode(&settings.name) == CacheMode::Shared)
+        .map(|settings| (settings.name.clone(), settings.queue.clone()))
+        .collect();
+    let Some(url) = config.result_store.as_ref().filter(|_| !shared.is_empty()) else {
+        return Ok(None);
+    };
+    let store = Store::new(config, url, shared)?;
+    let _ = health.store.set(store.monitor());
+    Ok(Some(store))
+}
+
+/// The result cache of handler `name` (`cache`): an `lru` alone, an `lru` in front of
+/// `store` (counting in the handler's stats in `health`), or none.
+pub(crate) fn cache_for(
+    config: &Config,
+    name: &str,
+    store: Option<&Store>,
+    health: &Health,
+    lru: impl FnOnce() -> ResultCache,
+) -> Option<ResultCache> {
+    match (config.cache_mode(name), store) {
+        (CacheMode::None, _) => None,
+        (CacheMode::Shared, Some(store)) => {
+            let stats = health
+                .handler(name)
+                .unwrap_or_else(|| Arc::new(HandlerStats::new(name.to_owned(), String::new())));
+            Some(lru().with_store(HandlerStore {
+                store: store.clone(),
+                handler: name.to_owned(),
+                stats,
+            }))
+        }
+        // `shared` without a store is a configuration error, caught at load.
+        (CacheMode::Local | CacheMode::Shared, _) => Some(lru()),
     }
 }
 
@@ -538,7 +599,7 @@ mod tests {
         let url = crate::config::SecretUrl::new("redis://127.0.0.1:1/0");
         let store = crate::store::Store::new(&config, &url, vec![("h".to_owned(), "q".to_owned())])
             .unwrap_or_else(|error| panic!("{error}"));
-        let stats = store.monitor().stats("h").unwrap_or_default();
+        let stats = Arc::new(HandlerStats::new("h".to_owned(), "q".to_owned()));
         let cache = cache(8).with_store(HandlerStore {
             store,
             handler: "h".to_owned(),
@@ -559,7 +620,32 @@ mod tests {
         let (_, source) = cache.get_or_run("j", WAIT, || async { Ok(None) }).await;
         assert_eq!(source, Source::Ran);
         assert!(started.elapsed() < std::time::Duration::from_millis(100));
-        assert_eq!(stats.errors.load(Ordering::SeqCst), 2);
-        assert_eq!(stats.hits.load(Ordering::SeqCst), 0);
+        assert_eq!(stats.get(Counter::StoreErrors), 2);
+        assert_eq!(stats.get(Counter::StoreHits), 0);
+    }
+
+    #[test]
+    fn each_handler_gets_the_cache_it_asks_for() {
+        let config = Config::from_toml_str(
+            r#"
+            result_store = "redis://127.0.0.1:1/0"
+            enable_result_cache = true
+            [consumers.none]
+            cache = "none"
+            [consumers.shared]
+            cache = "shared"
+            "#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let url = crate::config::SecretUrl::new("redis://127.0.0.1:1/0");
+        let handlers = vec![("shared".to_owned(), "q".to_owned())];
+        let store = Store::new(&config, &url, handlers).unwrap_or_else(|e| panic!("{e}"));
+        let health = Health::new([("shared".to_owned(), "q".to_owned())]);
+        let lru = || ResultCache::new(std::num::NonZeroUsize::MIN, usize::MAX);
+        assert!(cache_for(&config, "none", Some(&store), &health, lru).is_none());
+        let local = cache_for(&config, "other", Some(&store), &health, lru);
+        assert!(local.is_some_and(|cache| !cache.is_shared()));
+        let shared = cache_for(&config, "shared", Some(&store), &health, lru);
+        assert!(shared.is_some_and(|cache| cache.is_shared()));
     }
 }

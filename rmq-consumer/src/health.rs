@@ -20,8 +20,8 @@ pub(crate) struct Health {
     draining: AtomicBool,
     reconnects: AtomicU64,
     healing_failed: AtomicBool,
-    pub(crate) handlers: Vec<HandlerStats>,
-    /// The shared result store's state and counters, when handlers use it.
+    pub(crate) handlers: Vec<Arc<HandlerStats>>,
+    /// The shared result store's state, when handlers use it.
     pub(crate) store: std::sync::OnceLock<Arc<crate::store::Monitor>>,
 }
 
@@ -34,12 +34,18 @@ fn duration_histogram() -> prometheus_client::metrics::histogram::Histogram {
 
 /// Declares each monotonic counter of a handler once, in one line of
 /// `name: Variant => "prometheus_name", "help";`. The line gives the counter its field in
-/// [`HandlerStats`] and in [`HandlerSnapshot`], its [`Counter`] variant (what the engine passes
-/// to [`HandlerStats::count`] and [`HandlerStats::add`]), its Prometheus name and help text
-/// ([`COUNTERS`], which the metrics endpoint reads). A new counter is one line in the
-/// `handler_counters!` call below, plus the `count` calls that record it.
+/// [`HandlerStats`], its [`Counter`] variant (what the engine passes to
+/// [`HandlerStats::count`] and [`HandlerStats::add`]), its Prometheus name and help text
+/// ([`COUNTERS`], which the metrics endpoint reads) and, in the `handler` group, its field
+/// in [`HandlerSnapshot`]. The `store` group holds the shared result store's counters
+/// ([`STORE_COUNTERS`]), recorded by [`crate::cache`] and shown only for the handlers that use
+/// the store. A new counter is one line in the `handler_counters!` call below, plus the
+/// `count` calls that record it.
 macro_rules! handler_counters {
-    ($($field:ident: $variant:ident => $metric:literal, $help:literal;)*) => {
+    (
+        handler { $($field:ident: $variant:ident => $metric:literal, $help:literal;)* }
+        store { $($store_field:ident: $store_variant:ident => $store_metric:literal, $store_help:literal;)* }
+    ) => {
         /// Counters and gauges of one handler. The engine writes them only through the
         /// recording methods ([`HandlerStats::count`], [`HandlerStats::add`],
         /// [`HandlerStats::started`], ...).
@@ -61,6 +67,12 @@ macro_rules! handler_counters {
                 #[doc = "Recorded through [`HandlerStats::count`]."]
                 $field: AtomicU64,
             )*
+            $(
+                #[doc = $store_help]
+                #[doc = ""]
+                #[doc = "Recorded through [`HandlerStats::count`]."]
+                $store_field: AtomicU64,
+            )*
             pub(crate) handler_duration: prometheus_client::metrics::histogram::Histogram,
             pub(crate) end_to_end: prometheus_client::metrics::histogram::Histogram,
             /// A batch handler's items per call.
@@ -76,10 +88,14 @@ macro_rules! handler_counters {
                 #[doc = $help]
                 $variant,
             )*
+            $(
+                #[doc = $store_help]
+                $store_variant,
+            )*
         }
 
         impl HandlerStats {
-            fn new(name: String, queue: String) -> Self {
+            pub(crate) fn new(name: String, queue: String) -> Self {
                 Self {
                     name,
                     queue,
@@ -90,6 +106,7 @@ macro_rules! handler_counters {
                     stuck: AtomicBool::new(false),
                     queue_depth: AtomicU64::new(0),
                     $($field: AtomicU64::new(0),)*
+                    $($store_field: AtomicU64::new(0),)*
                     handler_duration: duration_histogram(),
                     end_to_end: duration_histogram(),
                     batch_size: prometheus_client::metrics::histogram::Histogram::new(
@@ -102,6 +119,7 @@ macro_rules! handler_counters {
             fn counter(&self, counter: Counter) -> &AtomicU64 {
                 match counter {
                     $(Counter::$variant => &self.$field,)*
+                    $(Counter::$store_variant => &self.$store_field,)*
                 }
             }
 
@@ -149,6 +167,12 @@ macro_rules! handler_counters {
         pub(crate) const COUNTERS: &[(&str, &str, Read)] = &[
             $(($metric, $help, |h: &HandlerStats| h.$field.load(Relaxed)),)*
         ];
+
+        /// The shared result store's counters, as [`COUNTERS`]: shown while the engine has a
+        /// store, for the handlers that use it.
+        pub(crate) const STORE_COUNTERS: &[(&str, &str, Read)] = &[
+            $(($store_metric, $store_help, |h: &HandlerStats| h.$store_field.load(Relaxed)),)*
+        ];
     };
 }
 
@@ -156,21 +180,30 @@ macro_rules! handler_counters {
 pub(crate) type Read = fn(&HandlerStats) -> u64;
 
 handler_counters! {
-    received: Received => "rmq_consumer_deliveries_received", "Deliveries received.";
-    succeeded: Succeeded => "rmq_consumer_deliveries_succeeded", "Deliveries processed successfully (result confirmed, input acked).";
-    retried: Retried => "rmq_consumer_deliveries_retried", "Deliveries sent for another attempt.";
-    dead_lettered: DeadLettered => "rmq_consumer_deliveries_dead_lettered", "Deliveries sent to the dead-letter queue.";
-    rejected: Rejected => "rmq_consumer_deliveries_rejected", "Deliveries rejected without requeue (dead-lettering off) or nacked back to the queue.";
-    cache_hits: CacheHits => "rmq_consumer_cache_hits", "Results answered from the result cache.";
-    stale_acks: StaleAcks => "rmq_consumer_stale_acks", "Settlements not sent because the delivery's channel had died (the broker redelivers).";
-    suspected: Suspected => "rmq_consumer_suspected", "Redelivered tasks moved to the suspect queue to run alone (an earlier delivery ended unsettled).";
-    results_returned: ResultsReturned => "rmq_consumer_results_returned", "Results the broker returned as unroutable.";
-    results_nacked: ResultsNacked => "rmq_consumer_results_nacked", "Results the broker nacked.";
-    uncertain_copies: UncertainCopies => "rmq_consumer_uncertain_copies", "Retry, dead-letter or suspect copies whose fate is unknown (no confirm in time, or the channel failed after they were sent) while their original went back to the queue: the broker may hold both, and the task then runs once more (one extra run per count).";
-    results_exchange_missing: ResultsExchangeMissing => "rmq_consumer_results_exchange_missing", "Result publishes refused because the result exchange did not exist (404); each is published again within `result_publish_retry`.";
-    handler_runs: HandlerRuns => "rmq_consumer_handler_runs", "Times the handler function was called (a batch handler: once per batch).";
-    batches: Batches => "rmq_consumer_batches", "Batches handed to a batch handler.";
-    batch_items: BatchItems => "rmq_consumer_batch_items", "Items handed to a batch handler, in all its batches.";
+    handler {
+        received: Received => "rmq_consumer_deliveries_received", "Deliveries received.";
+        succeeded: Succeeded => "rmq_consumer_deliveries_succeeded", "Deliveries processed successfully (result confirmed, input acked).";
+        retried: Retried => "rmq_consumer_deliveries_retried", "Deliveries sent for another attempt.";
+        dead_lettered: DeadLettered => "rmq_consumer_deliveries_dead_lettered", "Deliveries sent to the dead-letter queue.";
+        rejected: Rejected => "rmq_consumer_deliveries_rejected", "Deliveries rejected without requeue (dead-lettering off) or nacked back to the queue.";
+        cache_hits: CacheHits => "rmq_consumer_cache_hits", "Results answered from the result cache.";
+        stale_acks: StaleAcks => "rmq_consumer_stale_acks", "Settlements not sent because the delivery's channel had died (the broker redelivers).";
+        suspected: Suspected => "rmq_consumer_suspected", "Redelivered tasks moved to the suspect queue to run alone (an earlier delivery ended unsettled).";
+        results_returned: ResultsReturned => "rmq_consumer_results_returned", "Results the broker returned as unroutable.";
+        results_nacked: ResultsNacked => "rmq_consumer_results_nacked", "Results the broker nacked.";
+        uncertain_copies: UncertainCopies => "rmq_consumer_uncertain_copies", "Retry, dead-letter or suspect copies whose fate is unknown (no confirm in time, or the channel failed after they were sent) while their original went back to the queue: the broker may hold both, and the task then runs once more (one extra run per count).";
+        results_exchange_missing: ResultsExchangeMissing => "rmq_consumer_results_exchange_missing", "Result publishes refused because the result exchange did not exist (404); each is published again within `result_publish_retry`.";
+        handler_runs: HandlerRuns => "rmq_consumer_handler_runs", "Times the handler function was called (a batch handler: once per batch).";
+        batches: Batches => "rmq_consumer_batches", "Batches handed to a batch handler.";
+        batch_items: BatchItems => "rmq_consumer_batch_items", "Items handed to a batch handler, in all its batches.";
+    }
+    store {
+        store_hits: StoreHits => "rmq_consumer_store_hits", "Results answered from the shared result store.";
+        store_misses: StoreMisses => "rmq_consumer_store_misses", "Tasks not in the shared store whose lease this replica took (the handler ran).";
+        store_lease_waits: StoreLeaseWaits => "rmq_consumer_store_lease_waits", "Deliveries that waited for another replica's run of their task.";
+        store_takeovers: StoreTakeovers => "rmq_consumer_store_takeovers", "Tasks taken over after another replica's lease expired (the handler ran here).";
+        store_errors: StoreErrors => "rmq_consumer_store_errors", "Shared store calls that failed, timed out or were skipped while it was down (the delivery went on without it).";
+    }
 }
 
 /// Every handler gauge: its Prometheus name, help text and reader (the metrics endpoint reads
@@ -260,10 +293,18 @@ impl Health {
             healing_failed: AtomicBool::new(false),
             handlers: handlers
                 .into_iter()
-                .map(|(name, queue)| HandlerStats::new(name, queue))
+                .map(|(name, queue)| Arc::new(HandlerStats::new(name, queue)))
                 .collect(),
             store: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The counters of handler `name`.
+    pub(crate) fn handler(&self, name: &str) -> Option<Arc<HandlerStats>> {
+        self.handlers
+            .iter()
+            .find(|stats| stats.name == name)
+            .map(Arc::clone)
     }
 
     pub(crate) fn now_ms(&self) -> u64 {
@@ -333,6 +374,12 @@ impl HandlerStats {
     /// Adds `n` to a counter.
     pub(crate) fn add(&self, counter: Counter, n: u64) {
         self.counter(counter).fetch_add(n, Relaxed);
+    }
+
+    /// A counter's value.
+    #[cfg_attr(not(test), expect(dead_code, reason = "read by the unit tests"))]
+    pub(crate) fn get(&self, counter: Counter) -> u64 {
+        self.counter(counter).load(Relaxed)
     }
 
     /// Records a delivery received: counted, and in flight until [`HandlerStats::finished`].

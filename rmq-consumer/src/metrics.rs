@@ -9,7 +9,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::health::{COUNTERS, ENGINE_GAUGES, GAUGES, HISTOGRAMS, Health};
+use crate::health::{COUNTERS, ENGINE_GAUGES, GAUGES, HISTOGRAMS, Health, STORE_COUNTERS};
 
 #[derive(Debug)]
 struct EngineCollector(Arc<Health>);
@@ -49,7 +49,23 @@ impl Collector for EngineCollector {
             }
         }
         if let Some(store) = health.store.get() {
-            store.encode(&mut encoder)?;
+            for (name, help, read) in STORE_COUNTERS {
+                let mut metric =
+                    encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+                for handler in health.handlers.iter().filter(|h| store.serves(&h.name)) {
+                    let labels = [
+                        ("handler", handler.name.as_str()),
+                        ("queue", handler.queue.as_str()),
+                    ];
+                    ConstCounter::new(read(handler)).encode(metric.encode_family(&labels)?)?;
+                }
+            }
+            gauge(u64::from(store.is_up())).encode(encoder.encode_descriptor(
+                "rmq_consumer_store_up",
+                "1 while the shared result store answers (0 during an outage episode).",
+                None,
+                MetricType::Gauge,
+            )?)?;
         }
         let snapshot = health.snapshot();
         for (name, help, read) in ENGINE_GAUGES {

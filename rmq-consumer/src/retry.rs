@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::{amqp::RetryCount, handler::FailureAction};
+use crate::{handler::FailureAction, headers::RetryCount};
 
 /// The header that counts retries ([`crate::headers::RETRY_COUNT`]).
 pub use crate::headers::RETRY_COUNT as RETRY_COUNT_HEADER;

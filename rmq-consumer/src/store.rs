@@ -73,7 +73,7 @@ use serde_json::Value;
 use tracing::{info, warn};
 
 use crate::{
-    config::{CacheMode, Config, SecretUrl},
+    config::{Config, SecretUrl},
     error::StoreError,
 };
 
@@ -308,69 +308,26 @@ pub(crate) enum Claim {
     Held(String),
 }
 
-/// One handler's store counters (`/metrics`). Declared with their names in [`COUNTERS`].
-#[derive(Debug, Default)]
-pub(crate) struct StoreStats {
-    /// Results answered from the store.
-    pub(crate) hits: AtomicU64,
-    /// Leases taken on a first claim (the task was not stored): the handler ran.
-    pub(crate) misses: AtomicU64,
-    /// Deliveries that found the lease held by another replica and waited.
-    pub(crate) waits: AtomicU64,
-    /// Leases taken after waiting for another replica's (it expired): the handler ran here.
-    pub(crate) takeovers: AtomicU64,
-    /// Failed, timed-out or skipped (store down) calls, and stored values that did not
-    /// decode: each time the delivery went on without the store.
-    pub(crate) errors: AtomicU64,
-}
-
-type ReadStat = fn(&StoreStats) -> u64;
-
-/// Every store counter: its Prometheus name, help text and reader.
-pub(crate) const COUNTERS: &[(&str, &str, ReadStat)] = &[
-    (
-        "rmq_consumer_store_hits",
-        "Results answered from the shared result store.",
-        |s| s.hits.load(Relaxed),
-    ),
-    (
-        "rmq_consumer_store_misses",
-        "Tasks not in the shared store whose lease this replica took (the handler ran).",
-        |s| s.misses.load(Relaxed),
-    ),
-    (
-        "rmq_consumer_store_lease_waits",
-        "Deliveries that waited for another replica's run of their task.",
-        |s| s.waits.load(Relaxed),
-    ),
-    (
-        "rmq_consumer_store_takeovers",
-        "Tasks taken over after another replica's lease expired (the handler ran here).",
-        |s| s.takeovers.load(Relaxed),
-    ),
-    (
-        "rmq_consumer_store_errors",
-        "Shared store calls that failed, timed out or were skipped while it was down (the delivery went on without it).",
-        |s| s.errors.load(Relaxed),
-    ),
-];
-
-/// What `/metrics` and `/readyz` read of the store: its state and per-handler counters.
+/// What `/metrics` and `/readyz` read of the store: whether it answers, and which handlers
+/// use it (their counters are lines of [`crate::health`]'s `handler_counters!`, recorded by
+/// [`crate::cache`]).
 #[derive(Debug)]
 pub(crate) struct Monitor {
     up: AtomicBool,
     required: bool,
-    /// Handler name, queue, counters.
-    handlers: Vec<(String, String, Arc<StoreStats>)>,
+    /// The names of the handlers that use the store.
+    handlers: Vec<String>,
 }
 
 impl Monitor {
-    /// The counters of handler `name`, if it uses the store.
-    pub(crate) fn stats(&self, name: &str) -> Option<Arc<StoreStats>> {
-        self.handlers
-            .iter()
-            .find(|(handler, _, _)| handler == name)
-            .map(|(_, _, stats)| Arc::clone(stats))
+    /// Whether handler `name` uses the store.
+    pub(crate) fn serves(&self, name: &str) -> bool {
+        self.handlers.iter().any(|handler| handler == name)
+    }
+
+    /// Whether the store answers (false during an outage episode).
+    pub(crate) fn is_up(&self) -> bool {
+        self.up.load(Relaxed)
     }
 
     /// Why the worker is not ready because of the store (empty: ready).
@@ -380,31 +337,6 @@ impl Monitor {
         } else {
             Vec::new()
         }
-    }
-
-    /// Writes the store's metrics.
-    pub(crate) fn encode(
-        &self,
-        encoder: &mut prometheus_client::encoding::DescriptorEncoder<'_>,
-    ) -> Result<(), fmt::Error> {
-        use prometheus_client::{
-            encoding::EncodeMetric,
-            metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
-        };
-        for (name, help, read) in COUNTERS {
-            let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-            for (handler, queue, stats) in &self.handlers {
-                let labels = [("handler", handler.as_str()), ("queue", queue.as_str())];
-                ConstCounter::new(read(stats)).encode(metric.encode_family(&labels)?)?;
-            }
-        }
-        ConstGauge::new(i64::from(self.up.load(Relaxed))).encode(encoder.encode_descriptor(
-            "rmq_consumer_store_up",
-            "1 while the shared result store answers (0 during an outage episode).",
-            None,
-            MetricType::Gauge,
-        )?)?;
-        Ok(())
     }
 }
 
@@ -506,7 +438,7 @@ impl Drop for Lease {
 
 impl Store {
     /// A store for `url` with the configuration's timeouts, prefix and TLS files (for
-    /// `rediss://`), counting for `handlers` (name, queue). Connects lazily.
+    /// `rediss://`), serving `handlers` (name, queue). Connects lazily.
     ///
     /// # Errors
     ///
@@ -557,10 +489,7 @@ impl Store {
         let monitor = Arc::new(Monitor {
             up: AtomicBool::new(true),
             required: config.result_store_required,
-            handlers: handlers
-                .into_iter()
-                .map(|(name, queue)| (name, queue, Arc::default()))
-                .collect(),
+            handlers: handlers.into_iter().map(|(name, _queue)| name).collect(),
         });
         Ok(Self {
             inner: Arc::new(Inner {
@@ -1149,61 +1078,6 @@ fn token_base() -> String {
     format!("{host}:{}:{:016x}", std::process::id(), hasher.finish())
 }
 
-/// A handler's view of the store for [`crate::cache`]: the store, its name and counters.
-#[derive(Debug, Clone)]
-pub(crate) struct HandlerStore {
-    pub(crate) store: Store,
-    pub(crate) handler: String,
-    pub(crate) stats: Arc<StoreStats>,
-}
-
-/// The engine's store: one for every handler with `cache = "shared"` (none without such a
-/// handler), its monitor given to `health` for `/metrics` and `/readyz`.
-///
-/// # Errors
-///
-/// The store cannot be set up (its URL, its TLS files).
-pub(crate) fn for_engine(
-    config: &Config,
-    handlers: &[crate::settings::Settings],
-    health: &crate::health::Health,
-) -> Result<Option<Store>, StoreError> {
-    let shared: Vec<(String, String)> = handlers
-        .iter()
-        .filter(|settings| config.cache_mode(&settings.name) == CacheMode::Shared)
-        .map(|settings| (settings.name.clone(), settings.queue.clone()))
-        .collect();
-    let Some(url) = config.result_store.as_ref().filter(|_| !shared.is_empty()) else {
-        return Ok(None);
-    };
-    let store = Store::new(config, url, shared)?;
-    let _ = health.store.set(store.monitor());
-    Ok(Some(store))
-}
-
-/// The result cache of handler `name` (`cache`): an `lru` alone, an `lru` in front of
-/// `store`, or none.
-pub(crate) fn cache_for(
-    config: &Config,
-    name: &str,
-    store: Option<&Store>,
-    lru: impl FnOnce() -> crate::cache::ResultCache,
-) -> Option<crate::cache::ResultCache> {
-    match (config.cache_mode(name), store) {
-        (CacheMode::None, _) => None,
-        (CacheMode::Shared, Some(store)) => {
-            let stats = store.monitor().stats(name).unwrap_or_default();
-            Some(lru().with_store(HandlerStore {
-                store: store.clone(),
-                handler: name.to_owned(),
-                stats,
-            }))
-        }
-        // `shared` without a store is a configuration error, caught at load.
-        (CacheMode::Local | CacheMode::Shared, _) => Some(lru()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -1262,9 +1136,9 @@ mod tests {
             "q.echo".to_owned(),
         )]));
         assert!(health.store.set(store.monitor()).is_ok());
-        let stats = store.monitor().stats("echo").unwrap_or_default();
-        stats.hits.fetch_add(2, Relaxed);
-        stats.takeovers.fetch_add(1, Relaxed);
+        let stats = &health.handlers[0];
+        stats.add(crate::health::Counter::StoreHits, 2);
+        stats.count(crate::health::Counter::StoreTakeovers);
         let text = crate::metrics::render(&health);
         for line in [
             r#"rmq_consumer_store_hits_total{handler="echo",queue="q.echo"} 2"#,
@@ -1287,30 +1161,6 @@ mod tests {
             Store::new(&Config::default(), &url, Vec::new()).unwrap_or_else(|e| panic!("{e}"));
         relaxed.inner.failed(None, "down");
         assert!(relaxed.monitor().readiness().is_empty());
-    }
-
-    #[test]
-    fn each_handler_gets_the_cache_it_asks_for() {
-        let config = Config::from_toml_str(
-            r#"
-            result_store = "redis://127.0.0.1:1/0"
-            enable_result_cache = true
-            [consumers.none]
-            cache = "none"
-            [consumers.shared]
-            cache = "shared"
-            "#,
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        let url = SecretUrl::new("redis://127.0.0.1:1/0");
-        let handlers = vec![("shared".to_owned(), "q".to_owned())];
-        let store = Store::new(&config, &url, handlers).unwrap_or_else(|e| panic!("{e}"));
-        let lru = || crate::cache::ResultCache::new(std::num::NonZeroUsize::MIN, usize::MAX);
-        assert!(cache_for(&config, "none", Some(&store), lru).is_none());
-        let local = cache_for(&config, "other", Some(&store), lru);
-        assert!(local.is_some_and(|cache| !cache.is_shared()));
-        let shared = cache_for(&config, "shared", Some(&store), lru);
-        assert!(shared.is_some_and(|cache| cache.is_shared()));
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! The reader: one [`Scope`] per table with its environment variables, and the unknown-key
 //! hints.
 //!
-//! Every key is spelled once, where it is read: the scope records the names it is asked for,
-//! and whatever is left over is unknown, with a hint among the names recorded.
+//! Every key is spelled once, where it is read (its entry in [`super::keys`]): the scope
+//! records the names it is asked for, and whatever is left over is unknown, with a hint
+//! among the names recorded.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -14,7 +15,7 @@ use super::{CONFIG_PATH_ENV, Config, ConfigError, ConfigProblem, ENV_PREFIX};
 
 const CONSUMERS_ENV: &str = "CONSUMERS__";
 
-mod keys;
+mod special;
 
 pub(crate) fn build(
     toml: Option<(&str, &str)>,
@@ -65,7 +66,8 @@ pub(crate) fn build(
 
     let mut scope = Scope::new(String::new(), ENV_PREFIX.to_owned(), table, top_env);
     scope.problems = problems;
-    let config = scope.config(consumer_env);
+    scope.consumer_env = consumer_env;
+    let config = Config::read_from(&mut scope);
     scope.report_unknown();
     scope.check_result_store(&config);
     if scope.problems.is_empty() {
@@ -86,7 +88,7 @@ enum Raw {
 /// One table of settings (the top level or a `[consumers.x]` section) and its environment
 /// variables. Keys are removed as they are read, so what remains is unknown; the names asked
 /// for are recorded, for the hints.
-struct Scope {
+pub(super) struct Scope {
     /// Prefix of TOML keys in messages: `""` or `"consumers.<name>."`.
     toml_prefix: String,
     /// Prefix of environment variable names: `"RMQ_CONSUMER_"` or
@@ -101,6 +103,11 @@ struct Scope {
     /// The sub-tables asked for (`log`, `consumers`): keys in the file, not in the
     /// environment.
     tables: Vec<&'static str>,
+    /// The top level's `[consumers.<name>]` variables, by handler name (read by `consumers`).
+    consumer_env: BTreeMap<String, BTreeMap<String, String>>,
+    /// Whether `url` was given (and parsed): `password` then goes into it, else into the
+    /// default URL.
+    url_given: bool,
 }
 
 impl Scope {
@@ -118,6 +125,8 @@ impl Scope {
             problems: Vec::new(),
             known: Vec::new(),
             tables: Vec::new(),
+            consumer_env: BTreeMap::new(),
+            url_given: false,
         }
     }
 
@@ -221,12 +230,12 @@ impl Scope {
         }
     }
 
-    fn get<T: FromConfigValue>(&mut self, names: &'static [&'static str]) -> Option<T> {
+    pub(super) fn get<T: FromConfigValue>(&mut self, names: &'static [&'static str]) -> Option<T> {
         self.get_keyed(names).map(|(_, value)| value)
     }
 
     /// A queue or exchange name: must not be empty.
-    fn name(&mut self, names: &'static [&'static str]) -> Option<String> {
+    pub(super) fn name(&mut self, names: &'static [&'static str]) -> Option<String> {
         let (key, name) = self.get_keyed::<String>(names)?;
         if name.is_empty() {
             self.problem(key, "must not be empty");
@@ -235,7 +244,7 @@ impl Scope {
         Some(name)
     }
 
-    fn positive_duration(&mut self, names: &'static [&'static str]) -> Option<Duration> {
+    pub(super) fn positive_duration(&mut self, names: &'static [&'static str]) -> Option<Duration> {
         let (key, duration) = self.get_keyed::<Duration>(names)?;
         if duration.is_zero() {
             self.problem(key, "must be greater than zero");
@@ -245,7 +254,7 @@ impl Scope {
     }
 
     /// Retry delays: each becomes a queue's message TTL in milliseconds, so at least 1 ms.
-    fn retry_delays(&mut self, names: &'static [&'static str]) -> Option<Vec<Duration>> {
+    pub(super) fn retry_delays(&mut self, names: &'static [&'static str]) -> Option<Vec<Duration>> {
         let (key, delays) = self.get_keyed::<Vec<Duration>>(names)?;
         if delays.iter().any(|delay| delay.as_millis() == 0) {
             self.problem(key, "every delay must be at least 1ms");
@@ -254,7 +263,7 @@ impl Scope {
         Some(delays)
     }
 
-    fn int<T>(&mut self, names: &'static [&'static str], min: T, max: T) -> Option<T>
+    pub(super) fn int<T>(&mut self, names: &'static [&'static str], min: T, max: T) -> Option<T>
     where
         T: Copy + fmt::Display + Into<i128> + TryFrom<i128>,
     {
@@ -269,7 +278,7 @@ impl Scope {
     }
 
     /// A positive `usize` up to `max`.
-    fn size(&mut self, names: &'static [&'static str], max: usize) -> Option<usize> {
+    pub(super) fn size(&mut self, names: &'static [&'static str], max: usize) -> Option<usize> {
         let max = u64::try_from(max).unwrap_or(u64::MAX);
         self.int(names, 1, max)
             .and_then(|value| usize::try_from(value).ok())

@@ -41,7 +41,7 @@ use crate::{
     settings::Batching,
 };
 
-use super::worker::Worker;
+use super::{call::panicked, worker::Worker};
 
 /// One item waiting for its batch.
 struct Submission {
@@ -338,13 +338,13 @@ async fn call(
     };
     let bind = batching.run;
     let bound = std::panic::catch_unwind(AssertUnwindSafe(move || bind(items)))
-        .map_err(|panic| super::pipeline::panicked("the batch handler", &*panic))??;
+        .map_err(|panic| panicked("the batch handler", &*panic))??;
     match bound.call {
         BatchCall::Async(future) => {
             let run = AssertUnwindSafe(future).catch_unwind();
             let output = match tokio::time::timeout(timeout, run).await {
                 Ok(Ok(output)) => output,
-                Ok(Err(panic)) => Err(super::pipeline::panicked("the batch handler", &*panic)),
+                Ok(Err(panic)) => Err(panicked("the batch handler", &*panic)),
                 Err(_) => timed_out(),
             };
             drop(permit);
@@ -354,10 +354,9 @@ async fn call(
             let mut thread = tokio::task::spawn_blocking(call);
             match tokio::time::timeout(timeout, &mut thread).await {
                 Ok(Ok(output)) => output,
-                Ok(Err(error)) if error.is_panic() => Err(super::pipeline::panicked(
-                    "the batch handler",
-                    &*error.into_panic(),
-                )),
+                Ok(Err(error)) if error.is_panic() => {
+                    Err(panicked("the batch handler", &*error.into_panic()))
+                }
                 Ok(Err(error)) => Err(HandlerError::with_kind(
                     FailureAction::Retry,
                     "cancelled",

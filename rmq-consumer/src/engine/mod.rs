@@ -4,6 +4,8 @@
 
 mod acks;
 mod batch;
+mod call;
+mod consumer;
 mod pipeline;
 pub(crate) mod redelivery;
 mod settle;
@@ -115,15 +117,18 @@ impl EngineBuilder {
             all.iter().map(|s| (s.name.clone(), s.queue.clone())),
         ));
         let cache_size = NonZeroUsize::new(config.result_cache_size).unwrap_or(NonZeroUsize::MIN);
-        let store = crate::store::for_engine(&config, &all, &health)?;
+        let store = crate::cache::for_engine(&config, &all, &health)?;
         let workers = all
             .into_iter()
             .enumerate()
             .map(|(index, settings)| {
-                let cache =
-                    crate::store::cache_for(&config, &settings.name, store.as_ref(), || {
-                        ResultCache::new(cache_size, config.result_cache_bytes)
-                    });
+                let cache = crate::cache::cache_for(
+                    &config,
+                    &settings.name,
+                    store.as_ref(),
+                    &health,
+                    || ResultCache::new(cache_size, config.result_cache_bytes),
+                );
                 Arc::new(Worker {
                     semaphore: Arc::new(Semaphore::new(settings.concurrency)),
                     memory: crate::body::Budget::new(settings.max_in_flight_bytes),
@@ -214,23 +219,34 @@ impl Engine {
         if let Some(store) = &self.store {
             store.start();
         }
-        let stop_http = CancellationToken::new();
+        // The run's scope: cancelled when `run` returns (or its future is dropped), it stops
+        // the process-level tasks (the HTTP listener, the deadline's timer) and is the root of
+        // every session's `lost` (see `supervisor.rs`).
+        let process = CancellationToken::new();
+        let _process = process.clone().drop_guard();
+        // The process-level tasks, awaited after `process` is cancelled.
+        let background = TaskTracker::new();
         if let Some(addr) = self.config.http_addr {
             let listener = crate::http::bind(addr)
                 .await
                 .map_err(|source| Error::Http { addr, source })?;
             info!(%addr, "serving /metrics, /livez and /readyz");
-            tokio::spawn(crate::http::serve(
+            background.spawn(crate::http::serve(
                 listener,
                 Arc::clone(&self.health),
-                stop_http.clone(),
+                process.child_token(),
             ));
         }
-        let _stop_http = stop_http.drop_guard();
+        // The delivery work of every session (delivery tasks, settlers, batchers, batch
+        // calls): the drain waits for it.
         let tracker = TaskTracker::new();
-        let deadline = Deadline::start(self.shutdown.clone(), self.config.shutdown_timeout);
-        let _stop_deadline = deadline.over.clone().drop_guard();
-        let result = self.supervise(&tracker, &deadline).await;
+        let deadline = Deadline::start(
+            &background,
+            self.shutdown.clone(),
+            self.config.shutdown_timeout,
+            process.child_token(),
+        );
+        let result = self.supervise(&tracker, &deadline, &process).await;
         self.health.set_draining();
         tracker.close();
         // The supervisor returns on a shutdown or a refused topology (which starts one);
@@ -254,6 +270,10 @@ impl Engine {
                 "shutdown timeout reached; unfinished deliveries will be redelivered by the broker"
             );
         }
+        // Bounded: the listener and the timer end as soon as `process` is cancelled.
+        process.cancel();
+        background.close();
+        background.wait().await;
         result
     }
 }

@@ -3,11 +3,7 @@
 //! guard, size, UTF-8 and decoded-size checks, the task uuid, the cache, the handler call
 //! under its timeout, and the result to publish.
 
-use std::{
-    panic::AssertUnwindSafe,
-    sync::Arc,
-    time::{Duration, SystemTime},
-};
+use std::{panic::AssertUnwindSafe, sync::Arc, time::SystemTime};
 
 use futures_util::FutureExt;
 use lapin::{BasicProperties, message::Delivery, types::FieldTable};
@@ -24,14 +20,23 @@ use crate::{
     handler::{FailureAction, HandlerError, HandlerOutput},
     health::Counter,
     publisher::Publisher,
-    registry::Call,
     trace::{TRACEPARENT, TraceParent},
 };
 
 use super::{
     batch::Batcher,
-    worker::{Lane, Worker},
+    call::{Overrun, panicked, run_call},
+    worker::Worker,
 };
+
+/// Which of a handler's two consumers a delivery task serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Lane {
+    /// The work queue: `concurrency` tasks side by side.
+    Work,
+    /// The suspect queue: one task, each delivery alone.
+    Suspect,
+}
 
 impl Worker {
     /// One of the handler's `concurrency` delivery tasks for one subscription: takes the next
@@ -453,65 +458,6 @@ pub(super) struct Intake {
 pub(super) struct Reply {
     pub(super) body: Vec<u8>,
     pub(super) properties: BasicProperties,
-}
-
-/// A blocking handler's thread that outlived its `message_timeout`, left for its slot to wait
-/// for.
-type Overrun = std::sync::Mutex<Option<tokio::task::JoinHandle<HandlerOutput>>>;
-
-/// Runs the handler call under the timeout, turning panics into retryable errors. A blocking
-/// call that times out leaves its thread in `overrun`.
-async fn run_call(call: Call, timeout: Duration, overrun: &Overrun) -> HandlerOutput {
-    let timed_out = || {
-        Err(HandlerError::with_kind(
-            FailureAction::Retry,
-            "timeout",
-            format_args!("the handler did not finish within {timeout:?}"),
-        ))
-    };
-    match call {
-        Call::Async(call) => {
-            let run = AssertUnwindSafe(async move { call().await }).catch_unwind();
-            match tokio::time::timeout(timeout, run).await {
-                Ok(Ok(output)) => output,
-                Ok(Err(panic)) => Err(panicked("the handler", &*panic)),
-                Err(_) => timed_out(),
-            }
-        }
-        Call::Blocking(call) => {
-            let mut thread = tokio::task::spawn_blocking(call);
-            match tokio::time::timeout(timeout, &mut thread).await {
-                Ok(Ok(output)) => output,
-                Ok(Err(error)) if error.is_panic() => {
-                    Err(panicked("the handler", &*error.into_panic()))
-                }
-                Ok(Err(error)) => Err(HandlerError::with_kind(
-                    FailureAction::Retry,
-                    "cancelled",
-                    error,
-                )),
-                Err(_) => {
-                    *overrun
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(thread);
-                    timed_out()
-                }
-            }
-        }
-    }
-}
-
-pub(super) fn panicked(what: &str, payload: &(dyn std::any::Any + Send)) -> HandlerError {
-    let message = payload
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("(non-text panic payload)");
-    HandlerError::with_kind(
-        FailureAction::Retry,
-        "handler_panicked",
-        format_args!("{what} panicked: {message}"),
-    )
 }
 
 fn unix_now() -> u64 {

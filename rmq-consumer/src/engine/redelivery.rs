@@ -29,7 +29,7 @@ use lapin::{
     types::{AMQPValue, FieldTable},
 };
 
-use crate::amqp::{self, RetryCount};
+use crate::headers::{RetryCount, count_header};
 
 /// The header counting a task's deliveries that ended without a settlement
 /// ([`crate::headers::LOST_DELIVERIES`]).
@@ -65,13 +65,13 @@ pub(crate) fn judge(
         return Verdict::Run;
     }
     // A forged or broken count can only shorten the task's own way to the dead-letter queue.
-    let before = match amqp::count_header(headers, LOST_DELIVERIES_HEADER) {
+    let before = match count_header(headers, LOST_DELIVERIES_HEADER) {
         RetryCount::Count(n) => n,
         RetryCount::Malformed => u32::MAX,
     };
     // The broker's count covers every return since the message entered this queue; a flag
     // alone (classic queues) is one.
-    let returns = match amqp::count_header(headers, DELIVERY_COUNT_HEADER) {
+    let returns = match count_header(headers, DELIVERY_COUNT_HEADER) {
         RetryCount::Count(n) if n > 0 => n,
         _ => 1,
     };
@@ -111,7 +111,7 @@ pub(crate) fn fingerprint(delivery: &Delivery) -> u64 {
         .hash(&mut hasher);
     let headers = properties.headers().as_ref();
     for key in [crate::retry::RETRY_COUNT_HEADER, LOST_DELIVERIES_HEADER] {
-        amqp::count_header(headers, key).hash(&mut hasher);
+        count_header(headers, key).hash(&mut hasher);
     }
     hasher.finish()
 }
@@ -228,7 +228,7 @@ mod tests {
     fn counted_sets_the_header() {
         let table = counted(None, 3);
         assert_eq!(
-            amqp::count_header(Some(&table), LOST_DELIVERIES_HEADER),
+            count_header(Some(&table), LOST_DELIVERIES_HEADER),
             RetryCount::Count(3)
         );
     }

@@ -3,19 +3,16 @@
 
 use std::time::{Duration, SystemTime};
 
-use lapin::{
-    BasicProperties,
-    message::Delivery,
-    types::{AMQPValue, FieldTable},
-};
+use lapin::{BasicProperties, message::Delivery, types::FieldTable};
 use tracing::{debug, error, warn};
 
 use crate::{
-    amqp::{self, long},
+    amqp,
     engine::acks::{How, Settler},
     engine::redelivery::{self, WORKER_LOST},
     error::PublishError,
     handler::{FailureAction, HandlerError},
+    headers::{DeadLetter, RetryCount, failure_headers},
     health::Counter,
     publisher::Publisher,
     retry::{self, Decision},
@@ -24,8 +21,6 @@ use crate::{
 
 use super::{pipeline::Reply, worker::Worker};
 
-/// The longest error text written into a header.
-pub(crate) const MAX_REASON_BYTES: usize = 1024;
 /// Wait before handing a message back to the broker when a retry or DLQ publish failed, so a
 /// broken route cannot turn into a hot loop.
 const REQUEUE_PAUSE: Duration = Duration::from_secs(1);
@@ -131,8 +126,8 @@ impl Worker {
             }
             Err(failure) => failure,
         };
-        let previous = amqp::retry_count(delivery.properties.headers().as_ref());
-        if let amqp::RetryCount::Count(n) = previous {
+        let previous = crate::headers::retry_count(delivery.properties.headers().as_ref());
+        if let RetryCount::Count(n) = previous {
             tracing::Span::current().record("attempt", n.saturating_add(1));
         }
         let decision = retry::decide(
@@ -182,8 +177,8 @@ impl Worker {
                     return;
                 };
                 let count = match previous {
-                    amqp::RetryCount::Count(n) => n,
-                    amqp::RetryCount::Malformed => 0,
+                    RetryCount::Count(n) => n,
+                    RetryCount::Malformed => 0,
                 };
                 let headers = self.failure_headers(&delivery, &failure, count, Some(why));
                 let properties =
@@ -314,6 +309,7 @@ impl Worker {
         sent
     }
 
+    /// The headers of a retry or dead-letter copy of `delivery` (`headers::failure_headers`).
     pub(super) fn failure_headers(
         &self,
         delivery: &Delivery,
@@ -336,119 +332,5 @@ impl Worker {
             &now,
             dead.as_ref(),
         )
-    }
-}
-
-/// Where a dead letter came from, written into its headers.
-struct DeadLetter<'a> {
-    /// Why it is dead-lettered (`retries exhausted`, `not retryable`, `worker_lost`).
-    why: &'a str,
-    queue: &'a str,
-    exchange: &'a str,
-    routing_key: &'a str,
-    handler: &'a str,
-}
-
-/// The headers of a retry or dead-letter copy: the request's, plus the failure contract of
-/// `headers.rs` (`x-retry-count` = `count`, first and last failure times (`now`), the last
-/// error (at most [`MAX_REASON_BYTES`]) and its kind, and for a dead letter where it came
-/// from and why).
-fn failure_headers(
-    request: Option<&FieldTable>,
-    failure: &HandlerError,
-    count: u32,
-    now: &str,
-    dead: Option<&DeadLetter<'_>>,
-) -> FieldTable {
-    use crate::headers as h;
-    let mut headers = request.cloned().unwrap_or_default();
-    let reason = amqp::truncate(failure.message(), MAX_REASON_BYTES);
-    headers.insert(h::RETRY_COUNT.into(), AMQPValue::LongLongInt(count.into()));
-    if !headers.contains_key(h::FIRST_FAILURE_AT) {
-        headers.insert(h::FIRST_FAILURE_AT.into(), long(now));
-    }
-    headers.insert(h::LAST_FAILURE_AT.into(), long(now));
-    headers.insert(h::LAST_ERROR.into(), long(reason));
-    headers.insert(h::ERROR_KIND.into(), long(failure.kind()));
-    if let Some(dead) = dead {
-        headers.insert(
-            h::DEATH_REASON.into(),
-            long(&format!("{}: {reason}", dead.why)),
-        );
-        headers.insert(h::ORIGINAL_QUEUE.into(), long(dead.queue));
-        headers.insert(h::ORIGINAL_EXCHANGE.into(), long(dead.exchange));
-        headers.insert(h::ORIGINAL_ROUTING_KEY.into(), long(dead.routing_key));
-        headers.insert(h::HANDLER.into(), long(dead.handler));
-    }
-    headers
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::headers as h;
-
-    fn text(headers: &FieldTable, name: &str) -> Option<String> {
-        match headers.inner().get(name) {
-            Some(AMQPValue::LongString(value)) => Some(value.to_string()),
-            Some(AMQPValue::LongLongInt(n)) => Some(n.to_string()),
-            _ => None,
-        }
-    }
-
-    #[test]
-    fn a_retry_copy_counts_and_keeps_the_first_failure() {
-        let mut request = FieldTable::default();
-        request.insert("app".into(), long("kept"));
-        let failure = HandlerError::retry("downstream busy");
-        let first = failure_headers(Some(&request), &failure, 1, "t1", None);
-        assert_eq!(text(&first, "app").as_deref(), Some("kept"));
-        assert_eq!(text(&first, h::RETRY_COUNT).as_deref(), Some("1"));
-        assert_eq!(text(&first, h::FIRST_FAILURE_AT).as_deref(), Some("t1"));
-        assert_eq!(
-            text(&first, h::LAST_ERROR).as_deref(),
-            Some("downstream busy")
-        );
-        assert_eq!(
-            text(&first, h::ERROR_KIND).as_deref(),
-            Some("handler_error")
-        );
-        assert_eq!(text(&first, h::DEATH_REASON), None, "not a dead letter");
-        let second = failure_headers(Some(&first), &failure, 2, "t2", None);
-        assert_eq!(text(&second, h::RETRY_COUNT).as_deref(), Some("2"));
-        assert_eq!(text(&second, h::FIRST_FAILURE_AT).as_deref(), Some("t1"));
-        assert_eq!(text(&second, h::LAST_FAILURE_AT).as_deref(), Some("t2"));
-    }
-
-    #[test]
-    fn a_dead_letter_says_where_it_came_from_and_why() {
-        let failure = HandlerError::dead_letter("x".repeat(4 * MAX_REASON_BYTES));
-        let dead = DeadLetter {
-            why: "not retryable",
-            queue: "tasks",
-            exchange: "ex",
-            routing_key: "tasks",
-            handler: "summarize",
-        };
-        let headers = failure_headers(None, &failure, 0, "t", Some(&dead));
-        assert_eq!(text(&headers, h::ORIGINAL_QUEUE).as_deref(), Some("tasks"));
-        assert_eq!(text(&headers, h::ORIGINAL_EXCHANGE).as_deref(), Some("ex"));
-        assert_eq!(
-            text(&headers, h::ORIGINAL_ROUTING_KEY).as_deref(),
-            Some("tasks")
-        );
-        assert_eq!(text(&headers, h::HANDLER).as_deref(), Some("summarize"));
-        assert_eq!(
-            text(&headers, h::ERROR_KIND).as_deref(),
-            Some("handler_rejected")
-        );
-        let reason = text(&headers, h::DEATH_REASON).unwrap_or_default();
-        assert!(reason.starts_with("not retryable: xxx"), "{reason}");
-        let last = text(&headers, h::LAST_ERROR).unwrap_or_default();
-        assert!(
-            last.len() <= MAX_REASON_BYTES,
-            "the reason is bounded: {}",
-            last.len()
-        );
     }
 }

@@ -2,16 +2,16 @@
 //! (its event watcher, its watchdog, every handler's consumer), the drain and close of a
 //! session, and the one shutdown [`Deadline`].
 
-use std::{sync::Arc, time::Duration};
+use std::{panic::AssertUnwindSafe, sync::Arc, time::Duration};
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::{Connection, Event};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, error, info, warn};
 
 use crate::{connection, error::Error, health::Health, publisher::Publisher, settings, topology};
 
-use super::{Engine, watchdog, worker::Stop};
+use super::{Engine, consumer::Stop, watchdog};
 
 /// A session in which every handler subscribed and that lasted this long (or
 /// `retry_connect_interval`, when shorter) was a working one: after its loss the engine
@@ -30,6 +30,7 @@ impl Engine {
         &self,
         tracker: &TaskTracker,
         deadline: &Deadline,
+        process: &CancellationToken,
     ) -> Result<(), Error> {
         let names: Vec<&str> = self
             .workers
@@ -69,7 +70,7 @@ impl Engine {
                     info!(url = %self.config.urls[index], "connected");
                     let opened = tokio::time::Instant::now();
                     let opened_ms = self.health.now_ms();
-                    match self.session(connection, tracker, deadline).await? {
+                    match self.session(connection, tracker, deadline, process).await? {
                         SessionEnd::Shutdown => return Ok(()),
                         SessionEnd::Lost => {}
                     }
@@ -122,28 +123,34 @@ impl Engine {
         }
     }
 
+    /// One connection's session. Its tokens: `lost` (a child of the run's `process`: the
+    /// connection is gone, abandon what is in flight) and, under it, `ending` (the session is
+    /// over: its own tasks stop). Its own tasks (the event watcher, the watchdog and its
+    /// probe closes, every handler's consumer loop) run on `tasks`, cancelled and awaited
+    /// before it returns. Its deliveries run on the run's `tracker`: a lost session's last
+    /// deliveries may outlive it, and a drain waits for them.
     async fn session(
         &self,
         connection: Connection,
         tracker: &TaskTracker,
         deadline: &Deadline,
+        process: &CancellationToken,
     ) -> Result<SessionEnd, Error> {
-        let lost = CancellationToken::new();
-        // The session's own tasks (event watcher, watchdog) stop when the session ends or its
-        // connection is lost: cancelled, then awaited.
-        let stop_session = lost.child_token();
+        let lost = process.child_token();
+        let ending = lost.child_token();
+        let tasks = TaskTracker::new();
         let health = Arc::clone(&self.health);
         health.set_connected(true);
-        let events = tokio::spawn(watch_events(
+        tasks.spawn(watch_events(
             connection.events_listener(),
             connection.status().clone(),
             lost.clone(),
-            stop_session.clone(),
+            ending.clone(),
             Arc::clone(&health),
         ));
         let connection = Arc::new(connection);
         let period = Duration::from_secs(u64::from(self.config.heartbeat_interval.max(2)) / 2);
-        let watchdog = tokio::spawn(watchdog::run(
+        tasks.spawn(watchdog::run(
             Arc::clone(&connection),
             self.workers.clone(),
             Arc::clone(&health),
@@ -153,17 +160,21 @@ impl Engine {
                 threshold: self.config.queue_stuck_threshold,
                 max_failures: self.config.max_consecutive_failures,
             },
-            lost.clone(),
-            stop_session.clone(),
+            watchdog::Session {
+                lost: lost.clone(),
+                stop: ending.clone(),
+                tasks: tasks.clone(),
+            },
         ));
         let end = self
-            .consume_all(&connection, tracker, &lost, deadline)
+            .consume_all(&connection, tracker, &tasks, &lost, deadline)
             .await;
         // The watchdog may be waiting on a probe the broker does not answer (a blocked
-        // connection): it stops at once when cancelled (`watchdog::run`).
-        stop_session.cancel();
-        let _ = watchdog.await;
-        let _ = events.await;
+        // connection): it stops at once when cancelled (`watchdog::run`), and so does a
+        // probe channel's close.
+        ending.cancel();
+        tasks.close();
+        tasks.wait().await;
         health.set_connected(false);
         health.set_blocked(false);
         end
@@ -173,6 +184,7 @@ impl Engine {
         &self,
         connection: &Arc<Connection>,
         tracker: &TaskTracker,
+        tasks: &TaskTracker,
         lost: &CancellationToken,
         deadline: &Deadline,
     ) -> Result<SessionEnd, Error> {
@@ -235,20 +247,27 @@ impl Engine {
                 return Ok(SessionEnd::Lost);
             }
         };
-        let mut consumers = tokio::task::JoinSet::new();
+        // Each handler's consumer loop, on the session's tracker; each reports how it ended
+        // (a panic, a bug, counts as a lost connection).
+        let (report, mut ended) = tokio::sync::mpsc::unbounded_channel();
         for worker in &self.workers {
-            consumers.spawn(Arc::clone(worker).consume(
+            let consume = Arc::clone(worker).consume(
                 Arc::clone(connection),
                 publisher.clone(),
                 tracker.clone(),
                 lost.clone(),
                 self.shutdown.clone(),
-            ));
+            );
+            let report = report.clone();
+            tasks.spawn(async move {
+                let _ = report.send(AssertUnwindSafe(consume).catch_unwind().await);
+            });
         }
+        drop(report);
         let mut end = SessionEnd::Lost;
         let mut fatal = None;
-        while let Some(joined) = consumers.join_next().await {
-            match joined {
+        while let Some(stopped) = ended.recv().await {
+            match stopped {
                 Ok(Stop::Shutdown) => end = SessionEnd::Shutdown,
                 Ok(Stop::Lost) => lost.cancel(),
                 Ok(Stop::Fatal(error)) => {
@@ -256,8 +275,8 @@ impl Engine {
                     fatal.get_or_insert(error);
                     self.shutdown.cancel();
                 }
-                Err(join_error) => {
-                    error!(error = %join_error, "a consumer task failed");
+                Err(panic) => {
+                    error!(error = %super::call::panic_message(&*panic), "a consumer task failed");
                     lost.cancel();
                 }
             }
@@ -309,7 +328,7 @@ impl Engine {
 
 /// The one deadline of a shutdown, shared by every drain and close on its path (issue 14,
 /// A7/A10/A11): `expired` is cancelled `shutdown_timeout` after the shutdown began, `over`
-/// [`CLOSE_GRACE`] later. Dropping it stops its timer.
+/// [`CLOSE_GRACE`] later. Its timer is a process-level task: it ends when the run does.
 #[derive(Debug, Clone)]
 pub(super) struct Deadline {
     pub(super) expired: CancellationToken,
@@ -325,13 +344,19 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 const RECONNECT_CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 impl Deadline {
-    pub(super) fn start(shutdown: CancellationToken, timeout: Duration) -> Self {
+    /// Starts the timer on `tasks`; it ends when `stop` is cancelled (the run is over).
+    pub(super) fn start(
+        tasks: &TaskTracker,
+        shutdown: CancellationToken,
+        timeout: Duration,
+        stop: CancellationToken,
+    ) -> Self {
         let deadline = Self {
             expired: CancellationToken::new(),
             over: CancellationToken::new(),
         };
         let timer = deadline.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let wait = async {
                 shutdown.cancelled().await;
                 tokio::time::sleep(timeout).await;
@@ -340,7 +365,7 @@ impl Deadline {
             };
             tokio::select! {
                 () = wait => {}
-                () = timer.over.cancelled() => {}
+                () = stop.cancelled() => {}
             }
             timer.expired.cancel();
             timer.over.cancel();
@@ -398,4 +423,54 @@ async fn watch_events(
         }
     }
     lost.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Waits (in paused time) for `tasks` to end, at most a minute.
+    async fn ended(tasks: &TaskTracker) -> bool {
+        tasks.close();
+        tokio::time::timeout(Duration::from_secs(60), tasks.wait())
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_expires_after_the_timeout_and_is_over_one_grace_later() {
+        let tasks = TaskTracker::new();
+        let shutdown = CancellationToken::new();
+        let run = CancellationToken::new();
+        let timeout = Duration::from_secs(10);
+        let deadline = Deadline::start(&tasks, shutdown.clone(), timeout, run.child_token());
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert!(
+            !deadline.expired.is_cancelled(),
+            "it starts with the shutdown"
+        );
+        shutdown.cancel();
+        tokio::time::sleep(timeout - Duration::from_millis(100)).await;
+        assert!(!deadline.expired.is_cancelled());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(deadline.expired.is_cancelled() && !deadline.over.is_cancelled());
+        tokio::time::sleep(CLOSE_GRACE).await;
+        assert!(deadline.over.is_cancelled());
+        assert!(ended(&tasks).await, "the timer ends once the grace is over");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_timer_ends_with_the_run() {
+        let tasks = TaskTracker::new();
+        let run = CancellationToken::new();
+        let deadline = Deadline::start(
+            &tasks,
+            CancellationToken::new(),
+            Duration::from_secs(10),
+            run.child_token(),
+        );
+        run.cancel();
+        assert!(ended(&tasks).await, "cancelled, then awaited");
+        assert!(deadline.expired.is_cancelled() && deadline.over.is_cancelled());
+    }
 }

@@ -6,7 +6,7 @@
 use std::{sync::Arc, time::Duration};
 
 use lapin::{Channel, Connection};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, error, warn};
 
 use crate::{engine::worker::Worker, health::Health};
@@ -97,20 +97,20 @@ pub(crate) fn assess(
 
 /// Runs checks until `stop` is cancelled; cancels `lost` when the connection must be recycled.
 /// A check in progress (a probe the broker does not answer, on a blocked connection) ends at
-/// once when `stop` is cancelled: it holds nothing that needs an orderly end.
+/// once when `stop` is cancelled: it holds nothing that needs an orderly end. The close of a
+/// probe channel that timed out runs on `tasks` (the session's), until it ends or `stop`.
 pub(crate) async fn run(
     connection: Arc<Connection>,
     workers: Vec<Arc<Worker>>,
     health: Arc<Health>,
     trackers: Arc<std::sync::Mutex<Vec<Tracker>>>,
     settings: WatchdogSettings,
-    lost: CancellationToken,
-    stop: CancellationToken,
+    session: Session,
 ) {
     tokio::select! {
         biased;
-        () = stop.cancelled() => {}
-        () = checks(connection, workers, health, trackers, settings, lost, stop.clone()) => {}
+        () = session.stop.cancelled() => {}
+        () = checks(connection, workers, health, trackers, settings, &session) => {}
     }
 }
 
@@ -120,9 +120,9 @@ async fn checks(
     health: Arc<Health>,
     trackers: Arc<std::sync::Mutex<Vec<Tracker>>>,
     settings: WatchdogSettings,
-    lost: CancellationToken,
-    stop: CancellationToken,
+    session: &Session,
 ) {
+    let Session { lost, stop, .. } = session;
     let mut probe: Option<Channel> = None;
     let mut ticker = tokio::time::interval(settings.period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -143,6 +143,7 @@ async fn checks(
                 &mut probe,
                 &worker.settings.queue,
                 settings.period.max(MIN_PROBE_WAIT),
+                session,
             )
             .await;
             let stats = &health.handlers[worker.index];
@@ -207,6 +208,31 @@ async fn checks(
 /// as "depth unknown", which never judges a consumer stuck.
 const MIN_PROBE_WAIT: Duration = Duration::from_secs(5);
 
+/// The session the watchdog runs in.
+#[derive(Debug)]
+pub(crate) struct Session {
+    /// Cancelled to force a reconnect.
+    pub(crate) lost: CancellationToken,
+    /// Stops the watchdog (the session is over).
+    pub(crate) stop: CancellationToken,
+    /// The session's tracker, for the closes of probe channels that timed out.
+    pub(crate) tasks: TaskTracker,
+}
+
+impl Session {
+    /// Closes a probe channel that timed out, on the session's tracker, until it is closed or
+    /// the session ends (the connection's close takes the channel with it).
+    fn close(&self, stale: Channel) {
+        let stop = self.stop.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                _ = stale.close(200, "probe timed out".into()) => {}
+                () = stop.cancelled() => {}
+            }
+        });
+    }
+}
+
 /// The watchdog's timing.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct WatchdogSettings {
@@ -218,12 +244,14 @@ pub(crate) struct WatchdogSettings {
 /// Ready messages in `queue`, by a passive declare on the probe channel (reopened when a
 /// failed probe closed it). Bounded by `wait`: a blocked connection (a resource alarm) answers
 /// nothing, and the watchdog must not hang on it. A probe that timed out leaves its channel
-/// (a late answer there would be read as the next probe's), which is closed in the background.
+/// (a late answer there would be read as the next probe's), which is closed in the background
+/// ([`Session::close`]).
 async fn probe_depth(
     connection: &Connection,
     probe: &mut Option<Channel>,
     queue: &str,
     wait: Duration,
+    session: &Session,
 ) -> Option<u32> {
     if !probe.as_ref().is_some_and(|c| c.status().connected()) {
         *probe = match tokio::time::timeout(wait, connection.create_channel()).await {
@@ -253,9 +281,7 @@ async fn probe_depth(
         Err(_) => {
             debug!(queue, "watchdog: probe timed out");
             if let Some(stale) = probe.take() {
-                tokio::spawn(async move {
-                    let _ = stale.close(200, "probe timed out".into()).await;
-                });
+                session.close(stale);
             }
             None
         }

@@ -1,6 +1,8 @@
 //! Tests of the public types, defaults and entry points; the helpers shared by the
 //! other files' tests.
 
+use std::time::Duration;
+
 use super::*;
 
 pub(crate) fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {

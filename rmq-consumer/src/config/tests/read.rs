@@ -356,3 +356,31 @@ fn levenshtein_distances() {
     assert_eq!(levenshtein("queu", "queue"), 1);
     assert_eq!(levenshtein("ab", "ba"), 2);
 }
+
+/// The README's configuration table is the one place besides `keys.rs` that names the keys:
+/// every key the reader asks for (top level and `[consumers.<name>]`, aliases included) is in
+/// it.
+#[test]
+fn the_readme_documents_every_key() {
+    let readme = include_str!("../../../../README.md");
+    let start = readme.find("## Configuration").unwrap();
+    let end = start + readme[start..].find("\n## ").unwrap();
+    let table = &readme[start..end];
+    let empty = || {
+        Scope::new(
+            String::new(),
+            String::new(),
+            toml::Table::new(),
+            BTreeMap::new(),
+        )
+    };
+    let mut top = empty();
+    let _ = Config::read_from(&mut top);
+    let mut section = empty();
+    let _ = ConsumerConfig::read_from(&mut section);
+    let missing: Vec<&str> = (top.known.iter().chain(&section.known))
+        .copied()
+        .filter(|name| !name.contains('.') && !table.contains(&format!("`{name}`")))
+        .collect();
+    assert!(missing.is_empty(), "not in the README's table: {missing:?}");
+}
