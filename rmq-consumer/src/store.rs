@@ -92,81 +92,46 @@ const RENEW_CHUNK: usize = 500;
 /// The version of the stored envelope.
 const ENVELOPE_VERSION: u64 = 1;
 
-/// Claims tasks, each in one step: `KEYS[2i-1]` result, `KEYS[2i]` lease of task `i`;
-/// `ARGV[1]` lease ms, `ARGV[i+1]` task `i`'s token. Returns one `{code, data}` per task, in
-/// order: `{0, result}` (stored), `{1, ''}` (claimed: the lease is ours), `{2, holder}` (held
-/// by another, or by an earlier task of this call with the same keys) or `{3, error}` (a key
-/// of this task holds something else; the other tasks are not affected).
-const CLAIM: &str = r"
-local out = {}
-for i = 1, #KEYS / 2 do
-  local result, lease, token = KEYS[2 * i - 1], KEYS[2 * i], ARGV[i + 1]
-  local stored = redis.pcall('GET', result)
-  if type(stored) == 'table' then
-    out[i] = {3, stored.err or ''}
-  elseif stored then
-    out[i] = {0, stored}
-  else
-    local set = redis.pcall('SET', lease, token, 'NX', 'PX', ARGV[1])
-    if type(set) == 'table' and set.err then
-      out[i] = {3, set.err}
-    elseif set then
-      out[i] = {1, ''}
-    else
-      local holder = redis.pcall('GET', lease)
-      if type(holder) == 'table' then
-        out[i] = {3, holder.err or ''}
-      else
-        out[i] = {2, holder or ''}
-      end
-    end
-  end
-end
-return out
-";
+/// What a lease's value starts with; the rest is the holder's token. A stored result (an
+/// envelope, JSON) starts with `{`.
+const LEASE_PREFIX: &[u8] = b"lease:";
 
-/// Ends runs: `KEYS[2i-1]` result, `KEYS[2i]` lease of run `i`; `ARGV[1]` result ttl ms,
-/// `ARGV[2i]` run `i`'s token, `ARGV[2i+1]` its envelope (empty: the run failed). A success,
-/// unless another replica holds the lease, is stored if none is stored yet (the first stored
-/// result stays) and the lease deleted; a failure only deletes the lease if it is ours.
-/// Returns one `{code, error}` per run, in order: code 1 (stored; for a failure: released), 0
-/// (another replica holds the lease, or a result was stored already; for a failure: the
-/// lease was not ours) or 3 (a key of this run holds something else).
+/// Ends runs: `KEYS[i]` the key of run `i`; `ARGV[1]` result ttl ms, `ARGV[2i]` run `i`'s
+/// lease (`lease:<token>`), `ARGV[2i+1]` its envelope (empty: the run failed). A success
+/// replaces our lease, or nothing (our lease expired and nobody took it), by the envelope;
+/// a key holding a result (the first stored result stays) or another replica's lease is left
+/// alone. A failure only deletes our lease. Returns one `{code, error}` per run, in order:
+/// code 1 (stored; for a failure: released), 0 (a result was stored already, or another
+/// replica holds the lease; for a failure: the lease was not ours) or 3 (the key holds
+/// something else).
 const FINISH: &str = r"
 local out = {}
-for i = 1, #KEYS / 2 do
-  local result, lease, token, envelope = KEYS[2 * i - 1], KEYS[2 * i], ARGV[2 * i], ARGV[2 * i + 1]
-  local holder = redis.pcall('GET', lease)
-  if type(holder) == 'table' then
-    out[i] = {3, holder.err or ''}
+for i = 1, #KEYS do
+  local key, mine, envelope = KEYS[i], ARGV[2 * i], ARGV[2 * i + 1]
+  local held = redis.pcall('GET', key)
+  if type(held) == 'table' then
+    out[i] = {3, held.err or ''}
   elseif envelope == '' then
-    if holder == token then
-      redis.call('DEL', lease)
+    if held == mine then
+      redis.call('DEL', key)
       out[i] = {1, ''}
     else
       out[i] = {0, ''}
     end
-  elseif holder and holder ~= token then
-    out[i] = {0, ''}
+  elseif held == false or held == mine then
+    redis.call('SET', key, envelope, 'PX', ARGV[1])
+    out[i] = {1, ''}
   else
-    local stored = redis.pcall('SET', result, envelope, 'NX', 'PX', ARGV[1])
-    if holder then redis.call('DEL', lease) end
-    if type(stored) == 'table' and stored.err then
-      out[i] = {3, stored.err}
-    elseif stored then
-      out[i] = {1, ''}
-    else
-      out[i] = {0, ''}
-    end
+    out[i] = {0, ''}
   end
 end
 return out
 ";
 
-/// `KEYS` leases; `ARGV[1]` lease ms, `ARGV[i+1]` the token of `KEYS[i]`. Renews each lease
-/// that is ours and returns the indexes (1-based) of the others: gone (expired, flushed, or
-/// just released by a run that ended while this call was on its way) or held by another
-/// replica. A gone lease is not taken back: a run that just ended would leave it behind,
+/// `KEYS` task keys; `ARGV[1]` lease ms, `ARGV[i+1]` our lease of `KEYS[i]`
+/// (`lease:<token>`). Renews each key that holds our lease and returns the indexes (1-based)
+/// of the others: gone (expired, flushed, or just released by a run that ended while this
+/// call was on its way), holding that run's result, or held by another replica. A gone lease is not taken back: a run that just ended would leave it behind,
 /// holding the task's next delivery for a whole lease.
 const RENEW: &str = r"
 local lost = {}
@@ -180,26 +145,40 @@ end
 return lost
 ";
 
-/// The store's keys for one task.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Keys {
-    pub(crate) result: String,
-    pub(crate) lease: String,
+/// The store's key of task `uuid` of handler `handler` under `prefix`: `<prefix><handler>:<uuid>`,
+/// the uuid hashed when it is longer than [`MAX_KEY_UUID`] bytes.
+pub(crate) fn task_key(prefix: &str, handler: &str, uuid: &str) -> String {
+    if uuid.len() > MAX_KEY_UUID {
+        let digest = Md5::digest(uuid.as_bytes());
+        let hex: String = digest.iter().map(|byte| format!("{byte:02x}")).collect();
+        format!("{prefix}{handler}:md5:{hex}")
+    } else {
+        format!("{prefix}{handler}:{uuid}")
+    }
 }
 
-impl Keys {
-    /// The keys of task `uuid` of handler `handler` under `prefix`.
-    pub(crate) fn new(prefix: &str, handler: &str, uuid: &str) -> Self {
-        let uuid = if uuid.len() > MAX_KEY_UUID {
-            let digest = Md5::digest(uuid.as_bytes());
-            let hex: String = digest.iter().map(|byte| format!("{byte:02x}")).collect();
-            format!("md5:{hex}")
-        } else {
-            uuid.to_owned()
-        };
-        Self {
-            result: format!("{prefix}{handler}:{uuid}:result"),
-            lease: format!("{prefix}{handler}:{uuid}:lease"),
+/// A lease's value: [`LEASE_PREFIX`] and the holder's token.
+fn lease_value(token: &str) -> String {
+    let mut value = String::with_capacity(LEASE_PREFIX.len() + token.len());
+    value.push_str("lease:");
+    value.push_str(token);
+    value
+}
+
+/// What a task's key holds, read from its value.
+#[derive(Debug, PartialEq, Eq)]
+enum Entry<'a> {
+    /// A lease: the holder's token.
+    Lease(&'a [u8]),
+    /// Anything else: a stored result (an envelope, if this version wrote it).
+    Result(&'a [u8]),
+}
+
+impl<'a> Entry<'a> {
+    fn of(value: &'a [u8]) -> Self {
+        match value.strip_prefix(LEASE_PREFIX) {
+            Some(token) => Self::Lease(token),
+            None => Self::Result(value),
         }
     }
 }
@@ -207,8 +186,9 @@ impl Keys {
 /// A claim on its way to the store.
 #[derive(Debug)]
 struct Claiming {
-    keys: Keys,
-    token: String,
+    key: String,
+    /// Our lease's value (`lease:<token>`).
+    lease: String,
     /// The lease's id in `Inner::held`, if it is taken.
     id: u64,
 }
@@ -216,8 +196,9 @@ struct Claiming {
 /// A finish (or, without an envelope, a release) on its way to the store.
 #[derive(Debug)]
 struct Ending {
-    keys: Keys,
-    token: String,
+    key: String,
+    /// Our lease's value (`lease:<token>`).
+    lease: String,
     /// The stored form of the result; `None`: only release the lease.
     envelope: Option<Vec<u8>>,
 }
@@ -355,7 +336,8 @@ struct Link {
 #[derive(Debug)]
 struct Held {
     key: String,
-    token: String,
+    /// Our lease's value (`lease:<token>`).
+    lease: String,
     /// Set by the renewer when another replica holds the lease now.
     lost: Arc<AtomicBool>,
 }
@@ -377,7 +359,6 @@ struct Inner {
     /// This process's part of every lease token.
     token_base: String,
     renewer_started: AtomicBool,
-    claim: Script,
     finish: Script,
     renew: Script,
     /// Claims waiting for the claim batcher.
@@ -408,8 +389,9 @@ pub(crate) struct Store {
 pub(crate) struct Lease {
     store: Weak<Inner>,
     id: u64,
-    keys: Keys,
-    token: String,
+    key: String,
+    /// Our lease's value (`lease:<token>`).
+    lease: String,
     done: bool,
 }
 
@@ -427,8 +409,8 @@ impl Drop for Lease {
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let store = Store { inner };
             let ending = Ending {
-                keys: self.keys.clone(),
-                token: self.token.clone(),
+                key: self.key.clone(),
+                lease: self.lease.clone(),
                 envelope: None,
             };
             runtime.spawn(async move { store.end(ending).await });
@@ -506,7 +488,6 @@ impl Store {
                 next_lease: AtomicU64::new(0),
                 token_base: token_base(),
                 renewer_started: AtomicBool::new(false),
-                claim: Script::new(CLAIM),
                 finish: Script::new(FINISH),
                 renew: Script::new(RENEW),
                 claims: Queue::default(),
@@ -520,9 +501,9 @@ impl Store {
         Arc::clone(&self.inner.monitor)
     }
 
-    /// The keys of a task.
-    pub(crate) fn keys(&self, handler: &str, uuid: &str) -> Keys {
-        Keys::new(&self.inner.prefix, handler, uuid)
+    /// The key of a task.
+    pub(crate) fn key(&self, handler: &str, uuid: &str) -> String {
+        task_key(&self.inner.prefix, handler, uuid)
     }
 
     /// The URL, password masked.
@@ -584,8 +565,8 @@ impl Store {
         self.start();
         let id = self.inner.next_lease.fetch_add(1, Relaxed);
         let claiming = Claiming {
-            keys: self.keys(handler, uuid),
-            token: format!("{}:{id}", self.inner.token_base),
+            key: self.key(handler, uuid),
+            lease: lease_value(&format!("{}:{id}", self.inner.token_base)),
             id,
         };
         match self.batched(&self.inner.claims, claiming) {
@@ -616,11 +597,8 @@ impl Store {
         };
         let stored = self
             .end(Ending {
-                keys: Keys {
-                    result: std::mem::take(&mut lease.keys.result),
-                    lease: std::mem::take(&mut lease.keys.lease),
-                },
-                token: std::mem::take(&mut lease.token),
+                key: std::mem::take(&mut lease.key),
+                lease: std::mem::take(&mut lease.lease),
                 envelope,
             })
             .await?;
@@ -684,22 +662,25 @@ impl Store {
         }
     }
 
-    /// Claims `items` in one script call ([`CLAIM`]); one answer per item, in order. A
-    /// failed call fails every item; a key holding something else fails its item only.
+    /// Claims `items` in one pipeline of `SET key lease:<token> NX PX <lease> GET`, one
+    /// command per item; one answer per item, in order. A failed call fails every item; a key
+    /// holding something else fails its item only (the pipeline answers per command).
     async fn claim_many(&self, items: Vec<Claiming>) -> Vec<Result<Claim, StoreError>> {
         let lease_ms = millis(self.inner.lease);
-        let script = &self.inner.claim;
-        let answers: Result<Vec<(i64, Vec<u8>)>, StoreError> = self
-            .call(|connection| {
-                let mut command = evalsha(script, items.len() * 2);
+        let answers: Result<Vec<redis::RedisResult<Option<Vec<u8>>>>, StoreError> = self
+            .call(|mut connection| {
+                let mut pipe = redis::pipe();
+                pipe.ignore_errors();
                 for item in &items {
-                    command.arg(&item.keys.result).arg(&item.keys.lease);
+                    pipe.cmd("SET")
+                        .arg(&item.key)
+                        .arg(&item.lease)
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(lease_ms)
+                        .arg("GET");
                 }
-                command.arg(lease_ms);
-                for item in &items {
-                    command.arg(&item.token);
-                }
-                invoke(connection, script, command)
+                async move { pipe.query_async(&mut connection).await }
             })
             .await;
         let answers = match answers {
@@ -711,31 +692,33 @@ impl Store {
         let answers: Vec<_> = items
             .into_iter()
             .zip(answers)
-            .map(|(item, (code, data))| match code {
-                0 => decode(&data)
-                    .map(Claim::Stored)
-                    .ok_or(StoreError::Undecodable {
-                        key: item.keys.result,
-                    }),
-                1 => {
-                    claimed.push((item.id, item.keys.lease.clone(), item.token.clone()));
+            .map(|(item, answer)| match answer {
+                Ok(None) => {
+                    claimed.push((item.id, item.key.clone(), item.lease.clone()));
                     Ok(Claim::Claimed(Lease {
                         store: Arc::downgrade(&self.inner),
                         id: item.id,
-                        keys: item.keys,
-                        token: item.token,
+                        key: item.key,
+                        lease: item.lease,
                         done: false,
                     }))
                 }
-                2 => Ok(Claim::Held(String::from_utf8_lossy(&data).into_owned())),
-                _ => Err(self.refused(&data)),
+                Ok(Some(value)) => match Entry::of(&value) {
+                    Entry::Lease(holder) => {
+                        Ok(Claim::Held(String::from_utf8_lossy(holder).into_owned()))
+                    }
+                    Entry::Result(data) => decode(data)
+                        .map(Claim::Stored)
+                        .ok_or(StoreError::Undecodable { key: item.key }),
+                },
+                Err(error) => Err(self.refused(error.to_string().as_bytes())),
             })
             .collect();
         if !claimed.is_empty() {
             let mut held = self.inner.held();
-            for (id, key, token) in claimed {
+            for (id, key, lease) in claimed {
                 let lost = Arc::new(AtomicBool::new(false));
-                held.insert(id, Held { key, token, lost });
+                held.insert(id, Held { key, lease, lost });
             }
         }
         answers
@@ -749,14 +732,14 @@ impl Store {
         let script = &self.inner.finish;
         let answers: Result<Vec<(i64, Vec<u8>)>, StoreError> = self
             .call(|connection| {
-                let mut command = evalsha(script, items.len() * 2);
+                let mut command = evalsha(script, items.len());
                 for item in &items {
-                    command.arg(&item.keys.result).arg(&item.keys.lease);
+                    command.arg(&item.key);
                 }
                 command.arg(ttl_ms);
                 for item in &items {
                     command
-                        .arg(&item.token)
+                        .arg(&item.lease)
                         .arg(item.envelope.as_deref().unwrap_or_default());
                 }
                 invoke(connection, script, command)
@@ -784,8 +767,8 @@ impl Store {
         }
     }
 
-    /// A task's entry (the CLI's `cache get`): its stored result, that result's time to live,
-    /// and the holder of its lease, in one round trip.
+    /// A task's entry (the CLI's `cache get`): its stored result and that result's time to
+    /// live, or the holder of its lease, in one round trip (`GET` and `PTTL` of its key).
     ///
     /// # Errors
     ///
@@ -795,34 +778,35 @@ impl Store {
         expect(dead_code, reason = "the CLI's `cache get`")
     )]
     pub(crate) async fn inspect(&self, handler: &str, uuid: &str) -> Result<Inspected, StoreError> {
-        let keys = self.keys(handler, uuid);
-        let (data, ttl, holder): (Option<Vec<u8>>, i64, Option<Vec<u8>>) = self
+        let key = self.key(handler, uuid);
+        let (value, ttl): (Option<Vec<u8>>, i64) = self
             .call(|mut connection| {
                 let mut pipe = redis::pipe();
-                pipe.cmd("GET")
-                    .arg(&keys.result)
-                    .cmd("PTTL")
-                    .arg(&keys.result)
-                    .cmd("GET")
-                    .arg(&keys.lease);
+                pipe.cmd("GET").arg(&key).cmd("PTTL").arg(&key);
                 async move { pipe.query_async(&mut connection).await }
             })
             .await?;
-        let stored = match data {
-            None => None,
-            Some(data) => Some(decode(&data).ok_or(StoreError::Undecodable {
-                key: keys.result.clone(),
-            })?),
+        let nothing = Inspected {
+            stored: None,
+            ttl_ms: None,
+            lease_holder: None,
         };
-        Ok(Inspected {
-            stored,
-            ttl_ms: u64::try_from(ttl).ok(),
-            lease_holder: holder.map(|h| String::from_utf8_lossy(&h).into_owned()),
+        Ok(match value.as_deref().map(Entry::of) {
+            None => nothing,
+            Some(Entry::Lease(holder)) => Inspected {
+                lease_holder: Some(String::from_utf8_lossy(holder).into_owned()),
+                ..nothing
+            },
+            Some(Entry::Result(data)) => Inspected {
+                stored: Some(decode(data).ok_or(StoreError::Undecodable { key })?),
+                ttl_ms: u64::try_from(ttl).ok(),
+                lease_holder: None,
+            },
         })
     }
 
-    /// Deletes a task's stored result and lease (the CLI's `cache forget`); returns how
-    /// many keys existed.
+    /// Deletes a task's key, its stored result or its lease (the CLI's `cache forget`);
+    /// returns how many keys existed (0 or 1).
     ///
     /// # Errors
     ///
@@ -832,16 +816,12 @@ impl Store {
         expect(dead_code, reason = "the CLI's `cache forget`")
     )]
     pub(crate) async fn forget(&self, handler: &str, uuid: &str) -> Result<u64, StoreError> {
-        let keys = self.keys(handler, uuid);
-        self.call(|mut connection| {
-            let keys = keys.clone();
-            async move {
-                redis::cmd("DEL")
-                    .arg(keys.result)
-                    .arg(keys.lease)
-                    .query_async(&mut connection)
-                    .await
-            }
+        let key = self.key(handler, uuid);
+        self.call(|mut connection| async move {
+            redis::cmd("DEL")
+                .arg(key)
+                .query_async(&mut connection)
+                .await
         })
         .await
     }
@@ -855,7 +835,7 @@ impl Store {
             .iter()
             .map(|(id, held)| {
                 let lost = Arc::clone(&held.lost);
-                (*id, held.key.clone(), held.token.clone(), lost)
+                (*id, held.key.clone(), held.lease.clone(), lost)
             })
             .collect();
         if held.is_empty() {
@@ -875,8 +855,8 @@ impl Store {
                 .call(|mut connection| {
                     let mut invocation = script.prepare_invoke();
                     invocation.arg(lease_ms);
-                    for (_, key, token, _) in chunk {
-                        invocation.key(key).arg(token);
+                    for (_, key, lease, _) in chunk {
+                        invocation.key(key).arg(lease);
                     }
                     async move { invocation.invoke_async(&mut connection).await }
                 })
@@ -1086,24 +1066,30 @@ mod tests {
 
     #[test]
     fn keys_name_prefix_handler_and_uuid() {
-        let keys = Keys::new("rmq-consumer:", "resize", "abc-1");
-        assert_eq!(keys.result, "rmq-consumer:resize:abc-1:result");
-        assert_eq!(keys.lease, "rmq-consumer:resize:abc-1:lease");
+        let key = task_key("rmq-consumer:", "resize", "abc-1");
+        assert_eq!(key, "rmq-consumer:resize:abc-1");
     }
 
     #[test]
     fn long_uuids_are_hashed_in_keys() {
         let long = "x".repeat(MAX_KEY_UUID + 1);
-        let keys = Keys::new("p:", "h", &long);
-        assert!(keys.result.starts_with("p:h:md5:"), "{}", keys.result);
-        assert!(keys.result.len() < 64, "{}", keys.result);
-        assert_eq!(keys, Keys::new("p:", "h", &long));
-        assert_ne!(keys, Keys::new("p:", "h", &"y".repeat(MAX_KEY_UUID + 1)));
+        let key = task_key("p:", "h", &long);
+        assert!(key.starts_with("p:h:md5:"), "{key}");
+        assert!(key.len() < 64, "{key}");
+        assert_eq!(key, task_key("p:", "h", &long));
+        assert_ne!(key, task_key("p:", "h", &"y".repeat(MAX_KEY_UUID + 1)));
         let edge = "x".repeat(MAX_KEY_UUID);
-        assert_eq!(
-            Keys::new("p:", "h", &edge).result,
-            format!("p:h:{edge}:result")
-        );
+        assert_eq!(task_key("p:", "h", &edge), format!("p:h:{edge}"));
+    }
+
+    #[test]
+    fn a_value_is_a_lease_or_a_result_by_its_prefix() {
+        let lease = lease_value("host:1:ab:7");
+        assert_eq!(lease, "lease:host:1:ab:7");
+        assert_eq!(Entry::of(lease.as_bytes()), Entry::Lease(b"host:1:ab:7"));
+        let envelope = encode(&Some(json!("lease:x"))).unwrap_or_default();
+        assert_eq!(Entry::of(&envelope), Entry::Result(&envelope));
+        assert_eq!(Entry::of(b"lease"), Entry::Result(b"lease"));
     }
 
     #[test]
@@ -1268,8 +1254,8 @@ mod tests {
         fn claiming(&self, uuid: &str) -> Claiming {
             let id = self.store.inner.next_lease.fetch_add(1, Relaxed);
             Claiming {
-                keys: self.store.keys("h", uuid),
-                token: format!("{}:{id}", self.store.inner.token_base),
+                key: self.store.key("h", uuid),
+                lease: lease_value(&format!("{}:{id}", self.store.inner.token_base)),
                 id,
             }
         }
@@ -1306,9 +1292,9 @@ mod tests {
         }
         assert_eq!(claimed.len(), 1, "{held:?}");
         assert_eq!(held.len(), 3);
-        let token = claimed.first().map(|lease| lease.token.clone());
+        let lease = claimed.first().map(|lease| lease.lease.clone());
         assert!(
-            held.iter().all(|holder| Some(holder) == token.as_ref()),
+            held.iter().all(|holder| Some(lease_value(holder)) == lease),
             "{held:?}"
         );
         // Through the batcher: many callers at once, one lease.
@@ -1339,18 +1325,15 @@ mod tests {
         let mut scratch = Scratch::new("mixed").await;
         let store = scratch.store.clone();
         // `stored`: a result is stored; `held`: another replica holds the lease; `bad`: its
-        // result key is a list; `new`: nothing.
-        let done = store.keys("h", "stored");
+        // key is a list; `new`: nothing.
+        let done = store.key("h", "stored");
         let envelope = String::from_utf8(encode(&Some(json!("r"))).unwrap_or_default());
-        scratch
-            .set(&done.result, &envelope.unwrap_or_default())
-            .await;
-        scratch
-            .set(&store.keys("h", "held").lease, "other:1:2")
-            .await;
-        let bad = store.keys("h", "bad");
+        scratch.set(&done, &envelope.unwrap_or_default()).await;
+        let held_key = store.key("h", "held");
+        scratch.set(&held_key, "lease:other:1:2").await;
+        let bad = store.key("h", "bad");
         let _: u64 = redis::cmd("RPUSH")
-            .arg(&bad.result)
+            .arg(&bad)
             .arg("x")
             .query_async(&mut scratch.redis)
             .await
@@ -1378,45 +1361,46 @@ mod tests {
         // One refused key is no outage.
         assert!(store.inner.monitor.up.load(Relaxed));
         // Finishes in one batch: `new` stores; a run that lost its lease to another replica
-        // stores nothing; a failed run releases its lease; a lease key that is a list fails
-        // its run alone.
-        let new_keys = lease.keys.clone();
-        let new_token = lease.token.clone();
+        // stores nothing; a failed run releases its lease; a run whose lease expired (nothing
+        // left) stores; a key that is a list fails its run alone; a result stored already
+        // stays.
+        let new_key = lease.key.clone();
+        let new_lease = lease.lease.clone();
         let stolen = scratch.claiming("stolen");
         let failed = scratch.claiming("failed");
-        scratch.set(&failed.keys.lease, &failed.token).await;
+        scratch.set(&failed.key, &failed.lease).await;
+        let expired = scratch.claiming("expired");
+        let second = scratch.claiming("stored");
         let envelope = encode(&Some(json!(7))).unwrap_or_default();
-        let bad_lease = store.keys("h", "bad-lease");
-        let _: u64 = redis::cmd("RPUSH")
-            .arg(&bad_lease.lease)
-            .arg("x")
-            .query_async(&mut scratch.redis)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
         let ends = vec![
             Ending {
-                keys: new_keys.clone(),
-                token: new_token,
+                key: new_key.clone(),
+                lease: new_lease,
                 envelope: Some(envelope.clone()),
             },
             Ending {
-                keys: store.keys("h", "held"),
-                token: stolen.token,
+                key: held_key.clone(),
+                lease: stolen.lease,
                 envelope: Some(envelope.clone()),
             },
             Ending {
-                keys: failed.keys.clone(),
-                token: failed.token,
+                key: failed.key.clone(),
+                lease: failed.lease,
                 envelope: None,
             },
             Ending {
-                keys: bad_lease.clone(),
-                token: "t".to_owned(),
+                key: expired.key.clone(),
+                lease: expired.lease,
                 envelope: Some(envelope.clone()),
             },
             Ending {
-                keys: bad.clone(),
-                token: "t".to_owned(),
+                key: bad.clone(),
+                lease: "lease:t".to_owned(),
+                envelope: Some(envelope.clone()),
+            },
+            Ending {
+                key: done.clone(),
+                lease: second.lease,
                 envelope: Some(envelope),
             },
         ];
@@ -1424,22 +1408,34 @@ mod tests {
         assert!(matches!(answers.first(), Some(Ok(true))), "{answers:?}");
         assert!(matches!(answers.get(1), Some(Ok(false))), "{answers:?}");
         assert!(matches!(answers.get(2), Some(Ok(true))), "{answers:?}");
-        assert!(matches!(answers.get(3), Some(Err(_))), "{answers:?}");
-        // `SET NX` leaves the list alone, without an error.
-        assert!(matches!(answers.get(4), Some(Ok(false))), "{answers:?}");
-        assert!(store.inner.monitor.up.load(Relaxed));
-        let result = scratch.get(&new_keys.result).await;
-        assert_eq!(
-            result.as_deref().map(str::as_bytes).and_then(decode),
-            Some(Some(json!(7)))
+        assert!(matches!(answers.get(3), Some(Ok(true))), "{answers:?}");
+        assert!(
+            matches!(answers.get(4), Some(Err(StoreError::Failed { message, .. })) if message.contains("WRONGTYPE")),
+            "{answers:?}"
         );
-        assert_eq!(scratch.get(&new_keys.lease).await, None);
-        let held_lease = scratch.get(&store.keys("h", "held").lease).await;
-        assert_eq!(held_lease.as_deref(), Some("other:1:2"));
-        assert_eq!(scratch.get(&store.keys("h", "held").result).await, None);
-        assert_eq!(scratch.get(&failed.keys.lease).await, None);
+        assert!(matches!(answers.get(5), Some(Ok(false))), "{answers:?}");
+        assert!(store.inner.monitor.up.load(Relaxed));
+        for key in [&new_key, &expired.key] {
+            let result = scratch.get(key).await;
+            assert_eq!(
+                result.as_deref().map(str::as_bytes).and_then(decode),
+                Some(Some(json!(7))),
+                "{key}"
+            );
+        }
+        let first = scratch.get(&done).await;
+        assert_eq!(
+            first.as_deref().map(str::as_bytes).and_then(decode),
+            Some(Some(json!("r"))),
+            "the first stored result stays"
+        );
+        let held_lease = scratch.get(&held_key).await;
+        assert_eq!(held_lease.as_deref(), Some("lease:other:1:2"));
+        assert_eq!(scratch.get(&failed.key).await, None);
+        // Released after it stored: the key holds the result, which stays.
         let released = store.finish(lease, None).await;
         assert!(matches!(released, Ok(false)), "{released:?}");
+        assert!(scratch.get(&new_key).await.is_some());
         scratch.clean().await;
     }
 
@@ -1447,9 +1443,9 @@ mod tests {
     async fn a_key_of_another_type_fails_its_task_and_no_other() {
         let mut scratch = Scratch::new("wrongtype").await;
         let store = scratch.store.clone();
-        let bad = store.keys("h", "bad");
+        let bad = store.key("h", "bad");
         let _: u64 = redis::cmd("RPUSH")
-            .arg(&bad.result)
+            .arg(&bad)
             .arg("x")
             .query_async(&mut scratch.redis)
             .await
@@ -1471,7 +1467,7 @@ mod tests {
         let mut scratch = Scratch::new("gaveup").await;
         let store = scratch.store.clone();
         store.start();
-        let keys = store.keys("h", "u");
+        let key = store.key("h", "u");
         // A caller gives up at once (its future dropped): the answer it leaves is a lease,
         // which its drop releases.
         let claim = store.claim("h", "u");
@@ -1483,7 +1479,7 @@ mod tests {
         };
         let mut left = Some(String::new());
         for _ in 0..100 {
-            left = scratch.get(&keys.lease).await;
+            left = scratch.get(&key).await;
             if left.is_none() {
                 break;
             }

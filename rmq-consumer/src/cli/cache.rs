@@ -97,7 +97,7 @@ fn checked(task: &Task) -> Result<(), CliError> {
 async fn get(store: &Store, args: &GetArgs, io: &mut Io<'_>) -> Result<i32, CliError> {
     let task = &args.task;
     checked(task)?;
-    let keys = store.keys(&task.handler, &task.uuid);
+    let key = store.key(&task.handler, &task.uuid);
     let Inspected {
         stored,
         ttl_ms,
@@ -113,7 +113,7 @@ async fn get(store: &Store, args: &GetArgs, io: &mut Io<'_>) -> Result<i32, CliE
         let report = Report {
             handler: &task.handler,
             uuid: &task.uuid,
-            key: &keys.result,
+            key: &key,
             stored: stored.is_some(),
             has_result: stored.as_ref().map(Option::is_some),
             result: stored.as_ref().and_then(Option::as_ref),
@@ -138,7 +138,7 @@ async fn get(store: &Store, args: &GetArgs, io: &mut Io<'_>) -> Result<i32, CliE
                     task.uuid,
                     task.handler,
                     store.shown(),
-                    keys.result
+                    key
                 )?;
             }
         }
