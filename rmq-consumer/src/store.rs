@@ -4,40 +4,47 @@
 //!
 //! # Keys
 //!
-//! For handler `H` and task uuid `U` (prefix `P`, `result_store_prefix`):
+//! For handler `H` and task uuid `U` (prefix `P`, `result_store_prefix`), one key per task,
+//! `P H:U` (no spaces), holding either
 //!
-//! - `P H:U:result` (no spaces): the result as published, in an envelope that says whether the
-//!   handler returned one (`{"v":1,"result":<json>}` or `{"v":1}`), kept `result_ttl`. Only
-//!   successes are stored.
-//! - `P H:U:lease`: the token of the replica running the task, expiring after
-//!   `result_store_lease` unless renewed.
+//! - the result as published, in an envelope that says whether the handler returned one
+//!   (`{"v":1,"result":<json>}` or `{"v":1}`), kept `result_ttl` (only successes are stored),
+//! - or `lease:<token>`: the replica running the task, expiring after `result_store_lease`
+//!   unless renewed.
 //!
-//! A handler name never holds `:` (it is a Rust fn name), so two handlers never share a key.
-//! A uuid longer than [`MAX_KEY_UUID`] bytes is replaced by `md5:<hex digest>` in the keys
-//! (a custom uuid fn cannot make keys of any size); the CLI computes the same keys.
+//! The two are told apart by the value ([`Entry`]: an envelope starts with `{`). One key
+//! instead of a result key and a lease key is less work for Redis per task (a claim is one
+//! plain command, a finish reads and writes one key) and one key per task. A handler name never holds `:`
+//! (it is a Rust fn name), so two handlers never share a key. A uuid longer than
+//! [`MAX_KEY_UUID`] bytes is replaced by `md5:<hex digest>` in the key (a custom uuid fn
+//! cannot make keys of any size); the CLI computes the same key.
 //!
 //! # Calls
 //!
-//! Each operation is one round trip, atomic on the server (a Lua script):
-//! [`Store::claim`] returns the stored result, or takes the lease (`SET NX PX`), or says who
-//! holds it; [`Store::finish`] stores a success (unless one is stored already: the first
-//! stays) and deletes the lease only while the lease is ours or gone (a takeover's owner
-//! stores its own), and a failure only deletes our lease.
+//! Each task's step is atomic on the server. [`Store::claim`] is one
+//! `SET key lease:<token> NX PX <lease> GET` (Redis >= 7.0): no answer means the lease is
+//! ours; a lease is another holder's; anything else is the stored result, left as it is.
+//! [`Store::finish`] (a Lua script, [`FINISH`]) replaces our lease, or nothing (our lease
+//! expired and nobody took it), by the result; a stored result stays (the first stays) and
+//! so does another replica's lease (a takeover's owner stores its own); a failure only
+//! deletes our lease. [`RENEW`] extends the key's expiry only while it holds our lease.
 //!
 //! Concurrent calls share their round trip (`batcher.rs`): while the store is up, a claim
 //! waits in the claim queue, and a finish or release in the finish queue; one batcher task
-//! per queue takes every request waiting (up to 500), sends them in one script call ([`CLAIM`]
-//! or [`FINISH`], each looping over its tasks in order, so each task's step stays atomic) and
-//! answers each caller. One batch per queue is on its way at a time: the requests that arrive
+//! per queue takes every request waiting (up to 500) and sends them together: the claims as
+//! one pipeline of one `SET` per task (answered per command), the finishes in one script
+//! call looping over its tasks in order (so each task's step stays atomic); then it answers
+//! each caller. One batch per queue is on its way at a time: the requests that arrive
 //! meanwhile make the next one, so batches grow with the load (in bench R, ~12 requests per
-//! call, and ~40 % less CPU for the store in the worker; README). Two claims of one task in
-//! one batch: the first takes the lease, the second finds it held. A key holding another type
-//! fails its own task (`pcall`), not the batch, and starts no episode. A caller waits for its
-//! answer at most `result_store_timeout`; a lease whose caller gave up is released when its
-//! answer is dropped. While the store is down, calls skip the queues and go alone, as one-task
-//! batches, so that they fail at once (or are that second's one probe). The batchers end when
-//! the store is dropped. A script call is one `EVALSHA` command buffer (loading the script
-//! when Redis answers `NOSCRIPT`), not a `ScriptInvocation`, which copies every key apart.
+//! call; README). Two claims of one task in one batch: the first takes the lease, the second
+//! finds it held. A key holding another type fails its own task (its command's error in the
+//! pipeline, `pcall` in the script), not the batch, and starts no episode. A caller waits for
+//! its answer at most `result_store_timeout`; a lease whose caller gave up is released when
+//! its answer is dropped. While the store is down, calls skip the queues and go alone, as
+//! one-task batches, so that they fail at once (or are that second's one probe). The batchers
+//! end when the store is dropped. A script call is one `EVALSHA` command buffer (loading the
+//! script when Redis answers `NOSCRIPT`), not a `ScriptInvocation`, which copies every key
+//! apart.
 //!
 //! One renewer task per store renews every lease this process holds in one script call every
 //! third of the lease or every second (whichever is shorter); a lease that expired, was

@@ -116,11 +116,36 @@ impl RedisKeys {
         }
     }
 
-    /// The keys under the prefix ending in `suffix` (`:result`, `:lease`).
-    pub async fn keys_ending(&self, suffix: &str) -> Vec<String> {
-        let mut keys = self.keys().await;
-        keys.retain(|key| key.ends_with(suffix));
-        keys
+    /// The task keys under the prefix that hold a stored result (a value that is not a
+    /// lease).
+    pub async fn results(&self) -> Vec<String> {
+        self.keys_holding(false).await
+    }
+
+    /// The task keys under the prefix that hold a lease (a value starting with `lease:`).
+    pub async fn leases(&self) -> Vec<String> {
+        self.keys_holding(true).await
+    }
+
+    /// The keys under the prefix whose value is (`lease`) or is not a lease; a key gone
+    /// between the scan and its read counts as neither.
+    async fn keys_holding(&self, lease: bool) -> Vec<String> {
+        let keys = self.keys().await;
+        let mut connection = redis_connect(&self.url).await;
+        let mut found = Vec::new();
+        for chunk in keys.chunks(500) {
+            let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
+                .arg(chunk)
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+            for (key, value) in chunk.iter().zip(values) {
+                if value.is_some_and(|value| value.starts_with(b"lease:") == lease) {
+                    found.push(key.clone());
+                }
+            }
+        }
+        found
     }
 
     /// The string value of `key` (a full key, prefix included), `None` when it is missing.

@@ -410,24 +410,19 @@ async fn s1_three_replicas_run_each_task_once() {
     assert_eq!(pids.len(), 3, "the work was shared by the three replicas");
     assert_eq!(metrics.errors, 0, "no store errors: {metrics:?}");
     assert_eq!(
-        keys.keys_ending(":result").await.len(),
+        keys.results().await.len(),
         TASKS,
         "one stored result per task"
     );
-    let leases = keys.keys_ending(":lease").await;
+    let leases = keys.leases().await;
     let mut left = Vec::new();
     for lease in leases.iter().take(5) {
-        let result = lease.replace(":lease", ":result");
-        left.push((
-            lease.clone(),
-            keys.pttl(lease).await,
-            keys.get(&result).await.is_some(),
-        ));
+        left.push((lease.clone(), keys.pttl(lease).await, keys.get(lease).await));
     }
     assert!(
         leases.is_empty(),
-        "every lease released when its task ended: {} left, e.g. (key, pttl ms, result \
-         stored) {left:?}",
+        "every lease released when its task ended: {} left, e.g. (key, pttl ms, value) \
+         {left:?}",
         leases.len()
     );
     for mut worker in workers {
@@ -573,11 +568,7 @@ async fn s3_a_killed_workers_tasks_are_taken_over_once() {
         || runs.total() == TASKS,
     )
     .await;
-    assert_eq!(
-        keys.keys_ending(":lease").await.len(),
-        TASKS,
-        "a lease per running task"
-    );
+    assert_eq!(keys.leases().await.len(), TASKS, "a lease per running task");
     let http = free_addr();
     let mut survivor = spawn_worker(&setup, &store, http, &extra);
     survivor

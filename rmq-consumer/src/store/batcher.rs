@@ -1,6 +1,6 @@
 //! Coalescing of concurrent store calls: one queue and one batcher task per kind of call
 //! (claims; finishes and releases), which takes every request waiting when it wakes (up to
-//! [`BATCH_MAX`]), makes one script call for all of them and answers each caller through its
+//! [`BATCH_MAX`]), makes one call for all of them (a pipeline or a script) and answers each caller through its
 //! own oneshot. One batch per kind is on its way at a time, so the requests that arrive
 //! meanwhile make the next batch: the busier the store, the fuller the batches (group commit).
 //!
@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{Inner, Store};
 use crate::error::StoreError;
 
-/// Requests answered by one script call, at most.
+/// Requests answered by one call, at most.
 pub(super) const BATCH_MAX: usize = 500;
 
 /// One caller's request and where its answer goes.
