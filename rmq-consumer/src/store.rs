@@ -12,12 +12,12 @@
 //! - or `lease:<token>`: the replica running the task, expiring after `result_store_lease`
 //!   unless renewed.
 //!
-//! The two are told apart by the value ([`Entry`]: an envelope starts with `{`). One key
-//! instead of a result key and a lease key is less work for Redis per task (a claim is one
-//! plain command, a finish reads and writes one key) and one key per task. A handler name never holds `:`
-//! (it is a Rust fn name), so two handlers never share a key. A uuid longer than
-//! [`MAX_KEY_UUID`] bytes is replaced by `md5:<hex digest>` in the key (a custom uuid fn
-//! cannot make keys of any size); the CLI computes the same key.
+//! The two are told apart by the value ([`Entry`]: an envelope starts with `{`). One key instead of
+//! a result key and a lease key is less work for Redis per task (a claim is one plain command, a
+//! finish reads and writes one key) and one key per task. A handler name never holds `:` (it is a
+//! Rust fn name), so two handlers never share a key. A uuid longer than [`MAX_KEY_UUID`] bytes is
+//! replaced by `md5:<hex digest>` in the key (a custom uuid fn cannot make keys of any size); the
+//! CLI computes the same key.
 //!
 //! # Calls
 //!
@@ -135,11 +135,11 @@ end
 return out
 ";
 
-/// `KEYS` task keys; `ARGV[1]` lease ms, `ARGV[i+1]` our lease of `KEYS[i]`
-/// (`lease:<token>`). Renews each key that holds our lease and returns the indexes (1-based)
-/// of the others: gone (expired, flushed, or just released by a run that ended while this
-/// call was on its way), holding that run's result, or held by another replica. A gone lease is not taken back: a run that just ended would leave it behind,
-/// holding the task's next delivery for a whole lease.
+/// `KEYS` task keys; `ARGV[1]` lease ms, `ARGV[i+1]` our lease of `KEYS[i]` (`lease:<token>`).
+/// Renews each key that holds our lease and returns the indexes (1-based) of the others: gone
+/// (expired, flushed, or just released by a run that ended while this call was on its way), holding
+/// that run's result, or held by another replica. A gone lease is not taken back: a run that just
+/// ended would leave it behind, holding the task's next delivery for a whole lease.
 const RENEW: &str = r"
 local lost = {}
 for i, key in ipairs(KEYS) do
