@@ -366,6 +366,8 @@ struct Inner {
     /// This process's part of every lease token.
     token_base: String,
     renewer_started: AtomicBool,
+    /// Whether a refused command was logged (once per store: see [`Store::refused`]).
+    refusal_logged: AtomicBool,
     finish: Script,
     renew: Script,
     /// Claims waiting for the claim batcher.
@@ -493,6 +495,7 @@ impl Store {
                 link: Mutex::default(),
                 held: Mutex::default(),
                 next_lease: AtomicU64::new(0),
+                refusal_logged: AtomicBool::new(false),
                 token_base: token_base(),
                 renewer_started: AtomicBool::new(false),
                 finish: Script::new(FINISH),
@@ -765,12 +768,19 @@ impl Store {
         }
     }
 
-    /// The store refused one item of a batch (a key holding another type): that item fails,
-    /// without an episode (the store answered).
+    /// The store refused one item of a batch (a key holding another type, or a Redis older
+    /// than 7.0, which refuses `SET NX GET`): that item fails, without an episode (the store
+    /// answered). The first refusal is logged (once per store: every refusal is counted in
+    /// `store_errors`, and a Redis too old refuses every claim).
     fn refused(&self, message: &[u8]) -> StoreError {
+        let message = self.inner.scrub(&String::from_utf8_lossy(message));
+        if !self.inner.refusal_logged.swap(true, Relaxed) {
+            warn!(store = %self.inner.shown, error = %message,
+                "the result store refused a command (a key of another type under result_store_prefix, or a Redis older than 7.0); such tasks run without the store (counted in store_errors, logged once)");
+        }
         StoreError::Failed {
             url: self.inner.shown.clone(),
-            message: self.inner.scrub(&String::from_utf8_lossy(message)),
+            message,
         }
     }
 
@@ -1446,6 +1456,39 @@ mod tests {
         scratch.clean().await;
     }
 
+    /// Log lines written by a test's subscriber.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl Lines {
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().unwrap_or_else(PoisonError::into_inner))
+                .into_owned()
+        }
+    }
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl tracing_subscriber::fmt::MakeWriter<'_> for Lines {
+        type Writer = Self;
+
+        fn make_writer(&self) -> Self {
+            self.clone()
+        }
+    }
+
     #[tokio::test]
     async fn a_key_of_another_type_fails_its_task_and_no_other() {
         let mut scratch = Scratch::new("wrongtype").await;
@@ -1457,8 +1500,21 @@ mod tests {
             .query_async(&mut scratch.redis)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
+        let lines = Lines::default();
+        let subscriber =
+            crate::logging::subscriber(&crate::config::LogConfig::default(), lines.clone())
+                .unwrap_or_else(|e| panic!("{e}"));
+        let logging = tracing::subscriber::set_default(subscriber);
         let first = store.claim("h", "bad").await;
         assert!(first.is_err(), "{first:?}");
+        let again = store.claim("h", "bad").await;
+        assert!(again.is_err(), "{again:?}");
+        drop(logging);
+        // Said once, with the reason (an operator on a Redis older than 7.0 would see every
+        // claim refused with a syntax error and nothing else), not once per task.
+        let log = lines.text();
+        assert_eq!(log.matches("the result store refused").count(), 1, "{log}");
+        assert!(log.contains("WRONGTYPE"), "{log}");
         // The store answered: no outage, the next task is claimed.
         let next = store.claim("h", "good").await;
         let Ok(Claim::Claimed(lease)) = next else {
