@@ -1,0 +1,408 @@
+//! How calls reach Redis: the claim and finish batches (one pipeline or script call for
+//! many tasks), the bound on every call and the outage episodes it keeps.
+
+use super::*;
+
+/// While the store is down, at most one call per this period reaches it.
+pub(super) const PROBE_PERIOD: Duration = Duration::from_secs(1);
+
+/// Ends runs: `KEYS[i]` the key of run `i`; `ARGV[1]` result ttl ms, `ARGV[2i]` run `i`'s
+/// lease (`lease:<token>`), `ARGV[2i+1]` its envelope (empty: the run failed). A success
+/// replaces our lease, or nothing (our lease expired and nobody took it), by the envelope;
+/// a key holding a result (the first stored result stays) or another replica's lease is left
+/// alone. A failure only deletes our lease. Returns one `{code, error}` per run, in order:
+/// code 1 (stored; for a failure: released), 0 (a result was stored already, or another
+/// replica holds the lease; for a failure: the lease was not ours) or 3 (the key holds
+/// something else).
+pub(super) const FINISH: &str = r"
+local out = {}
+for i = 1, #KEYS do
+  local key, mine, envelope = KEYS[i], ARGV[2 * i], ARGV[2 * i + 1]
+  local held = redis.pcall('GET', key)
+  if type(held) == 'table' then
+    out[i] = {3, held.err or ''}
+  elseif envelope == '' then
+    if held == mine then
+      redis.call('DEL', key)
+      out[i] = {1, ''}
+    else
+      out[i] = {0, ''}
+    end
+  elseif held == false or held == mine then
+    redis.call('SET', key, envelope, 'PX', ARGV[1])
+    out[i] = {1, ''}
+  else
+    out[i] = {0, ''}
+  end
+end
+return out
+";
+
+/// A claim on its way to the store.
+#[derive(Debug)]
+pub(super) struct Claiming {
+    pub(super) key: String,
+    /// Our lease's value (`lease:<token>`).
+    pub(super) lease: String,
+    /// The lease's id in `Inner::held`, if it is taken.
+    pub(super) id: u64,
+}
+
+/// A finish (or, without an envelope, a release) on its way to the store.
+#[derive(Debug)]
+pub(super) struct Ending {
+    pub(super) key: String,
+    /// Our lease's value (`lease:<token>`).
+    pub(super) lease: String,
+    /// The stored form of the result; `None`: only release the lease.
+    pub(super) envelope: Option<Vec<u8>>,
+}
+
+/// `count` copies of the failure of a call made for `count` requests.
+pub(super) fn every<T>(error: &StoreError, count: usize) -> Vec<Result<T, StoreError>> {
+    (0..count).map(|_| Err(again(error))).collect()
+}
+
+/// The same failure again, for another caller of the same call.
+pub(super) fn again(error: &StoreError) -> StoreError {
+    match error {
+        StoreError::Down { url } => StoreError::Down { url: url.clone() },
+        StoreError::TimedOut { url, after } => StoreError::TimedOut {
+            url: url.clone(),
+            after: *after,
+        },
+        StoreError::Failed { url, message } => StoreError::Failed {
+            url: url.clone(),
+            message: message.clone(),
+        },
+        StoreError::Undecodable { key } => StoreError::Undecodable { key: key.clone() },
+        StoreError::Unserializable => StoreError::Unserializable,
+        StoreError::InvalidUrl { url } => StoreError::InvalidUrl { url: url.clone() },
+        // Never the outcome of a call; its text holds no password.
+        StoreError::TlsFile { .. } => StoreError::Failed {
+            url: String::new(),
+            message: error.to_string(),
+        },
+    }
+}
+
+impl Store {
+    /// Sends one finish or release, through the finish batcher while the store is up.
+    pub(super) async fn end(&self, ending: Ending) -> Result<bool, StoreError> {
+        match self.batched(&self.inner.ends, ending) {
+            Ok(answer) => self.answer(answer).await,
+            Err(ending) => self.alone(self.finish_many(vec![ending]).await),
+        }
+    }
+
+    /// Queues `item` for its batcher while the store is up; gives it back (to be sent alone)
+    /// while the store is down, so that a call fails at once or is the second's one probe, as
+    /// without the batcher, or when no batcher runs.
+    pub(super) fn batched<T, R>(
+        &self,
+        queue: &Queue<T, R>,
+        item: T,
+    ) -> Result<batcher::Answer<R>, T>
+    where
+        T: Send + 'static,
+        R: Send + 'static,
+    {
+        if self.inner.monitor.up.load(Relaxed) {
+            queue.ask(item)
+        } else {
+            Err(item)
+        }
+    }
+
+    /// Waits for a batcher's answer, at most `result_store_timeout` (the batch's own call is
+    /// bounded too, and starts the episode when it fails).
+    pub(super) async fn answer<R>(&self, answer: batcher::Answer<R>) -> Result<R, StoreError> {
+        match tokio::time::timeout(self.inner.timeout, answer).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_dropped)) => Err(StoreError::Failed {
+                url: self.inner.shown.clone(),
+                message: "the store's batcher stopped".to_owned(),
+            }),
+            Err(_elapsed) => Err(StoreError::TimedOut {
+                url: self.inner.shown.clone(),
+                after: self.inner.timeout,
+            }),
+        }
+    }
+
+    /// The one answer of a call made for one request.
+    pub(super) fn alone<R>(&self, answers: Vec<Result<R, StoreError>>) -> Result<R, StoreError> {
+        answers
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| Err(self.short_answer()))
+    }
+
+    pub(super) fn short_answer(&self) -> StoreError {
+        StoreError::Failed {
+            url: self.inner.shown.clone(),
+            message: "the store answered a batch with the wrong number of results".to_owned(),
+        }
+    }
+
+    /// Claims `items` in one pipeline of `SET key lease:<token> NX PX <lease> GET`, one
+    /// command per item; one answer per item, in order. A failed call fails every item; a key
+    /// holding something else fails its item only (the pipeline answers per command).
+    pub(super) async fn claim_many(&self, items: Vec<Claiming>) -> Vec<Result<Claim, StoreError>> {
+        let lease_ms = millis(self.inner.lease);
+        let answers: Result<Vec<redis::RedisResult<Option<Vec<u8>>>>, StoreError> = self
+            .call(|mut connection| {
+                let mut pipe = redis::pipe();
+                pipe.ignore_errors();
+                for item in &items {
+                    pipe.cmd("SET")
+                        .arg(&item.key)
+                        .arg(&item.lease)
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(lease_ms)
+                        .arg("GET");
+                }
+                async move { pipe.query_async(&mut connection).await }
+            })
+            .await;
+        let answers = match answers {
+            Ok(answers) if answers.len() == items.len() => answers,
+            Ok(_) => return items.iter().map(|_| Err(self.short_answer())).collect(),
+            Err(error) => return every(&error, items.len()),
+        };
+        let mut claimed = Vec::new();
+        let answers: Vec<_> = items
+            .into_iter()
+            .zip(answers)
+            .map(|(item, answer)| match answer {
+                Ok(None) => {
+                    claimed.push((item.id, item.key.clone(), item.lease.clone()));
+                    Ok(Claim::Claimed(Lease {
+                        store: Arc::downgrade(&self.inner),
+                        id: item.id,
+                        key: item.key,
+                        lease: item.lease,
+                        done: false,
+                    }))
+                }
+                Ok(Some(value)) => match Entry::of(&value) {
+                    Entry::Lease(holder) => {
+                        Ok(Claim::Held(String::from_utf8_lossy(holder).into_owned()))
+                    }
+                    Entry::Result(data) => decode(data)
+                        .map(Claim::Stored)
+                        .ok_or(StoreError::Undecodable { key: item.key }),
+                },
+                Err(error) => Err(self.refused(error.to_string().as_bytes())),
+            })
+            .collect();
+        if !claimed.is_empty() {
+            let mut held = self.inner.held();
+            for (id, key, lease) in claimed {
+                let lost = Arc::new(AtomicBool::new(false));
+                held.insert(id, Held { key, lease, lost });
+            }
+        }
+        answers
+    }
+
+    /// Finishes or releases `items` in one script call ([`FINISH`]); one answer per item, in
+    /// order (whether it stored or released). A failed call fails every item; a key holding
+    /// something else fails its item only.
+    pub(super) async fn finish_many(&self, items: Vec<Ending>) -> Vec<Result<bool, StoreError>> {
+        let ttl_ms = millis(self.inner.ttl);
+        let script = &self.inner.finish;
+        let answers: Result<Vec<(i64, Vec<u8>)>, StoreError> = self
+            .call(|connection| {
+                let mut command = evalsha(script, items.len());
+                for item in &items {
+                    command.arg(&item.key);
+                }
+                command.arg(ttl_ms);
+                for item in &items {
+                    command
+                        .arg(&item.lease)
+                        .arg(item.envelope.as_deref().unwrap_or_default());
+                }
+                invoke(connection, script, command)
+            })
+            .await;
+        match answers {
+            Ok(answers) if answers.len() == items.len() => answers
+                .into_iter()
+                .map(|(code, data)| match code {
+                    0 | 1 => Ok(code == 1),
+                    _ => Err(self.refused(&data)),
+                })
+                .collect(),
+            Ok(_) => items.iter().map(|_| Err(self.short_answer())).collect(),
+            Err(error) => every(&error, items.len()),
+        }
+    }
+
+    /// The store refused one item of a batch (a key holding another type, or a Redis older
+    /// than 7.0, which refuses `SET NX GET`): that item fails, without an episode (the store
+    /// answered). The first refusal is logged (once per store: every refusal is counted in
+    /// `store_errors`, and a Redis too old refuses every claim).
+    pub(super) fn refused(&self, message: &[u8]) -> StoreError {
+        let message = self.inner.scrub(&String::from_utf8_lossy(message));
+        if !self.inner.refusal_logged.swap(true, Relaxed) {
+            warn!(store = %self.inner.shown, error = %message,
+                "the result store refused a command (a key of another type under result_store_prefix, or a Redis older than 7.0); such tasks run without the store (counted in store_errors, logged once)");
+        }
+        StoreError::Failed {
+            url: self.inner.shown.clone(),
+            message,
+        }
+    }
+
+    /// Runs one call to the store, bounded by `result_store_timeout`, and keeps the episode
+    /// state: while the store is down, at most one call per [`PROBE_PERIOD`] reaches it.
+    pub(super) async fn call<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let inner = &self.inner;
+        let (connection, generation) = {
+            let mut link = inner.link();
+            if let Some(next) = link.next_probe {
+                let now = Instant::now();
+                if now < next {
+                    return Err(StoreError::Down {
+                        url: inner.shown.clone(),
+                    });
+                }
+                link.next_probe = Some(now.checked_add(PROBE_PERIOD).unwrap_or(now));
+            }
+            let connection = match &link.connection {
+                Some(connection) => connection.clone(),
+                None => {
+                    let config = ConnectionManagerConfig::new()
+                        .set_connection_timeout(Some(inner.timeout))
+                        .set_response_timeout(Some(inner.timeout))
+                        .set_number_of_retries(1)
+                        .set_max_delay(inner.timeout);
+                    match ConnectionManager::new_lazy_with_config(inner.client.clone(), config) {
+                        Ok(connection) => {
+                            link.connection = Some(connection.clone());
+                            connection
+                        }
+                        Err(error) => {
+                            let message = inner.scrub(&error.to_string());
+                            drop(link);
+                            inner.failed(None, &message);
+                            return Err(StoreError::Failed {
+                                url: inner.shown.clone(),
+                                message,
+                            });
+                        }
+                    }
+                }
+            };
+            (connection, link.generation)
+        };
+        match tokio::time::timeout(inner.timeout, op(connection)).await {
+            Ok(Ok(value)) => {
+                inner.succeeded();
+                Ok(value)
+            }
+            Ok(Err(error)) => {
+                let message = inner.scrub(&error.to_string());
+                inner.failed(Some(generation), &message);
+                Err(StoreError::Failed {
+                    url: inner.shown.clone(),
+                    message,
+                })
+            }
+            Err(_elapsed) => {
+                let message = format!(
+                    "no answer within {:?} (result_store_timeout)",
+                    inner.timeout
+                );
+                inner.failed(Some(generation), &message);
+                Err(StoreError::TimedOut {
+                    url: inner.shown.clone(),
+                    after: inner.timeout,
+                })
+            }
+        }
+    }
+}
+
+impl Inner {
+    pub(super) fn link(&self) -> std::sync::MutexGuard<'_, Link> {
+        self.link.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(super) fn held(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Held>> {
+        self.held.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A call failed: drop its connection (unless a newer one replaced it), start an episode
+    /// (logged once) or go on with it.
+    pub(super) fn failed(&self, generation: Option<u64>, message: &str) {
+        {
+            let mut link = self.link();
+            if generation.is_none_or(|generation| generation == link.generation) {
+                link.connection = None;
+                link.generation = link.generation.wrapping_add(1);
+            }
+            if link.next_probe.is_none() {
+                let now = Instant::now();
+                link.next_probe = Some(now.checked_add(PROBE_PERIOD).unwrap_or(now));
+            }
+        }
+        if self.monitor.up.swap(false, Relaxed) {
+            warn!(store = %self.shown, error = %message,
+                "the result store is unreachable; deliveries go on without it (handlers run, duplicates possible) until it answers again");
+        }
+    }
+
+    /// A call succeeded: end the episode, if any (logged once).
+    pub(super) fn succeeded(&self) {
+        if self.monitor.up.load(Relaxed) {
+            return;
+        }
+        self.link().next_probe = None;
+        if !self.monitor.up.swap(true, Relaxed) {
+            info!(store = %self.shown, "the result store answers again");
+        }
+    }
+
+    /// `text` without the password (a client error could quote it).
+    pub(super) fn scrub(&self, text: &str) -> String {
+        match &self.password {
+            Some(password) if !password.is_empty() => text.replace(password.as_str(), "****"),
+            _ => text.to_owned(),
+        }
+    }
+}
+
+/// `EVALSHA` of `script` with `keys` keys, to which the keys and then the arguments are
+/// added: one buffer for the whole command (a `ScriptInvocation` allocates every key and
+/// argument apart, then copies them into the command).
+pub(super) fn evalsha(script: &Script, keys: usize) -> redis::Cmd {
+    let mut command = redis::cmd("EVALSHA");
+    command.arg(script.get_hash()).arg(keys);
+    command
+}
+
+/// Runs `command`, an [`evalsha`] of `script`; loads the script and runs it again when Redis
+/// does not know it (first use, restart, flush), as `ScriptInvocation::invoke_async` does.
+pub(super) async fn invoke<T: redis::FromRedisValue>(
+    mut connection: ConnectionManager,
+    script: &Script,
+    command: redis::Cmd,
+) -> redis::RedisResult<T> {
+    match command.query_async(&mut connection).await {
+        Err(error)
+            if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+        {
+            script.load_async(&mut connection).await?;
+            command.query_async(&mut connection).await
+        }
+        answer => answer,
+    }
+}
