@@ -99,12 +99,7 @@ impl RedisKeys {
         let mut keys = Vec::new();
         let mut cursor: u64 = 0;
         loop {
-            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(format!("{}*", self.prefix))
-                .arg("COUNT")
-                .arg(1000)
+            let (next, batch): (u64, Vec<String>) = scan(&self.prefix, cursor)
                 .query_async(&mut connection)
                 .await
                 .unwrap();
@@ -193,13 +188,8 @@ impl RedisKeys {
         connection.set_write_timeout(Some(Duration::from_secs(5)))?;
         let mut cursor: u64 = 0;
         loop {
-            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(format!("{}*", self.prefix))
-                .arg("COUNT")
-                .arg(1000)
-                .query(&mut connection)?;
+            let (next, batch): (u64, Vec<String>) =
+                scan(&self.prefix, cursor).query(&mut connection)?;
             if !batch.is_empty() {
                 let _: usize = redis::cmd("DEL").arg(&batch).query(&mut connection)?;
             }
@@ -432,4 +422,16 @@ impl Drop for SilentRedis {
 fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap().port()
+}
+
+/// One `SCAN` step over the keys under `prefix`, from `cursor`.
+fn scan(prefix: &str, cursor: u64) -> redis::Cmd {
+    let mut command = redis::cmd("SCAN");
+    command
+        .arg(cursor)
+        .arg("MATCH")
+        .arg(format!("{prefix}*"))
+        .arg("COUNT")
+        .arg(1000);
+    command
 }
