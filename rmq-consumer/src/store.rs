@@ -46,6 +46,9 @@
 //! script when Redis answers `NOSCRIPT`), not a `ScriptInvocation`, which copies every key
 //! apart.
 //!
+//! At start, the store asks its server's version once (`INFO server`, on a connection of its
+//! own) and warns when it is older than 7.0, which refuses every claim.
+//!
 //! One renewer task per store renews every lease this process holds in one script call every
 //! third of the lease or every second (whichever is shorter); a lease that expired, was
 //! flushed or was taken by another replica is reported lost (the task may then run twice).

@@ -52,6 +52,11 @@ impl Store {
             .start(&runtime, weak.clone(), |store: Store, items| async move {
                 store.finish_many(items).await
             });
+        runtime.spawn(super::wire::check_version(
+            self.inner.client.clone(),
+            self.inner.timeout,
+            self.inner.shown.clone(),
+        ));
         let period = (self.inner.lease / 3).min(RENEW_PERIOD_MAX);
         runtime.spawn(async move {
             let mut ticks = tokio::time::interval(period);

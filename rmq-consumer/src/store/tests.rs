@@ -5,7 +5,7 @@ use serde_json::json;
 use super::*;
 use super::{
     value::MAX_KEY_UUID,
-    wire::{evalsha, invoke},
+    wire::{REDIS_MIN, evalsha, invoke, redis_version},
 };
 
 #[test]
@@ -96,6 +96,23 @@ fn metrics_and_readiness_per_handler() {
 #[test]
 fn tokens_differ_between_stores() {
     assert_ne!(token_base(), token_base());
+}
+
+#[test]
+fn the_redis_version_is_read_from_info() {
+    let info = "# Server\r\nredis_version:7.0.15\r\nredis_git_sha1:00000000\r\n";
+    assert_eq!(redis_version(info), Some(("7.0.15", (7, 0))));
+    assert!(redis_version("redis_version:6.2.14\r\n").is_some_and(|(_, v)| v < REDIS_MIN));
+    assert!(redis_version("redis_version:7.2\r\n").is_some_and(|(_, v)| v >= REDIS_MIN));
+    assert_eq!(redis_version("redis_version:8\n"), Some(("8", (8, 0))));
+    for foreign in [
+        "",
+        "redis_version:\r\n",
+        "redis_version:x.1\r\n",
+        "# Server\r\n",
+    ] {
+        assert_eq!(redis_version(foreign), None, "{foreign:?}");
+    }
 }
 
 #[test]
@@ -487,14 +504,15 @@ async fn a_claim_whose_caller_gave_up_is_released() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn the_batchers_and_the_renewer_end_with_the_store() {
+async fn the_batchers_the_renewer_and_the_version_check_end_with_the_store() {
     let metrics = tokio::runtime::Handle::current().metrics();
     let before = metrics.num_alive_tasks();
     let url = SecretUrl::new("redis://127.0.0.1:1/0");
     let store = Store::new(&Config::default(), &url, Vec::new());
     let store = store.unwrap_or_else(|e| panic!("{e}"));
     store.start();
-    assert_eq!(metrics.num_alive_tasks(), before + 3);
+    // The renewer, the two batchers and the version check (which ends by itself).
+    assert_eq!(metrics.num_alive_tasks(), before + 4);
     drop(store);
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(metrics.num_alive_tasks(), before);

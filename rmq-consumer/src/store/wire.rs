@@ -380,6 +380,45 @@ impl Inner {
     }
 }
 
+/// The oldest Redis the store works with: a claim is `SET ... NX GET` (Redis 7.0).
+pub(super) const REDIS_MIN: (u64, u64) = (7, 0);
+
+/// Asks the store's server for its version once, on a connection of its own, and warns when it
+/// is older than [`REDIS_MIN`]: such a server refuses every claim (each task then runs without
+/// the store). Silent when the server cannot be asked (down: the calls' episode says so; `INFO`
+/// denied by an ACL; no version in the answer): it is a hint, not a gate.
+pub(super) async fn check_version(client: redis::Client, timeout: Duration, shown: String) {
+    let asked = tokio::time::timeout(timeout, async {
+        let mut connection = client.get_multiplexed_async_connection().await?;
+        redis::cmd("INFO")
+            .arg("server")
+            .query_async::<String>(&mut connection)
+            .await
+    })
+    .await;
+    let Ok(Ok(info)) = asked else {
+        return;
+    };
+    if let Some((version, parsed)) = redis_version(&info)
+        && parsed < REDIS_MIN
+    {
+        warn!(store = %shown, version,
+            "the result store's Redis is older than 7.0: it refuses every claim (SET NX GET), so every task runs without the store; upgrade Redis (or Valkey) to 7.0 or later");
+    }
+}
+
+/// The `redis_version` line of an `INFO server` answer: the text and its (major, minor).
+pub(super) fn redis_version(info: &str) -> Option<(&str, (u64, u64))> {
+    let version = info
+        .lines()
+        .find_map(|line| line.strip_prefix("redis_version:"))?
+        .trim();
+    let mut parts = version.split('.').map(str::parse::<u64>);
+    let major = parts.next()?.ok()?;
+    let minor = parts.next().and_then(Result::ok).unwrap_or(0);
+    Some((version, (major, minor)))
+}
+
 /// `EVALSHA` of `script` with `keys` keys, to which the keys and then the arguments are
 /// added: one buffer for the whole command (a `ScriptInvocation` allocates every key and
 /// argument apart, then copies them into the command).
