@@ -87,6 +87,26 @@ impl Entries {
         if let Some((_, Entry::Done(_, size))) = self.lru.push(key, entry) {
             self.bytes = self.bytes.saturating_sub(size);
         }
+        self.shrink();
+    }
+
+    /// Turns `key`'s run in progress into its result, in place (no new key), and marks it
+    /// recently used.
+    fn complete(&mut self, key: &str, value: Option<Value>, size: usize) {
+        match self.lru.get_mut(key) {
+            Some(slot) => {
+                if let Entry::Done(_, old) = std::mem::replace(slot, Entry::Done(value, size)) {
+                    self.bytes = self.bytes.saturating_sub(old);
+                }
+                self.bytes = self.bytes.saturating_add(size);
+                self.shrink();
+            }
+            None => self.put(key.to_owned(), Entry::Done(value, size)),
+        }
+    }
+
+    /// Over the byte budget, drops the least recently used results.
+    fn shrink(&mut self) {
         // Over the byte budget: the least recently used results go (runs in progress stay).
         let mut left = self.lru.len();
         while self.bytes > self.max_bytes && left > 0 {
@@ -182,11 +202,9 @@ impl ResultCache {
                 match output {
                     Ok(value) => {
                         // The bytes of its JSON: what the result costs, near enough.
-                        let size = value
-                            .as_ref()
-                            .map_or(0, |v| serde_json::to_vec(v).map_or(usize::MAX, |b| b.len()));
+                        let size = value.as_ref().map_or(0, json_len);
                         if size <= entries.max_bytes {
-                            entries.put(key.to_owned(), Entry::Done(value.clone(), size));
+                            entries.complete(key, value.clone(), size);
                         } else {
                             entries.remove(key);
                         }
@@ -194,6 +212,11 @@ impl ResultCache {
                     Err(_) => entries.remove(key),
                 }
             }
+        }
+        // The entry no longer holds a receiver: the ones left are waiters. Without any, the
+        // outcome is not copied (a result's `Value` is a tree of allocations).
+        if sender.receiver_count() == 0 {
+            return;
         }
         let shared = match output {
             Ok(value) => Ok(value.clone()),
@@ -357,6 +380,27 @@ pub(crate) enum Started<'a> {
     Answered(HandlerOutput, Source),
     /// This caller runs the task and then finishes the run.
     Run(Run<'a>),
+}
+
+/// The length of `value`'s JSON, counted without building it; `usize::MAX` when it cannot be
+/// serialized.
+fn json_len(value: &Value) -> usize {
+    /// Counts the bytes written to it.
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 = self.0.saturating_add(bytes.len());
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    match serde_json::to_writer(&mut count, value) {
+        Ok(()) => count.0,
+        Err(_) => usize::MAX,
+    }
 }
 
 /// The right to run one key's task: other callers of that key wait for [`Run::finish`].
