@@ -182,8 +182,8 @@ struct Held {
     key: String,
     /// Our lease's value (`lease:<token>`).
     lease: String,
-    /// Set by the renewer when another replica holds the lease now.
-    lost: Arc<AtomicBool>,
+    /// Set by the renewer when the lease is no longer ours (logged once).
+    lost: bool,
 }
 
 struct Inner {
@@ -373,7 +373,7 @@ impl Store {
         let id = self.inner.next_lease.fetch_add(1, Relaxed);
         let claiming = Claiming {
             key: self.key(handler, uuid),
-            lease: lease_value(&format!("{}:{id}", self.inner.token_base)),
+            lease: lease_value(&self.inner.token_base, id),
             id,
         };
         match self.batched(&self.inner.claims, claiming) {

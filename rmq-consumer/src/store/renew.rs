@@ -74,14 +74,11 @@ impl Store {
     /// One renewer tick: renews every held lease (which also probes the store); with none,
     /// probes a store that is down or required.
     pub(super) async fn renew_all(&self) {
-        let held: Vec<(u64, String, String, Arc<AtomicBool>)> = self
+        let held: Vec<(u64, String, String)> = self
             .inner
             .held()
             .iter()
-            .map(|(id, held)| {
-                let lost = Arc::clone(&held.lost);
-                (*id, held.key.clone(), held.lease.clone(), lost)
-            })
+            .map(|(id, held)| (*id, held.key.clone(), held.lease.clone()))
             .collect();
         if held.is_empty() {
             if self.inner.monitor.required || !self.inner.monitor.up.load(Relaxed) {
@@ -100,7 +97,7 @@ impl Store {
                 .call(|mut connection| {
                     let mut invocation = script.prepare_invoke();
                     invocation.arg(lease_ms);
-                    for (_, key, lease, _) in chunk {
+                    for (_, key, lease) in chunk {
                         invocation.key(key).arg(lease);
                     }
                     async move { invocation.invoke_async(&mut connection).await }
@@ -111,12 +108,17 @@ impl Store {
                 return;
             };
             for index in lost {
-                let Some((id, key, _, flag)) = index.checked_sub(1).and_then(|i| chunk.get(i))
-                else {
+                let Some((id, key, _)) = index.checked_sub(1).and_then(|i| chunk.get(i)) else {
                     continue;
                 };
-                // A run that ended meanwhile released its lease: nothing was lost.
-                if self.inner.held().contains_key(id) && !flag.swap(true, Relaxed) {
+                // A run that ended meanwhile released its lease: nothing was lost. Logged once
+                // per lease.
+                let first = self
+                    .inner
+                    .held()
+                    .get_mut(id)
+                    .is_some_and(|held| !std::mem::replace(&mut held.lost, true));
+                if first {
                     warn!(lease = %key,
                         "this task's lease expired or was removed while its handler still runs here: another replica may run it too");
                 }

@@ -28,8 +28,9 @@ fn long_uuids_are_hashed_in_keys() {
 
 #[test]
 fn a_value_is_a_lease_or_a_result_by_its_prefix() {
-    let lease = lease_value("host:1:ab:7");
+    let lease = lease_value("host:1:ab", 7);
     assert_eq!(lease, "lease:host:1:ab:7");
+    assert_eq!(lease_value("b", u64::MAX), format!("lease:b:{}", u64::MAX));
     assert_eq!(Entry::of(lease.as_bytes()), Entry::Lease(b"host:1:ab:7"));
     let envelope = encode(&Some(json!("lease:x"))).unwrap_or_default();
     assert_eq!(Entry::of(&envelope), Entry::Result(&envelope));
@@ -216,7 +217,7 @@ impl Scratch {
         let id = self.store.inner.next_lease.fetch_add(1, Relaxed);
         Claiming {
             key: self.store.key("h", uuid),
-            lease: lease_value(&format!("{}:{id}", self.store.inner.token_base)),
+            lease: lease_value(&self.store.inner.token_base, id),
             id,
         }
     }
@@ -255,7 +256,8 @@ async fn one_batch_claims_a_task_once_however_often_it_holds_it() {
     assert_eq!(held.len(), 3);
     let lease = claimed.first().map(|lease| lease.lease.clone());
     assert!(
-        held.iter().all(|holder| Some(lease_value(holder)) == lease),
+        held.iter()
+            .all(|holder| Some(format!("lease:{holder}")) == lease),
         "{held:?}"
     );
     // Through the batcher: many callers at once, one lease.
@@ -564,7 +566,7 @@ async fn a_script_redis_does_not_know_is_loaded_and_run() {
     let script = Script::new(&format!("return {{'{}', ARGV[1]}}", scratch.prefix));
     let connection = ConnectionManager::new(scratch.store.inner.client.clone()).await;
     let connection = connection.unwrap_or_else(|e| panic!("{e}"));
-    let mut command = evalsha(&script, 0);
+    let mut command = evalsha(&script, 0, 3, 64);
     command.arg("x");
     let answer: Vec<String> = invoke(connection, &script, command)
         .await

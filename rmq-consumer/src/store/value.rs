@@ -21,15 +21,26 @@ pub(crate) fn task_key(prefix: &str, handler: &str, uuid: &str) -> String {
         let hex: String = digest.iter().map(|byte| format!("{byte:02x}")).collect();
         format!("{prefix}{handler}:md5:{hex}")
     } else {
-        format!("{prefix}{handler}:{uuid}")
+        // Not `format!`: this runs for every task, and the formatting machinery costs more
+        // than the copies.
+        let mut key = String::with_capacity(prefix.len() + handler.len() + 1 + uuid.len());
+        key.push_str(prefix);
+        key.push_str(handler);
+        key.push(':');
+        key.push_str(uuid);
+        key
     }
 }
 
-/// A lease's value: [`LEASE_PREFIX`] and the holder's token.
-pub(super) fn lease_value(token: &str) -> String {
-    let mut value = String::with_capacity(LEASE_PREFIX.len() + token.len());
+/// A lease's value: [`LEASE_PREFIX`] and the holder's token, `<base>:<id>` (`base` this
+/// process's part, `id` the lease's number in it).
+pub(super) fn lease_value(base: &str, id: u64) -> String {
+    use std::fmt::Write as _;
+    // One allocation, sized for the longest id (20 digits).
+    let mut value = String::with_capacity(LEASE_PREFIX.len() + base.len() + 21);
     value.push_str("lease:");
-    value.push_str(token);
+    value.push_str(base);
+    let _ = write!(value, ":{id}");
     value
 }
 

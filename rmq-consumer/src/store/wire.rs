@@ -10,29 +10,29 @@ pub(super) const PROBE_PERIOD: Duration = Duration::from_secs(1);
 /// lease (`lease:<token>`), `ARGV[2i+1]` its envelope (empty: the run failed). A success
 /// replaces our lease, or nothing (our lease expired and nobody took it), by the envelope;
 /// a key holding a result (the first stored result stays) or another replica's lease is left
-/// alone. A failure only deletes our lease. Returns one `{code, error}` per run, in order:
-/// code 1 (stored; for a failure: released), 0 (a result was stored already, or another
-/// replica holds the lease; for a failure: the lease was not ours) or 3 (the key holds
-/// something else).
+/// alone. A failure only deletes our lease. Returns one answer per run, in order: 1 (stored;
+/// for a failure: released), 0 (a result was stored already, or another replica holds the
+/// lease; for a failure: the lease was not ours), or the error's text (the key holds
+/// something else). Flat, not one `{code, error}` pair per run: the client parses less.
 pub(super) const FINISH: &str = r"
 local out = {}
 for i = 1, #KEYS do
   local key, mine, envelope = KEYS[i], ARGV[2 * i], ARGV[2 * i + 1]
   local held = redis.pcall('GET', key)
   if type(held) == 'table' then
-    out[i] = {3, held.err or ''}
+    out[i] = held.err or 'refused'
   elseif envelope == '' then
     if held == mine then
       redis.call('DEL', key)
-      out[i] = {1, ''}
+      out[i] = 1
     else
-      out[i] = {0, ''}
+      out[i] = 0
     end
   elseif held == false or held == mine then
     redis.call('SET', key, envelope, 'PX', ARGV[1])
-    out[i] = {1, ''}
+    out[i] = 1
   else
-    out[i] = {0, ''}
+    out[i] = 0
   end
 end
 return out
@@ -155,13 +155,17 @@ impl Store {
                 let mut pipe = redis::pipe();
                 pipe.ignore_errors();
                 for item in &items {
-                    pipe.cmd("SET")
+                    // Sized up front: the command's buffers do not grow arg by arg.
+                    let mut set =
+                        redis::Cmd::with_capacity(7, item.key.len() + item.lease.len() + 32);
+                    set.arg("SET")
                         .arg(&item.key)
                         .arg(&item.lease)
                         .arg("NX")
                         .arg("PX")
                         .arg(lease_ms)
                         .arg("GET");
+                    pipe.add_command(set);
                 }
                 async move { pipe.query_async(&mut connection).await }
             })
@@ -200,8 +204,14 @@ impl Store {
         if !claimed.is_empty() {
             let mut held = self.inner.held();
             for (id, key, lease) in claimed {
-                let lost = Arc::new(AtomicBool::new(false));
-                held.insert(id, Held { key, lease, lost });
+                held.insert(
+                    id,
+                    Held {
+                        key,
+                        lease,
+                        lost: false,
+                    },
+                );
             }
         }
         answers
@@ -213,9 +223,13 @@ impl Store {
     pub(super) async fn finish_many(&self, items: Vec<Ending>) -> Vec<Result<bool, StoreError>> {
         let ttl_ms = millis(self.inner.ttl);
         let script = &self.inner.finish;
-        let answers: Result<Vec<(i64, Vec<u8>)>, StoreError> = self
+        let answers: Result<Vec<redis::Value>, StoreError> = self
             .call(|connection| {
-                let mut command = evalsha(script, items.len());
+                let size = items.iter().fold(64, |size: usize, item| {
+                    let envelope = item.envelope.as_ref().map_or(0, Vec::len);
+                    size.saturating_add(item.key.len() + item.lease.len() + envelope + 48)
+                });
+                let mut command = evalsha(script, items.len(), 3 * items.len() + 4, size);
                 for item in &items {
                     command.arg(&item.key);
                 }
@@ -231,9 +245,10 @@ impl Store {
         match answers {
             Ok(answers) if answers.len() == items.len() => answers
                 .into_iter()
-                .map(|(code, data)| match code {
-                    0 | 1 => Ok(code == 1),
-                    _ => Err(self.refused(&data)),
+                .map(|answer| match answer {
+                    redis::Value::Int(code @ (0 | 1)) => Ok(code == 1),
+                    redis::Value::BulkString(error) => Err(self.refused(&error)),
+                    other => Err(self.refused(format!("{other:?}").as_bytes())),
                 })
                 .collect(),
             Ok(_) => items.iter().map(|_| Err(self.short_answer())).collect(),
@@ -420,10 +435,12 @@ pub(super) fn redis_version(info: &str) -> Option<(&str, (u64, u64))> {
 }
 
 /// `EVALSHA` of `script` with `keys` keys, to which the keys and then the arguments are
-/// added: one buffer for the whole command (a `ScriptInvocation` allocates every key and
-/// argument apart, then copies them into the command).
-pub(super) fn evalsha(script: &Script, keys: usize) -> redis::Cmd {
-    let mut command = redis::cmd("EVALSHA");
+/// added: one buffer for the whole command, of `args` arguments and about `size` bytes (a
+/// `ScriptInvocation` allocates every key and argument apart, then copies them into the
+/// command).
+pub(super) fn evalsha(script: &Script, keys: usize, args: usize, size: usize) -> redis::Cmd {
+    let mut command = redis::Cmd::with_capacity(args, size);
+    command.arg("EVALSHA");
     command.arg(script.get_hash()).arg(keys);
     command
 }
