@@ -234,10 +234,8 @@ pub(crate) struct Store {
 #[derive(Debug)]
 pub(crate) struct Lease {
     store: Weak<Inner>,
+    /// Its entry in `Inner::held`, which holds its key and value.
     id: u64,
-    key: String,
-    /// Our lease's value (`lease:<token>`).
-    lease: String,
     done: bool,
 }
 
@@ -246,17 +244,17 @@ impl Drop for Lease {
         let Some(inner) = self.store.upgrade() else {
             return;
         };
-        inner.held().remove(&self.id);
-        if self.done {
+        let held = inner.held().remove(&self.id);
+        let Some(held) = held.filter(|_| !self.done) else {
             return;
-        }
+        };
         // Dropped unfinished (the run was abandoned): free the task for another replica now
         // rather than when the lease expires, if a runtime is there to do it.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let store = Store { inner };
             let ending = Ending {
-                key: self.key.clone(),
-                lease: self.lease.clone(),
+                key: held.key,
+                lease: held.lease,
                 envelope: None,
             };
             runtime.spawn(async move { store.end(ending).await });
@@ -396,7 +394,14 @@ impl Store {
     ) -> Result<bool, StoreError> {
         lease.done = true;
         // No more renewals: this call ends the lease (a renewal racing it would report it lost).
-        self.inner.held().remove(&lease.id);
+        let held = self.inner.held().remove(&lease.id);
+        let Some(Held { key, lease, .. }) = held else {
+            // Not held: never the case for a lease this store gave out.
+            return Err(StoreError::Failed {
+                url: self.inner.shown.clone(),
+                message: "the lease is not held by this store".to_owned(),
+            });
+        };
         let (envelope, unserializable) = match output.map(encode) {
             None => (None, false),
             Some(Ok(envelope)) => (Some(envelope), false),
@@ -404,8 +409,8 @@ impl Store {
         };
         let stored = self
             .end(Ending {
-                key: std::mem::take(&mut lease.key),
-                lease: std::mem::take(&mut lease.lease),
+                key,
+                lease,
                 envelope,
             })
             .await?;

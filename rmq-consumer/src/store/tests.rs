@@ -165,6 +165,14 @@ async fn an_unreachable_store_fails_fast_and_probes_once_a_second() {
 const REDIS: &str = "redis://127.0.0.1:6379/0";
 
 /// A store on the shared Redis under a prefix of its own, and a plain connection to it;
+/// The key and the value of a lease `store` holds.
+fn lease_of(store: &Store, lease: &Lease) -> (String, String) {
+    let held = store.inner.held();
+    let held = held.get(&lease.id);
+    held.map(|held| (held.key.clone(), held.lease.clone()))
+        .unwrap_or_else(|| panic!("lease {} is not held", lease.id))
+}
+
 /// [`Scratch::clean`] deletes the prefix's keys.
 struct Scratch {
     store: Store,
@@ -254,7 +262,9 @@ async fn one_batch_claims_a_task_once_however_often_it_holds_it() {
     }
     assert_eq!(claimed.len(), 1, "{held:?}");
     assert_eq!(held.len(), 3);
-    let lease = claimed.first().map(|lease| lease.lease.clone());
+    let lease = claimed
+        .first()
+        .map(|lease| lease_of(&scratch.store, lease).1);
     assert!(
         held.iter()
             .all(|holder| Some(format!("lease:{holder}")) == lease),
@@ -327,8 +337,7 @@ async fn a_batch_answers_each_task_for_itself() {
     // stores nothing; a failed run releases its lease; a run whose lease expired (nothing
     // left) stores; a key that is a list fails its run alone; a result stored already
     // stays.
-    let new_key = lease.key.clone();
-    let new_lease = lease.lease.clone();
+    let (new_key, new_lease) = lease_of(&store, &lease);
     let stolen = scratch.claiming("stolen");
     let failed = scratch.claiming("failed");
     scratch.set(&failed.key, &failed.lease).await;

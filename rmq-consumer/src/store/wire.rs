@@ -175,20 +175,28 @@ impl Store {
             Ok(_) => return items.iter().map(|_| Err(self.short_answer())).collect(),
             Err(error) => return every(&error, items.len()),
         };
+        // The leases taken: the held map owns their key and value (the renewer reads them,
+        // the finish or the drop takes them out).
         let mut claimed = Vec::new();
         let answers: Vec<_> = items
             .into_iter()
             .zip(answers)
             .map(|(item, answer)| match answer {
                 Ok(None) => {
-                    claimed.push((item.id, item.key.clone(), item.lease.clone()));
-                    Ok(Claim::Claimed(Lease {
+                    let lease = Lease {
                         store: Arc::downgrade(&self.inner),
                         id: item.id,
-                        key: item.key,
-                        lease: item.lease,
                         done: false,
-                    }))
+                    };
+                    claimed.push((
+                        item.id,
+                        Held {
+                            key: item.key,
+                            lease: item.lease,
+                            lost: false,
+                        },
+                    ));
+                    Ok(Claim::Claimed(lease))
                 }
                 Ok(Some(value)) => match Entry::of(&value) {
                     Entry::Lease(holder) => {
@@ -202,17 +210,7 @@ impl Store {
             })
             .collect();
         if !claimed.is_empty() {
-            let mut held = self.inner.held();
-            for (id, key, lease) in claimed {
-                held.insert(
-                    id,
-                    Held {
-                        key,
-                        lease,
-                        lost: false,
-                    },
-                );
-            }
+            self.inner.held().extend(claimed);
         }
         answers
     }
