@@ -164,7 +164,6 @@ async fn an_unreachable_store_fails_fast_and_probes_once_a_second() {
 /// The shared Redis of the test suite (`tests/scripts/redis.sh`).
 const REDIS: &str = "redis://127.0.0.1:6379/0";
 
-/// A store on the shared Redis under a prefix of its own, and a plain connection to it;
 /// The key and the value of a lease `store` holds.
 fn lease_of(store: &Store, lease: &Lease) -> (String, String) {
     let held = store.inner.held();
@@ -173,6 +172,7 @@ fn lease_of(store: &Store, lease: &Lease) -> (String, String) {
         .unwrap_or_else(|| panic!("lease {} is not held", lease.id))
 }
 
+/// A store on the shared Redis under a prefix of its own, and a plain connection to it;
 /// [`Scratch::clean`] deletes the prefix's keys.
 struct Scratch {
     store: Store,

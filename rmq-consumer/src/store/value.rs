@@ -23,7 +23,11 @@ pub(crate) fn task_key(prefix: &str, handler: &str, uuid: &str) -> String {
     } else {
         // Not `format!`: this runs for every task, and the formatting machinery costs more
         // than the copies.
-        let mut key = String::with_capacity(prefix.len() + handler.len() + 1 + uuid.len());
+        let size = prefix
+            .len()
+            .saturating_add(handler.len())
+            .saturating_add(uuid.len());
+        let mut key = String::with_capacity(size.saturating_add(1));
         key.push_str(prefix);
         key.push_str(handler);
         key.push(':');
@@ -37,7 +41,7 @@ pub(crate) fn task_key(prefix: &str, handler: &str, uuid: &str) -> String {
 pub(super) fn lease_value(base: &str, id: u64) -> String {
     use std::fmt::Write as _;
     // One allocation, sized for the longest id (20 digits).
-    let mut value = String::with_capacity(LEASE_PREFIX.len() + base.len() + 21);
+    let mut value = String::with_capacity(base.len().saturating_add(LEASE_PREFIX.len() + 21));
     value.push_str("lease:");
     value.push_str(base);
     let _ = write!(value, ":{id}");

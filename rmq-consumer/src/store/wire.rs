@@ -156,8 +156,8 @@ impl Store {
                 pipe.ignore_errors();
                 for item in &items {
                     // Sized up front: the command's buffers do not grow arg by arg.
-                    let mut set =
-                        redis::Cmd::with_capacity(7, item.key.len() + item.lease.len() + 32);
+                    let size = item.key.len().saturating_add(item.lease.len());
+                    let mut set = redis::Cmd::with_capacity(7, size.saturating_add(32));
                     set.arg("SET")
                         .arg(&item.key)
                         .arg(&item.lease)
@@ -225,9 +225,13 @@ impl Store {
             .call(|connection| {
                 let size = items.iter().fold(64, |size: usize, item| {
                     let envelope = item.envelope.as_ref().map_or(0, Vec::len);
-                    size.saturating_add(item.key.len() + item.lease.len() + envelope + 48)
+                    size.saturating_add(item.key.len())
+                        .saturating_add(item.lease.len())
+                        .saturating_add(envelope)
+                        .saturating_add(48)
                 });
-                let mut command = evalsha(script, items.len(), 3 * items.len() + 4, size);
+                let args = items.len().saturating_mul(3).saturating_add(4);
+                let mut command = evalsha(script, items.len(), args, size);
                 for item in &items {
                     command.arg(&item.key);
                 }
@@ -432,12 +436,16 @@ pub(super) fn redis_version(info: &str) -> Option<(&str, (u64, u64))> {
     Some((version, (major, minor)))
 }
 
+/// The most bytes a command's buffer is sized for up front.
+const PREALLOCATED_MAX: usize = 1 << 20;
+
 /// `EVALSHA` of `script` with `keys` keys, to which the keys and then the arguments are
 /// added: one buffer for the whole command, of `args` arguments and about `size` bytes (a
 /// `ScriptInvocation` allocates every key and argument apart, then copies them into the
 /// command).
 pub(super) fn evalsha(script: &Script, keys: usize, args: usize, size: usize) -> redis::Cmd {
-    let mut command = redis::Cmd::with_capacity(args, size);
+    // A hint: beyond [`PREALLOCATED_MAX`] the buffer grows as the arguments come.
+    let mut command = redis::Cmd::with_capacity(args, size.min(PREALLOCATED_MAX));
     command.arg("EVALSHA");
     command.arg(script.get_hash()).arg(keys);
     command
