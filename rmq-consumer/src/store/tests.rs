@@ -5,7 +5,7 @@ use serde_json::json;
 use super::*;
 use super::{
     value::MAX_KEY_UUID,
-    wire::{REDIS_MIN, evalsha, invoke, redis_version},
+    wire::{REDIS_MIN, check_version, evalsha, invoke, redis_version},
 };
 
 #[test]
@@ -441,6 +441,41 @@ impl tracing_subscriber::fmt::MakeWriter<'_> for Lines {
     fn make_writer(&self) -> Self {
         self.clone()
     }
+}
+
+#[tokio::test]
+async fn the_version_check_reads_the_running_redis_and_stays_quiet_on_it() {
+    // What the check parses is what this Redis answers (7.0 or later here).
+    let client = redis::Client::open(REDIS).unwrap_or_else(|e| panic!("{e}"));
+    let mut connection = client
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap_or_else(|e| panic!("Redis must run on {REDIS}: {e}"));
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut connection)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let parsed = redis_version(&info);
+    assert!(parsed.is_some_and(|(_, v)| v >= REDIS_MIN), "{parsed:?}");
+    // No warning for it, nor for a server that cannot be asked (which returns within the
+    // timeout).
+    let lines = Lines::default();
+    let subscriber =
+        crate::logging::subscriber(&crate::config::LogConfig::default(), lines.clone())
+            .unwrap_or_else(|e| panic!("{e}"));
+    let logging = tracing::subscriber::set_default(subscriber);
+    check_version(client, Duration::from_secs(2), "shown".to_owned()).await;
+    let down = redis::Client::open("redis://127.0.0.1:1/0").unwrap_or_else(|e| panic!("{e}"));
+    let asked = tokio::time::timeout(
+        Duration::from_secs(5),
+        check_version(down, Duration::from_millis(300), "down".to_owned()),
+    )
+    .await;
+    drop(logging);
+    assert!(asked.is_ok(), "the check outlived its timeout");
+    let log = lines.text();
+    assert!(!log.contains("older than 7.0"), "{log}");
 }
 
 #[tokio::test]
