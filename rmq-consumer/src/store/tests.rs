@@ -416,6 +416,15 @@ async fn a_batch_answers_each_task_for_itself() {
 struct Lines(Arc<Mutex<Vec<u8>>>);
 
 impl Lines {
+    /// Captures this thread's log lines (the engine's own format) until the guard is dropped.
+    fn capture() -> (Self, tracing::subscriber::DefaultGuard) {
+        let lines = Self::default();
+        let subscriber =
+            crate::logging::subscriber(&crate::config::LogConfig::default(), lines.clone())
+                .unwrap_or_else(|e| panic!("{e}"));
+        (lines, tracing::subscriber::set_default(subscriber))
+    }
+
     fn text(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().unwrap_or_else(PoisonError::into_inner)).into_owned()
     }
@@ -460,11 +469,7 @@ async fn the_version_check_reads_the_running_redis_and_stays_quiet_on_it() {
     assert!(parsed.is_some_and(|(_, v)| v >= REDIS_MIN), "{parsed:?}");
     // No warning for it, nor for a server that cannot be asked (which returns within the
     // timeout).
-    let lines = Lines::default();
-    let subscriber =
-        crate::logging::subscriber(&crate::config::LogConfig::default(), lines.clone())
-            .unwrap_or_else(|e| panic!("{e}"));
-    let logging = tracing::subscriber::set_default(subscriber);
+    let (lines, logging) = Lines::capture();
     check_version(client, Duration::from_secs(2), "shown".to_owned()).await;
     let down = redis::Client::open("redis://127.0.0.1:1/0").unwrap_or_else(|e| panic!("{e}"));
     let asked = tokio::time::timeout(
@@ -489,11 +494,7 @@ async fn a_key_of_another_type_fails_its_task_and_no_other() {
         .query_async(&mut scratch.redis)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let lines = Lines::default();
-    let subscriber =
-        crate::logging::subscriber(&crate::config::LogConfig::default(), lines.clone())
-            .unwrap_or_else(|e| panic!("{e}"));
-    let logging = tracing::subscriber::set_default(subscriber);
+    let (lines, logging) = Lines::capture();
     let first = store.claim("h", "bad").await;
     assert!(first.is_err(), "{first:?}");
     let again = store.claim("h", "bad").await;
