@@ -334,7 +334,7 @@ where
                 let stored = output.as_ref().ok();
                 match shared.store.finish(lease, stored).await {
                     Ok(false) if stored.is_some() => tracing::debug!(
-                        "another replica took this task's lease over while it ran here; its result is kept"
+                        "a result of this task was stored first (another run of it); that one is kept"
                     ),
                     Ok(_) => {}
                     Err(error) => {

@@ -13,38 +13,44 @@
 //!   unless renewed.
 //!
 //! The two are told apart by the value ([`Entry`]: an envelope starts with `{`). One key instead of
-//! a result key and a lease key is less work for Redis per task (a claim is one plain command, a
-//! finish reads and writes one key) and one key per task. A handler name never holds `:` (it is a
-//! Rust fn name), so two handlers never share a key. A uuid longer than [`MAX_KEY_UUID`] bytes is
+//! a result key and a lease key is less work for Redis per task (a claim and a finish are one
+//! plain command each) and one key per task. A handler name never holds `:` (it is a Rust fn
+//! name), so two handlers never share a key. A uuid longer than [`MAX_KEY_UUID`] bytes is
 //! replaced by `md5:<hex digest>` in the key (a custom uuid fn cannot make keys of any size); the
 //! CLI computes the same key.
 //!
 //! # Calls
 //!
-//! Each task's step is atomic on the server. [`Store::claim`] is one
+//! Each is one command on the task's key, atomic on the server. [`Store::claim`] is
 //! `SET key lease:<token> NX PX <lease> GET` (Redis >= 7.0): no answer means the lease is
 //! ours; a lease is another holder's; anything else is the stored result, left as it is.
-//! [`Store::finish`] (a Lua script, [`FINISH`]) replaces our lease, or nothing (our lease
-//! expired and nobody took it), by the result; a stored result stays (the first stays) and
-//! so does another replica's lease (a takeover's owner stores its own); a failure only
-//! deletes our lease. [`RENEW`] extends the key's expiry only while it holds our lease.
+//! [`Store::finish`] of a success is `SET key <envelope> PX <ttl> GET`: it replaces our lease,
+//! or nothing (our lease expired and nobody took it), or another replica's lease (a takeover
+//! of a task whose lease this replica lost: its waiters get this result at once) by the
+//! result. When the old value it answers is a result (the task ran twice, and the other run
+//! stored first), that result is put back with a fresh `result_ttl` (the first stays; a claim
+//! in between reads the second, a result of the task too). A Lua script would keep that
+//! instant out, at about three times Redis's work per finish (bench R, README). A failure only
+//! deletes our lease ([`RELEASE`], a script: only while the key holds our lease). [`RENEW`]
+//! extends the key's expiry only while it holds our lease.
 //!
-//! Concurrent calls share their round trip (`batcher.rs`): while the store is up, a claim
-//! waits in the claim queue, and a finish or release in the finish queue; one batcher task
-//! per queue takes every request waiting (up to 500) and sends them together: the claims as
-//! one pipeline of one `SET` per task (answered per command), the finishes in one script
-//! call looping over its tasks in order (so each task's step stays atomic); then it answers
-//! each caller. One batch per queue is on its way at a time: the requests that arrive
-//! meanwhile make the next one, so batches grow with the load (in bench R, ~12 requests per
-//! call; README). Two claims of one task in one batch: the first takes the lease, the second
-//! finds it held. A key holding another type fails its own task (its command's error in the
-//! pipeline, `pcall` in the script), not the batch, and starts no episode. A caller waits for
-//! its answer at most `result_store_timeout`; a lease whose caller gave up is released when
-//! its answer is dropped. While the store is down, calls skip the queues and go alone, as
-//! one-task batches, so that they fail at once (or are that second's one probe). The batchers
-//! end when the store is dropped. A script call is one `EVALSHA` command buffer (loading the
-//! script when Redis answers `NOSCRIPT`), not a `ScriptInvocation`, which copies every key
-//! apart.
+//! Concurrent calls share their round trip (`batcher.rs`): while the store is up, a claim,
+//! finish or release waits in the store's queue; one batcher task takes every request waiting
+//! (up to 500) and sends them together, in one pipeline (answered per command): the releases
+//! as one script call looping over its tasks in order, then the finishes' commands, then the
+//! claims', so a claim of a task finished or released in the same batch finds its result or
+//! takes it; then it answers each caller. One batch is on its way at a time: the requests that
+//! arrive meanwhile make the next one, so batches grow with the load (README, bench R). Two
+//! claims of one task in one batch: the first takes the lease, the second finds it held. A key
+//! holding another type fails its own task (its command's error in the pipeline, `pcall` in the
+//! script), not the batch, and starts no episode. When Redis does not know the release script
+//! (first use, restart, `SCRIPT FLUSH`), the rest of that pipeline is answered, and the script
+//! is loaded and called again alone. A caller waits for its answer at most
+//! `result_store_timeout`; a lease whose caller gave up is released when its answer is
+//! dropped. While the store is down, calls skip the queue and go alone, as one-task batches,
+//! so that they fail at once (or are that second's one probe). The batcher ends when the store
+//! is dropped. A script call is one `EVALSHA` command buffer (loading the script when Redis
+//! answers `NOSCRIPT`), not a `ScriptInvocation`, which copies every key apart.
 //!
 //! At start, the store asks its server's version once (`INFO server`, on a connection of its
 //! own) and warns when it is older than 7.0, which refuses every claim.
@@ -67,7 +73,7 @@
 //!
 //! This file: the types and the operations (`claim`, `finish`, `inspect`, `forget`);
 //! `value.rs`: the key and the values (lease, envelope) and telling them apart; `wire.rs`:
-//! the batched calls, the finish script, the bound on every call and the episodes;
+//! the batched calls, the release script, the bound on every call and the episodes;
 //! `renew.rs`: the renewer; `batcher.rs`: the coalescing of concurrent calls; `tests.rs`.
 
 use std::{
@@ -105,7 +111,7 @@ use batcher::Queue;
 use renew::RENEW;
 use value::{Entry, lease_value, millis, task_key, token_base};
 pub(crate) use value::{Stored, decode, encode};
-use wire::{Claiming, Ending, FINISH};
+use wire::{Claiming, Ending, RELEASE, Reply, Request};
 
 /// A task's entry, as [`Store::inspect`] found it.
 #[derive(Debug)]
@@ -205,12 +211,10 @@ struct Inner {
     renewer_started: AtomicBool,
     /// Whether a refused command was logged (once per store: see [`Store::refused`]).
     refusal_logged: AtomicBool,
-    finish: Script,
+    release: Script,
     renew: Script,
-    /// Claims waiting for the claim batcher.
-    claims: Queue<Claiming, Claim>,
-    /// Finishes and releases waiting for the finish batcher.
-    ends: Queue<Ending, bool>,
+    /// Claims, finishes and releases waiting for the batcher.
+    requests: Queue<Request, Reply>,
 }
 
 impl fmt::Debug for Inner {
@@ -333,10 +337,9 @@ impl Store {
                 refusal_logged: AtomicBool::new(false),
                 token_base: token_base(),
                 renewer_started: AtomicBool::new(false),
-                finish: Script::new(FINISH),
+                release: Script::new(RELEASE),
                 renew: Script::new(RENEW),
-                claims: Queue::default(),
-                ends: Queue::default(),
+                requests: Queue::default(),
             }),
         })
     }
@@ -374,15 +377,15 @@ impl Store {
             lease: lease_value(&self.inner.token_base, id),
             id,
         };
-        match self.batched(&self.inner.claims, claiming) {
-            Ok(answer) => self.answer(answer).await,
-            Err(claiming) => self.alone(self.claim_many(vec![claiming]).await),
+        match self.request(Request::Claim(claiming)).await? {
+            Reply::Claim(claim) => Ok(claim),
+            Reply::End(_) => Err(self.short_answer()),
         }
     }
 
-    /// Ends a run: a success is stored (with `result_ttl`) and the lease deleted, unless
-    /// another replica holds the lease now; a failure (`None`) only releases the lease.
-    /// Returns whether the result was stored.
+    /// Ends a run: a success is stored (with `result_ttl`) in place of the lease, unless a
+    /// result is stored already (the first stays); a failure (`None`) only releases the
+    /// lease. Returns whether the result was stored.
     ///
     /// # Errors
     ///

@@ -1,8 +1,8 @@
-//! Coalescing of concurrent store calls: one queue and one batcher task per kind of call (claims;
-//! finishes and releases), which takes every request waiting when it wakes (up to [`BATCH_MAX`]),
-//! makes one call for all of them (a pipeline or a script) and answers each caller through its own
-//! oneshot. One batch per kind is on its way at a time, so the requests that arrive meanwhile make
-//! the next batch: the busier the store, the fuller the batches (group commit).
+//! Coalescing of concurrent store calls: one queue and one batcher task, which takes every
+//! request waiting when it wakes (up to [`BATCH_MAX`]), makes one call for all of them (the
+//! store's one round trip for its claims, finishes and releases) and answers each caller
+//! through its own oneshot. One batch is on its way at a time, so the requests that arrive
+//! meanwhile make the next batch: the busier the store, the fuller the batches (group commit).
 //!
 //! The batcher holds the store weakly between batches and ends when the store is dropped (its
 //! queue's sender goes with it). It never holds a lock across an await.

@@ -26,9 +26,9 @@ return lost
 ";
 
 impl Store {
-    /// Starts the renewer and the two batchers (once per store): the renewer renews the
+    /// Starts the renewer and the batcher (once per store): the renewer renews the
     /// leases this process holds and probes the store while it is down or required; the
-    /// batchers send the claims and the finishes. They end when the store is dropped.
+    /// batcher sends the claims, finishes and releases. They end when the store is dropped.
     pub(crate) fn start(&self) {
         if self.inner.renewer_started.load(Relaxed)
             || self.inner.renewer_started.swap(true, Relaxed)
@@ -43,14 +43,9 @@ impl Store {
             "using the shared result store");
         let weak = Arc::downgrade(&self.inner);
         self.inner
-            .claims
+            .requests
             .start(&runtime, weak.clone(), |store: Store, items| async move {
-                store.claim_many(items).await
-            });
-        self.inner
-            .ends
-            .start(&runtime, weak.clone(), |store: Store, items| async move {
-                store.finish_many(items).await
+                store.exchange(items).await
             });
         runtime.spawn(super::wire::check_version(
             self.inner.client.clone(),

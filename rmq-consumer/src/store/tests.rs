@@ -5,8 +5,34 @@ use serde_json::json;
 use super::*;
 use super::{
     value::MAX_KEY_UUID,
-    wire::{REDIS_MIN, check_version, evalsha, invoke, redis_version},
+    wire::{REDIS_MIN, RELEASE, Reply, Request, check_version, evalsha, invoke, redis_version},
 };
+
+impl Store {
+    /// Claims `items` in one batch.
+    async fn claim_many(&self, items: Vec<Claiming>) -> Vec<Result<Claim, StoreError>> {
+        let requests = items.into_iter().map(Request::Claim).collect();
+        let answers = self.exchange(requests).await.into_iter();
+        answers
+            .map(|answer| match answer? {
+                Reply::Claim(claim) => Ok(claim),
+                Reply::End(stored) => panic!("a claim answered End({stored})"),
+            })
+            .collect()
+    }
+
+    /// Finishes or releases `items` in one batch.
+    async fn finish_many(&self, items: Vec<Ending>) -> Vec<Result<bool, StoreError>> {
+        let requests = items.into_iter().map(Request::End).collect();
+        let answers = self.exchange(requests).await.into_iter();
+        answers
+            .map(|answer| match answer? {
+                Reply::End(stored) => Ok(stored),
+                Reply::Claim(claim) => panic!("a finish answered {claim:?}"),
+            })
+            .collect()
+    }
+}
 
 #[test]
 fn keys_name_prefix_handler_and_uuid() {
@@ -334,9 +360,9 @@ async fn a_batch_answers_each_task_for_itself() {
     // One refused key is no outage.
     assert!(store.inner.monitor.up.load(Relaxed));
     // Finishes in one batch: `new` stores; a run that lost its lease to another replica
-    // stores nothing; a failed run releases its lease; a run whose lease expired (nothing
-    // left) stores; a key that is a list fails its run alone; a result stored already
-    // stays.
+    // stores its result in place of that lease (waiters need not wait for the second run);
+    // a failed run releases its lease; a run whose lease expired (nothing left) stores; a
+    // key that is a list fails its run alone; a result stored already stays (put back).
     let (new_key, new_lease) = lease_of(&store, &lease);
     let stolen = scratch.claiming("stolen");
     let failed = scratch.claiming("failed");
@@ -378,7 +404,7 @@ async fn a_batch_answers_each_task_for_itself() {
     ];
     let answers: Vec<_> = store.finish_many(ends).await;
     assert!(matches!(answers.first(), Some(Ok(true))), "{answers:?}");
-    assert!(matches!(answers.get(1), Some(Ok(false))), "{answers:?}");
+    assert!(matches!(answers.get(1), Some(Ok(true))), "{answers:?}");
     assert!(matches!(answers.get(2), Some(Ok(true))), "{answers:?}");
     assert!(matches!(answers.get(3), Some(Ok(true))), "{answers:?}");
     assert!(
@@ -387,7 +413,7 @@ async fn a_batch_answers_each_task_for_itself() {
     );
     assert!(matches!(answers.get(5), Some(Ok(false))), "{answers:?}");
     assert!(store.inner.monitor.up.load(Relaxed));
-    for key in [&new_key, &expired.key] {
+    for key in [&new_key, &held_key, &expired.key] {
         let result = scratch.get(key).await;
         assert_eq!(
             result.as_deref().map(str::as_bytes).and_then(decode),
@@ -401,8 +427,6 @@ async fn a_batch_answers_each_task_for_itself() {
         Some(Some(json!("r"))),
         "the first stored result stays"
     );
-    let held_lease = scratch.get(&held_key).await;
-    assert_eq!(held_lease.as_deref(), Some("lease:other:1:2"));
     assert_eq!(scratch.get(&failed.key).await, None);
     // Released after it stored: the key holds the result, which stays.
     let released = store.finish(lease, None).await;
@@ -551,15 +575,15 @@ async fn a_claim_whose_caller_gave_up_is_released() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn the_batchers_the_renewer_and_the_version_check_end_with_the_store() {
+async fn the_batcher_the_renewer_and_the_version_check_end_with_the_store() {
     let metrics = tokio::runtime::Handle::current().metrics();
     let before = metrics.num_alive_tasks();
     let url = SecretUrl::new("redis://127.0.0.1:1/0");
     let store = Store::new(&Config::default(), &url, Vec::new());
     let store = store.unwrap_or_else(|e| panic!("{e}"));
     store.start();
-    // The renewer, the two batchers and the version check (which ends by itself).
-    assert_eq!(metrics.num_alive_tasks(), before + 4);
+    // The renewer, the batcher and the version check (which ends by itself).
+    assert_eq!(metrics.num_alive_tasks(), before + 3);
     drop(store);
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(metrics.num_alive_tasks(), before);
@@ -617,5 +641,113 @@ async fn a_script_redis_does_not_know_is_loaded_and_run() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(answer, [scratch.prefix.clone(), "x".to_owned()]);
+    scratch.clean().await;
+}
+
+#[tokio::test]
+async fn claims_finishes_and_releases_of_one_batch_share_a_round_trip() {
+    let mut scratch = Scratch::new("both").await;
+    // A release script no Redis has seen (a comment of its own), so the first batch's
+    // releases are answered NOSCRIPT and sent again once it is loaded.
+    let body = format!("-- {}\n{RELEASE}", scratch.prefix);
+    let Some(inner) = Arc::get_mut(&mut scratch.store.inner) else {
+        panic!("the scratch store is shared");
+    };
+    inner.release = Script::new(&body);
+    let store = scratch.store.clone();
+    let items = ["first", "second", "failed"].map(|uuid| scratch.claiming(uuid));
+    let mut leases = Vec::new();
+    for answer in store.claim_many(items.into()).await {
+        let Ok(Claim::Claimed(lease)) = answer else {
+            panic!("{answer:?}");
+        };
+        let (key, lease_value) = lease_of(&store, &lease);
+        leases.push((lease, key, lease_value));
+    }
+    let [
+        (_, first, first_lease),
+        (_, second, second_lease),
+        (_, failed, failed_lease),
+    ] = &leases[..]
+    else {
+        panic!("three leases");
+    };
+    let end = |key: &String, lease: &String, value: Option<u64>| {
+        Request::End(Ending {
+            key: key.clone(),
+            lease: lease.clone(),
+            envelope: value.map(|value| encode(&Some(json!(value))).unwrap_or_default()),
+        })
+    };
+    let stored = |answer: Option<Result<Reply, StoreError>>, expected: u64| {
+        assert!(
+            matches!(&answer, Some(Ok(Reply::Claim(Claim::Stored(Some(value))))) if *value == json!(expected)),
+            "{answer:?}"
+        );
+    };
+    // Unknown script: the claim and the finish are answered, the release is sent again.
+    let batch = vec![
+        Request::Claim(scratch.claiming("new")),
+        end(first, first_lease, Some(1)),
+        end(failed, failed_lease, None),
+    ];
+    let mut answers = store.exchange(batch).await.into_iter();
+    let new = answers.next();
+    assert!(
+        matches!(new, Some(Ok(Reply::Claim(Claim::Claimed(_))))),
+        "{new:?}"
+    );
+    let finished = answers.next();
+    assert!(
+        matches!(finished, Some(Ok(Reply::End(true)))),
+        "{finished:?}"
+    );
+    let released = answers.next();
+    assert!(
+        matches!(released, Some(Ok(Reply::End(true)))),
+        "{released:?}"
+    );
+    assert!(answers.next().is_none());
+    assert_eq!(scratch.get(failed).await, None);
+    // Known script: the finishes and releases go first, so a claim of a task finished in the
+    // same batch finds its result even when it was asked before the finish; a second finish
+    // of a task does not replace its result (put back after the batch, with a fresh
+    // result_ttl: a claim in that batch could see the second, a result of the task too).
+    let batch = vec![
+        Request::Claim(scratch.claiming("second")),
+        end(second, second_lease, Some(2)),
+        end(first, first_lease, Some(3)),
+        end(first, first_lease, None),
+    ];
+    let mut answers = store.exchange(batch).await.into_iter();
+    stored(answers.next(), 2);
+    assert!(matches!(answers.next(), Some(Ok(Reply::End(true)))));
+    let again = answers.next();
+    assert!(matches!(again, Some(Ok(Reply::End(false)))), "{again:?}");
+    let released = answers.next();
+    assert!(
+        matches!(released, Some(Ok(Reply::End(false)))),
+        "{released:?}"
+    );
+    assert!(answers.next().is_none());
+    let mut answers = store
+        .exchange(vec![Request::Claim(scratch.claiming("first"))])
+        .await;
+    stored(answers.pop(), 1);
+    let kept = scratch.get(first).await;
+    assert_eq!(
+        kept.as_deref().map(str::as_bytes).and_then(decode),
+        Some(Some(json!(1)))
+    );
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(first)
+        .query_async(&mut scratch.redis)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(ttl > 0, "{ttl}");
+    assert!(store.inner.monitor.up.load(Relaxed));
+    for lease in leases {
+        drop(lease);
+    }
     scratch.clean().await;
 }

@@ -1,35 +1,24 @@
-//! How calls reach Redis: the claim and finish batches (one pipeline or script call for
-//! many tasks), the bound on every call and the outage episodes it keeps.
+//! How calls reach Redis: the batches of claims, finishes and releases (one pipeline for many
+//! tasks), the bound on every call and the outage episodes it keeps.
 
 use super::*;
 
 /// While the store is down, at most one call per this period reaches it.
 pub(super) const PROBE_PERIOD: Duration = Duration::from_secs(1);
 
-/// Ends runs: `KEYS[i]` the key of run `i`; `ARGV[1]` result ttl ms, `ARGV[2i]` run `i`'s
-/// lease (`lease:<token>`), `ARGV[2i+1]` its envelope (empty: the run failed). A success
-/// replaces our lease, or nothing (our lease expired and nobody took it), by the envelope;
-/// a key holding a result (the first stored result stays) or another replica's lease is left
-/// alone. A failure only deletes our lease. Returns one answer per run, in order: 1 (stored;
-/// for a failure: released), 0 (a result was stored already, or another replica holds the
-/// lease; for a failure: the lease was not ours), or the error's text (the key holds
-/// something else). Flat, not one `{code, error}` pair per run: the client parses less.
-pub(super) const FINISH: &str = r"
+/// Releases the leases of runs that failed or were abandoned: `KEYS[i]` the key of run `i`,
+/// `ARGV[i]` its lease (`lease:<token>`). Deletes each key that still holds our lease. Returns
+/// one answer per run, in order: 1 (released), 0 (not our lease: it expired, another replica
+/// holds it, or a result is stored), or the error's text (the key holds something else). Flat,
+/// not one `{code, error}` pair per run: the client parses less.
+pub(super) const RELEASE: &str = r"
 local out = {}
 for i = 1, #KEYS do
-  local key, mine, envelope = KEYS[i], ARGV[2 * i], ARGV[2 * i + 1]
-  local held = redis.pcall('GET', key)
+  local held = redis.pcall('GET', KEYS[i])
   if type(held) == 'table' then
     out[i] = held.err or 'refused'
-  elseif envelope == '' then
-    if held == mine then
-      redis.call('DEL', key)
-      out[i] = 1
-    else
-      out[i] = 0
-    end
-  elseif held == false or held == mine then
-    redis.call('SET', key, envelope, 'PX', ARGV[1])
+  elseif held == ARGV[i] then
+    redis.call('DEL', KEYS[i])
     out[i] = 1
   else
     out[i] = 0
@@ -56,6 +45,84 @@ pub(super) struct Ending {
     pub(super) lease: String,
     /// The stored form of the result; `None`: only release the lease.
     pub(super) envelope: Option<Vec<u8>>,
+}
+
+/// A request for the batcher.
+#[derive(Debug)]
+pub(super) enum Request {
+    /// A claim ([`Store::claim`]).
+    Claim(Claiming),
+    /// A finish or a release ([`Store::finish`], a dropped lease).
+    End(Ending),
+}
+
+/// The batcher's answer to a [`Request`], of its kind.
+#[derive(Debug)]
+pub(super) enum Reply {
+    /// What the claim found.
+    Claim(Claim),
+    /// Whether the finish stored (the release released).
+    End(bool),
+}
+
+/// Where a request's answer is in a batch's pipeline.
+#[derive(Debug, Clone, Copy)]
+enum Slot {
+    Claim,
+    Store,
+    Release,
+}
+
+/// The script call releasing `items` (key, our lease) ([`RELEASE`]).
+fn release_command(script: &Script, items: &[(String, String)]) -> redis::Cmd {
+    let size = items.iter().fold(64, |size: usize, (key, lease)| {
+        size.saturating_add(key.len())
+            .saturating_add(lease.len())
+            .saturating_add(32)
+    });
+    let args = items.len().saturating_mul(2).saturating_add(3);
+    let mut command = evalsha(script, items.len(), args, size);
+    for (key, _) in items {
+        command.arg(key);
+    }
+    for (_, lease) in items {
+        command.arg(lease);
+    }
+    command
+}
+
+/// Puts back the results that finishes' `SET ... GET` replaced (`answers`, one per item of
+/// `stores`: key, lease, envelope), in one pipeline, with a full `result_ttl`: the first
+/// stored result stays. Rare: a task that ran twice (a lease lost, a flush, an outage). A
+/// result that cannot be put back is logged; the later one stays stored (a result of the
+/// task too).
+async fn restore(
+    connection: &mut ConnectionManager,
+    answers: &[redis::Value],
+    stores: &[(String, String, Vec<u8>)],
+    ttl_ms: u64,
+) {
+    let mut replaced = Vec::new();
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    for (answer, (key, _, _)) in answers.iter().zip(stores) {
+        if let redis::Value::BulkString(old) = answer
+            && matches!(Entry::of(old), Entry::Result(_))
+        {
+            pipe.cmd("SET").arg(key).arg(old).arg("PX").arg(ttl_ms);
+            replaced.push(key);
+        }
+    }
+    if replaced.is_empty() {
+        return;
+    }
+    let put = pipe.query_async::<Vec<redis::Value>>(connection).await;
+    let put = put.unwrap_or_default();
+    for (index, key) in replaced.into_iter().enumerate() {
+        if put.get(index) != Some(&redis::Value::Okay) {
+            warn!(key = %key, "a stored result that a finish replaced could not be put back: the later result stays stored");
+        }
+    }
 }
 
 /// `count` copies of the failure of a call made for `count` requests.
@@ -87,12 +154,147 @@ pub(super) fn again(error: &StoreError) -> StoreError {
 }
 
 impl Store {
-    /// Sends one finish or release, through the finish batcher while the store is up.
-    pub(super) async fn end(&self, ending: Ending) -> Result<bool, StoreError> {
-        match self.batched(&self.inner.ends, ending) {
+    /// Sends one claim, finish or release: through the batcher while the store is up, alone
+    /// otherwise.
+    pub(super) async fn request(&self, request: Request) -> Result<Reply, StoreError> {
+        match self.batched(&self.inner.requests, request) {
             Ok(answer) => self.answer(answer).await,
-            Err(ending) => self.alone(self.finish_many(vec![ending]).await),
+            Err(request) => self.alone(self.exchange(vec![request]).await),
         }
+    }
+
+    /// Sends one finish or release.
+    pub(super) async fn end(&self, ending: Ending) -> Result<bool, StoreError> {
+        match self.request(Request::End(ending)).await? {
+            Reply::End(stored) => Ok(stored),
+            Reply::Claim(_) => Err(self.short_answer()),
+        }
+    }
+
+    /// Serves a batch of requests in one round trip, one pipeline: the releases as one
+    /// script call ([`RELEASE`]), then one `SET key result PX ttl GET` per finish, then one
+    /// `SET key lease NX PX lease GET` per claim (so a claim of a task finished or released in
+    /// the same batch finds its result, or takes it). A finish that replaced a stored result
+    /// puts it back (the first stays; [`Store::finish`]). When Redis does not know the script
+    /// (first use, restart, `SCRIPT FLUSH`), the rest of the pipeline is answered, and the
+    /// script is loaded and called again alone. One answer per request, in order. A failed
+    /// call fails every request; a key holding something else fails its request only.
+    pub(super) async fn exchange(&self, requests: Vec<Request>) -> Vec<Result<Reply, StoreError>> {
+        let mut claims = Vec::new();
+        let mut stores = Vec::new();
+        let mut releases = Vec::new();
+        let slots: Vec<Slot> = requests
+            .into_iter()
+            .map(|request| match request {
+                Request::Claim(claiming) => {
+                    claims.push(claiming);
+                    Slot::Claim
+                }
+                Request::End(ending) => match ending.envelope {
+                    Some(envelope) => {
+                        stores.push((ending.key, ending.lease, envelope));
+                        Slot::Store
+                    }
+                    None => {
+                        releases.push((ending.key, ending.lease));
+                        Slot::Release
+                    }
+                },
+            })
+            .collect();
+        let ttl_ms = millis(self.inner.ttl);
+        let script = &self.inner.release;
+        let sent = self
+            .call(|mut connection| {
+                let count = claims.len().saturating_add(stores.len()).saturating_add(1);
+                let mut pipe = redis::Pipeline::with_capacity(count);
+                pipe.ignore_errors();
+                if !releases.is_empty() {
+                    pipe.add_command(release_command(script, &releases));
+                }
+                for (key, _, envelope) in &stores {
+                    let size = key.len().saturating_add(envelope.len());
+                    let mut set = redis::Cmd::with_capacity(6, size.saturating_add(32));
+                    set.arg("SET")
+                        .arg(key)
+                        .arg(envelope)
+                        .arg("PX")
+                        .arg(ttl_ms)
+                        .arg("GET");
+                    pipe.add_command(set);
+                }
+                self.claim_commands(&mut pipe, &claims);
+                let (releases, stores) = (&releases, &stores);
+                async move {
+                    let answers: Vec<redis::Value> = pipe.query_async(&mut connection).await?;
+                    let again = match answers.first() {
+                        Some(redis::Value::ServerError(error))
+                            if !releases.is_empty()
+                                && error.kind() == Some(redis::ServerErrorKind::NoScript) =>
+                        {
+                            let command = release_command(script, releases);
+                            Some(invoke(connection.clone(), script, command).await)
+                        }
+                        _ => None,
+                    };
+                    let skip = usize::from(!releases.is_empty());
+                    let stored = answers.get(skip..).unwrap_or_default();
+                    restore(&mut connection, stored, stores, ttl_ms).await;
+                    Ok((answers, again))
+                }
+            })
+            .await;
+        let (answers, again) = match sent {
+            Ok(sent) => sent,
+            Err(error) => return every(&error, slots.len()),
+        };
+        let expected = claims
+            .len()
+            .saturating_add(stores.len())
+            .saturating_add(usize::from(!releases.is_empty()));
+        if answers.len() != expected {
+            return self.short(slots.len());
+        }
+        let mut answers = answers.into_iter();
+        let released = if releases.is_empty() {
+            Vec::new()
+        } else {
+            match (again, answers.next()) {
+                (Some(Ok(answer)), _) | (None, Some(answer)) => {
+                    self.released(releases.len(), answer)
+                }
+                (Some(Err(error)), _) => {
+                    let error = StoreError::Failed {
+                        url: self.inner.shown.clone(),
+                        message: self.inner.scrub(&error.to_string()),
+                    };
+                    every(&error, releases.len())
+                }
+                (None, None) => self.short(releases.len()),
+            }
+        };
+        let stored: Vec<_> = answers
+            .by_ref()
+            .take(stores.len())
+            .map(|answer| self.stored(answer))
+            .collect();
+        let claimed = self.claimed(claims, answers.collect());
+        let (mut claimed, mut stored, mut released) = (
+            claimed.into_iter(),
+            stored.into_iter(),
+            released.into_iter(),
+        );
+        slots
+            .into_iter()
+            .map(|slot| {
+                let answer = match slot {
+                    Slot::Claim => claimed.next().map(|answer| answer.map(Reply::Claim)),
+                    Slot::Store => stored.next().map(|answer| answer.map(Reply::End)),
+                    Slot::Release => released.next().map(|answer| answer.map(Reply::End)),
+                };
+                answer.unwrap_or_else(|| Err(self.short_answer()))
+            })
+            .collect()
     }
 
     /// Queues `item` for its batcher while the store is up; gives it back (to be sent alone)
@@ -138,6 +340,11 @@ impl Store {
             .unwrap_or_else(|| Err(self.short_answer()))
     }
 
+    /// `count` failures of a batch answered with the wrong number of results.
+    pub(super) fn short<T>(&self, count: usize) -> Vec<Result<T, StoreError>> {
+        (0..count).map(|_| Err(self.short_answer())).collect()
+    }
+
     pub(super) fn short_answer(&self) -> StoreError {
         StoreError::Failed {
             url: self.inner.shown.clone(),
@@ -145,36 +352,34 @@ impl Store {
         }
     }
 
-    /// Claims `items` in one pipeline of `SET key lease:<token> NX PX <lease> GET`, one
-    /// command per item; one answer per item, in order. A failed call fails every item; a key
-    /// holding something else fails its item only (the pipeline answers per command).
-    pub(super) async fn claim_many(&self, items: Vec<Claiming>) -> Vec<Result<Claim, StoreError>> {
+    /// Adds one `SET key lease:<token> NX PX <lease> GET` per claim to `pipe`.
+    fn claim_commands(&self, pipe: &mut redis::Pipeline, items: &[Claiming]) {
         let lease_ms = millis(self.inner.lease);
-        let answers: Result<Vec<redis::RedisResult<Option<Vec<u8>>>>, StoreError> = self
-            .call(|mut connection| {
-                let mut pipe = redis::pipe();
-                pipe.ignore_errors();
-                for item in &items {
-                    // Sized up front: the command's buffers do not grow arg by arg.
-                    let size = item.key.len().saturating_add(item.lease.len());
-                    let mut set = redis::Cmd::with_capacity(7, size.saturating_add(32));
-                    set.arg("SET")
-                        .arg(&item.key)
-                        .arg(&item.lease)
-                        .arg("NX")
-                        .arg("PX")
-                        .arg(lease_ms)
-                        .arg("GET");
-                    pipe.add_command(set);
-                }
-                async move { pipe.query_async(&mut connection).await }
-            })
-            .await;
-        let answers = match answers {
-            Ok(answers) if answers.len() == items.len() => answers,
-            Ok(_) => return items.iter().map(|_| Err(self.short_answer())).collect(),
-            Err(error) => return every(&error, items.len()),
-        };
+        for item in items {
+            // Sized up front: the command's buffers do not grow arg by arg.
+            let size = item.key.len().saturating_add(item.lease.len());
+            let mut set = redis::Cmd::with_capacity(7, size.saturating_add(32));
+            set.arg("SET")
+                .arg(&item.key)
+                .arg(&item.lease)
+                .arg("NX")
+                .arg("PX")
+                .arg(lease_ms)
+                .arg("GET");
+            pipe.add_command(set);
+        }
+    }
+
+    /// What the claims' `SET`s answered, one answer per item, in order; the leases taken
+    /// are registered with the renewer.
+    fn claimed(
+        &self,
+        items: Vec<Claiming>,
+        answers: Vec<redis::Value>,
+    ) -> Vec<Result<Claim, StoreError>> {
+        if answers.len() != items.len() {
+            return self.short(items.len());
+        }
         // The leases taken: the held map owns their key and value (the renewer reads them,
         // the finish or the drop takes them out).
         let mut claimed = Vec::new();
@@ -182,7 +387,7 @@ impl Store {
             .into_iter()
             .zip(answers)
             .map(|(item, answer)| match answer {
-                Ok(None) => {
+                redis::Value::Nil => {
                     let lease = Lease {
                         store: Arc::downgrade(&self.inner),
                         id: item.id,
@@ -198,7 +403,7 @@ impl Store {
                     ));
                     Ok(Claim::Claimed(lease))
                 }
-                Ok(Some(value)) => match Entry::of(&value) {
+                redis::Value::BulkString(value) => match Entry::of(&value) {
                     Entry::Lease(holder) => {
                         Ok(Claim::Held(String::from_utf8_lossy(holder).into_owned()))
                     }
@@ -206,7 +411,7 @@ impl Store {
                         .map(Claim::Stored)
                         .ok_or(StoreError::Undecodable { key: item.key }),
                 },
-                Err(error) => Err(self.refused(error.to_string().as_bytes())),
+                other => Err(self.refused_value(&other)),
             })
             .collect();
         if !claimed.is_empty() {
@@ -215,46 +420,43 @@ impl Store {
         answers
     }
 
-    /// Finishes or releases `items` in one script call ([`FINISH`]); one answer per item, in
-    /// order (whether it stored or released). A failed call fails every item; a key holding
-    /// something else fails its item only.
-    pub(super) async fn finish_many(&self, items: Vec<Ending>) -> Vec<Result<bool, StoreError>> {
-        let ttl_ms = millis(self.inner.ttl);
-        let script = &self.inner.finish;
-        let answers: Result<Vec<redis::Value>, StoreError> = self
-            .call(|connection| {
-                let size = items.iter().fold(64, |size: usize, item| {
-                    let envelope = item.envelope.as_ref().map_or(0, Vec::len);
-                    size.saturating_add(item.key.len())
-                        .saturating_add(item.lease.len())
-                        .saturating_add(envelope)
-                        .saturating_add(48)
-                });
-                let args = items.len().saturating_mul(3).saturating_add(4);
-                let mut command = evalsha(script, items.len(), args, size);
-                for item in &items {
-                    command.arg(&item.key);
-                }
-                command.arg(ttl_ms);
-                for item in &items {
-                    command
-                        .arg(&item.lease)
-                        .arg(item.envelope.as_deref().unwrap_or_default());
-                }
-                invoke(connection, script, command)
-            })
-            .await;
-        match answers {
-            Ok(answers) if answers.len() == items.len() => answers
+    /// What a finish's `SET ... GET` answered: stored (nothing was there, or a lease, ours or
+    /// another replica's, which the result replaces), or not (a result was stored already:
+    /// [`restore`] puts it back).
+    fn stored(&self, answer: redis::Value) -> Result<bool, StoreError> {
+        match answer {
+            redis::Value::Nil => Ok(true),
+            redis::Value::BulkString(old) => Ok(matches!(Entry::of(&old), Entry::Lease(_))),
+            other => Err(self.refused_value(&other)),
+        }
+    }
+
+    /// What the release script answered for `count` items: one answer per item, in order.
+    fn released(&self, count: usize, answer: redis::Value) -> Vec<Result<bool, StoreError>> {
+        match answer {
+            redis::Value::Array(answers) if answers.len() == count => answers
                 .into_iter()
                 .map(|answer| match answer {
                     redis::Value::Int(code @ (0 | 1)) => Ok(code == 1),
                     redis::Value::BulkString(error) => Err(self.refused(&error)),
-                    other => Err(self.refused(format!("{other:?}").as_bytes())),
+                    other => Err(self.refused_value(&other)),
                 })
                 .collect(),
-            Ok(_) => items.iter().map(|_| Err(self.short_answer())).collect(),
-            Err(error) => every(&error, items.len()),
+            // The script call itself failed inside the pipeline (as `redis.call` does when
+            // Redis is out of memory): its tasks fail, without an episode (the store answered).
+            redis::Value::ServerError(_) => {
+                let error = self.refused_value(&answer);
+                every(&error, count)
+            }
+            _ => self.short(count),
+        }
+    }
+
+    /// [`Self::refused`] for a reply that is not one of the expected ones.
+    fn refused_value(&self, value: &redis::Value) -> StoreError {
+        match value {
+            redis::Value::ServerError(error) => self.refused(error.to_string().as_bytes()),
+            other => self.refused(format!("{other:?}").as_bytes()),
         }
     }
 
