@@ -92,20 +92,20 @@ fn release_command(script: &Script, items: &[(String, String)]) -> redis::Cmd {
 }
 
 /// Puts back the results that finishes' `SET ... GET` replaced (`answers`, one per item of
-/// `stores`: key, lease, envelope), in one pipeline, with a full `result_ttl`: the first
+/// `stores`: key, envelope), in one pipeline, with a full `result_ttl`: the first
 /// stored result stays. Rare: a task that ran twice (a lease lost, a flush, an outage). A
 /// result that cannot be put back is logged; the later one stays stored (a result of the
 /// task too).
 async fn restore(
     connection: &mut ConnectionManager,
     answers: &[redis::Value],
-    stores: &[(String, String, Vec<u8>)],
+    stores: &[(String, Vec<u8>)],
     ttl_ms: u64,
 ) {
     let mut replaced = Vec::new();
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
-    for (answer, (key, _, _)) in answers.iter().zip(stores) {
+    for (answer, (key, _)) in answers.iter().zip(stores) {
         if let redis::Value::BulkString(old) = answer
             && matches!(Entry::of(old), Entry::Result(_))
         {
@@ -192,7 +192,8 @@ impl Store {
                 }
                 Request::End(ending) => match ending.envelope {
                     Some(envelope) => {
-                        stores.push((ending.key, ending.lease, envelope));
+                        // A finish replaces whatever lease is there: ours is not needed.
+                        stores.push((ending.key, envelope));
                         Slot::Store
                     }
                     None => {
@@ -212,7 +213,7 @@ impl Store {
                 if !releases.is_empty() {
                     pipe.add_command(release_command(script, &releases));
                 }
-                for (key, _, envelope) in &stores {
+                for (key, envelope) in &stores {
                     let size = key.len().saturating_add(envelope.len());
                     let mut set = redis::Cmd::with_capacity(6, size.saturating_add(32));
                     set.arg("SET")
