@@ -9,28 +9,37 @@ use super::{
 };
 
 impl Store {
+    /// Sends `requests` as one batch; `pick` takes each answer's value (`None`: an answer
+    /// of the other kind, which fails the test).
+    async fn batch<T>(
+        &self,
+        requests: Vec<Request>,
+        pick: fn(Reply) -> Option<T>,
+    ) -> Vec<Result<T, StoreError>> {
+        let answers = self.exchange(requests).await.into_iter();
+        answers
+            .map(|answer| answer.map(|reply| pick(reply).unwrap_or_else(|| panic!("wrong kind"))))
+            .collect()
+    }
+
     /// Claims `items` in one batch.
     async fn claim_many(&self, items: Vec<Claiming>) -> Vec<Result<Claim, StoreError>> {
         let requests = items.into_iter().map(Request::Claim).collect();
-        let answers = self.exchange(requests).await.into_iter();
-        answers
-            .map(|answer| match answer? {
-                Reply::Claim(claim) => Ok(claim),
-                Reply::End(stored) => panic!("a claim answered End({stored})"),
-            })
-            .collect()
+        self.batch(requests, |reply| match reply {
+            Reply::Claim(claim) => Some(claim),
+            Reply::End(_) => None,
+        })
+        .await
     }
 
     /// Finishes or releases `items` in one batch.
     async fn finish_many(&self, items: Vec<Ending>) -> Vec<Result<bool, StoreError>> {
         let requests = items.into_iter().map(Request::End).collect();
-        let answers = self.exchange(requests).await.into_iter();
-        answers
-            .map(|answer| match answer? {
-                Reply::End(stored) => Ok(stored),
-                Reply::Claim(claim) => panic!("a finish answered {claim:?}"),
-            })
-            .collect()
+        self.batch(requests, |reply| match reply {
+            Reply::End(stored) => Some(stored),
+            Reply::Claim(_) => None,
+        })
+        .await
     }
 }
 
