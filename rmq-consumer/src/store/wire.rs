@@ -205,10 +205,15 @@ impl Store {
             .collect();
         let ttl_ms = millis(self.inner.ttl);
         let script = &self.inner.release;
+        // The pipeline's commands: the releases' one script call, if any, then one per
+        // finish and one per claim.
+        let expected = claims
+            .len()
+            .saturating_add(stores.len())
+            .saturating_add(usize::from(!releases.is_empty()));
         let sent = self
             .call(|mut connection| {
-                let count = claims.len().saturating_add(stores.len()).saturating_add(1);
-                let mut pipe = redis::Pipeline::with_capacity(count);
+                let mut pipe = redis::Pipeline::with_capacity(expected);
                 pipe.ignore_errors();
                 if !releases.is_empty() {
                     pipe.add_command(release_command(script, &releases));
@@ -249,10 +254,6 @@ impl Store {
             Ok(sent) => sent,
             Err(error) => return every(&error, slots.len()),
         };
-        let expected = claims
-            .len()
-            .saturating_add(stores.len())
-            .saturating_add(usize::from(!releases.is_empty()));
         if answers.len() != expected {
             return self.short(slots.len());
         }
